@@ -1,0 +1,106 @@
+"""The `manifest.json` that describes one converted shard set (format "scale-wds-v1").
+
+Schema (the WebDataset loader reads it, so keep it stable)::
+
+    {"format": "scale-wds-v1", "split": "train", "total_samples": 1234,
+     "shards": [{"name": "train-000000.tar", "num_samples": 1000, "sha256": "<hex>"}, ...],
+     "classes": {"class_name": 0, ...}, "options": {...the options used...},
+     "skipped": [{"path": "...", "reason": "..."}]}
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from data_prep import DataPrepError
+
+MANIFEST_FORMAT = "scale-wds-v1"
+MANIFEST_NAME = "manifest.json"
+# The split names a file, so it must not carry path separators or odd characters.
+SPLIT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def shard_name_pattern(split: str) -> re.Pattern[str]:
+    """Matches this split's shard names, complete (`.tar`) or in progress (`.tar.tmp`)."""
+    return re.compile(rf"^{re.escape(split)}-\d{{6}}\.tar(\.tmp)?$")
+
+
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_manifest(
+    split: str,
+    shards: list[dict[str, Any]],
+    classes: dict[str, int],
+    options: dict[str, Any],
+    skipped: list[dict[str, str]],
+) -> dict[str, Any]:
+    return {
+        "format": MANIFEST_FORMAT,
+        "split": split,
+        "total_samples": sum(shard["num_samples"] for shard in shards),
+        "shards": [
+            {"name": shard["name"], "num_samples": shard["num_samples"], "sha256": shard["sha256"]}
+            for shard in shards
+        ],
+        "classes": classes,
+        "options": options,
+        "skipped": [{"path": entry["path"], "reason": entry["reason"]} for entry in skipped],
+    }
+
+
+def write_json_atomically(path: Path, content: dict[str, Any]) -> None:
+    """Write to a temp name and rename, so a reader (or a killed run) never sees half a file."""
+    temp_path = path.with_name(path.name + ".tmp")
+    with open(temp_path, "w", encoding="utf-8") as stream:
+        json.dump(content, stream, indent=1, sort_keys=False)
+        stream.write("\n")
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temp_path, path)
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
+    path = out_dir / MANIFEST_NAME
+    write_json_atomically(path, manifest)
+    return path
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any]:
+    """Load and sanity-check `out_dir/manifest.json`; DataPrepError names what is wrong."""
+    path = out_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise DataPrepError(f"{path}: no manifest (is {out_dir} a converted shard folder?)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataPrepError(f"{path}: unreadable manifest: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise DataPrepError(f"{path}: not a {MANIFEST_FORMAT} manifest")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(
+        isinstance(shard, dict)
+        and isinstance(shard.get("name"), str)
+        and isinstance(shard.get("num_samples"), int)
+        and isinstance(shard.get("sha256"), str)
+        for shard in shards
+    ):
+        raise DataPrepError(f"{path}: 'shards' must be a list of {{name, num_samples, sha256}}")
+    if not isinstance(manifest.get("total_samples"), int):
+        raise DataPrepError(f"{path}: 'total_samples' must be an integer")
+    if not isinstance(manifest.get("classes"), dict):
+        raise DataPrepError(f"{path}: 'classes' must be an object of class name -> index")
+    return manifest

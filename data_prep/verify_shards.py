@@ -1,0 +1,200 @@
+"""Check a converted shard folder against its manifest.json: every shard present, its sha256 and sample
+count as recorded, the total as recorded, keys unique, and every sample complete and decodable
+(`.cls` an in-range class index, `.json` an object, exactly one image that Pillow can fully decode).
+
+Exits 0 with one summary line when all is well; otherwise prints each problem naming its shard and
+exits 1.
+
+    python data_prep/verify_shards.py /data/wds/train
+    python -m data_prep.verify_shards /data/wds/train --workers 8
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import sys
+import tarfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python data_prep/verify_shards.py`: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from PIL import Image
+from tqdm import tqdm
+
+from data_prep import DataPrepError
+from data_prep.manifest import read_manifest, sha256_of_file
+
+IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff"}
+
+
+@dataclass(frozen=True)
+class ShardCheck:
+    path: str
+    expected_samples: int
+    expected_sha256: str
+    num_classes: int
+
+
+@dataclass
+class ShardReport:
+    name: str
+    num_samples: int = 0
+    keys: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """WebDataset's rule: the key runs up to the first dot of the file's base name."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, extension = base.partition(".")
+    key = f"{directory}/{stem}" if directory else stem
+    return key, extension if dot else ""
+
+
+def iter_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each run of consecutive members sharing a key."""
+    current_key: str | None = None
+    files: dict[str, bytes] = {}
+    for member in tar:
+        if not member.isfile():
+            continue
+        key, extension = split_member_name(member.name)
+        if key != current_key:
+            if current_key is not None:
+                yield current_key, files
+            current_key, files = key, {}
+        extracted = tar.extractfile(member)
+        assert extracted is not None  # regular files always extract
+        files[extension] = extracted.read()
+    if current_key is not None:
+        yield current_key, files
+
+
+def sample_problems(key: str, files: dict[str, bytes], num_classes: int) -> list[str]:
+    problems = []
+    if "cls" not in files:
+        problems.append(f"sample {key}: no .cls")
+    else:
+        try:
+            class_index = int(files["cls"].decode("ascii").strip())
+            if not 0 <= class_index < num_classes:
+                problems.append(f"sample {key}: class index {class_index} outside 0..{num_classes - 1}")
+        except (UnicodeDecodeError, ValueError):
+            problems.append(f"sample {key}: .cls is not an integer: {files['cls'][:20]!r}")
+    if "json" not in files:
+        problems.append(f"sample {key}: no .json")
+    else:
+        try:
+            if not isinstance(json.loads(files["json"]), dict):
+                problems.append(f"sample {key}: .json is not an object")
+        except ValueError as err:
+            problems.append(f"sample {key}: .json does not parse: {err}")
+    images = sorted(extension for extension in files if extension.lower() in IMAGE_EXTENSIONS)
+    if len(images) != 1:
+        problems.append(f"sample {key}: expected exactly one image, found {images or 'none'}")
+    for extension in images:
+        try:
+            with Image.open(io.BytesIO(files[extension])) as image:
+                image.load()
+        except Exception as err:  # Pillow raises many types for broken data
+            problems.append(f"sample {key}: undecodable .{extension}: {type(err).__name__}: {err}")
+    return problems
+
+
+def check_shard(check: ShardCheck) -> ShardReport:
+    path = Path(check.path)
+    report = ShardReport(path.name)
+    if not path.is_file():
+        report.problems.append("missing")
+        return report
+    actual_sha256 = sha256_of_file(path)
+    if actual_sha256 != check.expected_sha256:
+        report.problems.append(f"sha256 mismatch: manifest {check.expected_sha256}, file {actual_sha256}")
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for key, files in iter_samples(tar):
+                report.num_samples += 1
+                report.keys.append(key)
+                report.problems.extend(sample_problems(key, files, check.num_classes))
+    except (tarfile.TarError, OSError, EOFError) as err:
+        report.problems.append(f"not a readable tar after {report.num_samples} samples: {err}")
+    if report.num_samples != check.expected_samples:
+        report.problems.append(f"sample count {report.num_samples}, manifest says {check.expected_samples}")
+    return report
+
+
+def run_checks(checks: Sequence[ShardCheck], workers: int) -> Iterator[ShardReport]:
+    if workers <= 1 or len(checks) <= 1:
+        yield from map(check_shard, checks)
+        return
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(checks))) as pool:
+        yield from pool.imap(check_shard, checks)
+
+
+def verify(shard_dir: Path, workers: int) -> list[str]:
+    """All problems found, each naming its shard (or the manifest); empty when the folder is sound."""
+    manifest = read_manifest(shard_dir)
+    num_classes = len(manifest["classes"])
+    checks = [
+        ShardCheck(str(shard_dir / shard["name"]), shard["num_samples"], shard["sha256"], num_classes)
+        for shard in manifest["shards"]
+    ]
+    problems: list[str] = []
+    recorded_sum = sum(check.expected_samples for check in checks)
+    if recorded_sum != manifest["total_samples"]:
+        problems.append(f"manifest: total_samples {manifest['total_samples']} but its shards add up to {recorded_sum}")
+    first_shard_of_key: dict[str, str] = {}
+    total_found = 0
+    with tqdm(total=len(checks), unit="shard", desc="verify", disable=None) as bar:
+        for report in run_checks(checks, workers):
+            problems.extend(f"shard {report.name}: {problem}" for problem in report.problems)
+            total_found += report.num_samples
+            for key in report.keys:
+                earlier = first_shard_of_key.setdefault(key, report.name)
+                if earlier != report.name:
+                    problems.append(f"shard {report.name}: sample key {key} already used in shard {earlier}")
+            bar.update(1)
+    if total_found != manifest["total_samples"]:
+        problems.append(f"total: found {total_found} samples, manifest says {manifest['total_samples']}")
+    return problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="verify_shards", description="Verify WebDataset shards against their manifest.json."
+    )
+    parser.add_argument("shard_dir", type=Path, metavar="DIR", help="folder holding manifest.json and the shards")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    args = parser.parse_args(argv)
+    if not args.shard_dir.is_dir():
+        parser.error(f"DIR {args.shard_dir}: not a directory")
+    if args.workers < 1:
+        parser.error(f"--workers: expected a positive integer, got {args.workers}")
+    started = time.monotonic()
+    try:
+        problems = verify(args.shard_dir, args.workers)
+    except DataPrepError as err:
+        print(f"verify_shards: error: {err}", file=sys.stderr)
+        return 1
+    if problems:
+        for problem in problems:
+            print(f"FAIL {problem}", file=sys.stderr)
+        print(f"verify_shards: {args.shard_dir}: {len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    manifest = read_manifest(args.shard_dir)
+    print(
+        f"OK {args.shard_dir}: {len(manifest['shards'])} shards, {manifest['total_samples']} samples; "
+        f"checksums, counts and decoding verified in {time.monotonic() - started:.1f}s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

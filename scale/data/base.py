@@ -1,0 +1,75 @@
+"""The dataset interface every pre-training source implements.
+
+A `PretrainData` hands the trainer an iterator of `(images, labels)` batches for one
+epoch on one rank. The order is a pure function of (seed, epoch, rank, world_size),
+so resuming mid-epoch is `loader(epoch, start_batch=k)`: it yields exactly the batches
+an uninterrupted run would have yielded after its first k. Labels are only used for
+monitoring (kNN, probes); pre-training ignores them.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Callable, Iterator, Tuple
+
+import torch
+
+from ..config import DataConfig
+from ..registry import Registry
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Everything that fixes the sample order for one rank."""
+
+    batch_size: int  # per rank
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    pin_memory: bool = False
+    drop_last: bool = True
+
+
+class PretrainData(abc.ABC):
+    """A deterministic, exactly resumable source of image batches."""
+
+    @property
+    @abc.abstractmethod
+    def num_samples(self) -> int:
+        """Samples in one (global) epoch."""
+
+    def batches_per_epoch(self, spec: LoaderSpec) -> int:
+        per_rank = self.num_samples // spec.world_size
+        return per_rank // spec.batch_size if spec.drop_last else -(-per_rank // spec.batch_size)
+
+    @abc.abstractmethod
+    def loader(self, spec: LoaderSpec, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Batches of `epoch` for `spec.rank`, skipping the first `start_batch`."""
+
+    def skipped_samples(self) -> int:
+        """Corrupt samples skipped so far (sources that can meet corrupt data override this)."""
+        return 0
+
+
+DATASETS: Registry[PretrainData] = Registry("dataset")
+
+# Signature of a dataset builder: (data config, image size, channels, train split?) -> PretrainData
+DatasetBuilder = Callable[[DataConfig, int, int, bool], PretrainData]
+
+
+def build_dataset(cfg: DataConfig, img_size: int, in_chans: int, train: bool = True) -> PretrainData:
+    return DATASETS.build(cfg.name, cfg, img_size, in_chans, train)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A per-sample seed for augmentation, independent of which worker decodes it."""
+    # Large odd multipliers spread nearby (epoch, index) pairs over the 63-bit range.
+    return (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % (2**63 - 1)
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(sample_seed(seed, epoch, -1))
+    return torch.randperm(num_samples, generator=g)

@@ -1,0 +1,48 @@
+"""One process, one device: no wrapping, a plain torch checkpoint file."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from .base import ENGINES, Engine, OptimizerFactory
+
+STATE_FILE = "state.pt"
+
+
+class SingleProcessEngine(Engine):
+    name = "single"
+
+    def setup(self, module: nn.Module, build_optimizer: OptimizerFactory) -> None:
+        self.module = module.to(self.device)
+        self.optimizer = build_optimizer(self.module)
+
+    def unwrapped(self) -> nn.Module:
+        return self.module
+
+    def step(self, clip_grad: Optional[float]) -> Optional[torch.Tensor]:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def save(self, directory: Path, extra: Dict[str, Any]) -> None:
+        state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "extra": extra}
+        torch.save(state, directory / STATE_FILE)
+
+    def load(self, directory: Path) -> Dict[str, Any]:
+        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["extra"]
+
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+
+@ENGINES.register("single")
+def build_single(device: torch.device, **_: Any) -> Engine:
+    return SingleProcessEngine(device)

@@ -1,0 +1,57 @@
+"""The mask-generator interface.
+
+A generator turns (batch size, patch grid) into index tensors: for each image, the
+patches each encoder pass sees. Indices are produced outside the model so that the
+same masks can be replayed exactly (gradient caching, resume), and on the model's
+device so that no host round-trip sits in the step.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..config import MaskConfig
+from ..registry import Registry
+
+
+@dataclass
+class Masks:
+    group_ids: torch.Tensor  # (B, G, n) visible patch indices of each group
+    masked_ids: Optional[torch.Tensor] = None  # (B, m) patches no group sees
+
+    @property
+    def num_groups(self) -> int:
+        return self.group_ids.shape[1]
+
+    @property
+    def visible_per_group(self) -> int:
+        return self.group_ids.shape[2]
+
+
+class MaskGenerator(abc.ABC):
+    """Draws masks for a batch; identical (seed, step, rank) give identical masks."""
+
+    def __init__(self, grid_size: int):
+        self.grid_size = grid_size
+        self.num_patches = grid_size * grid_size
+
+    @abc.abstractmethod
+    def __call__(self, batch_size: int, generator: torch.Generator, device: torch.device) -> Masks:
+        """Masks for `batch_size` images drawn from `generator` (which lives on `device`)."""
+
+
+MASK_GENERATORS: Registry[MaskGenerator] = Registry("mask generator")
+
+
+def build_mask_generator(cfg: MaskConfig, grid_size: int) -> MaskGenerator:
+    return MASK_GENERATORS.build(cfg.name, cfg, grid_size)
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """A generator seeded by (seed, step, rank): masks never depend on what ran before."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) * 65_537 + rank)
+    return g

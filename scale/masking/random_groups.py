@@ -1,0 +1,38 @@
+"""OCL's default masking: uniform random masking, visible patches split into two groups."""
+from __future__ import annotations
+
+import torch
+
+from ..config import MaskConfig
+from .base import MASK_GENERATORS, MaskGenerator, Masks
+
+
+class RandomGroupMasking(MaskGenerator):
+    """MAE's argsort-of-noise masking at `ratio`, the kept patches split into equal groups.
+
+    The kept count is rounded down to a multiple of the group count (even, for OCL's
+    two groups) so every group is the same length and the batch stays one tensor.
+    """
+
+    def __init__(self, grid_size: int, ratio: float, num_groups: int = 2):
+        super().__init__(grid_size)
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"mask.ratio must be in [0, 1), got {ratio}")
+        keep = int(self.num_patches * (1.0 - ratio))
+        keep -= keep % num_groups
+        if keep < num_groups:
+            raise ValueError(f"mask.ratio {ratio} leaves {keep} of {self.num_patches} patches: "
+                             f"fewer than one per group")
+        self.ratio, self.num_groups, self.num_keep = ratio, num_groups, keep
+
+    def __call__(self, batch_size: int, generator: torch.Generator, device: torch.device) -> Masks:
+        noise = torch.rand(batch_size, self.num_patches, generator=generator, device=device)
+        order = torch.argsort(noise, dim=1)  # a uniformly random permutation per image
+        kept = order[:, :self.num_keep]  # already in random order, so halves are a random split
+        groups = kept.reshape(batch_size, self.num_groups, self.num_keep // self.num_groups)
+        return Masks(group_ids=groups, masked_ids=order[:, self.num_keep:])
+
+
+@MASK_GENERATORS.register("random_two_group")
+def build_random_two_group(cfg: MaskConfig, grid_size: int) -> MaskGenerator:
+    return RandomGroupMasking(grid_size, cfg.ratio, num_groups=2)

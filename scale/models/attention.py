@@ -1,0 +1,76 @@
+"""Self-attention with a selectable kernel: xFormers, PyTorch SDPA, or plain math.
+
+Subclasses timm's Attention so parameter names (qkv, proj, q_norm, k_norm) stay those of
+timm's VisionTransformer; only the kernel that combines q, k and v changes.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+
+BACKENDS = ("xformers", "sdpa", "math")
+
+
+@functools.lru_cache(maxsize=None)
+def xformers_available() -> bool:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA build
+        return False
+    return True
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """`auto` -> xformers on CUDA when it imports, else SDPA. Explicit requests are checked."""
+    if requested == "auto":
+        return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+    if requested not in BACKENDS:
+        raise ValueError(f"model.attn_backend must be one of auto, {', '.join(BACKENDS)}; got {requested!r}")
+    if requested == "xformers":
+        if device.type != "cuda":
+            raise ValueError("model.attn_backend=xformers needs a CUDA device (xFormers has no CPU kernels)")
+        if not xformers_available():
+            raise ValueError("model.attn_backend=xformers but xformers does not import; "
+                             "pip install 'scale[xformers]' or use attn_backend=sdpa")
+    return requested
+
+
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The reference: softmax(q k^T * scale) v, on (B, H, N, D) tensors, in float32."""
+    attn = (q.float() * scale) @ k.float().transpose(-2, -1)
+    return (attn.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+def attention_xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    import xformers.ops as xops
+
+    # xFormers wants (B, N, H, D).
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)
+
+
+class BackendAttention(Attention):
+    """timm Attention whose kernel is chosen by `self.backend` (set by the model)."""
+
+    backend: str = "sdpa"
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("scale's encoder attends over whole visible sequences; no masks")
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.backend == "xformers":
+            x = attention_xformers(q, k, v, self.scale)
+        elif self.backend == "sdpa":
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        else:
+            x = attention_math(q, k, v, self.scale)
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        return self.proj_drop(self.proj(x))

@@ -1,0 +1,83 @@
+"""OCL's objective: symmetric cross-entropy over T-SP similarities of the two groups' CLS.
+
+For image i, groups a_i and b_i are the positive pair; every other image's groups in
+the global batch are negatives. Each rank scores its local rows against the gathered
+global columns in both directions (open_clip's "local loss + gather with grad"), which
+with gradient averaging across ranks gives the gradient of the global loss.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ObjectiveConfig
+from .base import OBJECTIVES, FeatureGather, Objective, ObjectiveOutput, local_gather
+from .heads import mlp_head
+
+
+def tsp_similarity(cosine: torch.Tensor, kappa: float) -> torch.Tensor:
+    """T-distributed spherical similarity: (1 + c) / 2 / (1 + (1 - c) / kappa), in [0, 1].
+
+    Smaller kappa concentrates the similarity near c = 1; kappa = inf gives (1 + c) / 2.
+    """
+    half = (1.0 + cosine) / 2.0
+    if math.isinf(kappa):
+        return half
+    return half / (1.0 + (1.0 - cosine) / kappa)
+
+
+class OCLObjective(Objective):
+    def __init__(self, embed_dim: int, kappa: float = 64.0, init_temperature: float = 0.07,
+                 min_temperature: float = 0.001, max_temperature: float = 0.5,
+                 learn_temperature: bool = True, head_layers: int = 0, head_hidden_dim: int = 1024,
+                 head_out_dim: int = 512):
+        super().__init__()
+        if kappa <= 0:
+            raise ValueError(f"objective.kappa must be > 0, got {kappa}")
+        self.kappa = kappa
+        self.log_min, self.log_max = math.log(min_temperature), math.log(max_temperature)
+        # Stored as a log so the optimizer moves it multiplicatively (as CLIP's logit scale).
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)),
+                                            requires_grad=learn_temperature)
+        self.head = mlp_head(embed_dim, head_layers, head_hidden_dim, head_out_dim) if head_layers else nn.Identity()
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp()
+
+    def forward(self, embeddings: torch.Tensor, gather: FeatureGather = local_gather) -> ObjectiveOutput:
+        if embeddings.ndim != 3 or embeddings.shape[1] != 2:
+            raise ValueError(f"OCL needs (B, 2, D) embeddings (two groups per image), got {tuple(embeddings.shape)}")
+        B = embeddings.shape[0]
+        z = self.head(embeddings.reshape(2 * B, -1).float())
+        z = F.normalize(z, dim=-1).reshape(B, 2, -1)
+        a, b = z[:, 0], z[:, 1]
+        a_all, offset = gather(a)
+        b_all, _ = gather(b)
+        cos_ab = a @ b_all.T  # local groups A vs every group B
+        cos_ba = b @ a_all.T  # local groups B vs every group A
+        inv_t = 1.0 / self.temperature
+        labels = torch.arange(B, device=z.device) + offset
+        loss = 0.5 * (F.cross_entropy(tsp_similarity(cos_ab, self.kappa) * inv_t, labels)
+                      + F.cross_entropy(tsp_similarity(cos_ba, self.kappa) * inv_t, labels))
+        with torch.no_grad():
+            positive = cos_ab.gather(1, labels[:, None]).mean()
+            negative_sum = cos_ab.sum() - positive * B
+            negative = negative_sum / max(B * (cos_ab.shape[1] - 1), 1)
+        return ObjectiveOutput(loss, {"pos_cos": positive, "neg_cos": negative,
+                                      "temperature": self.temperature.detach()})
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.log_temperature.clamp_(self.log_min, self.log_max)
+
+
+@OBJECTIVES.register("ocl")
+def build_ocl(cfg: ObjectiveConfig, embed_dim: int) -> Objective:
+    return OCLObjective(embed_dim, kappa=cfg.kappa, init_temperature=cfg.init_temperature,
+                        min_temperature=cfg.min_temperature, max_temperature=cfg.max_temperature,
+                        learn_temperature=cfg.learn_temperature, head_layers=cfg.head.layers,
+                        head_hidden_dim=cfg.head.hidden_dim, head_out_dim=cfg.head.out_dim)

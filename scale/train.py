@@ -1,0 +1,41 @@
+"""`python -m scale.train --config RECIPE [key=value ...]` (also installed as `scale-train`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from .config import ConfigError, load_config, to_yaml
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="scale-train", description="Pre-train a ViT with Occluded-image Contrastive Learning.",
+        epilog="Overrides use dotted keys, e.g. optim.blr=1e-4 model.name=vit_small_patch16 train.max_steps=100")
+    parser.add_argument("--config", help="YAML recipe (see recipes/); defaults apply where it is silent")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--resume", help="'auto' (newest checkpoint in the output dir) or a checkpoint dir; "
+                                         "same as train.resume=...")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"scale-train: config error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    from .trainer import Trainer  # heavy imports only once the config is known to be good
+
+    summary = Trainer(cfg).fit()
+    return 0 if not summary.preempted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""FLOP counts from the model's shapes (matmuls only; norms, softmax and the loss are <1%)."""
+from __future__ import annotations
+
+from ..models import ViTSpec
+
+
+def encoder_forward_flops(spec: ViTSpec, num_sequences: int, seq_len: int) -> int:
+    """Forward FLOPs of the transformer blocks over `num_sequences` sequences of `seq_len` tokens."""
+    d, hidden = spec.embed_dim, int(spec.embed_dim * spec.mlp_ratio)
+    tokens = num_sequences * seq_len
+    linear = 2 * tokens * (3 * d * d + d * d + 2 * d * hidden)  # qkv, proj, fc1, fc2
+    attention = 2 * 2 * num_sequences * seq_len * seq_len * d  # q k^T and attn v over all heads
+    return spec.depth * (linear + attention)
+
+
+def patch_embed_flops(spec: ViTSpec, num_images: int) -> int:
+    return 2 * num_images * spec.num_patches * spec.in_chans * spec.patch_size ** 2 * spec.embed_dim
+
+
+def train_step_flops(spec: ViTSpec, num_images: int, num_groups: int, visible_per_group: int,
+                     train_patch_embed: bool = False) -> int:
+    """Forward + backward (2x forward) FLOPs of one step over `num_images` images.
+
+    The images need no gradient, so the patch embedding costs at most its weight gradient,
+    and nothing when it is frozen.
+    """
+    blocks = encoder_forward_flops(spec, num_images * num_groups, 1 + visible_per_group)
+    embed = patch_embed_flops(spec, num_images)
+    return 3 * blocks + (2 if train_patch_embed else 1) * embed  # weight grad only, never input grad

@@ -1,0 +1,261 @@
+"""The pre-training loop: data -> masks -> encoder -> objective -> engine step.
+
+Everything that decides what a step computes is a function of (seed, step): the data
+order of (seed, epoch, rank), the masks of (seed, step, rank), the learning rate of the
+step. A checkpoint therefore only has to hold the parameters, the optimizer, the step
+and the global RNG state, and `--resume auto` continues bit-for-bit on CPU.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..config import RunConfig, to_dict, to_yaml
+from ..data import LoaderSpec, PretrainData, build_dataset
+from ..engine import ENGINES, Engine
+from ..masking import MaskGenerator, build_mask_generator, step_generator
+from ..pretraining import PretrainModule, build_pretrain_module
+from .checkpoint import CheckpointManager
+from .flops import train_step_flops
+from .optim import build_optimizer, build_schedule, learning_rate
+from .progress import ProgressReporter
+
+
+@dataclass
+class TrainSummary:
+    steps_done: int
+    final_step: int
+    losses: List[float] = field(default_factory=list)  # one per step run in this process
+    output_dir: str = ""
+    last_checkpoint: Optional[str] = None
+    preempted: bool = False
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    return torch.device(requested)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """bf16 autocast on CUDA, fp32 on CPU (bf16 is ~20x slower than fp32 on most CPUs)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def build_engine(cfg: RunConfig, device: torch.device) -> Engine:
+    name = cfg.engine.name
+    if name == "auto":
+        name = "ddp" if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1 else "single"
+    return ENGINES.build(name, device=device, cfg=cfg)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, data: Optional[PretrainData] = None, engine: Optional[Engine] = None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        self.engine = engine or build_engine(cfg, self.device)
+        self.device = self.engine.device
+        self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
+
+        module = build_pretrain_module(cfg)
+        self.spec = module.encoder.spec
+        self.data = data or build_dataset(cfg.data, self.spec.img_size, self.spec.in_chans, train=True)
+        self.loader_spec = LoaderSpec(batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                      rank=self.engine.rank, world_size=self.engine.world_size,
+                                      num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+        self.steps_per_epoch = self.data.batches_per_epoch(self.loader_spec)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"data has {self.data.num_samples} samples: not one batch of "
+                             f"{cfg.train.batch_size} per rank on {self.engine.world_size} rank(s)")
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
+        self.effective_batch = cfg.train.batch_size * self.engine.world_size
+        self.base_lr = learning_rate(cfg.optim, self.effective_batch)
+
+        self.engine.setup(module, lambda m: build_optimizer(m, cfg.optim, self.base_lr))
+        # set_attn_backend resolves `auto` against the device the module now lives on.
+        self.pretrain_module.encoder.set_attn_backend(cfg.model.attn_backend)
+        self.schedule = build_schedule(self.engine.optimizer, cfg.optim, self.total_steps,
+                                       round(cfg.optim.warmup_epochs * self.steps_per_epoch))
+        self.masking: MaskGenerator = build_mask_generator(cfg.mask, self.spec.grid_size)
+        self.output_dir = Path(cfg.train.output_dir)
+        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", cfg.train.keep_last)
+        self.step = 0
+        self._stop_signal: Optional[int] = None
+        self._last_group_shape = (cfg.train.batch_size, 2, self.spec.num_patches)
+
+    @property
+    def pretrain_module(self) -> PretrainModule:
+        return self.engine.unwrapped()
+
+    # ------------------------------------------------------------------ state
+    def _trainer_state(self) -> Dict[str, Any]:
+        state: Dict[str, Any] = {"step": self.step, "config": to_dict(self.cfg),
+                                 "rng_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def save_checkpoint(self) -> Path:
+        extra = self._trainer_state()
+        return self.checkpoints.save(
+            self.step, lambda d: self.engine.save(d, extra),
+            meta={"step": self.step, "epoch": self.step // self.steps_per_epoch, "engine": self.engine.name,
+                  "world_size": self.engine.world_size, "model": self.cfg.model.name},
+            is_writer=self.engine.is_main, barrier=self.engine.barrier)
+
+    def maybe_resume(self) -> Optional[Path]:
+        path = self.checkpoints.resolve(self.cfg.train.resume)
+        if path is None:
+            return None
+        extra = self.engine.load(path)
+        self.step = int(extra["step"])
+        torch.set_rng_state(extra["rng_cpu"])
+        if self.device.type == "cuda" and "rng_cuda" in extra:
+            torch.cuda.set_rng_state(extra["rng_cuda"], self.device)
+        return path
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self) -> Dict[int, Any]:
+        """SIGUSR1 (SLURM's preemption warning) and SIGTERM: finish the step, checkpoint, stop."""
+        previous = {}
+
+        def request_stop(signum, _frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, request_stop)
+            except ValueError:  # not the main thread (e.g. inside a notebook worker)
+                pass
+        return previous
+
+    def _stop_requested(self, at_log_step: bool) -> bool:
+        """Whether any rank was signalled. Across ranks this needs a collective and a host
+        sync, so it is checked at log steps only; a single process checks every step."""
+        if self.engine.world_size == 1:
+            return self._stop_signal is not None
+        if not at_log_step:
+            return False
+        flag = torch.tensor(float(self._stop_signal is not None), device=self.device)
+        return bool(self.engine.all_reduce_mean(flag).item() > 0)
+
+    # ------------------------------------------------------------------ loop
+    def _window_record(self, step_metrics: Dict[str, torch.Tensor], elapsed: float, steps: int,
+                       data_wait: float) -> Dict[str, float]:
+        """Metrics of the last step plus throughput over the steps since the last log."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        batch, groups, visible = self._last_group_shape
+        batch *= self.engine.world_size
+        flops = train_step_flops(self.spec, batch, groups, visible, self.cfg.model.train_patch_embed)
+        record = {k: float(v) for k, v in step_metrics.items()}
+        record.update({
+            "lr": self.engine.optimizer.param_groups[0]["lr"],
+            "epoch": self.step / self.steps_per_epoch,
+            "img_per_s": steps * batch / elapsed,
+            "tokens_per_s": steps * batch * groups * (1 + visible) / elapsed,
+            "flops_per_s": steps * flops / elapsed,
+            "data_wait_frac": data_wait / elapsed,
+            "skipped_samples": float(self.data.skipped_samples()),
+        })
+        return record
+
+    def train_step(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """One optimizer step; returns detached metrics, still on the device (no host sync)."""
+        images = images.to(self.device, non_blocking=True)
+        masks = self.masking(images.shape[0], step_generator(self.cfg.train.seed, self.step, self.engine.rank,
+                                                             self.device), self.device)
+        self.schedule.step_update(self.step)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            out = self.engine.module(images, masks.group_ids, self.engine.gather())
+        self.engine.backward(out.loss)
+        grad_norm = self.engine.step(self.cfg.optim.clip_grad)
+        self.pretrain_module.objective.after_optimizer_step()
+        metrics = {"loss": out.loss.detach(), **out.metrics}
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm.detach()
+        self._last_group_shape = tuple(masks.group_ids.shape)
+        return metrics
+
+    def fit(self) -> TrainSummary:
+        cfg = self.cfg
+        resumed = self.maybe_resume()
+        main = self.engine.is_main
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(to_yaml(cfg))
+        reporter = ProgressReporter(self.output_dir / "tensorboard", self.stop_step, self.step, enabled=main)
+        reporter.message(
+            f"scale: {cfg.model.name} ({sum(p.numel() for p in self.pretrain_module.encoder.parameters()) / 1e6:.1f}M "
+            f"params, attention {self.pretrain_module.encoder.attn_backend}) | {cfg.objective.name} | "
+            f"engine {self.engine.name} x{self.engine.world_size} on {self.device.type}"
+            f"{' bf16' if self.amp_dtype else ' fp32'} | batch {self.effective_batch} | lr {self.base_lr:.3g} | "
+            f"{self.steps_per_epoch} steps/epoch, stopping at step {self.stop_step} of {self.total_steps}"
+            + (f" | resumed from {resumed}" if resumed else ""))
+        previous_handlers = self._install_signal_handlers()
+        metrics_file = open(self.output_dir / "metrics.jsonl", "a") if main else None
+        losses: List[torch.Tensor] = []
+        steps_at_start = self.step
+        last_ckpt: Optional[Path] = resumed
+        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+        stop = False
+        try:
+            while self.step < self.stop_step and not stop:
+                epoch, start_batch = divmod(self.step, self.steps_per_epoch)
+                fetch_start = time.perf_counter()
+                for images, _labels in self.data.loader(self.loader_spec, epoch, start_batch):
+                    data_wait += time.perf_counter() - fetch_start
+                    step_metrics = self.train_step(images)
+                    self.step += 1
+                    window_steps += 1
+                    losses.append(step_metrics["loss"])
+                    reporter.advance(self.step)
+                    at_log_step = self.step % cfg.train.log_every == 0 or self.step == self.stop_step
+                    stop = self._stop_requested(at_log_step)
+                    if at_log_step or stop:
+                        record = self._window_record(step_metrics, time.perf_counter() - window_start,
+                                                     window_steps, data_wait)
+                        if not math.isfinite(record["loss"]):
+                            raise FloatingPointError(f"loss is {record['loss']} at step {self.step}; "
+                                                     f"last checkpoint: {last_ckpt}")
+                        reporter.log(self.step, record)
+                        if metrics_file:
+                            metrics_file.write(json.dumps({"step": self.step, **record}) + "\n")
+                            metrics_file.flush()
+                        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+                    if self.step % cfg.train.ckpt_every == 0 or stop:
+                        last_ckpt = self.save_checkpoint()
+                    if stop or self.step >= self.stop_step:
+                        break
+                    fetch_start = time.perf_counter()
+            if last_ckpt is None or self.checkpoints.path_for(self.step) != last_ckpt:
+                last_ckpt = self.save_checkpoint()
+        finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+            if metrics_file:
+                metrics_file.close()
+        preempted = self._stop_signal is not None
+        reporter.message(
+            f"{'stopped by signal ' + str(self._stop_signal) + ' at' if preempted else 'finished'} step {self.step}"
+            f" | checkpoint: {last_ckpt} | logs: {self.output_dir / 'metrics.jsonl'} and "
+            f"tensorboard --logdir {self.output_dir / 'tensorboard'}")
+        reporter.close()
+        return TrainSummary(steps_done=self.step - steps_at_start, final_step=self.step,
+                            losses=[float(x) for x in losses],
+                            output_dir=str(self.output_dir), last_checkpoint=str(last_ckpt) if last_ckpt else None,
+                            preempted=preempted)
