@@ -33,8 +33,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     from .trainer import Trainer  # heavy imports only once the config is known to be good
 
-    summary = Trainer(cfg).fit()
-    return 0 if not summary.preempted else 0
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    # Exit status 3 means "stopped early by SIGUSR1/SIGTERM; a checkpoint was written and
+    # `--resume auto` will continue": the SLURM templates (slurm/launch.sh) requeue on it.
+    # A run that had already reached its last step when the signal came exits 0 (finished).
+    if summary.preempted and summary.final_step < trainer.stop_step:
+        return 3
+    return 0
 
 
 if __name__ == "__main__":
