@@ -95,11 +95,24 @@ class TrainConfig:
     keep_last: int = 3
     output_dir: str = "runs/default"
     resume: str = ""  # "" (fresh) | auto | path to a checkpoint
+    # Gradient caching (GradCache): the global batch whose embeddings are scored together, and how
+    # many images one rank encodes per forward/backward pass. contrastive_batch null: batch_size
+    # images per rank; set: contrastive_batch / world_size per rank (must divide evenly).
+    # grad_cache_chunk null (or >= the per-rank batch): one pass, no caching.
+    contrastive_batch: Optional[int] = None
+    grad_cache_chunk: Optional[int] = None
 
 
 @dataclass
 class EngineConfig:
     name: str = "auto"  # auto (single process, or ddp under a launcher) | single | ddp | fsdp | deepspeed
+    backend: str = "auto"  # process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    timeout_s: float = 1800.0  # collective timeout before a hung rank fails the job
+    find_unused_parameters: bool = False  # ddp (turned on automatically under gradient caching)
+    fsdp_reshard_after_forward: bool = True  # fsdp: free each block's gathered params after its forward
+    deepspeed_config: str = ""  # DeepSpeed JSON; "" -> recipes/deepspeed/zero{zero_stage}.json
+    zero_stage: Optional[int] = None  # overrides the JSON's zero_optimization.stage (1, 2 or 3)
+    sync_timing: bool = True  # CUDA: synchronise around timed communication / optimizer step
 
 
 @dataclass
@@ -243,6 +256,15 @@ def validate(cfg: RunConfig) -> None:
     require(cfg.train.log_every >= 1, f"train.log_every must be >= 1, got {cfg.train.log_every}")
     require(cfg.train.ckpt_every >= 1, f"train.ckpt_every must be >= 1, got {cfg.train.ckpt_every}")
     require(cfg.train.keep_last >= 1, f"train.keep_last must be >= 1, got {cfg.train.keep_last}")
+    require(cfg.train.contrastive_batch is None or cfg.train.contrastive_batch >= 2,
+            f"train.contrastive_batch must be >= 2 (negatives) or null, got {cfg.train.contrastive_batch}")
+    require(cfg.train.grad_cache_chunk is None or cfg.train.grad_cache_chunk >= 1,
+            f"train.grad_cache_chunk must be >= 1 or null, got {cfg.train.grad_cache_chunk}")
+    e = cfg.engine
+    require(e.backend in ("auto", "nccl", "gloo"), f"engine.backend must be auto, nccl or gloo; got {e.backend!r}")
+    require(e.timeout_s > 0, f"engine.timeout_s must be > 0, got {e.timeout_s}")
+    require(e.zero_stage is None or e.zero_stage in (0, 1, 2, 3),
+            f"engine.zero_stage must be 0, 1, 2, 3 or null, got {e.zero_stage}")
     require(cfg.optim.blr > 0 or (cfg.optim.lr or 0) > 0, "optim.blr (or optim.lr) must be > 0")
     require(cfg.optim.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {cfg.optim.warmup_epochs}")
     require(cfg.optim.clip_grad is None or cfg.optim.clip_grad > 0,

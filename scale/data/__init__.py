@@ -1,5 +1,5 @@
 """Data sources: every builder registers itself in DATASETS on import."""
-from . import image_folder, synthetic  # noqa: F401  (registration)
+from . import image_folder, synthetic, wds_stream  # noqa: F401  (registration)
 from .base import DATASETS, Batch, LoaderSpec, PretrainData, build_dataset
 
 __all__ = ["DATASETS", "Batch", "LoaderSpec", "PretrainData", "build_dataset"]

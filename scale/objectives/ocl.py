@@ -52,7 +52,7 @@ class OCLObjective(Objective):
         if embeddings.ndim != 3 or embeddings.shape[1] != 2:
             raise ValueError(f"OCL needs (B, 2, D) embeddings (two groups per image), got {tuple(embeddings.shape)}")
         B = embeddings.shape[0]
-        z = self.head(embeddings.reshape(2 * B, -1).float())
+        z = self.head(embeddings.reshape(2 * B, -1))
         z = F.normalize(z, dim=-1).reshape(B, 2, -1)
         a, b = z[:, 0], z[:, 1]
         a_all, offset = gather(a)

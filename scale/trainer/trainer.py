@@ -69,6 +69,7 @@ class Trainer:
         self.device = self.engine.device
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
 
+        torch.manual_seed(cfg.train.seed)  # parameter init; everything later is seeded by step
         module = build_pretrain_module(cfg)
         self.spec = module.encoder.spec
         self.data = data or build_dataset(cfg.data, self.spec.img_size, self.spec.in_chans, train=True)

@@ -1,0 +1,441 @@
+"""WebDataset tar shards as a deterministic, exactly resumable pre-training source.
+
+Registered as dataset "webdataset" (the module has another name so that it never
+shadows the `webdataset` package it imports).
+
+How one rank's epoch is built (W = max(1, num_workers) DataLoader workers):
+
+* Shards. The shard list is shuffled with a rng seeded by (seed, epoch) and dealt to
+  "slots": rank r, worker w reads shards[r + world*w :: world*W] (split by node, then
+  by worker). Finite mode needs at least world*W shards. Resampled mode draws shards
+  with replacement from a stream seeded by (seed, epoch, slot) and never runs dry.
+* Batches. Batching happens inside the workers (DataLoader batch_size=None), and
+  torch's DataLoader takes batch b from worker b % W. So the epoch is fixed up front
+  as B batches, batch b built by worker b % W from the next samples of that worker's
+  shuffled stream. Every worker yields exactly its share, which keeps the round robin
+  (and therefore the order) exact.
+* Equal length on every rank. In finite mode B comes from the manifest, independent of
+  the epoch: a slot holding k shards holds at least the k smallest shards' samples, and
+  B is the most batches every rank can fill from such lower bounds (drop_last), so a
+  few samples per worker and epoch are left unread; which ones changes with the epoch.
+  With drop_last=False the same bound is used in samples and only the last batch is
+  partial, like the map-style loader. Resampled epochs are num_samples // world_size.
+* Resume. `loader(spec, epoch, start_batch=k)` lets DataLoader worker j play the part of
+  worker (k + j) % W, which replays its stream (tar reading and the shuffle buffer only,
+  no decoding) past the samples its first batches used and carries on.
+* Augmentation. Each sample is transformed under torch.manual_seed(sample_seed(seed,
+  epoch, i)), with i unique per (rank, worker, position in the worker's stream), inside
+  fork_rng like map_style.
+* Corrupt samples (undecodable image, no image, missing or bad .cls) take their slot in
+  the batch like any sample, so resuming needs no decoding; the worker fills the slot
+  with another sample of the same batch under the corrupt one's augmentation seed,
+  warns (rate limited) and reports the count with the batch. The main process adds the
+  counts up for `skipped_samples()`. Unreadable tar data ends that shard with a warning;
+  if a worker's shards give fewer samples than the manifest promised, it reads them
+  again (reshuffled) to fill its batches.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import math
+import random
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..config import DataConfig
+from .base import DATASETS, Batch, LoaderSpec, PretrainData, sample_seed
+from .transforms import build_pretrain_transform
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "scale-wds-v1"
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+SHUFFLE_INITIAL = 100  # samples buffered before the shuffle starts yielding (webdataset's default)
+
+Sample = Dict[str, Any]
+WorkerBatch = Tuple[torch.Tensor, torch.Tensor, int]  # images, labels, corrupt samples replaced
+
+
+# ----------------------------------------------------------------------------- shard lists
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The shards of one split and, when known, how many samples each holds."""
+
+    urls: Tuple[str, ...]
+    counts: Optional[Tuple[int, ...]]
+    root: str  # as configured, for error messages
+    manifest: Optional[str] = None
+    setting: str = "data.root"  # the config key `root` came from
+
+
+def _local_path(url: str) -> Optional[Path]:
+    if url.startswith("file:"):
+        return Path(url[len("file:"):])
+    return None if "://" in url else Path(url)
+
+
+def _read_manifest(path: Path) -> Dict[str, Any]:
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"manifest {path} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    for shard in manifest.get("shards", []):
+        if "name" not in shard or "num_samples" not in shard:
+            raise ValueError(f"manifest {path}: every shard needs 'name' and 'num_samples', got {shard}")
+    return manifest
+
+
+def count_tar_samples(path: str) -> int:
+    """Samples (runs of files sharing a key, as webdataset groups them) in a local tar."""
+    count, last_key = 0, None
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar:
+            if not member.isreg() or Path(member.name).name.startswith("__"):
+                continue
+            key, _ = wds.tariterators.base_plus_ext(member.name)
+            if key is not None and key != last_key:
+                count, last_key = count + 1, key
+    return count
+
+
+def _check_exist(urls: Sequence[str], root: str, setting: str) -> None:
+    if not urls:
+        raise FileNotFoundError(f"{setting} {root!r} names no shards")
+    absent = [u for u in urls if (p := _local_path(u)) is not None and not p.is_file()]
+    if absent:
+        raise FileNotFoundError(f"{len(absent)} of {len(urls)} shards of {setting} {root!r} do not exist "
+                                f"(first: {absent[0]})")
+
+
+def resolve_shards(root: str, manifest: str = "", setting: str = "data.root", scan: bool = True) -> ShardSet:
+    """Expand a shard pattern or directory and attach per-shard sample counts.
+
+    Counts come from the manifest (`manifest`, else manifest.json next to the shards);
+    without one, local shards are counted by scanning their tar headers if `scan`.
+    """
+    if not root:
+        raise ValueError(f"{setting} is empty; set it to a shard pattern such as "
+                         "/data/train-{000000..000099}.tar or to a directory of shards")
+    local_root = _local_path(root)
+    manifest_path: Optional[Path] = Path(manifest) if manifest else None
+    if manifest_path is not None and not manifest_path.is_file():
+        raise FileNotFoundError(f"data.manifest {manifest!r} does not exist")
+    counts: Optional[List[int]] = None
+    if local_root is not None and local_root.is_dir():
+        manifest_path = manifest_path or local_root / "manifest.json"
+        if manifest_path.is_file():
+            shards = _read_manifest(manifest_path)["shards"]
+            urls = [str(local_root / s["name"]) for s in shards]
+            counts = [int(s["num_samples"]) for s in shards]
+        else:
+            urls = sorted(str(p) for p in local_root.glob("*.tar"))
+        _check_exist(urls, root, setting)
+    else:
+        urls = wds.shardlists.expand_urls(root)
+        _check_exist(urls, root, setting)
+        first = _local_path(urls[0])
+        if manifest_path is None and first is not None:
+            manifest_path = first.parent / "manifest.json"
+        if manifest_path is not None and manifest_path.is_file():
+            by_name = {s["name"]: int(s["num_samples"]) for s in _read_manifest(manifest_path)["shards"]}
+            missing = [u for u in urls if u.rsplit("/", 1)[-1] not in by_name]
+            if missing:
+                raise ValueError(f"{len(missing)} shards of {setting} {root!r} are not in manifest "
+                                 f"{manifest_path} (first: {missing[0]}); is it the manifest of this split?")
+            counts = [by_name[u.rsplit("/", 1)[-1]] for u in urls]
+    if counts is None and scan and all(_local_path(u) is not None for u in urls):
+        log.warning("%s %r has no manifest; counting samples by scanning %d shards", setting, root, len(urls))
+        counts = [count_tar_samples(str(_local_path(u))) for u in urls]
+    found = manifest_path if manifest_path is not None and manifest_path.is_file() else None
+    return ShardSet(tuple(urls), None if counts is None else tuple(counts), root,
+                    None if found is None else str(found), setting)
+
+
+# ----------------------------------------------------------------------------- epoch plan
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One rank's epoch: batch b has `batch_sizes[b]` samples and comes from worker b % workers."""
+
+    batch_sizes: Tuple[int, ...]
+    workers: int
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.batch_sizes)
+
+    def worker_share(self, worker: int, start_batch: int) -> Tuple[int, List[int]]:
+        """(samples the worker's first batches before `start_batch` used, sizes of its later batches)."""
+        done = range(worker, min(start_batch, self.num_batches), self.workers)
+        todo = range(worker + self.workers * len(done), self.num_batches, self.workers)
+        return sum(self.batch_sizes[b] for b in done), [self.batch_sizes[b] for b in todo]
+
+
+def _plan_from_samples(samples: int, batch_size: int, drop_last: bool, workers: int) -> EpochPlan:
+    full, rest = divmod(samples, batch_size)
+    sizes = [batch_size] * full + ([rest] if rest and not drop_last else [])
+    return EpochPlan(tuple(sizes), workers)
+
+
+def guaranteed_rank_samples(counts: Sequence[int], world_size: int, workers: int, batch_size: int) -> int:
+    """Samples every rank can serve in any epoch with round-robin worker batches.
+
+    A slot (rank, worker) that receives k shards of the epoch's shuffle holds at least the
+    k smallest shards' samples. Worker w can then fill c_w = cap_w // batch_size batches, so
+    a rank can serve B = min_w(c_w * workers + w) full batches (batch B would be the
+    (c_w+1)-th batch of the binding worker) plus that worker's leftover samples.
+    """
+    slots = world_size * workers
+    smallest_first = [0] + list(itertools.accumulate(sorted(counts)))
+    per_slot, extra = divmod(len(counts), slots)
+    best: Optional[int] = None
+    for rank in range(world_size):
+        caps = [smallest_first[per_slot + (1 if rank + world_size * w < extra else 0)] for w in range(workers)]
+        full = min((cap // batch_size) * workers + w for w, cap in enumerate(caps))
+        binding = full % workers
+        samples = full * batch_size + caps[binding] - (full // workers) * batch_size
+        best = samples if best is None else min(best, samples)
+    return best or 0
+
+
+# ----------------------------------------------------------------------------- the source
+
+class _RateLimitedWarning:
+    """Logs the first few occurrences, then every `every`-th, with a running count."""
+
+    def __init__(self, what: str, first: int = 5, every: int = 1000):
+        self.what, self.first, self.every, self.count = what, first, every, 0
+
+    def __call__(self, detail: str) -> None:
+        self.count += 1
+        if self.count <= self.first or self.count % self.every == 0:
+            log.warning("%s (%d in this process so far%s): %s", self.what, self.count,
+                        "; further ones are logged every %d" % self.every if self.count == self.first else "",
+                        detail)
+
+
+class CorruptSample(ValueError):
+    pass
+
+
+class WebDatasetData(PretrainData):
+    def __init__(self, shards: ShardSet, transform: Callable[[Any], torch.Tensor], *, img_size: int,
+                 in_chans: int, resampled: bool = False, epoch_samples: Optional[int] = None,
+                 shuffle_buffer: int = 1000, draft_size: Optional[int] = None):
+        """`epoch_samples`: samples per resampled epoch (default: the manifest's count).
+        `draft_size`: let PIL decode JPEGs at a reduced scale as long as both sides stay
+        >= draft_size (None: always full size)."""
+        if not resampled and shards.counts is None:
+            raise ValueError(f"{shards.setting} {shards.root!r}: finite mode needs per-shard sample counts; write "
+                             "a manifest.json next to the shards (or set data.manifest), or set data.resampled")
+        self.shards, self.transform = shards, transform
+        self.img_size, self.in_chans = img_size, in_chans
+        self.resampled, self.shuffle_buffer, self.draft_size = resampled, shuffle_buffer, draft_size
+        if epoch_samples is None:
+            if shards.counts is None:
+                raise ValueError(f"{shards.setting} {shards.root!r}: no manifest, so resampled mode needs data.num_samples")
+            epoch_samples = sum(shards.counts)
+        if epoch_samples < 1:
+            raise ValueError(f"{shards.setting} {shards.root!r}: an epoch needs at least one sample, got {epoch_samples}")
+        self._epoch_samples = epoch_samples
+        self._skipped = 0  # main-process total, fed by the batches' counts
+        self._warn_corrupt = _RateLimitedWarning("skipping corrupt sample")
+        self._warn_unreadable = _RateLimitedWarning("skipping unreadable shard data")
+        self._read_errors_in_a_row = 0
+
+    # -- sizes
+
+    @property
+    def num_samples(self) -> int:
+        return self._epoch_samples if self.resampled else sum(self.shards.counts or ())
+
+    def plan(self, spec: LoaderSpec) -> EpochPlan:
+        workers = max(1, spec.num_workers)
+        if self.resampled:
+            rank_samples = self.num_samples // spec.world_size
+        else:
+            slots = spec.world_size * workers
+            if len(self.shards.urls) < slots:
+                raise ValueError(
+                    f"{self.shards.setting} {self.shards.root!r} has {len(self.shards.urls)} shards, fewer than "
+                    f"world_size x num_workers = {spec.world_size} x {workers} = {slots}; every DataLoader "
+                    "worker of every rank needs its own shard: lower data.num_workers, write more (smaller) "
+                    "shards, or set data.resampled")
+            rank_samples = guaranteed_rank_samples(self.shards.counts, spec.world_size, workers, spec.batch_size)
+        plan = _plan_from_samples(rank_samples, spec.batch_size, spec.drop_last, workers)
+        if plan.num_batches == 0:
+            raise ValueError(f"{self.shards.setting} {self.shards.root!r}: each rank is only guaranteed {rank_samples} "
+                             f"samples per epoch, less than one batch of {spec.batch_size}")
+        return plan
+
+    def batches_per_epoch(self, spec: LoaderSpec) -> int:
+        """The same on every rank and in every epoch (finite mode: a lower bound from the manifest)."""
+        return self.plan(spec).num_batches
+
+    def skipped_samples(self) -> int:
+        return self._skipped
+
+    # -- iteration (main process)
+
+    def loader(self, spec: LoaderSpec, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        plan = self.plan(spec)
+        if not 0 <= start_batch <= plan.num_batches:
+            raise ValueError(f"start_batch {start_batch} outside epoch of {plan.num_batches} batches")
+        stream = _RankStream(self, spec, epoch, start_batch, plan)
+        batches = DataLoader(stream, batch_size=None, shuffle=False, num_workers=spec.num_workers,
+                             pin_memory=spec.pin_memory, persistent_workers=False)
+        return self._count_skips(batches)
+
+    def _count_skips(self, batches: Any) -> Iterator[Batch]:
+        for images, labels, skipped in batches:
+            self._skipped += int(skipped)
+            yield images, labels
+
+    # -- iteration (inside a worker)
+
+    def worker_batches(self, spec: LoaderSpec, epoch: int, plan: EpochPlan, worker: int,
+                       start_batch: int) -> Iterator[WorkerBatch]:
+        skip, sizes = plan.worker_share(worker, start_batch)
+        raw = itertools.islice(enumerate(self._raw_samples(spec, epoch, plan.workers, worker)), skip, None)
+        for size in sizes:
+            chunk = list(itertools.islice(raw, size))
+            yield self._decode_batch(chunk, spec, epoch, plan.workers, worker)
+
+    def _stream_seed(self, spec: LoaderSpec, epoch: int, *parts: Any) -> int:
+        # String seeds hash with sha512 in `random`, so they are stable across processes and runs.
+        key = ":".join(str(p) for p in (spec.seed, epoch, spec.world_size, spec.num_workers) + parts)
+        return random.Random(key).getrandbits(63)
+
+    def _raw_samples(self, spec: LoaderSpec, epoch: int, workers: int, worker: int) -> Iterator[Sample]:
+        """The worker's samples as raw bytes, shuffled, in a fixed order; endless."""
+        slot = spec.rank + spec.world_size * worker
+        if self.resampled:
+            shard_seed = self._stream_seed(spec, epoch, "resampled") & 0x7FFFFFFF
+            yield from self._read(wds.ResampledShards(list(self.shards.urls), seed=shard_seed,
+                                                      worker_seed=lambda: slot, deterministic=True),
+                                  self._stream_seed(spec, epoch, "buffer", slot))
+            return
+        urls = list(self.shards.urls)
+        random.Random(f"shards:{spec.seed}:{epoch}").shuffle(urls)  # the same on every rank and worker
+        urls = urls[slot::spec.world_size * workers]
+        for pass_ in itertools.count():
+            if pass_ > 0:  # only when shards held fewer readable samples than the manifest says
+                log.warning("rank %d worker %d read all its %d shards of epoch %d; reading them again (pass %d)",
+                            spec.rank, worker, len(urls), epoch, pass_)
+                random.Random(self._stream_seed(spec, epoch, "pass", slot, pass_)).shuffle(urls)
+            got = 0
+            for sample in self._read(wds.SimpleShardList(urls), self._stream_seed(spec, epoch, "buffer", slot, pass_)):
+                got += 1
+                yield sample
+            if got == 0:
+                raise RuntimeError(f"{self.shards.setting} {self.shards.root!r}: no readable samples in shards {urls[:3]}...")
+
+    def _read(self, shard_list: IterableDataset, buffer_seed: int) -> Iterator[Sample]:
+        stages: List[Any] = [shard_list, wds.tarfile_to_samples(handler=self._on_read_error)]
+        if self.shuffle_buffer > 1:
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(SHUFFLE_INITIAL, self.shuffle_buffer),
+                                      rng=random.Random(buffer_seed)))
+        for sample in wds.DataPipeline(*stages):
+            self._read_errors_in_a_row = 0
+            yield sample
+
+    def _on_read_error(self, exn: Exception) -> bool:
+        self._warn_unreadable(repr(exn)[:300])
+        self._read_errors_in_a_row += 1
+        # A resampled stream would otherwise spin forever on a split whose shards all fail.
+        if self._read_errors_in_a_row > 2 * len(self.shards.urls) + 10:
+            raise RuntimeError(f"{self.shards.setting} {self.shards.root!r}: {self._read_errors_in_a_row} "
+                               f"shard read errors in a row, last: {exn!r}")
+        return True  # go on with the next shard
+
+    def _decode(self, sample: Sample) -> Tuple[Image.Image, int]:
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if key is None:
+            raise CorruptSample("no image (" + "/".join(IMAGE_KEYS) + ")")
+        if "cls" not in sample:
+            raise CorruptSample("missing .cls")
+        label = int(bytes(sample["cls"]).decode("ascii").strip())
+        image = Image.open(io.BytesIO(sample[key]))
+        if self.draft_size is not None and image.format == "JPEG":
+            image.draft("L" if self.in_chans == 1 else "RGB", (self.draft_size, self.draft_size))
+        image.load()  # decode here, so that truncated data fails here and not in the transform
+        mode = "L" if self.in_chans == 1 else "RGB"
+        return (image if image.mode == mode else image.convert(mode)), label
+
+    def _decode_batch(self, chunk: List[Tuple[int, Sample]], spec: LoaderSpec, epoch: int,
+                      workers: int, worker: int) -> WorkerBatch:
+        decoded: List[Optional[Tuple[Image.Image, int]]] = []
+        for _, sample in chunk:
+            try:
+                decoded.append(self._decode(sample))
+            except Exception as err:  # any undecodable sample; it must not end the run
+                self._warn_corrupt(f"{sample.get('__url__')} key {sample.get('__key__')}: {err!r}"[:300])
+                decoded.append(None)
+        good = [i for i, d in enumerate(decoded) if d is not None]
+        images, labels = [], []
+        for i, (position, _) in enumerate(chunk):
+            # Unique per (rank, worker, position): the worker's stream is fixed, so is the seed.
+            seed = sample_seed(spec.seed, epoch, (position * spec.world_size + spec.rank) * workers + worker)
+            if not good:
+                images.append(torch.zeros(self.in_chans, self.img_size, self.img_size))
+                labels.append(-1)
+                continue
+            source = decoded[i] or decoded[next((j for j in good if j > i), good[0])]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                images.append(self.transform(source[0]))
+            labels.append(source[1])
+        if not good:
+            log.error("every sample of a batch of %d was corrupt; yielding zero images with label -1", len(chunk))
+        return torch.stack(images), torch.tensor(labels, dtype=torch.long), len(chunk) - len(good)
+
+
+class _RankStream(IterableDataset):
+    """What one DataLoader worker iterates: its share of the rank's remaining batches."""
+
+    def __init__(self, data: WebDatasetData, spec: LoaderSpec, epoch: int, start_batch: int, plan: EpochPlan):
+        super().__init__()
+        self.data, self.spec, self.epoch, self.start_batch, self.plan = data, spec, epoch, start_batch, plan
+
+    def __iter__(self) -> Iterator[WorkerBatch]:
+        info = get_worker_info()
+        loader_worker = 0 if info is None else info.id
+        # The DataLoader asks its worker 0 first; after k batches that must be worker k % W.
+        worker = (self.start_batch + loader_worker) % self.plan.workers
+        return self.data.worker_batches(self.spec, self.epoch, self.plan, worker, self.start_batch)
+
+
+def jpeg_draft_size(cfg: DataConfig, img_size: int) -> int:
+    """Smallest decoded side that keeps every crop at >= img_size pixels on both sides.
+
+    RandomResizedCrop's smallest crop covers crop_scale[0] of the area at aspect 3/4, so
+    its short side is sqrt(crop_scale[0] * 3/4) of the image's side (for a square image);
+    `transform: none` resizes the whole image.
+    """
+    if cfg.transform == "none":
+        return img_size
+    return math.ceil(img_size / math.sqrt(cfg.crop_scale[0] * 3 / 4))
+
+
+@DATASETS.register("webdataset")
+def build_webdataset(cfg: DataConfig, img_size: int, in_chans: int, train: bool) -> PretrainData:
+    # The held-out split is always read finitely, and uses the manifest next to its shards.
+    root, setting = (cfg.root, "data.root") if train else (cfg.val_root, "data.val_root")
+    resampled = cfg.resampled and train
+    shards = resolve_shards(root, cfg.manifest if train else "", setting, scan=not resampled)
+    # Resampled epochs: the manifest's sample count, else data.num_samples.
+    epoch_samples = cfg.num_samples if resampled and shards.counts is None else None
+    return WebDatasetData(shards, build_pretrain_transform(cfg, img_size, in_chans), img_size=img_size,
+                          in_chans=in_chans, resampled=resampled, epoch_samples=epoch_samples,
+                          shuffle_buffer=cfg.shuffle_buffer, draft_size=jpeg_draft_size(cfg, img_size))
