@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import multiprocessing
@@ -31,7 +32,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,13 +55,13 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA", "P"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceImage:
     rel_path: str  # relative to --src, with forward slashes
     label: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EncodeJob:
     index: int
     key: str
@@ -276,18 +277,27 @@ def shuffled_subset(sources: Sequence[SourceImage], seed: int, limit: int | None
 # The conversion
 
 
-def run_jobs(jobs: Sequence[EncodeJob], workers: int) -> Iterator[EncodeResult]:
-    """Results in job order (so shard contents never depend on worker timing)."""
-    if workers <= 1 or len(jobs) <= 1:
+def run_jobs(jobs: Iterable[EncodeJob], num_jobs: int, workers: int) -> Iterator[EncodeResult]:
+    """Results in job order (so shard contents never depend on worker timing). `jobs` may be lazy:
+    the pool pulls them as its task pipe drains, so millions of jobs never sit in memory at once."""
+    if workers <= 1 or num_jobs <= 1:
         yield from map(encode_job, jobs)
         return
-    chunksize = max(1, min(16, len(jobs) // (workers * 8)))
+    chunksize = max(1, min(16, num_jobs // (workers * 8)))
     # spawn: safe next to tqdm's monitor thread, and the same on every platform.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(min(workers, num_jobs)) as pool:
         yield from pool.imap(encode_job, jobs, chunksize=chunksize)
 
 
-def conversion_options(args: argparse.Namespace) -> dict[str, Any]:
+def source_list_digest(ordered: Sequence[SourceImage], classes: dict[str, int]) -> str:
+    """Fingerprint of the ordered (path, label) list and class mapping, so resuming over a changed source fails."""
+    digest = hashlib.sha256(json.dumps(classes, sort_keys=True).encode("utf-8"))
+    for source in ordered:
+        digest.update(f"{source.rel_path}\0{source.label}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def conversion_options(args: argparse.Namespace, source_digest: str) -> dict[str, Any]:
     """Everything that decides the output bytes (workers and --overwrite do not), as recorded in the manifest."""
     def resolved(path: Path | None) -> str | None:
         return str(path.resolve()) if path is not None else None
@@ -306,6 +316,7 @@ def conversion_options(args: argparse.Namespace) -> dict[str, Any]:
         "resize": args.resize,
         "quality": args.quality,
         "pillow": PIL.__version__,  # JPEG bytes depend on the encoder; a resume must use the same one
+        "source_files_sha256": source_digest,
     }
 
 
@@ -321,14 +332,14 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     sources, classes, stray = discover_sources(args)
     ordered = shuffled_subset(sources, args.seed, args.limit)
-    options = conversion_options(args)
+    options = conversion_options(args, source_list_digest(ordered, classes))
     resume = prepare_output_dir(args.out, args.split, args.overwrite, options)
     writer = ResumableShardWriter(args.out, args.split, args.shard_size, args.shard_bytes, options, resume)
     if resume.shards:
         print(f"resuming: keeping {len(resume.shards)} complete shard(s) in {args.out}", file=sys.stderr)
 
     key_width = max(9, len(str(len(ordered))))
-    jobs = [
+    jobs = (
         EncodeJob(
             index=index,
             key=f"{index:0{key_width}d}",
@@ -341,9 +352,9 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
         )
         for index, source in enumerate(ordered)
         if index >= resume.next_index
-    ]
+    )
     with tqdm(total=len(ordered), initial=resume.next_index, unit="file", desc=args.split, disable=None) as bar:
-        for result in run_jobs(jobs, args.workers):
+        for result in run_jobs(jobs, len(ordered) - resume.next_index, args.workers):
             if result.files is None:
                 writer.add_skipped(result.index, result.rel_path, result.skip_reason)
             else:
@@ -397,6 +408,11 @@ def split_name(text: str) -> str:
     return text
 
 
+def available_cores() -> int:
+    """Cores this process may use (a Slurm or container CPU mask can be smaller than the machine)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagefolder_to_wds",
@@ -413,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard-bytes", type=positive_int, help="maximum bytes per shard (a single larger sample still gets its own shard)")
     parser.add_argument("--resize", type=positive_int, help="scale down so the shorter side is at most N (default: keep sizes)")
     parser.add_argument("--quality", type=jpeg_quality, default=DEFAULT_QUALITY, help=f"JPEG quality when re-encoding (default: {DEFAULT_QUALITY})")
-    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="encoding processes (default: all cores)")
+    parser.add_argument("--workers", type=positive_int, default=available_cores(), help="encoding processes (default: all cores)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default: 0)")
     parser.add_argument("--limit", type=positive_int, help="convert only the first N files of the shuffled list")
     parser.add_argument("--overwrite", action="store_true", help="replace a complete conversion already in --out")
@@ -428,6 +444,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for option, path in (("--val-labels", args.val_labels), ("--labels", args.labels), ("--classes", args.classes)):
         if path is not None and not path.is_file():
             parser.error(f"{option} {path}: no such file")
+    src, out = args.src.resolve(), args.out.resolve()
+    if out == src or src in out.parents:
+        # The shards would be listed as source files (or a class folder) on the next run.
+        parser.error(f"--out {args.out}: must not be inside --src {args.src}")
     if args.shard_size is None and args.shard_bytes is None:
         args.shard_size = DEFAULT_SHARD_SIZE
     return args

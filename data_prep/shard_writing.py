@@ -84,15 +84,30 @@ def finished_tar_size(member_bytes: int) -> int:
     return -(-(member_bytes + _TAR_END_OF_ARCHIVE) // _TAR_RECORD) * _TAR_RECORD
 
 
-def _deterministic_member(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte USTAR header that tarfile writes for a regular file with mtime 0, mode 0644,
+    uid/gid 0 and no user/group names; built directly because tarfile's generic path costs ~30 us a
+    member, a third of the Fashion-MNIST conversion time."""
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100:
+        raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
+    if size >= 8**11:
+        raise ValueError(f"tar member larger than a USTAR header can hold: {name!r} ({size} bytes)")
+    header = b"".join(
+        [
+            encoded.ljust(100, b"\0"),
+            b"0000644\0",  # mode
+            b"0000000\0",  # uid
+            b"0000000\0",  # gid
+            b"%011o\0" % size,
+            b"00000000000\0",  # mtime
+            b" " * 8,  # checksum placeholder: counted as spaces, as the format says
+            b"0",  # regular file
+            b"\0" * 100,  # link name
+            b"ustar\x0000",  # magic and version
+        ]
+    ).ljust(_TAR_BLOCK, b"\0")
+    return header[:148] + b"%06o\0" % sum(header) + header[155:]
 
 
 def prepare_output_dir(out_dir: Path, split: str, overwrite: bool, options: dict[str, Any]) -> ResumeState:
@@ -198,7 +213,6 @@ class ResumableShardWriter:
         self.options = options
         self.shards: list[ShardRecord] = list(resume.shards)
         self.skipped: list[SkippedItem] = list(resume.skipped)
-        self._tar: tarfile.TarFile | None = None
         self._stream: io.BufferedWriter | None = None
         self._member_bytes = 0
         self._num_samples = 0
@@ -211,14 +225,16 @@ class ResumableShardWriter:
 
     def add_sample(self, source_index: int, key: str, files: dict[str, bytes]) -> None:
         sample_bytes = tar_bytes_for_sample(files)
-        if self._tar is not None and not self._fits(sample_bytes):
+        if self._stream is not None and not self._fits(sample_bytes):
             self._finish_shard()
-        if self._tar is None:
+        if self._stream is None:
             self._start_shard()
-        assert self._tar is not None
+        assert self._stream is not None
         for extension in sorted(files):
             data = files[extension]
-            self._tar.addfile(_deterministic_member(f"{key}.{extension}", len(data)), io.BytesIO(data))
+            self._stream.write(ustar_header(f"{key}.{extension}", len(data)))
+            self._stream.write(data)
+            self._stream.write(b"\0" * (-len(data) % _TAR_BLOCK))
         self._member_bytes += sample_bytes
         self._num_samples += 1
         self._last_index = source_index
@@ -230,7 +246,7 @@ class ResumableShardWriter:
 
     def close(self) -> None:
         """Finish the last, partly filled shard."""
-        if self._tar is not None:
+        if self._stream is not None:
             self._finish_shard()
 
     def discard_journal(self) -> None:
@@ -247,17 +263,17 @@ class ResumableShardWriter:
 
     def _start_shard(self) -> None:
         self._stream = open(self._temp_path(), "wb")
-        self._tar = tarfile.open(fileobj=self._stream, mode="w", format=tarfile.USTAR_FORMAT)
         self._member_bytes = 0
         self._num_samples = 0
 
     def _finish_shard(self) -> None:
-        assert self._tar is not None and self._stream is not None
-        self._tar.close()
+        assert self._stream is not None
+        # End of archive, padded to a whole record: what tarfile.TarFile.close() writes.
+        self._stream.write(b"\0" * (finished_tar_size(self._member_bytes) - self._member_bytes))
         self._stream.flush()
         os.fsync(self._stream.fileno())
         self._stream.close()
-        self._tar = self._stream = None
+        self._stream = None
         temp_path = self._temp_path()
         if self._delay_s > 0:
             time.sleep(self._delay_s)
