@@ -116,6 +116,17 @@ class EngineConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The kNN monitor run during pre-training (scale/eval/knn.py); standalone evals reuse it."""
+    knn_every_epochs: int = 0  # 0: off; else every N epochs, on data.root (bank) vs data.val_root (queries)
+    knn_k: int = 20  # DINO's weighted k-NN: k = 20, temperature 0.07
+    knn_temperature: float = 0.07
+    max_train_samples: int = 0  # 0: the whole bank split; else a (shuffled) subset of this size
+    max_val_samples: int = 0  # 0: the whole held-out split
+    batch_size: int = 256  # images per encoder forward during feature extraction
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -124,6 +135,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------- coercion
