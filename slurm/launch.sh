@@ -1,0 +1,281 @@
+#!/usr/bin/env bash
+# slurm/launch.sh - the one body of every slurm/*.sbatch template. Not submitted itself:
+# a template sets its defaults (RECIPE, GLOBAL_BATCH, SCALE_TEMPLATE) and execs this
+# file with the trailing arguments. See docs/slurm.md.
+#
+# What it does, in order (nothing below needs editing; every knob is an env variable):
+#   1. checks, on the batch node, before any GPU time is spent: python imports scale,
+#      RECIPE exists, the config (recipe + overrides) is valid, the data is readable
+#      (local path / brace pattern: its first shard), OUTPUT_DIR is writable;
+#   2. moves this job's log to $OUTPUT_DIR/slurm/<job-name>-<job-id>.{out,err}
+#      (appended to across requeues; the sbatch --output file keeps the checks only);
+#   3. MASTER_ADDR = first node of the allocation, MASTER_PORT = derived from the job id;
+#   4. `srun python -m scale.train --config RECIPE --resume auto ...`: one task per GPU;
+#   5. on the warning signal (--signal=B:USR1@T reaches this shell only) forwards USR1
+#      to the tasks through srun; the trainer finishes its step, checkpoints and exits 3;
+#      this script then runs `scontrol requeue $SLURM_JOB_ID`. The restarted job resumes
+#      from the newest checkpoint. A finished run (exit 0) is never requeued; a job
+#      cancelled with scancel (SIGTERM) is never requeued.
+#
+# Environment (set before sbatch; sbatch passes the submitting environment to the job):
+#   RECIPE        YAML recipe (required). Relative paths: to the submit dir, then to the repo.
+#   DATA          data.root: shard URL pattern (/data/in1k/train-{000000..001023}.tar), or a
+#                 folder for image_folder. Empty: the recipe's data.root.
+#   OUTPUT_DIR    train.output_dir (checkpoints, metrics.jsonl, logs). Empty: the recipe's.
+#   ENGINE        engine.name (auto | ddp | fsdp | deepspeed | single). Default: auto.
+#   GLOBAL_BATCH  effective batch; train.batch_size = GLOBAL_BATCH / number of tasks.
+#                 Empty: the recipe's per-task train.batch_size. (Template default: the paper's.)
+#   PYTHON        interpreter with scale's dependencies (default: python3 on PATH).
+#   MASTER_PORT   rendezvous port (default: 20000 + job id % 20000, the engine's own rule).
+#   TASK_EXIT_GRACE  seconds srun waits after the first task exits before killing the
+#                 others (a crashed rank must not leave the rest hanging); default 120.
+#   MAX_STALLED_REQUEUES  stop requeueing after this many consecutive restarts that made
+#                 no checkpoint progress (e.g. a time limit shorter than the signal margin);
+#                 default 3.
+#   DRY_RUN=1     run the checks and print the srun command, launch nothing (works
+#                 outside SLURM too: `DRY_RUN=1 RECIPE=... bash slurm/vitb_ocl.sbatch`).
+# Trailing arguments: key=value config overrides, applied last (they beat all the above).
+#
+# Exit status: 0 finished; 1 a check failed (message in the sbatch --output file);
+# 3 preempted but `scontrol requeue` failed (resubmit: it resumes); else the tasks' status.
+
+set -uo pipefail
+
+EXIT_PREEMPTED=3   # scale.train's exit status after a signal, before its last step
+
+log() { printf 'scale-slurm [%(%F %T)T] %s\n' -1 "$*"; }
+die() {
+    printf 'scale-slurm: ERROR: %s\n' "$*" >&2
+    [ -z "${SLURM_JOB_ID:-}" ] || printf 'scale-slurm: job %s stops before launching anything.\n' "$SLURM_JOB_ID" >&2
+    exit 1
+}
+
+SCALE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TEMPLATE=${SCALE_TEMPLATE:-launch}
+PYTHON=${PYTHON:-python3}
+ENGINE=${ENGINE:-auto}
+DRY_RUN=${DRY_RUN:-0}
+TASK_EXIT_GRACE=${TASK_EXIT_GRACE:-120}
+MAX_STALLED_REQUEUES=${MAX_STALLED_REQUEUES:-3}
+JOB_ID=${SLURM_JOB_ID:-}
+RESTART=${SLURM_RESTART_COUNT:-0}
+
+if [ -z "$JOB_ID" ] && [ "$DRY_RUN" != 1 ]; then
+    die "not inside a SLURM job: submit with 'sbatch slurm/$TEMPLATE.sbatch', or set DRY_RUN=1 to only run the checks"
+fi
+
+# ---- signals -----------------------------------------------------------------------
+# Installed first: a warning that arrives during the checks must not kill this shell.
+GOT_USR1=0      # the preemption / time-limit warning (#SBATCH --signal=B:USR1@T)
+GOT_TERM=0      # scancel, the hard time limit, or slurmctld's own preemption: never requeue
+SRUN_PID=
+on_usr1() {
+    GOT_USR1=1
+    log "got SIGUSR1 (preemption/time-limit warning)${SRUN_PID:+: forwarding it to the tasks (srun pid $SRUN_PID)}"
+    if [ -n "$SRUN_PID" ]; then kill -USR1 "$SRUN_PID" 2>/dev/null || true; fi
+}
+on_term() {
+    GOT_TERM=1
+    log "got SIGTERM: the job is being cancelled or killed by SLURM; it will not requeue itself"
+}
+trap on_usr1 USR1
+trap on_term TERM
+
+log "$TEMPLATE: job ${JOB_ID:-(dry run)} restart $RESTART on ${SLURM_JOB_NODELIST:-$(hostname)} (repo $SCALE_ROOT)"
+
+# ---- 1. checks (batch node only, before srun) ----------------------------------------
+[ -n "${RECIPE:-}" ] || die "RECIPE is not set. Submit e.g. 'RECIPE=recipes/<name>.yaml DATA=... OUTPUT_DIR=... sbatch slurm/$TEMPLATE.sbatch'; recipes in $SCALE_ROOT/recipes: $(cd "$SCALE_ROOT/recipes" 2>/dev/null && ls -- *.yaml 2>/dev/null | tr '\n' ' ')"
+RECIPE_PATH=$RECIPE
+if [ ! -e "$RECIPE_PATH" ] && [[ "$RECIPE" != /* ]] && [ -e "$SCALE_ROOT/$RECIPE" ]; then
+    RECIPE_PATH=$SCALE_ROOT/$RECIPE
+fi
+[ -e "$RECIPE_PATH" ] || die "recipe not found: RECIPE=$RECIPE (looked in $PWD and $SCALE_ROOT)"
+[ -f "$RECIPE_PATH" ] && [ -r "$RECIPE_PATH" ] || die "recipe is not a readable file: $RECIPE_PATH"
+RECIPE_PATH=$(realpath -- "$RECIPE_PATH")
+
+command -v "$PYTHON" >/dev/null 2>&1 || die "PYTHON=$PYTHON not found on PATH (activate the environment before sbatch, or set PYTHON=/path/to/python)"
+export PYTHONPATH=$SCALE_ROOT${PYTHONPATH:+:$PYTHONPATH}   # this checkout's scale, installed or not
+export PYTHONUNBUFFERED=1
+
+# Number of tasks: one per GPU. SLURM_NTASKS is set by --ntasks or --ntasks-per-node.
+if [ -n "${SLURM_NTASKS:-}" ]; then
+    NTASKS=$SLURM_NTASKS
+elif [ -n "${SLURM_NNODES:-}" ] && [ -n "${SLURM_NTASKS_PER_NODE:-}" ]; then
+    NTASKS=$(( SLURM_NNODES * ${SLURM_NTASKS_PER_NODE%%[!0-9]*} ))
+else
+    NTASKS=1
+fi
+
+OVERRIDES=()
+if [ -n "${GLOBAL_BATCH:-}" ]; then
+    [[ "$GLOBAL_BATCH" =~ ^[0-9]+$ ]] && [ "$GLOBAL_BATCH" -gt 0 ] || die "GLOBAL_BATCH=$GLOBAL_BATCH is not a positive integer"
+    (( GLOBAL_BATCH % NTASKS == 0 )) || die "GLOBAL_BATCH=$GLOBAL_BATCH is not divisible by the $NTASKS tasks; pick nodes x GPUs that divide it, or set GLOBAL_BATCH= (empty) and train.batch_size=N"
+    OVERRIDES+=("train.batch_size=$(( GLOBAL_BATCH / NTASKS ))")
+fi
+[ -z "${DATA:-}" ] || OVERRIDES+=("data.root=$DATA")
+[ -z "${OUTPUT_DIR:-}" ] || OVERRIDES+=("train.output_dir=$OUTPUT_DIR")
+OVERRIDES+=("engine.name=$ENGINE")
+OVERRIDES+=("$@")
+
+# The resolved config (the same code the trainer runs): catches unknown keys and bad
+# values now, and tells where the data and the output go.
+read -r -d '' RESOLVE_PY <<'PY'
+import sys
+try:
+    from scale.config import ConfigError, load_config
+except Exception as err:  # noqa: BLE001
+    print(f"IMPORT\tcannot import scale.config with {sys.executable}: {err!r}")
+    sys.exit(0)
+try:
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+except ConfigError as err:
+    print(f"CONFIG\t{err}")
+    sys.exit(0)
+for key, value in (("data_name", cfg.data.name), ("data_root", cfg.data.root),
+                   ("output_dir", cfg.train.output_dir), ("model", cfg.model.name),
+                   ("batch", cfg.train.batch_size), ("max_steps", cfg.train.max_steps),
+                   ("epochs", cfg.train.epochs)):
+    print(f"{key}\t{value}")
+PY
+RESOLVED=$("$PYTHON" -c "$RESOLVE_PY" "$RECIPE_PATH" "${OVERRIDES[@]}" 2>&1) \
+    || die "could not resolve the config with $PYTHON: $RESOLVED"
+field() { awk -F'\t' -v k="$1" '$1 == k { sub(/^[^\t]*\t/, ""); print; exit }' <<<"$RESOLVED"; }
+[ -z "$(field IMPORT)" ] || die "$(field IMPORT) (activate the environment that has scale's dependencies, or set PYTHON=)"
+[ -z "$(field CONFIG)" ] || die "bad config (RECIPE=$RECIPE, overrides: ${OVERRIDES[*]}): $(field CONFIG)"
+DATA_NAME=$(field data_name); DATA_ROOT=$(field data_root); OUT=$(field output_dir)
+
+# Data: a local path or brace pattern must have a readable first shard (file or folder).
+# Remote URLs (s3://, https://, pipe:...) are left to the loader.
+first_shard() {
+    local u=${1%%::*} alt    # webdataset joins several patterns with '::'
+    u=${u#file://}
+    while [[ $u =~ ^([^{]*)\{([^{}]*)\}(.*)$ ]]; do
+        alt=${BASH_REMATCH[2]}
+        if [[ $alt == *..* ]]; then alt=${alt%%..*}; else alt=${alt%%,*}; fi
+        u=${BASH_REMATCH[1]}$alt${BASH_REMATCH[3]}
+    done
+    printf '%s\n' "$u"
+}
+if [ -z "$DATA_ROOT" ]; then
+    [ "$DATA_NAME" = synthetic ] || die "data.name=$DATA_NAME needs a data.root: set DATA=<shard pattern or folder>"
+    log "data: synthetic (no files)"
+elif [[ $DATA_ROOT =~ ^[A-Za-z][A-Za-z0-9+.-]*:// && $DATA_ROOT != file://* ]] || [[ $DATA_ROOT == pipe:* ]]; then
+    log "data: $DATA_ROOT (remote: not checked here)"
+else
+    SHARD=$(first_shard "$DATA_ROOT")
+    if [ -d "$SHARD" ]; then
+        [ -r "$SHARD" ] && [ -x "$SHARD" ] || die "data folder is not readable: $SHARD (DATA=$DATA_ROOT)"
+    elif [ -e "$SHARD" ]; then
+        [ -r "$SHARD" ] && head -c 1 -- "$SHARD" >/dev/null 2>&1 || die "first data shard is not readable: $SHARD (DATA=$DATA_ROOT)"
+    else
+        die "data not found: $SHARD does not exist (first shard of DATA=$DATA_ROOT)"
+    fi
+    [ "$DATA_NAME" != synthetic ] || log "WARNING: DATA is set but the config says data.name=synthetic: the files will not be read"
+    log "data: $DATA_ROOT (first shard $SHARD readable)"
+fi
+
+# Output: must be creatable and writable from here (shared filesystem for multi-node).
+OUT=$(realpath -m -- "$OUT")
+OVERRIDES+=("train.output_dir=$OUT")   # the resolved dir, absolute: the same on every node
+mkdir -p -- "$OUT/slurm" 2>/dev/null || die "cannot create the output dir $OUT/slurm (OUTPUT_DIR=${OUTPUT_DIR:-the recipe train.output_dir})"
+PROBE=$(mktemp -p "$OUT" .write-test.XXXXXX 2>/dev/null) && rm -f -- "$PROBE" \
+    || die "output dir is not writable: $OUT"
+log "output: $OUT"
+
+# ---- 2./3. logs, rendezvous ------------------------------------------------------------
+NAME=${SLURM_JOB_NAME:-$TEMPLATE}
+MASTER_ADDR=${MASTER_ADDR:-$( { scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null || true; } | head -n 1)}
+MASTER_ADDR=${MASTER_ADDR:-$(hostname)}
+MASTER_PORT=${MASTER_PORT:-$(( 20000 + ${JOB_ID:-0} % 20000 ))}   # same on every task; requeues keep the id
+export MASTER_ADDR MASTER_PORT
+# Ranks come from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; torchrun's variables (say, from
+# the submitting shell) would take precedence in the engine, so they must not leak in.
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+
+# One task per GPU: SLURM itself starts, signals, accounts for and kills every rank, so
+# the warning signal reaches each trainer directly and ranks come from SLURM_PROCID (no
+# torchrun agent in between that would swallow USR1 or need its own rendezvous). Each
+# task sees all GPUs of its node and picks cuda:$SLURM_LOCALID; no --gpus-per-task, whose
+# cgroup isolation would renumber every task's GPU to cuda:0.
+SRUN=(srun --kill-on-bad-exit=0 --wait="$TASK_EXIT_GRACE" --label --input=none)
+# srun does not inherit sbatch's --cpus-per-task (SLURM >= 22.05): pass it on.
+[ -z "${SLURM_CPUS_PER_TASK:-}" ] || SRUN+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+CMD=("$PYTHON" -m scale.train --config "$RECIPE_PATH" --resume auto "${OVERRIDES[@]}")
+
+log "model $(field model), $NTASKS task(s), batch $(field batch)/task, engine $ENGINE, rendezvous $MASTER_ADDR:$MASTER_PORT"
+if [ "$DRY_RUN" = 1 ]; then
+    log "checks passed; DRY_RUN=1, would run: ${SRUN[*]} ${CMD[*]}"
+    exit 0
+fi
+
+LOG_OUT=$OUT/slurm/$NAME-$JOB_ID.out
+LOG_ERR=$OUT/slurm/$NAME-$JOB_ID.err
+log "checks passed; the rest of this job's log goes to $LOG_OUT and $LOG_ERR"
+exec >>"$LOG_OUT" 2>>"$LOG_ERR"
+log "==== job $JOB_ID restart $RESTART on $SLURM_JOB_NODELIST: $NTASKS task(s), rendezvous $MASTER_ADDR:$MASTER_PORT"
+log "recipe $RECIPE_PATH, overrides: ${OVERRIDES[*]}"
+
+latest_step() {  # newest complete checkpoint's step, or -1
+    local d
+    d=$(ls -d "$OUT"/checkpoints/step_[0-9]*[0-9] 2>/dev/null | sort | tail -n 1)
+    if [ -n "$d" ] && [ -f "$d/meta.json" ]; then basename "$d" | sed 's/^step_0*//; s/^$/0/'; else echo -1; fi
+}
+STEP_BEFORE=$(latest_step)
+
+requeue() {  # requeue REASON: put this job back in the queue; it resumes from the checkpoint
+    local stall_file=$OUT/slurm/.stalled-requeues-$JOB_ID stalled=0 step
+    step=$(latest_step)
+    if [ "$step" = "$STEP_BEFORE" ]; then
+        stalled=$(( $(cat "$stall_file" 2>/dev/null || echo 0) + 1 ))
+        if [ "$stalled" -gt "$MAX_STALLED_REQUEUES" ]; then
+            log "ERROR: $stalled restarts in a row without a new checkpoint (still step $step): not requeueing." \
+                "Is the time limit shorter than the --signal margin?"
+            exit "$EXIT_PREEMPTED"
+        fi
+    fi
+    echo "$stalled" >"$stall_file"
+    log "$1; newest checkpoint: step $step (was $STEP_BEFORE): scontrol requeue $JOB_ID"
+    if scontrol requeue "$JOB_ID"; then
+        log "requeued: the job restarts with --resume auto"
+        exit 0
+    fi
+    log "ERROR: scontrol requeue failed; resubmit the same command, it resumes from step $step"
+    exit "$EXIT_PREEMPTED"
+}
+
+# ---- 4. launch ---------------------------------------------------------------------------
+if [ "$GOT_USR1" = 1 ] && [ "$GOT_TERM" = 0 ]; then
+    requeue "the warning signal came before the launch"
+fi
+"${SRUN[@]}" "${CMD[@]}" &
+SRUN_PID=$!
+log "srun pid $SRUN_PID: ${SRUN[*]} ${CMD[*]}"
+# `wait` returns early (status > 128) when a trapped signal arrives: wait again until
+# srun itself has exited.
+while :; do
+    wait "$SRUN_PID"
+    RC=$?
+    kill -0 "$SRUN_PID" 2>/dev/null || break
+done
+SRUN_PID=
+log "tasks exited with status $RC"
+
+# ---- 5. requeue or finish ------------------------------------------------------------------
+if [ "$GOT_TERM" = 1 ]; then
+    log "SIGTERM received (scancel / time limit / preemption by SLURM): not requeueing; resubmit to resume"
+    exit "$RC"
+fi
+if [ "$RC" = 0 ]; then
+    rm -f -- "$OUT/slurm/.stalled-requeues-$JOB_ID"
+    log "finished: newest checkpoint step $(latest_step)"
+    exit 0
+fi
+if [ "$RC" = "$EXIT_PREEMPTED" ]; then
+    requeue "the trainer stopped early after a signal and checkpointed (exit $RC)"
+fi
+if [ "$GOT_USR1" = 1 ]; then
+    requeue "the warning signal came and the tasks exited with status $RC"
+fi
+log "ERROR: the tasks failed (status $RC) without a preemption signal: not requeueing; see $LOG_ERR"
+exit "$RC"

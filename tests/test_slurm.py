@@ -1,0 +1,237 @@
+"""The SLURM templates, end to end, on a real single-node SLURM that the tests start.
+
+- the launcher's checks (DRY_RUN=1, no SLURM needed): missing recipe, missing data,
+  unwritable output dir, bad overrides; all three templates pass them with real data;
+- a real `sbatch slurm/vitb_ocl.sbatch` with CPU overrides: 2 tasks (DDP over gloo), the
+  tiny CPU recipe; the job completes and leaves its checkpoint, metrics and logs;
+- a failing check ends the job before srun starts anything;
+- preemption: `scancel --signal=USR1 --batch` (what `#SBATCH --signal=B:USR1@T` sends),
+  then, after the requeue, `scancel --signal=USR1` to the tasks themselves (what a
+  signal without `B:` does): each time the job checkpoints and requeues itself, resumes
+  from the checkpoint's step, and ends with the losses of the uninterrupted run.
+
+The cluster (tests/slurm_cluster.py) installs SLURM with apt-get when it is missing; the
+SLURM tests are skipped, with the reason, only where that is impossible.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from conftest import REPO
+from slurm_cluster import SlurmCluster, SlurmUnavailable
+
+TEMPLATES = ("vith_ocl", "vitl_ocl", "vitb_ocl")
+STEPS = 16
+# The engine that runs >1 task on CPU (DDP over gloo); without it the jobs run 1 task.
+HAVE_DDP = importlib.util.find_spec("scale.engine.ddp") is not None
+NTASKS = 2 if HAVE_DDP else 1
+JOB_TIMEOUT = 150.0
+
+# What turns a GPU template into a 2-core CPU job: sbatch flags on the command line beat
+# the #SBATCH lines, trailing key=value overrides beat the recipe.
+CPU_SBATCH = ["--gpus-per-node=0", "--nodes=1", f"--ntasks-per-node={NTASKS}", "--cpus-per-task=1",
+              "--time=10"]
+CPU_OVERRIDES = [f"train.max_steps={STEPS}", "data.num_samples=1024", "data.num_workers=0",
+                 "train.device=cpu", "train.precision=fp32", "train.log_every=1", "train.ckpt_every=4",
+                 "train.keep_last=2"]
+
+
+def clean_env(**extra: str) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", PATH=os.path.dirname(sys.executable)
+               + os.pathsep + env.get("PATH", "/usr/bin:/bin"))
+    env.update(extra)
+    return env
+
+
+def job_env(out: Path, **extra: str) -> Dict[str, str]:
+    return clean_env(RECIPE="recipes/ocl_cpu_tiny.yaml", OUTPUT_DIR=str(out), GLOBAL_BATCH=str(32 * NTASKS),
+                     ENGINE="ddp" if NTASKS > 1 else "single", **extra)
+
+
+def read_metrics(run: Path) -> List[dict]:
+    with open(run / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def job_log(run: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted((run / "slurm").glob("*.out")))
+
+
+def wait_until(predicate, timeout: float, what: str, poll: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+# ----------------------------------------------------------------------------- checks (no SLURM)
+
+def dry_run(template: str, env: Dict[str, str], *overrides: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "slurm" / f"{template}.sbatch"), *overrides],
+                          env={**env, "DRY_RUN": "1"}, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_templates_pass_their_checks_with_readable_shards(tmp_path, template):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "train-000000.tar").write_bytes(b"\0" * 512)  # only the first shard is checked
+    out = dry_run(template, clean_env(DATA=str(shards / "train-{000000..000009}.tar"),
+                                      OUTPUT_DIR=str(tmp_path / "run")))
+    assert out.returncode == 0, out.stderr
+    assert "checks passed" in out.stdout and "first shard" in out.stdout
+    # The template's recipe, --resume auto, the run dir and the batch split over tasks.
+    model = {"vith_ocl": "vit_huge_patch16", "vitl_ocl": "vit_large_patch16", "vitb_ocl": "vit_base_patch16"}
+    assert model[template] in out.stdout
+    assert "--resume auto" in out.stdout and f"train.output_dir={tmp_path / 'run'}" in out.stdout
+    assert (tmp_path / "run" / "slurm").is_dir()
+
+
+@pytest.mark.parametrize("case, env_extra, overrides, message", [
+    ("no recipe", {"RECIPE": "recipes/no_such_recipe.yaml"}, [], "recipe not found"),
+    ("missing first shard", {"DATA": "/nonexistent/train-{000000..000009}.tar"}, [],
+     "/nonexistent/train-000000.tar does not exist"),
+    ("output dir not writable", {"OUTPUT_DIR": "/proc/version/run"}, [], "cannot create the output dir"),
+    ("bad override", {}, ["train.no_such_key=1"], "unknown config key 'train.no_such_key'"),
+    ("batch does not split", {"GLOBAL_BATCH": "9601", "SLURM_NTASKS": "2"}, [], "not divisible"),
+])
+def test_checks_fail_clearly_before_launch(tmp_path, case, env_extra, overrides, message):
+    env = job_env(tmp_path / "run")
+    env.update(env_extra)
+    out = dry_run("vitb_ocl", env, *overrides)
+    assert out.returncode == 1, (case, out.stdout, out.stderr)
+    assert "ERROR" in out.stderr and message in out.stderr, (case, out.stderr)
+    assert "would run" not in out.stdout
+
+
+def test_outside_slurm_without_dry_run_refuses(tmp_path):
+    out = subprocess.run(["bash", str(REPO / "slurm" / "vitb_ocl.sbatch")], env=job_env(tmp_path / "run"),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "not inside a SLURM job" in out.stderr
+
+
+# ----------------------------------------------------------------------------- real SLURM
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), log=lambda m: print(m, file=sys.stderr))
+    try:
+        c.start()
+    except SlurmUnavailable as err:
+        pytest.skip(f"SLURM cannot be installed here: {err}")
+    yield c
+    c.stop()
+
+
+def submit(cluster: SlurmCluster, tmp_path: Path, run: Path, template: str = "vitb_ocl", env_extra=None,
+           overrides=CPU_OVERRIDES) -> str:
+    return cluster.sbatch([*CPU_SBATCH, str(REPO / "slurm" / f"{template}.sbatch"), *overrides],
+                          env=job_env(run, **(env_extra or {})), cwd=tmp_path)
+
+
+def explain(cluster: SlurmCluster, tmp_path: Path, run: Path, job: str) -> str:
+    boot = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob(f"slurm-*-{job}.out"))
+    err = "\n".join(p.read_text(errors="replace")[-3000:] for p in (run / "slurm").glob("*.err")) \
+        if (run / "slurm").is_dir() else ""
+    return (f"job {job}: {cluster.job(job)}\n--- sbatch output\n{boot}\n--- run log\n"
+            f"{job_log(run) if (run / 'slurm').is_dir() else ''}\n--- run stderr\n{err}\n{cluster.tail_logs(10)}")
+
+
+@pytest.fixture(scope="module")
+def reference_run(cluster, tmp_path_factory):
+    """One uninterrupted job: the template with CPU overrides, to the last step."""
+    tmp = tmp_path_factory.mktemp("reference")
+    run = tmp / "run"
+    t0 = time.monotonic()
+    job = submit(cluster, tmp, run)
+    state = cluster.wait_for(job, {"COMPLETED"}, timeout=JOB_TIMEOUT)
+    print(f"reference job {job}: {state} in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    return {"job": job, "state": state, "run": run, "tmp": tmp, "info": explain(cluster, tmp, run, job)}
+
+
+def test_job_completes_with_checkpoint(cluster, reference_run):
+    run = reference_run["run"]
+    assert reference_run["state"] == "COMPLETED", reference_run["info"]
+    final = run / "checkpoints" / f"step_{STEPS:08d}"
+    meta = json.loads((final / "meta.json").read_text())
+    assert meta["step"] == STEPS and meta["world_size"] == NTASKS, meta
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, STEPS + 1))
+    log = job_log(run)
+    assert f"engine {'ddp' if NTASKS > 1 else 'single'} x{NTASKS}" in log, log
+    assert "finished: newest checkpoint step 16" in log
+    job = reference_run["job"]
+    # Per-job logs under the run dir; the sbatch --output file in the submit dir holds the checks.
+    assert (run / "slurm" / f"ocl-vitb-{job}.out").is_file() and (run / "slurm" / f"ocl-vitb-{job}.err").is_file()
+    boot = (reference_run["tmp"] / f"slurm-ocl-vitb-{job}.out").read_text()
+    assert "checks passed" in boot
+    assert cluster.job(job).get("Restarts") == "0"
+
+
+def test_failed_check_stops_the_job_before_srun(cluster, tmp_path):
+    run = tmp_path / "run"
+    job = submit(cluster, tmp_path, run, env_extra={"DATA": str(tmp_path / "missing-{0000..0003}.tar")})
+    state = cluster.wait_for(job, {"FAILED"}, timeout=60)
+    boot = (tmp_path / f"slurm-ocl-vitb-{job}.out").read_text()
+    assert state == "FAILED", explain(cluster, tmp_path, run, job)
+    assert "data not found" in boot and "missing-0000.tar" in boot and "stops before launching" in boot
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(cluster, reference_run, tmp_path):
+    assert reference_run["state"] == "COMPLETED", reference_run["info"]
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    job = submit(cluster, tmp_path, run)
+
+    def steps_logged() -> int:
+        try:
+            return len((run / "metrics.jsonl").read_text().splitlines())
+        except FileNotFoundError:
+            return 0
+
+    # 1) The warning to the batch shell (as #SBATCH --signal=B:USR1@T sends it), mid-run.
+    wait_until(lambda: steps_logged() >= 5, JOB_TIMEOUT, "5 steps of the first run")
+    cluster.scancel("--signal=USR1", "--batch", job)
+    wait_until(lambda: int(cluster.job(job).get("Restarts", "0")) >= 1, 60,
+               "the job to requeue itself after the batch-shell signal")
+    first_stop = int(re.search(r"stopped by signal 10 at step (\d+)", job_log(run)).group(1))
+    assert 5 <= first_stop < STEPS
+    # 2) After the restart, the signal to the tasks themselves (no B:): exit 3 -> requeue.
+    wait_until(lambda: steps_logged() >= first_stop + 2, JOB_TIMEOUT, "the resumed run's steps")
+    cluster.scancel("--signal=USR1", job)
+    state = cluster.wait_for(job, {"COMPLETED"}, timeout=JOB_TIMEOUT)
+    info = explain(cluster, tmp_path, run, job)
+    print(f"interrupted job {job}: {state} in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    assert state == "COMPLETED", info
+    assert cluster.job(job).get("Restarts") == "2", info
+
+    log = job_log(run)
+    stops = [int(s) for s in re.findall(r"stopped by signal 10 at step (\d+)", log)]
+    assert len(stops) == 2 and stops[0] == first_stop < stops[1] < STEPS, info
+    # Each restart resumed from the checkpoint written at the stop.
+    for stop in stops:
+        assert f"resumed from {run / 'checkpoints' / f'step_{stop:08d}'}" in log, info
+    assert log.count("requeued: the job restarts with --resume auto") == 2, info
+    assert "got SIGUSR1" in log and "(exit 3)" in log
+    assert (run / "checkpoints" / f"step_{STEPS:08d}" / "meta.json").is_file()
+
+    # Every step exactly once, and the same losses as the uninterrupted run, to the bit.
+    resumed, reference = read_metrics(run), read_metrics(reference_run["run"])
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1)), info
+    assert resumed[-1]["loss"] == reference[-1]["loss"], (resumed[-1], reference[-1])
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
