@@ -101,6 +101,9 @@ class TrainConfig:
     # grad_cache_chunk null (or >= the per-rank batch): one pass, no caching.
     contrastive_batch: Optional[int] = None
     grad_cache_chunk: Optional[int] = None
+    # Per-block switches, applied to the encoder before the engine wraps it (AC -> compile -> shard).
+    activation_checkpointing: str = "none"  # none | full | every_<k> | block indices, e.g. "0,2,5"
+    compile: bool = False  # torch.compile each encoder block (on CPU needs a C++ compiler)
 
 
 @dataclass
@@ -272,6 +275,11 @@ def validate(cfg: RunConfig) -> None:
             f"train.contrastive_batch must be >= 2 (negatives) or null, got {cfg.train.contrastive_batch}")
     require(cfg.train.grad_cache_chunk is None or cfg.train.grad_cache_chunk >= 1,
             f"train.grad_cache_chunk must be >= 1 or null, got {cfg.train.grad_cache_chunk}")
+    ac = cfg.train.activation_checkpointing.strip()
+    require(ac in ("none", "full") or (ac.startswith("every_") and ac[6:].isdigit() and int(ac[6:]) >= 1)
+            or (ac.strip("[]") != "" and all(i.strip().isdigit() for i in ac.strip("[]").split(","))),
+            f"train.activation_checkpointing must be none, full, every_<k> (k >= 1) or comma-separated "
+            f"block indices such as 0,2,5; got {cfg.train.activation_checkpointing!r}")
     e = cfg.engine
     require(e.backend in ("auto", "nccl", "gloo"), f"engine.backend must be auto, nccl or gloo; got {e.backend!r}")
     require(e.timeout_s > 0, f"engine.timeout_s must be > 0, got {e.timeout_s}")

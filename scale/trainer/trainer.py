@@ -21,6 +21,7 @@ import torch
 from ..config import RunConfig, to_dict, to_yaml
 from ..data import LoaderSpec, PretrainData, build_dataset
 from ..engine import ENGINES, Engine
+from ..engine.block_wrappers import apply_block_wrappers
 from ..masking import MaskGenerator, build_mask_generator, step_generator
 from ..pretraining import PretrainModule, build_pretrain_module
 from .checkpoint import CheckpointManager
@@ -85,6 +86,7 @@ class Trainer:
         self.effective_batch = cfg.train.batch_size * self.engine.world_size
         self.base_lr = learning_rate(cfg.optim, self.effective_batch)
 
+        apply_block_wrappers(module.encoder, cfg.train)  # AC -> compile; the engine shards after (FSDP2 order)
         self.engine.setup(module, lambda m: build_optimizer(m, cfg.optim, self.base_lr))
         # set_attn_backend resolves `auto` against the device the module now lives on.
         self.pretrain_module.encoder.set_attn_backend(cfg.model.attn_backend)
