@@ -134,7 +134,7 @@ except ConfigError as err:
 for key, value in (("data_name", cfg.data.name), ("data_root", cfg.data.root),
                    ("output_dir", cfg.train.output_dir), ("model", cfg.model.name),
                    ("batch", cfg.train.batch_size), ("max_steps", cfg.train.max_steps),
-                   ("epochs", cfg.train.epochs)):
+                   ("contrastive_batch", getattr(cfg.train, "contrastive_batch", None))):
     print(f"{key}\t{value}")
 PY
 RESOLVED=$("$PYTHON" -c "$RESOLVE_PY" "$RECIPE_PATH" "${OVERRIDES[@]}" 2>&1) \
@@ -203,7 +203,12 @@ SRUN=(srun --kill-on-bad-exit=0 --wait="$TASK_EXIT_GRACE" --label --input=none)
 [ -z "${SLURM_CPUS_PER_TASK:-}" ] || SRUN+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 CMD=("$PYTHON" -m scale.train --config "$RECIPE_PATH" --resume auto "${OVERRIDES[@]}")
 
-log "model $(field model), $NTASKS task(s), batch $(field batch)/task, engine $ENGINE, rendezvous $MASTER_ADDR:$MASTER_PORT"
+if [ "$(field contrastive_batch)" != None ]; then   # the recipe's global batch beats train.batch_size
+    BATCH_NOTE="train.contrastive_batch $(field contrastive_batch) over $NTASKS task(s)"
+else
+    BATCH_NOTE="batch $(field batch)/task x $NTASKS task(s)"
+fi
+log "model $(field model), $BATCH_NOTE, engine $ENGINE, rendezvous $MASTER_ADDR:$MASTER_PORT"
 if [ "$DRY_RUN" = 1 ]; then
     log "checks passed; DRY_RUN=1, would run: ${SRUN[*]} ${CMD[*]}"
     exit 0

@@ -187,6 +187,7 @@ class SlurmCluster:
         t0 = time.monotonic()
         ensure_installed(self.log)
         self.stop()  # leftovers of a half-started cluster in this base dir
+        shutil.rmtree(self.base / "state", ignore_errors=True)  # fresh controller state: no old jobs
         for sub in ("etc", "run", "log", "state/ctld", "state/d", "munge"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(self.base, 0o755)
