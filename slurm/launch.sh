@@ -184,7 +184,9 @@ log "output: $OUT"
 
 # ---- 2./3. logs, rendezvous ------------------------------------------------------------
 NAME=${SLURM_JOB_NAME:-$TEMPLATE}
-MASTER_ADDR=${MASTER_ADDR:-$( { scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null || true; } | head -n 1)}
+# Always from this allocation's node list: a MASTER_ADDR inherited from the submitting
+# shell (sbatch exports it) would point at some other machine.
+MASTER_ADDR=$( { scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null || true; } | head -n 1)
 MASTER_ADDR=${MASTER_ADDR:-$(hostname)}
 MASTER_PORT=${MASTER_PORT:-$(( 20000 + ${JOB_ID:-0} % 20000 ))}   # same on every task; requeues keep the id
 export MASTER_ADDR MASTER_PORT

@@ -235,3 +235,17 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(cluster, referen
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1)), info
     assert resumed[-1]["loss"] == reference[-1]["loss"], (resumed[-1], reference[-1])
     assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
+
+
+def test_scancel_is_not_undone_by_a_requeue(cluster, tmp_path):
+    """`scontrol requeue` would bring back even a cancelled job: SIGTERM must disarm it."""
+    run = tmp_path / "run"
+    job = submit(cluster, tmp_path, run)
+    wait_until(lambda: (run / "metrics.jsonl").is_file(), JOB_TIMEOUT, "the first step")
+    cluster.scancel(job)
+    state = cluster.wait_for(job, {"CANCELLED"}, timeout=60)
+    time.sleep(3)  # a requeue would have shown by now
+    info = cluster.job(job)
+    assert state == "CANCELLED" and info.get("JobState") == "CANCELLED" and info.get("Restarts") == "0", \
+        explain(cluster, tmp_path, run, job)
+    wait_until(lambda: "not requeueing" in job_log(run), 15, "the launcher's last words")
