@@ -113,6 +113,17 @@ def read_dist_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
     return DistEnv(rank, world_size, local_rank, addr or "127.0.0.1", port, launcher)
 
 
+def launcher_engine_name(environ: Optional[Mapping[str, str]] = None) -> str:
+    """engine.name=auto: accelerate's FSDP / DeepSpeed launch configs pick those engines; otherwise
+    ddp with more than one process, single with one."""
+    env = os.environ if environ is None else environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        return "deepspeed"
+    if env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return "fsdp"
+    return "ddp" if read_dist_env(env).world_size > 1 else "single"
+
+
 def _free_port() -> int:
     import socket
 
@@ -240,29 +251,39 @@ class _TimeBackward(torch.autograd.Function):
         return None, None, None, grad
 
 
+def _autograd_all_gather(local: torch.Tensor) -> torch.Tensor:
+    """Rows of every rank, concatenated in rank order; backward sums each rank's gradient
+    for these rows onto their owner (a reduce-scatter)."""
+    try:  # PyTorch >= 2.10: functional collectives carry autograd
+        from torch.distributed._functional_collectives import all_gather_single, wait_tensor
+    except ImportError:
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(local), dim=0)
+    return wait_tensor(all_gather_single(local.contiguous(), 0, dist.group.WORLD))
+
+
 class AllGather:
     """The multi-process `FeatureGather`: (B_local, ...) -> (world * B_local, ...), rank * B_local.
 
-    Forward: all-gather; backward: the gradients of every rank's copy of these rows are
-    summed onto the owner (reduce-scatter on NCCL, all-to-all + sum on gloo), via
-    torch.distributed.nn.functional.all_gather. Every rank must gather the same shape.
+    Autograd-aware: the backward of rank r's gathered copy of rank s's rows reaches rank s,
+    summed over r, so local-rows-vs-global-columns losses give every rank the full gradient
+    of its embeddings. Every rank must gather the same shape. The forward collective and
+    its backward are timed into `timer` ("allgather_fwd" / "allgather_bwd").
     """
 
     def __init__(self, timer: Optional[StepTimer] = None):
         self.timer = timer
 
     def __call__(self, local: torch.Tensor) -> Tuple[torch.Tensor, int]:
-        from torch.distributed.nn.functional import all_gather
-
-        rank = dist.get_rank()
+        offset = dist.get_rank() * local.shape[0]
         if self.timer is None:
-            return torch.cat(all_gather(local), dim=0), rank * local.shape[0]
+            return _autograd_all_gather(local), offset
         token = object()  # this call's backward interval, apart from other gathers' in the same step
         local = _TimeBackward.apply(self.timer, token, False, local)
         with self.timer.time("allgather_fwd"):
-            parts = all_gather(local)
-        gathered = _TimeBackward.apply(self.timer, token, True, torch.cat(parts, dim=0))
-        return gathered, rank * local.shape[0]
+            gathered = _autograd_all_gather(local)
+        return _TimeBackward.apply(self.timer, token, True, gathered), offset
 
 
 # ----------------------------------------------------------------------------- engines
@@ -289,6 +310,28 @@ def enable_method_dispatch(module: nn.Module) -> nn.Module:
     return module
 
 
+def promote_scalar_parameters(module: nn.Module) -> Dict[str, torch.Size]:
+    """Give 0-d parameters shape (1,), in place; returns {name: original shape}.
+
+    FSDP2 refuses to shard 0-d parameters and DeepSpeed fails to broadcast them, and OCL's
+    learnable temperature is one. A (1,) temperature broadcasts exactly like a scalar in
+    the loss; `restore_parameter_shapes` puts the original shapes back in exported state.
+    """
+    shapes = {}
+    for name, param in module.named_parameters():
+        if param.ndim == 0:
+            param.data = param.data.reshape(1)
+            shapes[name] = torch.Size([])
+    return shapes
+
+
+def restore_parameter_shapes(state: Dict[str, torch.Tensor], shapes: Mapping[str, torch.Size]) -> Dict[str, torch.Tensor]:
+    for name, shape in shapes.items():
+        if name in state:
+            state[name] = state[name].reshape(shape)
+    return state
+
+
 class DistributedEngine(Engine):
     """Process-group set-up, the global-batch gather, barrier/all-reduce and step timing."""
 
@@ -311,6 +354,15 @@ class DistributedEngine(Engine):
     def grad_sync(self, enabled: bool):
         """Context for a forward + backward whose gradients are (not) synchronised across ranks."""
         return contextlib.nullcontext()
+
+    def clip_and_step(self, parameters: Iterator[nn.Parameter], clip_grad: Optional[float]) -> Optional[torch.Tensor]:
+        """Clip (if asked), step, zero grads; return the pre-clip global grad norm (DDP, FSDP2)."""
+        params = [p for p in parameters if p.grad is not None]
+        # FSDP2's DTensor gradients: clip_grad_norm_ reduces the norm over the shards itself.
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm_tensor(norm, self.device)
 
     def barrier(self) -> None:
         if dist.is_initialized():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,8 @@ import torch
 
 from ..config import RunConfig, to_dict, to_yaml
 from ..data import LoaderSpec, PretrainData, build_dataset
-from ..engine import ENGINES, Engine
+from ..engine import ENGINES, Engine, GradCache, plan_batch
+from ..engine.distributed import StepTimer, launcher_engine_name
 from ..engine.block_wrappers import apply_block_wrappers
 from ..masking import MaskGenerator, build_mask_generator, step_generator
 from ..pretraining import PretrainModule, build_pretrain_module
@@ -57,8 +57,8 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
 
 def build_engine(cfg: RunConfig, device: torch.device) -> Engine:
     name = cfg.engine.name
-    if name == "auto":
-        name = "ddp" if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1 else "single"
+    if name == "auto":  # the launcher decides: accelerate's FSDP / DeepSpeed configs, else ddp if > 1 process
+        name = launcher_engine_name()
     return ENGINES.build(name, device=device, cfg=cfg)
 
 
@@ -74,16 +74,18 @@ class Trainer:
         module = build_pretrain_module(cfg)
         self.spec = module.encoder.spec
         self.data = data or build_dataset(cfg.data, self.spec.img_size, self.spec.in_chans, train=True)
-        self.loader_spec = LoaderSpec(batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+        # Per-rank batch: train.batch_size, or train.contrastive_batch / world_size (gradient caching).
+        self.batch_plan = plan_batch(cfg.train, self.engine.world_size)
+        self.loader_spec = LoaderSpec(batch_size=self.batch_plan.per_rank_batch, seed=cfg.train.seed,
                                       rank=self.engine.rank, world_size=self.engine.world_size,
                                       num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
         self.steps_per_epoch = self.data.batches_per_epoch(self.loader_spec)
         if self.steps_per_epoch < 1:
             raise ValueError(f"data has {self.data.num_samples} samples: not one batch of "
-                             f"{cfg.train.batch_size} per rank on {self.engine.world_size} rank(s)")
+                             f"{self.batch_plan.per_rank_batch} per rank on {self.engine.world_size} rank(s)")
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
-        self.effective_batch = cfg.train.batch_size * self.engine.world_size
+        self.effective_batch = self.batch_plan.contrastive_batch  # the negatives of one step
         self.base_lr = learning_rate(cfg.optim, self.effective_batch)
 
         apply_block_wrappers(module.encoder, cfg.train)  # AC -> compile; the engine shards after (FSDP2 order)
@@ -97,7 +99,10 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", cfg.train.keep_last)
         self.step = 0
         self._stop_signal: Optional[int] = None
-        self._last_group_shape = (cfg.train.batch_size, 2, self.spec.num_patches)
+        self._last_group_shape = (self.batch_plan.per_rank_batch, 2, self.spec.num_patches)
+        self.grad_cache = GradCache(self.engine, self.batch_plan.chunk) if self.batch_plan.chunk else None
+        # Per-step timings; multi-process engines share theirs with the all-gather.
+        self.timer: StepTimer = getattr(self.engine, "timer", None) or StepTimer(self.device, cfg.engine.sync_timing)
 
     @property
     def pretrain_module(self) -> PretrainModule:
@@ -176,23 +181,66 @@ class Trainer:
         })
         return record
 
-    def train_step(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """One optimizer step; returns detached metrics, still on the device (no host sync)."""
-        images = images.to(self.device, non_blocking=True)
+    def train_step(self, images: torch.Tensor) -> Dict[str, Any]:
+        """One optimizer step; returns detached metrics, still on the device (no host sync).
+
+        With gradient caching the local batch is encoded chunk by chunk (scale.engine.grad_cache)
+        under masks drawn once for the whole batch. Timings: the all-gather (forward and
+        backward) and the optimizer step are communication-bound; the rest is compute.
+        """
+        started = time.perf_counter()
+        self.timer.pop()  # only this step's regions
         masks = self.masking(images.shape[0], step_generator(self.cfg.train.seed, self.step, self.engine.rank,
                                                              self.device), self.device)
         self.schedule.step_update(self.step)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            out = self.engine.module(images, masks.group_ids, self.engine.gather())
-        self.engine.backward(out.loss)
-        grad_norm = self.engine.step(self.cfg.optim.clip_grad)
+
+        def autocast():
+            return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                  enabled=self.amp_dtype is not None)
+
+        if self.grad_cache is not None:
+            out = self.grad_cache(images, masks.group_ids, autocast)  # forwards and backwards
+        else:
+            images = images.to(self.device, non_blocking=True)
+            with autocast():
+                out = self.engine.module(images, masks.group_ids, self.engine.gather())
+            self.engine.backward(out.loss)
+        with self.timer.time("optimizer"):
+            grad_norm = self.engine.step(self.cfg.optim.clip_grad)
         self.pretrain_module.objective.after_optimizer_step()
-        metrics = {"loss": out.loss.detach(), **out.metrics}
+        metrics: Dict[str, Any] = {"loss": out.loss.detach(), **out.metrics}
+        if self.engine.world_size > 1:  # log the global loss (mean of the ranks' local losses), not rank 0's
+            names = list(metrics)
+            reduced = self.engine.all_reduce_mean(torch.stack([metrics[n].float().reshape(()) for n in names]))
+            metrics = dict(zip(names, reduced.unbind()))
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm.detach()
         self._last_group_shape = tuple(masks.group_ids.shape)
+        timings = self.timer.pop()
+        total = time.perf_counter() - started
+        allgather = timings.get("allgather_fwd", 0.0) + timings.get("allgather_bwd", 0.0)
+        metrics.update({
+            "contrastive_batch": float(images.shape[0] * self.engine.world_size),
+            "world_size": float(self.engine.world_size),
+            "grad_cache_chunks": float(self.batch_plan.num_chunks),
+            "time_step_s": total,
+            "time_allgather_s": allgather,
+            "time_optimizer_s": timings.get("optimizer", 0.0),
+            "time_compute_s": max(total - allgather - timings.get("optimizer", 0.0), 0.0),
+        })
         return metrics
+
+    def _maybe_monitor(self, reporter: ProgressReporter, metrics_file: Any, stop: bool) -> float:
+        """The kNN monitor (scale/eval/knn.py) after every eval.knn_every_epochs-th epoch; returns its seconds."""
+        every = self.cfg.eval.knn_every_epochs
+        if every <= 0 or stop or self.step == 0 or self.step % (every * self.steps_per_epoch):
+            return 0.0
+        started = time.perf_counter()
+        if getattr(self, "_knn_monitor", None) is None:
+            from ..eval.knn import KnnMonitor
+            self._knn_monitor = KnnMonitor(self.cfg, self.spec)
+        self._knn_monitor.at_epoch_end(self, reporter, metrics_file)
+        return time.perf_counter() - started
 
     def fit(self) -> TrainSummary:
         cfg = self.cfg
@@ -245,6 +293,7 @@ class Trainer:
                     if stop or self.step >= self.stop_step:
                         break
                     fetch_start = time.perf_counter()
+                window_start += self._maybe_monitor(reporter, metrics_file, stop)  # monitor time is not step time
             if last_ckpt is None or self.checkpoints.path_for(self.step) != last_ckpt:
                 last_ckpt = self.save_checkpoint()
         finally:

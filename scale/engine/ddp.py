@@ -1,0 +1,63 @@
+"""DistributedDataParallel: a full replica per rank, gradients averaged by all-reduce.
+
+Checkpoints are one plain torch file written by rank 0 in the single-process format
+(model / optimizer / extra), so a DDP checkpoint resumes under `single` and back.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import RunConfig
+from .base import ENGINES, Engine, OptimizerFactory
+from .distributed import DistributedEngine, enable_method_dispatch
+from .grad_cache import plan_batch
+from .single import STATE_FILE
+
+
+class DDPEngine(DistributedEngine):
+    name = "ddp"
+
+    def setup(self, module: nn.Module, build_optimizer: OptimizerFactory) -> None:
+        self._inner = enable_method_dispatch(module).to(self.device)
+        # Under gradient caching the last (synchronised) backward reaches only the encoder;
+        # the objective's gradients were accumulated earlier under no_sync. DDP then has to
+        # look for parameters unused in that backward and reduce their accumulated grads.
+        grad_cache = plan_batch(self.cfg.train, self.world_size).chunk is not None
+        self.module = DistributedDataParallel(
+            self._inner, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=self.cfg.engine.find_unused_parameters or grad_cache)
+        self.optimizer = build_optimizer(self._inner)
+
+    def unwrapped(self) -> nn.Module:
+        return self._inner
+
+    def grad_sync(self, enabled: bool):
+        return contextlib.nullcontext() if enabled else self.module.no_sync()
+
+    def step(self, clip_grad: Optional[float]) -> Optional[torch.Tensor]:
+        return self.clip_and_step(self._inner.parameters(), clip_grad)
+
+    def save(self, directory: Path, extra: Dict[str, Any]) -> None:
+        if self.is_main:  # replicas are identical: one copy
+            torch.save({"model": self._inner.state_dict(), "optimizer": self.optimizer.state_dict(), "extra": extra},
+                       directory / STATE_FILE)
+
+    def load(self, directory: Path) -> Dict[str, Any]:
+        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=False)
+        self._inner.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["extra"]
+
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self._inner.state_dict().items()}
+
+
+@ENGINES.register("ddp")
+def build_ddp(device: torch.device, cfg: RunConfig, **_: Any) -> Engine:
+    return DDPEngine(device, cfg)

@@ -1,0 +1,212 @@
+"""DeepSpeed ZeRO stage 1/2/3, configured from a JSON recipe (recipes/deepspeed/zero*.json).
+
+Our torch AdamW (with our parameter groups) is the client optimizer, so no DeepSpeed op
+has to be JIT-compiled; our schedule sets its learning rates every step. Values marked
+"auto" in the JSON are filled from the run config: micro-batch and train batch from the
+per-rank / contrastive batch, gradient clipping from optim.clip_grad (DeepSpeed clips
+inside its optimizer), bf16 on CUDA only (on CPU bf16 is switched off whatever the JSON
+says: CPU bf16 is slow and DeepSpeed's CPU path is tested in fp32). Gradient
+accumulation stays 1: more negatives per step come from gradient caching, not from
+accumulation. Checkpoints are DeepSpeed's own (engine.save_checkpoint/load_checkpoint),
+with our trainer state as client state.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from ..config import ConfigError, RunConfig
+from .base import ENGINES, Engine, OptimizerFactory
+from .distributed import (DistributedEngine, enable_method_dispatch, grad_norm_tensor, promote_scalar_parameters,
+                          restore_parameter_shapes)
+from .grad_cache import BatchPlan, plan_batch
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "deepspeed"
+TAG = "deepspeed"
+EXTRA_KEY = "scale_extra"
+
+
+def _ensure_extensions_dir() -> None:
+    """DeepSpeed may JIT-compile ops into TORCH_EXTENSIONS_DIR: make sure it is writable."""
+    current = os.environ.get("TORCH_EXTENSIONS_DIR")
+    candidates = [current] if current else [os.path.expanduser("~/.cache/torch_extensions"),
+                                            os.path.join(tempfile.gettempdir(), f"torch_extensions_{os.getuid()}")]
+    for path in candidates:
+        try:
+            os.makedirs(path, exist_ok=True)
+            if os.access(path, os.W_OK):
+                os.environ["TORCH_EXTENSIONS_DIR"] = path
+                return
+        except OSError:
+            continue
+    raise RuntimeError(f"no writable TORCH_EXTENSIONS_DIR among {candidates}; export one")
+
+
+def deepspeed_config(cfg: RunConfig, plan: BatchPlan, device: torch.device) -> Dict[str, Any]:
+    """The JSON recipe with "auto" values filled and CPU/precision patches applied."""
+    # Under `accelerate launch --config_file recipes/accelerate/deepspeed.yaml`, accelerate's
+    # deepspeed_config_file / zero_stage apply where the run config leaves them unset.
+    env_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+    stage = cfg.engine.zero_stage if cfg.engine.zero_stage is not None else (int(env_stage) if env_stage else None)
+    path_text = cfg.engine.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    path = Path(path_text) if path_text else RECIPES / f"zero{2 if stage is None else stage}.json"
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config {str(path)!r} does not exist (engine.deepspeed_config / engine.zero_stage)")
+    with open(path) as f:
+        ds = json.load(f)
+    zero = ds.setdefault("zero_optimization", {})
+    if stage is not None:
+        zero["stage"] = stage
+
+    def fill(key: str, value: Any, node: Dict[str, Any] = ds) -> None:
+        if node.get(key, "auto") == "auto":
+            node[key] = value
+        elif node[key] != value:
+            raise ConfigError(f"{path}: {key}={node[key]!r} contradicts the run config ({value!r}); "
+                              f"set it to \"auto\"")
+
+    fill("train_micro_batch_size_per_gpu", plan.per_rank_batch)
+    fill("train_batch_size", plan.contrastive_batch)
+    fill("gradient_accumulation_steps", 1)
+    fill("gradient_clipping", float(cfg.optim.clip_grad or 0.0))
+    bf16 = device.type == "cuda" and cfg.train.precision != "fp32"
+    ds.setdefault("bf16", {})
+    if ds["bf16"].get("enabled", "auto") == "auto" or not bf16:
+        ds["bf16"]["enabled"] = bf16
+    if ds.get("fp16", {}).get("enabled") is True:
+        raise ConfigError(f"{path}: fp16 is not supported (OCL's logits / temperature overflow fp16); use bf16")
+    if device.type != "cuda":
+        zero["overlap_comm"] = False  # a side CUDA stream; nothing to overlap on CPU
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 1 << 30)
+    return ds
+
+
+def _dataclass_outputs_as_namedtuples(module: nn.Module) -> None:
+    """ZeRO-3 re-gathers a module's parameters for backward from hooks on the tensors of its
+    outputs, and finds them only in tensors, tuples (namedtuples too), lists and dicts. The
+    objective returns a dataclass (ObjectiveOutput), so convert it to a namedtuple with the
+    same fields (callers read .loss / .metrics either way). The hooks are registered before
+    DeepSpeed's, so they run first."""
+    types: Dict[type, type] = {}
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        if not dataclasses.is_dataclass(output) or isinstance(output, type):
+            return None
+        cls = type(output)
+        if cls not in types:
+            types[cls] = collections.namedtuple(f"{cls.__name__}Tuple", [f.name for f in dataclasses.fields(cls)])
+        return types[cls](**{f.name: getattr(output, f.name) for f in dataclasses.fields(cls)})
+
+    for sub in module.modules():
+        sub.register_forward_hook(hook)
+
+
+class DeepSpeedEngine(DistributedEngine):
+    name = "deepspeed"
+
+    def __init__(self, device: torch.device, cfg: RunConfig):
+        super().__init__(device, cfg)
+        _ensure_extensions_dir()
+        self.ds = None
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds.zero_optimization_stage())
+
+    def setup(self, module: nn.Module, build_optimizer: OptimizerFactory) -> None:
+        import deepspeed
+
+        module = enable_method_dispatch(module).to(self.device)
+        self._shapes = promote_scalar_parameters(module)  # DeepSpeed cannot broadcast 0-d parameters
+        optimizer = build_optimizer(module)
+        self.ds_config = deepspeed_config(self.cfg, plan_batch(self.cfg.train, self.world_size), self.device)
+        if self.ds_config["zero_optimization"].get("stage", 0) == 3:
+            _dataclass_outputs_as_namedtuples(module)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                                              config=self.ds_config, dist_init_required=False)
+        self.module = self.ds
+
+    def unwrapped(self) -> nn.Module:
+        return self.ds.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss, scale_wrt_gas=False)
+
+    @contextlib.contextmanager
+    def accumulation_scope(self) -> Iterator[None]:
+        """All backwards of one gradient-cached step, reduced once at the end.
+
+        DeepSpeed forbids no_sync under ZeRO-2/3 (their gradients are partitioned as
+        they are produced); its coalesce_grad_reduction keeps every backward's gradients
+        local and reduces once on exit. Without it (older DeepSpeed), the accumulation
+        boundary is moved to the last backward instead (ZeRO-1 then reduces once; ZeRO-2/3
+        reduce their partitions per backward, DeepSpeed's design).
+        """
+        coalesce = getattr(self.ds, "coalesce_grad_reduction", None)
+        if coalesce is not None and self.zero_stage >= 1 and hasattr(self.ds.optimizer, "_coalesce_grad_reduction"):
+            self._boundary_managed = False
+            with coalesce():
+                yield
+            return
+        self._boundary_managed = True
+        try:
+            yield
+        finally:
+            self._boundary_managed = False
+            self.ds.set_gradient_accumulation_boundary(True)
+
+    _boundary_managed = False
+
+    def grad_sync(self, enabled: bool):
+        if self._boundary_managed:
+            self.ds.set_gradient_accumulation_boundary(enabled)
+        return contextlib.nullcontext()
+
+    def step(self, clip_grad: Optional[float]) -> Optional[torch.Tensor]:
+        # Clipping is DeepSpeed's (gradient_clipping, set from optim.clip_grad at setup).
+        self.ds.step()
+        return grad_norm_tensor(self.ds.get_global_grad_norm(), self.device)
+
+    def save(self, directory: Path, extra: Dict[str, Any]) -> None:
+        self.ds.save_checkpoint(str(directory), tag=TAG, client_state={EXTRA_KEY: extra}, save_latest=False)
+
+    def load(self, directory: Path) -> Dict[str, Any]:
+        path, client = self.ds.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {TAG!r} under {directory}")
+        return client[EXTRA_KEY]
+
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Collective under ZeRO-3 (every rank must call it); fp32 master weights where DeepSpeed keeps them."""
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.ds.module
+        gathered = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+                    if self.zero_stage == 3 else contextlib.nullcontext())
+        with gathered:
+            state = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
+                     for k, v in module.state_dict().items()}
+        if self.ds.bfloat16_enabled():
+            for name, param in module.named_parameters():
+                if param.requires_grad:
+                    full = safe_get_full_fp32_param(param)
+                    if full is not None:
+                        state[name] = full.detach().float().cpu().clone()
+        return restore_parameter_shapes(state, self._shapes)
+
+
+@ENGINES.register("deepspeed")
+def build_deepspeed(device: torch.device, cfg: RunConfig, **_: Any) -> Engine:
+    return DeepSpeedEngine(device, cfg)

@@ -1,0 +1,91 @@
+"""FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over ranks.
+
+Each transformer block is its own unit (all-gathered for its forward/backward, then
+freed), the objective is a unit kept in fp32, and the root holds the rest (patch
+embedding, [CLS], final norm). FSDP2 cannot shard 0-d parameters, so OCL's learnable
+temperature is given shape (1,) (`promote_scalar_parameters`; exports restore it). On CUDA the blocks compute in bf16 and reduce gradients
+in fp32 (MixedPrecisionPolicy); on CPU everything stays fp32. Checkpoints are sharded
+torch.distributed.checkpoint (DCP) directories: each rank writes its own shards, and a
+checkpoint loads on any number of ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from ..config import RunConfig
+from .base import ENGINES, Engine, OptimizerFactory
+from .distributed import DistributedEngine, enable_method_dispatch, promote_scalar_parameters, restore_parameter_shapes
+
+DCP_DIR = "dcp"
+EXTRA_FILE = "extra.pt"
+
+
+class FSDPEngine(DistributedEngine):
+    name = "fsdp"
+
+    def _policies(self):
+        bf16 = self.device.type == "cuda" and self.cfg.train.precision != "fp32"
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        main = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else fp32
+        return main, fp32
+
+    def setup(self, module: nn.Module, build_optimizer: OptimizerFactory) -> None:
+        module = enable_method_dispatch(module).to(self.device)
+        main, fp32 = self._policies()
+        self._shapes = promote_scalar_parameters(module)
+        for block in getattr(module.encoder, "blocks", ()):
+            fully_shard(block, mp_policy=main, reshard_after_forward=self.cfg.engine.fsdp_reshard_after_forward)
+        # The loss runs in fp32 (logits / temperature): keep the objective's parameters fp32.
+        fully_shard(module.objective, mp_policy=fp32)
+        # Root resharded after forward too: a no-grad forward (gradient caching) must not
+        # leave stale unsharded copies behind for after the optimizer step.
+        fully_shard(module, mp_policy=main, reshard_after_forward=True)
+        self.module = module
+        self.optimizer = build_optimizer(module)
+
+    def unwrapped(self) -> nn.Module:
+        return self.module
+
+    @contextlib.contextmanager
+    def grad_sync(self, enabled: bool) -> Iterator[None]:
+        self.module.set_requires_gradient_sync(enabled)
+        try:
+            yield
+        finally:
+            self.module.set_requires_gradient_sync(True)
+
+    def step(self, clip_grad: Optional[float]) -> Optional[torch.Tensor]:
+        return self.clip_and_step(self.module.parameters(), clip_grad)
+
+    def save(self, directory: Path, extra: Dict[str, Any]) -> None:
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory / DCP_DIR))
+        if self.is_main:
+            torch.save(extra, directory / EXTRA_FILE)
+
+    def load(self, directory: Path) -> Dict[str, Any]:
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        return torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=False)
+
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Collective: every rank must call it; every rank gets the whole dict on CPU."""
+        state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
+        return restore_parameter_shapes({k: v.detach().cpu() for k, v in state.items()}, self._shapes)
+
+
+@ENGINES.register("fsdp")
+def build_fsdp(device: torch.device, cfg: RunConfig, **_: Any) -> Engine:
+    return FSDPEngine(device, cfg)
