@@ -1,0 +1,113 @@
+"""`python -m scale.eval {knn,linprobe,finetune} --checkpoint CKPT [--config RECIPE] [key=value ...]`
+
+    knn       weighted k-NN (k=20, T=0.07) of CLS features: data.root is the bank, data.val_root the
+              queries; RECIPE is a pre-training recipe (default: the checkpoint's own config)
+    linprobe  linear probe (MAE protocol, paper Table 11); RECIPE: recipes/linprobe_*.yaml
+    finetune  end-to-end fine-tuning (MAE protocol, paper Table 10); RECIPE: recipes/finetune_*.yaml
+
+CKPT is a checkpoint directory (any engine's format) or a run directory (its newest checkpoint).
+Results go to CKPT's sibling `step_XXXXXXXX.<command>.json` (or --out); the last line printed
+is the result.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from ..config import ConfigError, RunConfig, _merge, _set_dotted, load_config, to_dict, validate
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m scale.eval", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("knn", "linprobe", "finetune"):
+        p = sub.add_parser(name)
+        p.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir (newest checkpoint)")
+        p.add_argument("--config", help="YAML recipe" + (" (default: the checkpoint's saved config)"
+                                                         if name == "knn" else ""), required=name != "knn")
+        p.add_argument("--out", help="results JSON (default: next to the checkpoint)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name == "finetune":
+            p.add_argument("--save-model", help="write the fine-tuned classifier here (safetensors)")
+        p.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
+
+
+def knn_config(checkpoint_config: Optional[dict], recipe: Optional[str], overrides: List[str]) -> RunConfig:
+    if recipe:
+        return load_config(recipe, overrides)
+    if not checkpoint_config:
+        raise ConfigError("the checkpoint carries no saved config; pass --config RECIPE")
+    cfg = RunConfig()
+    _merge(cfg, checkpoint_config)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(cfg, key.strip(), raw)
+    validate(cfg)
+    return cfg
+
+
+def run_knn(checkpoint: str, recipe: Optional[str], overrides: List[str], progress: bool) -> dict:
+    import time
+
+    from ..export import load_checkpoint
+    from .features import amp_dtype_for, encoder_from_checkpoint, resolve_device
+    from .knn import KnnMonitor
+
+    loaded = load_checkpoint(checkpoint)
+    cfg = knn_config(loaded.config, recipe, overrides)
+    device = resolve_device(cfg.train.device)
+    started = time.perf_counter()
+    encoder, loaded = encoder_from_checkpoint(loaded, cfg.model, device, cfg.model.attn_backend)
+    record = KnnMonitor(cfg, encoder.spec).evaluate(encoder, device, amp_dtype_for(cfg.train.precision, device),
+                                                    progress=progress)
+    return {"kind": "knn", "checkpoint": str(loaded.path), "step": loaded.meta.get("step"),
+            "model": loaded.meta.get("model", cfg.model.name), "top1": record["knn_top1"],
+            "top5": record["knn_top5"], "k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature,
+            "bank": int(record["knn_bank"]), "queries": int(record["knn_queries"]),
+            "seconds": time.perf_counter() - started, "config": to_dict(cfg)}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    progress = not args.no_progress
+    from ..export import CheckpointFormatError, resolve_checkpoint
+    from .results import results_path, write_results
+
+    try:
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        if args.command == "knn":
+            results = run_knn(str(checkpoint), args.config, args.overrides, progress)
+        elif args.command == "linprobe":
+            from .config import LinearProbeRecipe, load_recipe
+            from .linear_probe import run_linear_probe
+
+            results = run_linear_probe(str(checkpoint), load_recipe(LinearProbeRecipe, args.config, args.overrides),
+                                       progress)
+        else:
+            from .config import FinetuneRecipe, load_recipe
+            from .finetune import run_finetune
+
+            results = run_finetune(str(checkpoint), load_recipe(FinetuneRecipe, args.config, args.overrides),
+                                   progress, args.save_model)
+    except (ConfigError, CheckpointFormatError, FileNotFoundError) as err:
+        print(f"scale.eval {args.command}: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else results_path(checkpoint, args.command)
+    write_results(out, results)
+    extra = {"knn": f" (k={results.get('k')}, T={results.get('temperature')}, {results.get('bank')} bank / "
+                    f"{results.get('queries')} queries)",
+             "linprobe": f" ({results.get('steps')} head steps)",
+             "finetune": f" ({results.get('steps')} steps)"}[args.command]
+    print(f"{args.command}: top-1 {results['top1']:.2f}% top-5 {results['top5']:.2f}%{extra} | "
+          f"{checkpoint} | {results['seconds']:.0f}s | results: {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
