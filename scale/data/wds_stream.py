@@ -5,34 +5,44 @@ shadows the `webdataset` package it imports).
 
 How one rank's epoch is built (W = max(1, num_workers) DataLoader workers):
 
-* Shards. The shard list is shuffled with a rng seeded by (seed, epoch) and dealt to
-  "slots": rank r, worker w reads shards[r + world*w :: world*W] (split by node, then
-  by worker). Finite mode needs at least world*W shards. Resampled mode draws shards
-  with replacement from a stream seeded by (seed, epoch, slot) and never runs dry.
-* Batches. Batching happens inside the workers (DataLoader batch_size=None), and
-  torch's DataLoader takes batch b from worker b % W. So the epoch is fixed up front
-  as B batches, batch b built by worker b % W from the next samples of that worker's
-  shuffled stream. Every worker yields exactly its share, which keeps the round robin
-  (and therefore the order) exact.
-* Equal length on every rank. In finite mode B comes from the manifest, independent of
-  the epoch: a slot holding k shards holds at least the k smallest shards' samples, and
-  B is the most batches every rank can fill from such lower bounds (drop_last), so a
-  few samples per worker and epoch are left unread; which ones changes with the epoch.
-  With drop_last=False the same bound is used in samples and only the last batch is
-  partial, like the map-style loader. Resampled epochs are num_samples // world_size.
+* Shards. The shard list is shuffled with a rng seeded by (seed, epoch), full-size shards
+  first, and dealt to "slots": rank r, worker w reads shards[r + world*w :: world*W]
+  (split by node, then by worker). Finite mode needs at least world*W shards.
+  Resampled mode draws shards with replacement from a stream seeded by (seed, epoch,
+  slot) and never runs dry.
+* Batches. Batching happens inside the workers (DataLoader batch_size=None), and torch's
+  DataLoader takes batches from its workers round robin, skipping workers that are done.
+  So the epoch is planned up front (`EpochPlan`): how many batches of what size each
+  worker builds from the next samples of its shuffled stream, and hence which worker
+  builds batch b. Every worker yields exactly its planned batches, which keeps the
+  order exact.
+* Equal length on every rank (drop_last=True, training). In finite mode the batch count
+  B comes from the manifest, independent of the epoch: a slot holds a known number of
+  full-size shards plus some short ones, at worst the shortest, and B is the most
+  batches every rank can fill from such lower bounds, so a few samples per worker and
+  epoch are left unread; which ones changes with the epoch; batch b comes from worker
+  b % W. Resampled epochs are num_samples // world_size samples per rank.
+* drop_last=False (evaluation) in finite mode yields every sample of the rank's shards
+  once, each worker ending on a partial batch, so ranks may differ in batch count.
 * Resume. `loader(spec, epoch, start_batch=k)` lets DataLoader worker j play the part of
-  worker (k + j) % W, which replays its stream (tar reading and the shuffle buffer only,
-  no decoding) past the samples its first batches used and carries on.
-* Augmentation. Each sample is transformed under torch.manual_seed(sample_seed(seed,
-  epoch, i)), with i unique per (rank, worker, position in the worker's stream), inside
-  fork_rng like map_style.
+  worker (p + j) % W, p the worker of batch k, which replays its stream (tar reading
+  and the shuffle buffer only, no decoding) past the samples its earlier batches used.
+* Augmentation. Each sample is transformed with the CPU generator seeded by
+  sample_seed(seed, epoch, i), i unique per (rank, worker, position in the worker's
+  stream), inside fork_rng like map_style.
 * Corrupt samples (undecodable image, no image, missing or bad .cls) take their slot in
   the batch like any sample, so resuming needs no decoding; the worker fills the slot
   with another sample of the same batch under the corrupt one's augmentation seed,
   warns (rate limited) and reports the count with the batch. The main process adds the
-  counts up for `skipped_samples()`. Unreadable tar data ends that shard with a warning;
-  if a worker's shards give fewer samples than the manifest promised, it reads them
-  again (reshuffled) to fill its batches.
+  counts up for `skipped_samples()`. (A batch with no decodable sample at all becomes
+  zero images labelled -1, logged as an error.) Unreadable tar data ends that shard with
+  a warning; if a worker's shards give fewer samples than the manifest promised, it
+  reads them again (reshuffled) to fill its batches.
+* Cost of the bound: the worker with the fewest samples holds back its whole rank.
+  Equal shards plus one short last shard (data_prep's layout) lose little: about that
+  shard's shortfall, plus the shards left over when world*W does not divide their
+  number (ImageNet as 1281 x 1000 + 167 on 8 ranks x 8 workers: 0.25%). Shards of many
+  different sizes lose more, since every slot's bound assumes it got the shortest.
 """
 from __future__ import annotations
 
@@ -50,7 +60,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from ..config import DataConfig
 from .base import DATASETS, Batch, LoaderSpec, PretrainData, sample_seed
@@ -166,42 +176,86 @@ def resolve_shards(root: str, manifest: str = "", setting: str = "data.root", sc
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """One rank's epoch: batch b has `batch_sizes[b]` samples and comes from worker b % workers."""
+    """One rank's epoch: batch b has `sizes[b]` samples and is built by worker `order[b]`.
 
-    batch_sizes: Tuple[int, ...]
+    torch's DataLoader takes batches from its workers round robin and skips workers that
+    are done, so `order` is that round robin over each worker's batch count.
+    """
+
     workers: int
+    order: Tuple[int, ...]
+    sizes: Tuple[int, ...]
+
+    @classmethod
+    def round_robin(cls, worker_sizes: Sequence[Sequence[int]]) -> "EpochPlan":
+        queues = [list(reversed(sizes)) for sizes in worker_sizes]
+        order: List[int] = []
+        sizes: List[int] = []
+        while any(queues):
+            for worker, queue in enumerate(queues):
+                if queue:
+                    order.append(worker)
+                    sizes.append(queue.pop())
+        return cls(len(queues), tuple(order), tuple(sizes))
 
     @property
     def num_batches(self) -> int:
-        return len(self.batch_sizes)
+        return len(self.order)
 
     def worker_share(self, worker: int, start_batch: int) -> Tuple[int, List[int]]:
-        """(samples the worker's first batches before `start_batch` used, sizes of its later batches)."""
-        done = range(worker, min(start_batch, self.num_batches), self.workers)
-        todo = range(worker + self.workers * len(done), self.num_batches, self.workers)
-        return sum(self.batch_sizes[b] for b in done), [self.batch_sizes[b] for b in todo]
+        """(samples the worker's batches before `start_batch` used, sizes of its later batches)."""
+        mine = [b for b, w in enumerate(self.order) if w == worker]
+        return (sum(self.sizes[b] for b in mine if b < start_batch),
+                [self.sizes[b] for b in mine if b >= start_batch])
+
+    def next_worker(self, start_batch: int) -> int:
+        """The worker that builds batch `start_batch` (any, once the epoch is over)."""
+        return self.order[start_batch] if start_batch < self.num_batches else 0
 
 
-def _plan_from_samples(samples: int, batch_size: int, drop_last: bool, workers: int) -> EpochPlan:
+def _split_into_batches(samples: int, batch_size: int, drop_last: bool) -> List[int]:
     full, rest = divmod(samples, batch_size)
-    sizes = [batch_size] * full + ([rest] if rest and not drop_last else [])
-    return EpochPlan(tuple(sizes), workers)
+    return [batch_size] * full + ([rest] if rest and not drop_last else [])
+
+
+def deal_order(counts: Sequence[int], seed: int, epoch: int) -> List[int]:
+    """The epoch's shard order (indices into `counts`); slot s reads order[s::slots].
+
+    Shards are shuffled by (seed, epoch), then full-size shards (the largest count) are
+    dealt before the shorter ones: each slot then holds a known number of full shards,
+    so a short last shard lowers only the bound of the slot that may get it.
+    """
+    order = list(range(len(counts)))
+    random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+    full = max(counts)
+    return [i for i in order if counts[i] == full] + [i for i in order if counts[i] != full]
+
+
+def slot_sample_bounds(counts: Sequence[int], slots: int) -> List[int]:
+    """For each slot, the fewest samples `deal_order` can give it in any epoch."""
+    full = max(counts)
+    n_full = sum(1 for c in counts if c == full)
+    shortest_first = [0] + list(itertools.accumulate(sorted(c for c in counts if c != full)))
+    bounds = []
+    for slot in range(slots):
+        full_shards = len(range(slot, n_full, slots))
+        short_shards = len(range(slot, len(counts), slots)) - full_shards
+        bounds.append(full_shards * full + shortest_first[short_shards])
+    return bounds
 
 
 def guaranteed_rank_samples(counts: Sequence[int], world_size: int, workers: int, batch_size: int) -> int:
     """Samples every rank can serve in any epoch with round-robin worker batches.
 
-    A slot (rank, worker) that receives k shards of the epoch's shuffle holds at least the
-    k smallest shards' samples. Worker w can then fill c_w = cap_w // batch_size batches, so
-    a rank can serve B = min_w(c_w * workers + w) full batches (batch B would be the
-    (c_w+1)-th batch of the binding worker) plus that worker's leftover samples.
+    Worker w of a rank holds at least cap_w samples (`slot_sample_bounds`), so it can fill
+    c_w = cap_w // batch_size batches, and the rank can serve B = min_w(c_w * workers + w)
+    full batches (batch B would be the (c_w+1)-th batch of that binding worker) plus the
+    binding worker's leftover samples. The result is the minimum over ranks.
     """
-    slots = world_size * workers
-    smallest_first = [0] + list(itertools.accumulate(sorted(counts)))
-    per_slot, extra = divmod(len(counts), slots)
+    bounds = slot_sample_bounds(counts, world_size * workers)
     best: Optional[int] = None
     for rank in range(world_size):
-        caps = [smallest_first[per_slot + (1 if rank + world_size * w < extra else 0)] for w in range(workers)]
+        caps = [bounds[rank + world_size * w] for w in range(workers)]
         full = min((cap // batch_size) * workers + w for w, cap in enumerate(caps))
         binding = full % workers
         samples = full * batch_size + caps[binding] - (full // workers) * batch_size
@@ -260,27 +314,35 @@ class WebDatasetData(PretrainData):
     def num_samples(self) -> int:
         return self._epoch_samples if self.resampled else sum(self.shards.counts or ())
 
-    def plan(self, spec: LoaderSpec) -> EpochPlan:
+    def plan(self, spec: LoaderSpec, epoch: int = 0) -> EpochPlan:
         workers = max(1, spec.num_workers)
+        slots = spec.world_size * workers
+        if not self.resampled and len(self.shards.urls) < slots:
+            raise ValueError(
+                f"{self.shards.setting} {self.shards.root!r} has {len(self.shards.urls)} shards, fewer than "
+                f"world_size x num_workers = {spec.world_size} x {workers} = {slots}; every DataLoader "
+                "worker of every rank needs its own shard: lower data.num_workers, write more (smaller) "
+                "shards, or set data.resampled")
+        if not self.resampled and not spec.drop_last:
+            # Every sample of the rank's shards once: each worker ends on a partial batch.
+            order = deal_order(self.shards.counts, spec.seed, epoch)
+            return EpochPlan.round_robin([
+                _split_into_batches(sum(self.shards.counts[i] for i in order[spec.rank + spec.world_size * w::slots]),
+                                    spec.batch_size, drop_last=False)
+                for w in range(workers)])
         if self.resampled:
             rank_samples = self.num_samples // spec.world_size
         else:
-            slots = spec.world_size * workers
-            if len(self.shards.urls) < slots:
-                raise ValueError(
-                    f"{self.shards.setting} {self.shards.root!r} has {len(self.shards.urls)} shards, fewer than "
-                    f"world_size x num_workers = {spec.world_size} x {workers} = {slots}; every DataLoader "
-                    "worker of every rank needs its own shard: lower data.num_workers, write more (smaller) "
-                    "shards, or set data.resampled")
             rank_samples = guaranteed_rank_samples(self.shards.counts, spec.world_size, workers, spec.batch_size)
-        plan = _plan_from_samples(rank_samples, spec.batch_size, spec.drop_last, workers)
-        if plan.num_batches == 0:
+        sizes = _split_into_batches(rank_samples, spec.batch_size, spec.drop_last)
+        if not sizes:
             raise ValueError(f"{self.shards.setting} {self.shards.root!r}: each rank is only guaranteed {rank_samples} "
                              f"samples per epoch, less than one batch of {spec.batch_size}")
-        return plan
+        return EpochPlan.round_robin([sizes[w::workers] for w in range(workers)])
 
     def batches_per_epoch(self, spec: LoaderSpec) -> int:
-        """The same on every rank and in every epoch (finite mode: a lower bound from the manifest)."""
+        """Batches per rank and epoch: the same on every rank and in every epoch, except in
+        finite mode with drop_last=False, where it is epoch 0's count for this rank."""
         return self.plan(spec).num_batches
 
     def skipped_samples(self) -> int:
@@ -289,7 +351,7 @@ class WebDatasetData(PretrainData):
     # -- iteration (main process)
 
     def loader(self, spec: LoaderSpec, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        plan = self.plan(spec)
+        plan = self.plan(spec, epoch)
         if not 0 <= start_batch <= plan.num_batches:
             raise ValueError(f"start_batch {start_batch} outside epoch of {plan.num_batches} batches")
         stream = _RankStream(self, spec, epoch, start_batch, plan)
@@ -314,7 +376,8 @@ class WebDatasetData(PretrainData):
 
     def _stream_seed(self, spec: LoaderSpec, epoch: int, *parts: Any) -> int:
         # String seeds hash with sha512 in `random`, so they are stable across processes and runs.
-        key = ":".join(str(p) for p in (spec.seed, epoch, spec.world_size, spec.num_workers) + parts)
+        # Worker count 0 and 1 both mean one reader and give the same stream.
+        key = ":".join(str(p) for p in (spec.seed, epoch, spec.world_size, max(1, spec.num_workers)) + parts)
         return random.Random(key).getrandbits(63)
 
     def _raw_samples(self, spec: LoaderSpec, epoch: int, workers: int, worker: int) -> Iterator[Sample]:
@@ -326,9 +389,8 @@ class WebDatasetData(PretrainData):
                                                       worker_seed=lambda: slot, deterministic=True),
                                   self._stream_seed(spec, epoch, "buffer", slot))
             return
-        urls = list(self.shards.urls)
-        random.Random(f"shards:{spec.seed}:{epoch}").shuffle(urls)  # the same on every rank and worker
-        urls = urls[slot::spec.world_size * workers]
+        order = deal_order(self.shards.counts, spec.seed, epoch)  # the same on every rank and worker
+        urls = [self.shards.urls[i] for i in order[slot::spec.world_size * workers]]
         for pass_ in itertools.count():
             if pass_ > 0:  # only when shards held fewer readable samples than the manifest says
                 log.warning("rank %d worker %d read all its %d shards of epoch %d; reading them again (pass %d)",
@@ -392,13 +454,17 @@ class WebDatasetData(PretrainData):
                 labels.append(-1)
                 continue
             source = decoded[i] or decoded[next((j for j in good if j > i), good[0])]
+            # Seeding only the CPU generator: torch.manual_seed also (lazily) seeds every
+            # accelerator and costs ~150 us a call; the transforms draw from the CPU one.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)
                 images.append(self.transform(source[0]))
             labels.append(source[1])
         if not good:
             log.error("every sample of a batch of %d was corrupt; yielding zero images with label -1", len(chunk))
-        return torch.stack(images), torch.tensor(labels, dtype=torch.long), len(chunk) - len(good)
+        # default_collate stacks straight into shared memory inside a worker, which saves the
+        # copy that sending a plain tensor to the main process would make.
+        return default_collate(images), torch.tensor(labels, dtype=torch.long), len(chunk) - len(good)
 
 
 class _RankStream(IterableDataset):
@@ -411,8 +477,9 @@ class _RankStream(IterableDataset):
     def __iter__(self) -> Iterator[WorkerBatch]:
         info = get_worker_info()
         loader_worker = 0 if info is None else info.id
-        # The DataLoader asks its worker 0 first; after k batches that must be worker k % W.
-        worker = (self.start_batch + loader_worker) % self.plan.workers
+        # The DataLoader asks its worker 0 first, which must be the one that builds batch
+        # start_batch; the rest of the round robin follows from there.
+        worker = (self.plan.next_worker(self.start_batch) + loader_worker) % self.plan.workers
         return self.data.worker_batches(self.spec, self.epoch, self.plan, worker, self.start_batch)
 
 
