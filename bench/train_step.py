@@ -1,0 +1,484 @@
+"""Train-step throughput of OCL pre-training: img/s, visible tokens/s, achieved FLOP/s and its
+ratio to a large matmul's FLOP/s measured in the same run on the same device, peak memory.
+
+A step is the trainer's own `Trainer.train_step` (masks + forward + loss + backward + AdamW
+step, through the `single` engine), on a fixed batch of random images (data loading is not
+timed: see bench/loader_throughput.py). FLOPs are `train_step_flops` (exact matmul count from
+the shapes). The reference is a square GEMM (fp32 2048^3 on CPU, bf16 4096^3 on CUDA),
+repeated, best-of, measured in the same process right after the timed steps. Each case runs
+in a fresh child process, so compile caches, allocator state and peak memory do not leak
+between cases.
+
+Peak memory. CUDA: torch.cuda.max_memory_allocated over warm-up + timed steps (tensors only,
+no CUDA context / allocator slack); `step mem` is that minus what was allocated before the
+first step. CPU: the child's peak resident set (getrusage ru_maxrss, the kernel's high-water
+mark, read before the reference GEMM runs); `step mem` is that minus the resident set just
+before the first step (activations, gradients, AdamW state, allocator slack). No tracemalloc:
+it sees Python objects, not torch's allocations.
+
+    python bench/train_step.py                       # the CPU recipe's model and batch
+    python bench/train_step.py --compare --out bench_train_step.json
+    python bench/train_step.py --memory-sweep        # largest micro-batch per small preset (CPU)
+    python bench/train_step.py --estimate            # activation-memory estimate, ViT-B/L/H on 80 GB
+    python bench/train_step.py --device cuda --model vit_large_patch16 --batch 64 --precision bf16
+
+The table's last line carries `ratio=<achieved / matmul>` of the first (baseline) case.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from scale.config import load_config  # noqa: E402
+from scale.masking import step_generator  # noqa: E402
+from scale.models import MODELS, ViTSpec  # noqa: E402
+from scale.models.attention import xformers_available  # noqa: E402
+from scale.trainer import Trainer  # noqa: E402
+from scale.trainer.flops import train_step_flops  # noqa: E402
+from scale.trainer.optim import build_optimizer  # noqa: E402
+
+DEFAULT_RECIPE = REPO / "recipes" / "ocl_cpu_tiny.yaml"
+SMALL_PRESETS = ("vit_tiny_patch4_28", "vit_tiny_patch7_28", "vit_small_patch4_28", "vit_tiny_patch4_32")
+GIB = 1024 ** 3
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def recipe_for(model: Optional[str]) -> Path:
+    """The recipe whose model.name is `model` (for its batch / mask ratio), else the CPU recipe."""
+    if model:
+        for path in sorted((REPO / "recipes").glob("*.yaml")):
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+            if (data.get("model") or {}).get("name") == model:
+                return path
+    return DEFAULT_RECIPE
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops_per_s(device: torch.device, size: int, dtype: torch.dtype, repeats: int) -> float:
+    """Best-of `repeats` FLOP/s of a (size x size) @ (size x size) GEMM."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    inner = 10 if device.type == "cuda" else 1  # CUDA: amortise launch + sync over a few GEMMs
+    torch.mm(a, b, out=out)
+    sync(device)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            torch.mm(a, b, out=out)
+        sync(device)
+        best = min(best, (time.perf_counter() - start) / inner)
+    return 2 * size ** 3 / best
+
+
+def full_token_flops(spec: ViTSpec, batch: int) -> int:
+    """A plain ViT step over all 1 + N tokens, one sequence per image (the linear head is < 0.1%)."""
+    return train_step_flops(spec, batch, 1, spec.num_patches)
+
+
+# ----------------------------------------------------------------------------- activation memory
+
+def block_activation_bytes_per_token(dim: int, mlp_ratio: float, bf16: bool) -> float:
+    """Bytes autograd keeps per token per timm Block (flash / memory-efficient attention: no N^2 term).
+
+    Saved for backward: norm1 input x (fp32 residual), qkv input, q/k/v, attention output,
+    proj input (the transpose-reshape copy), norm2 input (fp32 residual), fc1 input, fc1 output
+    (GELU input), GELU output (fc2 input). Under bf16 autocast the residual stream and the
+    LayerNorm inputs stay fp32 (4 bytes), every linear's saved input/output is bf16 (2 bytes);
+    fp32 runs keep 4 bytes everywhere:
+        fp32: (4+4+12+4+4+4+4) h + 2 * 4 * (r h) = 36 h + 8 r h   (= 68 h for r = 4)
+        bf16: (4+2+6+2+2+4+2) h + 2 * 2 * (r h) = 22 h + 4 r h   (= 38 h for r = 4)
+    """
+    h, hidden = dim, dim * mlp_ratio
+    return (22 * h + 4 * hidden) if bf16 else (36 * h + 8 * hidden)
+
+
+def activation_bytes_per_image(spec: ViTSpec, tokens_per_image: int, bf16: bool, checkpointed: bool) -> float:
+    """Activation memory per image of a forward+backward; AC full keeps each block's fp32 input
+    and, in backward, one block's activations (the one being recomputed)."""
+    per_block = block_activation_bytes_per_token(spec.embed_dim, spec.mlp_ratio, bf16) * tokens_per_image
+    if checkpointed:
+        return spec.depth * 4 * spec.embed_dim * tokens_per_image + per_block
+    return spec.depth * per_block
+
+
+def ocl_tokens_per_image(spec: ViTSpec, mask_ratio: float, groups: int = 2) -> Tuple[int, int]:
+    """(visible patches per group, tokens per image incl. one CLS per group), as RandomGroupMasking."""
+    keep = int(spec.num_patches * (1.0 - mask_ratio))
+    keep -= keep % groups
+    return keep // groups, groups * (1 + keep // groups)
+
+
+def param_count(spec: ViTSpec) -> int:
+    d, hidden = spec.embed_dim, int(spec.embed_dim * spec.mlp_ratio)
+    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d)
+    embed = spec.in_chans * spec.patch_size ** 2 * d + d + d
+    return spec.depth * block + embed + 2 * d
+
+
+def gpu_estimates(memory_gib: float = 80.0, usable: float = 0.9) -> List[Dict[str, Any]]:
+    """Largest micro-batch on one `memory_gib` GPU (bf16 autocast, fp32 AdamW master state),
+    from the activation formula above: an ESTIMATE, not a measurement."""
+    rows = []
+    for name, ratio in (("vit_base_patch16", 0.3), ("vit_large_patch16", 0.4), ("vit_huge_patch16", 0.4)):
+        spec = MODELS.build(name)
+        params = param_count(spec)
+        states = 16 * params  # fp32 params + grads + AdamW exp_avg + exp_avg_sq
+        budget = memory_gib * GIB * usable - states
+        n, ocl_tokens = ocl_tokens_per_image(spec, ratio)
+        for kind, tokens in (("ocl", ocl_tokens), ("full-token", 1 + spec.num_patches)):
+            for ac in (False, True):
+                per_image = activation_bytes_per_image(spec, tokens, bf16=True, checkpointed=ac)
+                rows.append({"model": name, "mask_ratio": ratio if kind == "ocl" else 0.0, "kind": kind,
+                             "tokens_per_image": tokens, "activation_checkpointing": "full" if ac else "none",
+                             "params_M": params / 1e6, "model_state_GiB": states / GIB,
+                             "activation_MiB_per_image": per_image / 2 ** 20,
+                             "max_batch_estimate": int(budget // per_image)})
+    return rows
+
+
+# ----------------------------------------------------------------------------- one case (child)
+
+class FullTokenClassifier(nn.Module):
+    """The cost OCL saves: the same encoder over all 1 + N tokens, one sequence per image,
+    with a linear head and cross-entropy (a supervised-style step)."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int = 1000):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.embed_dim, num_classes)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cls = self.encoder(images)[:, 0]  # group_ids None: all patches, one group
+        return F.cross_entropy(self.head(cls).float(), labels)
+
+    def no_weight_decay(self) -> set:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+
+def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
+    """Build the trainer for `case`, time its steps, measure memory and the reference GEMM."""
+    torch.set_num_threads(case["threads"])
+    device = torch.device(case["device"])
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [
+            f"model.name={case['model']}", f"mask.ratio={case['mask_ratio']}", f"train.batch_size={case['batch']}",
+            f"train.device={case['device']}", f"train.precision={case['precision']}",
+            f"model.attn_backend={case['attn']}", f"train.activation_checkpointing={case['ac']}",
+            f"train.compile={str(case['compile']).lower()}", "engine.name=single",
+            "data.name=synthetic", f"data.num_samples={case['batch']}", "data.num_workers=0",
+            "train.epochs=1000000", "optim.warmup_epochs=0", f"train.output_dir={tmp}",
+        ]
+        spec = MODELS.build(case["model"])
+        overrides += [f"data.mean={[0.5] * spec.in_chans}", f"data.std={[0.25] * spec.in_chans}"]
+        cfg = load_config(case["recipe"], overrides)
+        trainer = Trainer(cfg)
+        spec = trainer.spec
+        batch = cfg.train.batch_size
+        images = torch.randn(batch, spec.in_chans, spec.img_size, spec.img_size, device=trainer.device)
+        if case["kind"] == "ocl":
+            probe = trainer.masking(1, step_generator(0, 0, 0, trainer.device), trainer.device).group_ids
+            groups, visible = probe.shape[1], probe.shape[2]
+            flops = train_step_flops(spec, batch, groups, visible, cfg.model.train_patch_embed)
+
+            def step() -> None:
+                trainer.train_step(images)
+                trainer.step += 1
+        else:
+            groups, visible = 1, spec.num_patches
+            flops = full_token_flops(spec, batch)
+            model = FullTokenClassifier(trainer.pretrain_module.encoder).to(trainer.device)
+            optimizer = build_optimizer(model, cfg.optim, trainer.base_lr)
+            labels = torch.randint(0, 1000, (batch,), device=trainer.device)
+
+            def step() -> None:
+                with torch.autocast(trainer.device.type, dtype=trainer.amp_dtype or torch.float32,
+                                    enabled=trainer.amp_dtype is not None):
+                    loss = model(images, labels)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            mem_before = torch.cuda.memory_allocated(device)
+        else:
+            mem_before = rss_bytes()
+        started = time.perf_counter()
+        for _ in range(case["warmup"]):
+            step()
+        sync(device)
+        warmup_s = time.perf_counter() - started
+        times = []
+        for _ in range(case["steps"]):
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+        del trainer, images
+    if device.type == "cuda":
+        reference = matmul_flops_per_s(device, case["gemm_size"] or 4096, torch.bfloat16, case["gemm_repeats"])
+    else:
+        reference = matmul_flops_per_s(device, case["gemm_size"] or 2048, torch.float32, case["gemm_repeats"])
+    best, median = min(times), statistics.median(times)
+    tokens = batch * groups * (1 + visible)
+    return {
+        **case, "groups": groups, "visible_per_group": visible, "tokens_per_step": tokens,
+        "flops_per_step": flops, "step_s_best": best, "step_s_median": median, "step_s_all": times,
+        "warmup_s": warmup_s, "img_per_s": batch / median, "tokens_per_s": tokens / median,
+        "flops_per_s_best": flops / best, "flops_per_s_median": flops / median,
+        "matmul_flops_per_s": reference, "ratio": flops / best / reference,
+        "ratio_median": flops / median / reference, "peak_mem_bytes": peak, "step_mem_bytes": peak - mem_before,
+        "mem_before_bytes": mem_before, "mem_kind": "cuda max_memory_allocated" if device.type == "cuda"
+        else "cpu peak RSS (ru_maxrss)", "loadavg_end": os.getloadavg(),
+    }
+
+
+def run_child(case: Dict[str, Any], timeout: float) -> Dict[str, Any]:
+    """`case` in a fresh interpreter; returns its result (or the error it died with)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_case", json.dumps(case), "--_result", out.name]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {**case, "error": f"timed out after {timeout:.0f} s"}
+        text = Path(out.name).read_text()
+        if proc.returncode != 0 or not text:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            return {**case, "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+        return json.loads(text)
+
+
+# ----------------------------------------------------------------------------- tables
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB else f"{n / 2 ** 20:.0f} MiB"
+
+
+def case_label(case: Dict[str, Any]) -> str:
+    parts = ["OCL 2 groups" if case["kind"] == "ocl" else "full-token ViT step", case["attn"]]
+    if case["ac"] != "none":
+        parts.append(f"AC {case['ac']}")
+    if case["compile"]:
+        parts.append("compile")
+    return case.get("label") or ", ".join(parts)
+
+
+def print_table(results: List[Dict[str, Any]]) -> List[str]:
+    header = ("| case | tokens/step | step s (median) | img/s | visible tok/s | GFLOP/step | achieved GFLOP/s "
+              "| matmul GFLOP/s | ratio (best) | ratio (median) | speed vs first | step mem | peak mem |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    base = next((r for r in results if "error" not in r), None)
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {case_label(r)} | {r['error']} |")
+            continue
+        speed = base["step_s_median"] / r["step_s_median"] * (r["batch"] / base["batch"]) if base else float("nan")
+        lines.append(
+            f"| {case_label(r)} | {r['tokens_per_step']:,} | {r['step_s_median']:.3f} | {r['img_per_s']:.1f} "
+            f"| {r['tokens_per_s']:,.0f} | {r['flops_per_step'] / 1e9:.1f} | {r['flops_per_s_best'] / 1e9:.1f} "
+            f"| {r['matmul_flops_per_s'] / 1e9:.1f} | {r['ratio']:.3f} | {r['ratio_median']:.3f} "
+            f"| {speed:.2f}x | {fmt_bytes(r['step_mem_bytes'])} | {fmt_bytes(r['peak_mem_bytes'])} |")
+    return lines
+
+
+# ----------------------------------------------------------------------------- modes
+
+def compare_cases(base: Dict[str, Any]) -> List[Dict[str, Any]]:
+    cuda = base["device"] == "cuda"
+    default_attn = "xformers" if cuda and xformers_available() else "sdpa"
+    cases = [dict(base, attn=default_attn, label=f"OCL 2 groups, {default_attn} (baseline)")]
+    for attn in ("sdpa", "math", "xformers"):
+        if attn == default_attn:
+            continue
+        if attn == "xformers" and not (cuda and xformers_available()):
+            cases.append(dict(base, attn=attn, skip="xformers needs CUDA and an importable xformers"))
+            continue
+        cases.append(dict(base, attn=attn, label=f"OCL 2 groups, {attn}"))
+    cases += [
+        dict(base, attn=default_attn, ac="full", label=f"OCL 2 groups, {default_attn}, AC full"),
+        dict(base, attn=default_attn, compile=True, warmup=max(base["warmup"], 3),
+             label=f"OCL 2 groups, {default_attn}, compile"),
+        dict(base, attn=default_attn, ac="full", compile=True, warmup=max(base["warmup"], 3),
+             label=f"OCL 2 groups, {default_attn}, AC full + compile"),
+        dict(base, attn=default_attn, kind="full", label=f"full-token ViT step, {default_attn}"),
+        dict(base, attn=default_attn, kind="full", compile=True, warmup=max(base["warmup"], 3),
+             label=f"full-token ViT step, {default_attn}, compile"),
+    ]
+    return cases
+
+
+def memory_sweep(base: Dict[str, Any], presets: List[str], batches: Tuple[int, int], cap: float,
+                 verify: Optional[str], timeout: float) -> Dict[str, Any]:
+    """Peak RSS at two batch sizes per preset -> bytes per image -> largest batch under `cap`."""
+    rows = []
+    for name in presets:
+        spec = MODELS.build(name)
+        for ac in base["sweep_ac"]:
+            points = []
+            for b in batches:
+                r = run_child(dict(base, model=name, batch=b, ac=ac, steps=1, warmup=1), timeout)
+                if "error" in r:
+                    raise SystemExit(f"{name} batch {b}: {r['error']}")
+                points.append(r)
+            (b1, r1), (b2, r2) = zip(batches, points)
+            slope = (r2["peak_mem_bytes"] - r1["peak_mem_bytes"]) / (b2 - b1)
+            fixed = r1["peak_mem_bytes"] - slope * b1
+            max_batch = int((cap - fixed) // slope)
+            n, tokens = ocl_tokens_per_image(spec, base["mask_ratio"])
+            formula = activation_bytes_per_image(spec, tokens, bf16=False, checkpointed=ac == "full")
+            row = {"model": name, "activation_checkpointing": ac, "batches": list(batches),
+                   "peak_rss_bytes": [r1["peak_mem_bytes"], r2["peak_mem_bytes"]],
+                   "bytes_per_image": slope, "fixed_bytes": fixed, "formula_bytes_per_image": formula,
+                   "max_batch_extrapolated": max_batch}
+            if verify == name and ac == base["sweep_ac"][0]:
+                r = run_child(dict(base, model=name, batch=max_batch, ac=ac, steps=1, warmup=1), timeout * 4)
+                row["verified"] = {"batch": max_batch, "peak_rss_bytes": r.get("peak_mem_bytes"),
+                                   "predicted_bytes": fixed + slope * max_batch, "error": r.get("error")}
+            rows.append(row)
+            print(f"{name:22s} AC {ac:4s}: {fmt_bytes(r1['peak_mem_bytes'])} @ {b1}, {fmt_bytes(r2['peak_mem_bytes'])} "
+                  f"@ {b2} -> {slope / 2 ** 20:.2f} MiB/img (formula {formula / 2 ** 20:.2f}), fixed "
+                  f"{fmt_bytes(fixed)} -> max batch {max_batch} under {fmt_bytes(cap)}"
+                  + (f" | verified: peak {fmt_bytes(row['verified']['peak_rss_bytes'] or 0)} "
+                     f"(predicted {fmt_bytes(row['verified']['predicted_bytes'])})" if "verified" in row else ""),
+                  flush=True)
+    return {"cap_bytes": cap, "rows": rows}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model preset (default: the recipe's)")
+    p.add_argument("--recipe", help="recipe for batch / mask ratio / optimizer (default: the recipe whose "
+                                    "model is --model, else recipes/ocl_cpu_tiny.yaml)")
+    p.add_argument("--batch", type=int, help="per-device micro-batch (default: the recipe's)")
+    p.add_argument("--mask-ratio", type=float, help="default: the recipe's")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "math", "xformers"))
+    p.add_argument("--ac", default="none", help="activation checkpointing: none | full | every_<k> | 0,2,5")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--gemm-size", type=int, default=0, help="reference GEMM size (default 2048 CPU, 4096 CUDA)")
+    p.add_argument("--gemm-repeats", type=int, default=5)
+    p.add_argument("--compare", action="store_true", help="attention backends, AC, compile, full-token step")
+    p.add_argument("--memory-sweep", action="store_true", help="largest micro-batch per small preset (CPU)")
+    p.add_argument("--sweep-batches", default="64,256")
+    p.add_argument("--sweep-ac", default="none,full")
+    p.add_argument("--presets", default=",".join(SMALL_PRESETS))
+    p.add_argument("--mem-cap-gb", type=float, default=16.0, help="memory cap (GiB) for --memory-sweep")
+    p.add_argument("--verify", default="vit_tiny_patch4_28", help="preset whose extrapolated max batch is run")
+    p.add_argument("--estimate", action="store_true", help="GPU (80 GB) micro-batch estimate for ViT-B/L/H")
+    p.add_argument("--timeout", type=float, default=1800.0, help="per case, seconds")
+    p.add_argument("--out", help="write JSON here")
+    p.add_argument("--_case", help=argparse.SUPPRESS)
+    p.add_argument("--_result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args._case:  # child
+        result = run_case(json.loads(args._case))
+        Path(args._result).write_text(json.dumps(result))
+        return 0
+
+    if args.estimate:
+        rows = gpu_estimates()
+        print("| model | step | tokens/img | AC | params | model+AdamW state | activations/img | max micro-batch (est.) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['model']} | {r['kind']} | {r['tokens_per_image']} | {r['activation_checkpointing']} "
+                  f"| {r['params_M']:.0f}M | {r['model_state_GiB']:.1f} GiB | {r['activation_MiB_per_image']:.1f} MiB "
+                  f"| {r['max_batch_estimate']} |")
+        if args.out:
+            Path(args.out).write_text(json.dumps({"gpu_estimate": rows}, indent=1))
+        return 0
+
+    recipe = Path(args.recipe) if args.recipe else recipe_for(args.model)
+    rcfg = load_config(recipe)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible")
+    base = {
+        "recipe": str(recipe), "model": args.model or rcfg.model.name, "batch": args.batch or rcfg.train.batch_size,
+        "mask_ratio": rcfg.mask.ratio if args.mask_ratio is None else args.mask_ratio, "device": args.device,
+        "precision": args.precision, "attn": args.attn, "ac": args.ac, "compile": args.compile, "kind": "ocl",
+        "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "gemm_size": args.gemm_size,
+        "gemm_repeats": args.gemm_repeats, "sweep_ac": args.sweep_ac.split(","),
+    }
+    env = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+           "threads": args.threads, "loadavg_start": os.getloadavg(),
+           "cuda": torch.cuda.get_device_name() if args.device == "cuda" else None}
+    print(f"# {base['model']} batch {base['batch']} mask {base['mask_ratio']} on {args.device} "
+          f"({args.threads} threads, torch {torch.__version__}), load average {env['loadavg_start'][0]:.2f}", flush=True)
+
+    if args.memory_sweep:
+        b1, b2 = (int(x) for x in args.sweep_batches.split(","))
+        out = memory_sweep(base, args.presets.split(","), (b1, b2), args.mem_cap_gb * GIB, args.verify, args.timeout)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"env": env, "memory_sweep": out}, indent=1))
+        return 0
+
+    cases = compare_cases(base) if args.compare else [base]
+    results = []
+    for case in cases:
+        if "skip" in case:
+            results.append({**case, "error": f"skipped: {case['skip']}"})
+            continue
+        r = run_child(case, args.timeout)
+        results.append(r)
+        status = r.get("error") or f"ratio {r['ratio']:.3f}, {r['img_per_s']:.1f} img/s"
+        print(f"  {case_label(case)}: {status}", flush=True)
+    env["loadavg_end"] = os.getloadavg()
+    lines = print_table(results)
+    print("\n".join(lines))
+    first = next((r for r in results if "error" not in r), None)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"env": env, "results": results}, indent=1))
+    if first is None:
+        print("ratio=nan (every case failed)")
+        return 1
+    print(f"load average {env['loadavg_start'][0]:.2f} -> {env['loadavg_end'][0]:.2f}; "
+          f"ratio = train-step FLOP/s (best step) / {'bf16' if args.device == 'cuda' else 'fp32'} matmul FLOP/s; "
+          f"{first['model']} batch {first['batch']} on {args.device}: ratio={first['ratio']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
