@@ -170,7 +170,8 @@ def _read_deepspeed(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[
         get_fp32_state_dict_from_zero_checkpoint = None
     if has_zero_partitions and get_fp32_state_dict_from_zero_checkpoint is not None:
         # The fp32 master weights (bf16 runs keep only bf16 copies in the module states).
-        with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates to stdout
+        # zero_to_fp32 narrates to stdout and draws progress bars on stderr
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag_dir.name)
         return dict(state), config
     if module_file.is_file():

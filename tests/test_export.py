@@ -141,3 +141,37 @@ def test_unknown_layout_names_the_checkpoint(tmp_path, capsys):
     assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "step_00000001" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.safetensors")]) == 2
+
+
+def test_real_fsdp_run_exports_and_its_knn_monitor_agrees_with_the_cli(tmp_path):
+    """One FSDP2 process (gloo): the monitor gathers the sharded encoder; the export reads the DCP files."""
+    import socket
+    import subprocess
+
+    from conftest import REPO, python_env, run_args
+    from scale.eval.__main__ import main as eval_main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    env = python_env({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                      "MASTER_PORT": str(port)})
+    done = subprocess.run(run_args("-m", "scale.train", "--config", "recipes/ocl_cpu_tiny.yaml", "engine.name=fsdp",
+                                   "model.name=vit_tiny_patch7_28", "train.epochs=1", "train.batch_size=16",
+                                   "data.num_samples=32", "data.num_workers=0", "eval.knn_every_epochs=1",
+                                   "train.device=cpu", f"train.output_dir={run}"),
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    monitor = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+               if '"kind": "eval"' in line]
+    assert len(monitor) == 1 and monitor[0]["step"] == 2
+    out = tmp_path / "vit.safetensors"
+    assert main(["--checkpoint", str(run), "--out", str(out)]) == 0
+    loaded = load_checkpoint(run)
+    assert loaded.format == "dcp"
+    model = timm_model_from_export(out)  # strict
+    assert model.patch_embed.proj.kernel_size == (7, 7)
+    assert eval_main(["knn", "--checkpoint", str(run), "--no-progress"]) == 0
+    cli = json.loads((run / "checkpoints" / "step_00000002.knn.json").read_text())
+    assert cli["top1"] == pytest.approx(monitor[0]["knn_top1"]) and cli["bank"] == 32
