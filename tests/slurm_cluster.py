@@ -265,7 +265,7 @@ JobCompType=jobcomp/none
 EnforcePartLimits=ALL
 ReturnToService=2
 InactiveLimit=0
-KillWait=5
+KillWait=30
 MinJobAge=300
 MailProg=/bin/true
 NodeName={self.host} NodeAddr=127.0.0.1 NodeHostname={self.host} {node_hw} State=UNKNOWN

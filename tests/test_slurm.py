@@ -69,14 +69,14 @@ def job_log(run: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted((run / "slurm").glob("*.out")))
 
 
-def wait_until(predicate, timeout: float, what: str, poll: float = 0.2):
+def wait_until(predicate, timeout: float, what: str, poll: float = 0.2, diagnose=lambda: ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(poll)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}\n{diagnose()}")
 
 
 # ----------------------------------------------------------------------------- checks (no SLURM)
@@ -205,16 +205,20 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(cluster, referen
             return 0
 
     # 1) The warning to the batch shell (as #SBATCH --signal=B:USR1@T sends it), mid-run.
-    wait_until(lambda: steps_logged() >= 5, JOB_TIMEOUT, "5 steps of the first run")
+    diagnose = lambda: explain(cluster, tmp_path, run, job)  # noqa: E731
+    wait_until(lambda: steps_logged() >= 5, JOB_TIMEOUT, "5 steps of the first run", diagnose=diagnose)
     cluster.scancel("--signal=USR1", "--batch", job)
-    wait_until(lambda: int(cluster.job(job).get("Restarts", "0")) >= 1, 60,
-               "the job to requeue itself after the batch-shell signal")
+    wait_until(lambda: int(cluster.job(job).get("Restarts", "0")) >= 1, 90,
+               "the job to requeue itself after the batch-shell signal", diagnose=diagnose)
     first_stop = int(re.search(r"stopped by signal 10 at step (\d+)", job_log(run)).group(1))
     assert 5 <= first_stop < STEPS
     # 2) After the restart, the signal to the tasks themselves (no B:): exit 3 -> requeue.
-    wait_until(lambda: steps_logged() >= first_stop + 2, JOB_TIMEOUT, "the resumed run's steps")
+    wait_until(lambda: steps_logged() >= first_stop + 2, JOB_TIMEOUT, "the resumed run's steps", diagnose=diagnose)
     cluster.scancel("--signal=USR1", job)
-    state = cluster.wait_for(job, {"COMPLETED"}, timeout=JOB_TIMEOUT)
+    try:
+        state = cluster.wait_for(job, {"COMPLETED"}, timeout=JOB_TIMEOUT)
+    except TimeoutError as err:
+        raise TimeoutError(f"{err}\n{diagnose()}") from None
     info = explain(cluster, tmp_path, run, job)
     print(f"interrupted job {job}: {state} in {time.monotonic() - t0:.1f}s", file=sys.stderr)
     assert state == "COMPLETED", info
@@ -241,11 +245,13 @@ def test_scancel_is_not_undone_by_a_requeue(cluster, tmp_path):
     """`scontrol requeue` would bring back even a cancelled job: SIGTERM must disarm it."""
     run = tmp_path / "run"
     job = submit(cluster, tmp_path, run)
-    wait_until(lambda: (run / "metrics.jsonl").is_file(), JOB_TIMEOUT, "the first step")
+    wait_until(lambda: (run / "metrics.jsonl").is_file(), JOB_TIMEOUT, "the training loop",
+               diagnose=lambda: explain(cluster, tmp_path, run, job))
     cluster.scancel(job)
     state = cluster.wait_for(job, {"CANCELLED"}, timeout=60)
     time.sleep(3)  # a requeue would have shown by now
     info = cluster.job(job)
     assert state == "CANCELLED" and info.get("JobState") == "CANCELLED" and info.get("Restarts") == "0", \
         explain(cluster, tmp_path, run, job)
-    wait_until(lambda: "not requeueing" in job_log(run), 15, "the launcher's last words")
+    wait_until(lambda: "not requeueing" in job_log(run), 30, "the launcher's last words",
+               diagnose=lambda: explain(cluster, tmp_path, run, job))
