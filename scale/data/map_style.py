@@ -28,8 +28,9 @@ class _SeededView(Dataset):
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
         image, label = self.source[self.indices[i]]
         # fork_rng keeps the worker's global RNG untouched; torchvision draws from it.
+        # Seeding the CPU generator directly skips torch.manual_seed's accelerator set-up.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seeds[i])
+            torch.default_generator.manual_seed(self.seeds[i])
             return self.transform(image), int(label)
 
 

@@ -48,6 +48,12 @@ def build_pretrain_transform(cfg: DataConfig, img_size: int, in_chans: int) -> C
                                 interpolation=InterpolationMode.BICUBIC, antialias=True)]
     if cfg.hflip:
         ops.append(v2.RandomHorizontalFlip())
-    ops.append(normalize)
-    augment = v2.Compose(ops)
-    return lambda image: augment(to_float_tensor(image, in_chans))
+    spatial = v2.Compose(ops)
+
+    def augment(image: Any) -> torch.Tensor:
+        if isinstance(image, Image.Image):
+            # Crop and resize the uint8 PIL image before converting: ~1.5x faster than in float.
+            image = spatial(image.convert("L" if in_chans == 1 else "RGB"))
+            return normalize(to_float_tensor(image, in_chans))
+        return normalize(spatial(to_float_tensor(image, in_chans)))
+    return augment
