@@ -57,7 +57,7 @@ def clean_env(**extra: str) -> Dict[str, str]:
 
 def job_env(out: Path, **extra: str) -> Dict[str, str]:
     return clean_env(RECIPE="recipes/ocl_cpu_tiny.yaml", OUTPUT_DIR=str(out), GLOBAL_BATCH=str(32 * NTASKS),
-                     ENGINE="ddp" if NTASKS > 1 else "single", **extra)
+                     ENGINE="ddp" if NTASKS > 1 else "single", TASK_EXIT_GRACE="30", **extra)
 
 
 def read_metrics(run: Path) -> List[dict]:
