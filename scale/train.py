@@ -34,7 +34,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .trainer import Trainer  # heavy imports only once the config is known to be good
 
     trainer = Trainer(cfg)
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.engine.close()  # tear the process group down so no rank lingers at exit
     # Exit status 3 means "stopped early by SIGUSR1/SIGTERM; a checkpoint was written and
     # `--resume auto` will continue": the SLURM templates (slurm/launch.sh) requeue on it.
     # A run that had already reached its last step when the signal came exits 0 (finished).
