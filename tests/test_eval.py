@@ -156,7 +156,7 @@ def test_linprobe_cli_with_augmentation(monitored_run, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("linprobe: top-1")
     result = json.loads(out.read_text())
     assert result["steps"] == 4 and [h["epoch"] for h in result["history"]] == [1, 2]
-    assert result["lr"] == pytest.approx(0.1 * 32 / 256) and result["recipe"]["probe"]["cache_features"] is False
+    assert result["lr"] == pytest.approx(4.0 * 32 / 256) and result["recipe"]["probe"]["cache_features"] is False
 
 
 # ----------------------------------------------------------------------------- fine-tuning

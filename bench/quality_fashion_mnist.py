@@ -1,0 +1,232 @@
+"""Does OCL learn on real images, on this machine's CPU, in minutes? Fashion-MNIST quality check.
+
+Pre-trains OCL with recipes/ocl_fashion_mnist_cpu.yaml on the Fashion-MNIST train shards and
+keeps checkpoints at about 5, 15 and 30 minutes of training wall-clock (`--budgets`). The run
+is one cosine schedule sized for the largest budget (a short timing run measures s/step first),
+cut into segments that resume exactly (`train.resume=auto`); each segment's step count is
+recomputed from the time the previous segments really took, so a busy machine still stops
+near the budget. Evaluation happens after all training, so it never competes with it.
+
+Every checkpoint, and two baselines, are evaluated on the test split (10k) with the train
+split (60k) as bank / probe training set, all un-augmented:
+
+- kNN: weighted k-NN, k = 20, T = 0.07, on L2-normalised CLS features (scale.eval.knn);
+- linear probe: BN + linear, LARS (recipes/linprobe_fashion_mnist_cpu.yaml) on cached features;
+- baselines: raw pixels ([0, 1], flattened; the probe's BatchNorm standardises them) and the
+  randomly initialised encoder (the very init the run starts from).
+
+Prints a markdown table and writes JSON.
+
+    python bench/quality_fashion_mnist.py                        # 5 / 15 / 30 min: ~50 min in all
+    python bench/quality_fashion_mnist.py --budgets 0.5 1 --max-train-samples 10000   # a smoke run
+    python bench/quality_fashion_mnist.py mask.ratio=0.5 optim.blr=3e-3               # recipe overrides
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from scale.config import RunConfig, load_config, to_dict  # noqa: E402
+from scale.eval.config import LinearProbeRecipe, load_recipe  # noqa: E402
+from scale.eval.features import Features, build_split, extract_features, iterate_split  # noqa: E402
+from scale.eval.knn import knn_accuracy  # noqa: E402
+from scale.eval.linear_probe import cached_batches, train_probe_head  # noqa: E402
+
+RECIPE = REPO / "recipes/ocl_fashion_mnist_cpu.yaml"
+PROBE_RECIPE = REPO / "recipes/linprobe_fashion_mnist_cpu.yaml"
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def ensure_shards(data_dir: Path) -> None:
+    if (data_dir / "train" / "manifest.json").is_file() and (data_dir / "test" / "manifest.json").is_file():
+        return
+    if not FASHION_MNIST.is_dir():
+        sys.exit(f"no shards in {data_dir} and no {FASHION_MNIST}: apt-get install dataset-fashion-mnist")
+    log(f"converting Fashion-MNIST to WebDataset shards in {data_dir}")
+    subprocess.run([sys.executable, "-m", "data_prep.fashion_mnist_to_wds", "--src", str(FASHION_MNIST),
+                    "--out", str(data_dir)], check=True, cwd=REPO)
+
+
+# ----------------------------------------------------------------------------- training
+
+def run_config(args: argparse.Namespace, output_dir: Path, *extra: str) -> RunConfig:
+    data = Path(args.data_dir).resolve()
+    return load_config(RECIPE, [f"data.root={data / 'train'}", f"data.val_root={data / 'test'}",
+                                f"train.output_dir={output_dir}", "train.ckpt_every=1000000000",
+                                f"train.keep_last={len(args.budgets) + 1}", "train.device=cpu",
+                                *args.overrides, *extra])
+
+
+def seconds_per_step(args: argparse.Namespace) -> float:
+    """Median wall time of a step (data wait included) over a short throwaway run."""
+    from scale.trainer import Trainer
+
+    out = Path(args.out_dir) / "timing"
+    cfg = run_config(args, out, f"train.max_steps={args.timing_steps}", "train.log_every=1")
+    Trainer(cfg).fit()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    per_step = [cfg.train.batch_size / r["img_per_s"] for r in records if "img_per_s" in r][2:]  # skip warm-up
+    return median(per_step)
+
+
+def pretrain(args: argparse.Namespace) -> Dict[str, Any]:
+    from scale.trainer import Trainer
+
+    run_dir = Path(args.out_dir) / "ocl"
+    sec = timing_sec = seconds_per_step(args)
+    probe = run_config(args, run_dir)
+    steps_per_epoch = Trainer(probe).steps_per_epoch  # cheap: builds the model, reads the manifest
+    planned_steps = max(args.budgets) * 60 / sec
+    epochs = max(1, math.ceil(planned_steps / steps_per_epoch))
+    log(f"timing: {sec:.2f} s/step -> {max(args.budgets)} min is ~{planned_steps:.0f} steps; schedule: "
+        f"{epochs} epochs of {steps_per_epoch} steps")
+    trained_s, step, checkpoints = 0.0, 0, []
+    for budget in sorted(args.budgets):
+        target = max(step + 1, step + round((budget * 60 - trained_s) / sec))
+        cfg = run_config(args, run_dir, f"train.epochs={epochs}", f"train.max_steps={target}",
+                         "train.resume=auto", "train.log_every=20")
+        started = time.perf_counter()
+        summary = Trainer(cfg).fit()
+        elapsed = time.perf_counter() - started
+        if summary.steps_done:
+            sec = elapsed / summary.steps_done  # the machine's speed right now, overheads included
+        trained_s += elapsed
+        step = summary.final_step
+        checkpoints.append({"budget_min": budget, "trained_min": trained_s / 60, "step": step,
+                            "epoch": step / steps_per_epoch, "checkpoint": summary.last_checkpoint,
+                            "last_loss": summary.losses[-1] if summary.losses else None})
+        log(f"budget {budget} min: step {step} after {trained_s / 60:.1f} min of training -> "
+            f"{summary.last_checkpoint}")
+    return {"seconds_per_step_timing": timing_sec, "seconds_per_step_last": sec, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
+            "checkpoints": checkpoints, "config": to_dict(run_config(args, run_dir, f"train.epochs={epochs}"))}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def pixel_features(split: Any, cfg: RunConfig, max_samples: int) -> Features:
+    """Flattened pixels in [0, 1] (the normalisation undone)."""
+    mean, std = torch.tensor(cfg.data.mean).view(1, -1, 1, 1), torch.tensor(cfg.data.std).view(1, -1, 1, 1)
+    xs, ys, seen = [], [], 0
+    for images, labels in iterate_split(split, 1000, num_workers=cfg.data.num_workers):
+        xs.append((images * std + mean).flatten(1))
+        ys.append(labels.long())
+        seen += images.shape[0]
+        if 0 < max_samples <= seen:
+            break
+    x, y = torch.cat(xs), torch.cat(ys)
+    return (x[:max_samples], y[:max_samples]) if max_samples > 0 else (x, y)
+
+
+def score(name: str, train: Features, test: Features, probe: LinearProbeRecipe, extra: Dict[str, Any]) -> Dict:
+    started = time.perf_counter()
+    knn = knn_accuracy(train, test, k=20, temperature=0.07)
+    batches, steps = cached_batches(train, probe.probe.batch_size, probe.probe.seed)
+    linear = train_probe_head(batches, steps, train[0].shape[1], test, probe.probe, torch.device("cpu"),
+                              progress=False, desc=f"probe {name}", log=lambda m: None, single_thread=True)
+    row = {"name": name, **extra, "knn_top1": knn["top1"], "knn_top5": knn["top5"], "linear_top1": linear["top1"],
+           "linear_top5": linear["top5"], "linear_history": linear["history"],
+           "eval_seconds": time.perf_counter() - started}
+    log(f"{name}: kNN top-1 {knn['top1']:.2f}% | linear top-1 {linear['top1']:.2f}%")
+    return row
+
+
+def evaluate(args: argparse.Namespace, training: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    from scale.eval.features import encoder_from_checkpoint
+    from scale.pretraining import build_pretrain_module
+
+    cfg = run_config(args, Path(args.out_dir) / "ocl")
+    data = Path(args.data_dir).resolve()
+    probe = load_recipe(LinearProbeRecipe, PROBE_RECIPE, [f"data.root={data / 'train'}",
+                                                          f"data.val_root={data / 'test'}", *args.probe_overrides])
+    torch.manual_seed(cfg.train.seed)  # the Trainer's init: the random baseline is where the run starts
+    random_encoder = build_pretrain_module(cfg, attn_backend="sdpa").encoder
+    spec = random_encoder.spec
+    train_split, test_split = build_split(cfg.data, spec, train=True), build_split(cfg.data, spec, train=False)
+    cpu = torch.device("cpu")
+    n = args.max_train_samples
+
+    def encode(encoder) -> tuple:
+        common = dict(device=cpu, batch_size=512, num_workers=cfg.data.num_workers, progress=not args.no_progress)
+        return (extract_features(encoder, train_split, max_samples=n, desc="train features", **common),
+                extract_features(encoder, test_split, desc="test features", **common))
+
+    rows = [score("raw pixels", pixel_features(train_split, cfg, n), pixel_features(test_split, cfg, 0), probe,
+                  {"trained_min": None, "step": None})]
+    rows.append(score("random init", *encode(random_encoder), probe, {"trained_min": 0.0, "step": 0}))
+    for ckpt in (training or {}).get("checkpoints", []):
+        encoder, _ = encoder_from_checkpoint(ckpt["checkpoint"], cfg.model, cpu, "auto")
+        rows.append(score(f"OCL {ckpt['budget_min']:g} min", *encode(encoder), probe,
+                          {"trained_min": ckpt["trained_min"], "step": ckpt["step"], "epoch": ckpt["epoch"]}))
+    return rows
+
+
+def markdown(rows: List[Dict[str, Any]], bank: int) -> str:
+    lines = [f"| encoder | training (min) | step | kNN top-1 (k=20, {bank} bank) | linear probe top-1 |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        minutes = "-" if r["trained_min"] is None else f"{r['trained_min']:.1f}"
+        step = "-" if r["step"] is None else str(r["step"])
+        lines.append(f"| {r['name']} | {minutes} | {step} | {r['knn_top1']:.2f}% | {r['linear_top1']:.2f}% |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[5.0, 15.0, 30.0],
+                        help="minutes of training at which to keep a checkpoint (default: 5 15 30)")
+    parser.add_argument("--data-dir", default=str(REPO / "data/fashion-mnist-wds"))
+    parser.add_argument("--out-dir", default=str(REPO / "runs/quality_fashion_mnist"))
+    parser.add_argument("--json", default=None, help="results JSON (default: OUT_DIR/quality.json)")
+    parser.add_argument("--timing-steps", type=int, default=8)
+    parser.add_argument("--max-train-samples", type=int, default=0,
+                        help="kNN bank / probe training set size (0: all 60k)")
+    parser.add_argument("--probe", dest="probe_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="linear-probe recipe override, e.g. --probe probe.epochs=10")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--skip-training", action="store_true", help="evaluate the baselines only")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="pre-training recipe overrides")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("SCALE_THREADS", os.cpu_count() or 1)))
+    ensure_shards(Path(args.data_dir))
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    if (Path(args.out_dir) / "ocl" / "checkpoints").exists() and not args.skip_training:
+        sys.exit(f"{args.out_dir}/ocl already holds a run; pick another --out-dir (budgets count from step 0)")
+
+    started = time.perf_counter()
+    training = None if args.skip_training else pretrain(args)
+    rows = evaluate(args, training)
+    bank = args.max_train_samples or 60000
+    table = markdown(rows, bank)
+    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                          "threads": torch.get_num_threads()},
+              "budgets_min": args.budgets, "training": training, "rows": rows,
+              "probe_recipe": to_dict(load_recipe(LinearProbeRecipe, PROBE_RECIPE, args.probe_overrides)),
+              "total_seconds": time.perf_counter() - started, "table": table}
+    out = Path(args.json) if args.json else Path(args.out_dir) / "quality.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n" + table + "\n")
+    print(f"results: {out} ({result['total_seconds'] / 60:.1f} min in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
