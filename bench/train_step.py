@@ -5,9 +5,13 @@ A step is the trainer's own `Trainer.train_step` (masks + forward + loss + backw
 step, through the `single` engine), on a fixed batch of random images (data loading is not
 timed: see bench/loader_throughput.py). FLOPs are `train_step_flops` (exact matmul count from
 the shapes). The reference is a square GEMM (fp32 2048^3 on CPU, bf16 4096^3 on CUDA),
-repeated, best-of, measured in the same process right after the timed steps. Each case runs
-in a fresh child process, so compile caches, allocator state and peak memory do not leak
-between cases.
+repeated, best-of, measured in the same process before the model is built and after the timed
+steps. ratio = FLOPs / best step time / best reference: both best-of, so that load from other
+processes on a shared machine biases neither side (`ratio (median)` uses the median step).
+The FLOPs are the model's (activation-checkpointing recomputation is not counted), so the ratio
+is a model-FLOP utilisation relative to what this device's GEMM reaches. Each case runs in a
+fresh child process, so compile caches, allocator state and peak memory do not leak between
+cases; `--rounds N` repeats every case N times, interleaved, and pools the timings.
 
 Peak memory. CUDA: torch.cuda.max_memory_allocated over warm-up + timed steps (tensors only,
 no CUDA context / allocator slack); `step mem` is that minus what was allocated before the
@@ -158,7 +162,8 @@ def gpu_estimates(memory_gib: float = 80.0, usable: float = 0.9) -> List[Dict[st
     for name, ratio in (("vit_base_patch16", 0.3), ("vit_large_patch16", 0.4), ("vit_huge_patch16", 0.4)):
         spec = MODELS.build(name)
         params = param_count(spec)
-        states = 16 * params  # fp32 params + grads + AdamW exp_avg + exp_avg_sq
+        # fp32 params + grads + AdamW exp_avg + exp_avg_sq, and autocast's cached bf16 weight copies
+        states = 18 * params
         budget = memory_gib * GIB * usable - states
         n, ocl_tokens = ocl_tokens_per_image(spec, ratio)
         for kind, tokens in (("ocl", ocl_tokens), ("full-token", 1 + spec.num_patches)):
@@ -195,6 +200,10 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
     """Build the trainer for `case`, time its steps, measure memory and the reference GEMM."""
     torch.set_num_threads(case["threads"])
     device = torch.device(case["device"])
+    gemm = (case["gemm_size"] or (4096 if device.type == "cuda" else 2048),
+            torch.bfloat16 if device.type == "cuda" else torch.float32, case["gemm_repeats"])
+    # Before the model exists (its 3 x 16 MiB stay below any step's peak RSS) and after the steps.
+    references = [matmul_flops_per_s(device, *gemm)]
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [
             f"model.name={case['model']}", f"mask.ratio={case['mask_ratio']}", f"train.batch_size={case['batch']}",
@@ -253,22 +262,38 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
             times.append(time.perf_counter() - start)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
         del trainer, images
-    if device.type == "cuda":
-        reference = matmul_flops_per_s(device, case["gemm_size"] or 4096, torch.bfloat16, case["gemm_repeats"])
-    else:
-        reference = matmul_flops_per_s(device, case["gemm_size"] or 2048, torch.float32, case["gemm_repeats"])
-    best, median = min(times), statistics.median(times)
-    tokens = batch * groups * (1 + visible)
-    return {
-        **case, "groups": groups, "visible_per_group": visible, "tokens_per_step": tokens,
-        "flops_per_step": flops, "step_s_best": best, "step_s_median": median, "step_s_all": times,
-        "warmup_s": warmup_s, "img_per_s": batch / median, "tokens_per_s": tokens / median,
-        "flops_per_s_best": flops / best, "flops_per_s_median": flops / median,
-        "matmul_flops_per_s": reference, "ratio": flops / best / reference,
-        "ratio_median": flops / median / reference, "peak_mem_bytes": peak, "step_mem_bytes": peak - mem_before,
-        "mem_before_bytes": mem_before, "mem_kind": "cuda max_memory_allocated" if device.type == "cuda"
-        else "cpu peak RSS (ru_maxrss)", "loadavg_end": os.getloadavg(),
-    }
+    references.append(matmul_flops_per_s(device, *gemm))
+    raw = {**case, "groups": groups, "visible_per_group": visible, "tokens_per_step": batch * groups * (1 + visible),
+           "flops_per_step": flops, "step_s_all": times, "warmup_s": warmup_s, "matmul_flops_per_s_all": references,
+           "peak_mem_bytes": peak, "step_mem_bytes": peak - mem_before, "mem_before_bytes": mem_before,
+           "mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS (ru_maxrss)",
+           "loadavg_end": [os.getloadavg()[0]]}
+    return summarize(raw)
+
+
+def summarize(r: Dict[str, Any]) -> Dict[str, Any]:
+    """Derived metrics from the step times and reference GEMMs (best-of: least disturbed by other load)."""
+    best, median = min(r["step_s_all"]), statistics.median(r["step_s_all"])
+    reference = max(r["matmul_flops_per_s_all"])
+    flops, tokens = r["flops_per_step"], r["tokens_per_step"]
+    return {**r, "step_s_best": best, "step_s_median": median, "img_per_s": r["batch"] / median,
+            "tokens_per_s": tokens / median, "flops_per_s_best": flops / best, "flops_per_s_median": flops / median,
+            "matmul_flops_per_s": reference, "ratio": flops / best / reference,
+            "ratio_median": flops / median / reference}
+
+
+def merge_rounds(results: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One case measured in several interleaved rounds: pool the step times and the references."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return results[0]
+    merged = dict(ok[0])
+    for key in ("step_s_all", "matmul_flops_per_s_all", "loadavg_end"):
+        merged[key] = [x for r in ok for x in r[key]]
+    merged["peak_mem_bytes"] = max(r["peak_mem_bytes"] for r in ok)
+    merged["step_mem_bytes"] = max(r["step_mem_bytes"] for r in ok)
+    merged["rounds"] = len(ok)
+    return summarize(merged)
 
 
 def run_child(case: Dict[str, Any], timeout: float) -> Dict[str, Any]:
@@ -397,6 +422,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1, help="repeat every case this often, interleaved; "
+                                                       "times and references are pooled (best-of)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--gemm-size", type=int, default=0, help="reference GEMM size (default 2048 CPU, 4096 CUDA)")
     p.add_argument("--gemm-repeats", type=int, default=5)
@@ -456,15 +483,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     cases = compare_cases(base) if args.compare else [base]
-    results = []
-    for case in cases:
-        if "skip" in case:
-            results.append({**case, "error": f"skipped: {case['skip']}"})
-            continue
-        r = run_child(case, args.timeout)
-        results.append(r)
-        status = r.get("error") or f"ratio {r['ratio']:.3f}, {r['img_per_s']:.1f} img/s"
-        print(f"  {case_label(case)}: {status}", flush=True)
+    per_case: List[List[Dict[str, Any]]] = [[] for _ in cases]
+    for round_ in range(args.rounds):  # interleaved: every case sees the same mix of quiet and busy moments
+        for case, runs in zip(cases, per_case):
+            if "skip" in case:
+                runs[:] = [{**case, "error": f"skipped: {case['skip']}"}]
+                continue
+            r = run_child(case, args.timeout)
+            runs.append(r)
+            status = r.get("error") or f"ratio {r['ratio']:.3f}, {r['img_per_s']:.1f} img/s"
+            print(f"  [round {round_ + 1}/{args.rounds}] {case_label(case)}: {status} "
+                  f"(load {os.getloadavg()[0]:.2f})", flush=True)
+    results = [merge_rounds(runs) for runs in per_case]
     env["loadavg_end"] = os.getloadavg()
     lines = print_table(results)
     print("\n".join(lines))
