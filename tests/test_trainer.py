@@ -37,6 +37,7 @@ def test_loss_falls_and_logs_everything(tiny_cfg):
                 "grad_norm", "skipped_samples"):
         assert key in records[-1] and math.isfinite(records[-1][key]), key
     assert records[-1]["pos_cos"] > records[-1]["neg_cos"]
+    assert records[-1]["engine"] == "single"
     assert any(p.name.startswith("events.out.tfevents") for p in (type(REPO)(run) / "tensorboard").iterdir())
 
 

@@ -162,15 +162,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _window_record(self, step_metrics: Dict[str, torch.Tensor], elapsed: float, steps: int,
-                       data_wait: float) -> Dict[str, float]:
+                       data_wait: float) -> Dict[str, Any]:
         """Metrics of the last step plus throughput over the steps since the last log."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         batch, groups, visible = self._last_group_shape
         batch *= self.engine.world_size
         flops = train_step_flops(self.spec, batch, groups, visible, self.cfg.model.train_patch_embed)
-        record = {k: float(v) for k, v in step_metrics.items()}
+        record: Dict[str, Any] = {k: float(v) for k, v in step_metrics.items()}
         record.update({
+            "engine": self.engine.name,  # text: in the log line and metrics.jsonl, not TensorBoard
             "lr": self.engine.optimizer.param_groups[0]["lr"],
             "epoch": self.step / self.steps_per_epoch,
             "img_per_s": steps * batch / elapsed,
