@@ -20,7 +20,7 @@ from ..config import ConfigError, RunConfig, _merge, _set_dotted, load_config, t
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m scale.eval", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m scale.eval", description="Evaluate a pre-trained encoder.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("knn", "linprobe", "finetune"):
