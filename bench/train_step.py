@@ -205,6 +205,20 @@ class FullTokenClassifier(nn.Module):
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
 
 
+def use_adamw_impl(impl: str) -> None:
+    """Bench-only experiment (in this child process): make torch.optim.AdamW default to the
+    `foreach` or `fused` implementation, to measure what changing scale/trainer/optim.py would give.
+    torch's CPU default is the per-parameter loop: ~7 small ops per parameter tensor."""
+    base = torch.optim.AdamW
+
+    class AdamWImpl(base):
+        def __init__(self, *args: Any, **kwargs: Any):
+            kwargs.setdefault(impl, True)
+            super().__init__(*args, **kwargs)
+
+    torch.optim.AdamW = AdamWImpl
+
+
 def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
     """Build the trainer for `case`, time its steps, measure memory and the reference GEMM."""
     torch.set_num_threads(case["threads"])
@@ -225,6 +239,8 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
         spec = MODELS.build(case["model"])
         overrides += [f"data.mean={[0.5] * spec.in_chans}", f"data.std={[0.25] * spec.in_chans}"]
         cfg = load_config(case["recipe"], overrides)
+        if case.get("adamw", "default") != "default":
+            use_adamw_impl(case["adamw"])
         trainer = Trainer(cfg)
         spec = trainer.spec
         batch = cfg.train.batch_size
@@ -332,6 +348,8 @@ def case_label(case: Dict[str, Any]) -> str:
         parts.append(f"AC {case['ac']}")
     if case["compile"]:
         parts.append("compile")
+    if case.get("adamw", "default") != "default":
+        parts.append(f"{case['adamw']} AdamW")
     return case.get("label") or ", ".join(parts)
 
 
@@ -372,6 +390,8 @@ def compare_cases(base: Dict[str, Any]) -> List[Dict[str, Any]]:
              label=f"OCL 2 groups, {default_attn}, compile"),
         dict(base, attn=default_attn, ac="full", compile=True, warmup=max(base["warmup"], 3),
              label=f"OCL 2 groups, {default_attn}, AC full + compile"),
+        dict(base, attn=default_attn, adamw="fused", label=f"OCL 2 groups, {default_attn}, fused AdamW (bench-only)"),
+        dict(base, attn=default_attn, threads=1, label=f"OCL 2 groups, {default_attn}, 1 thread (vs 1-thread GEMM)"),
         dict(base, attn=default_attn, kind="full", label=f"full-token ViT step, {default_attn}"),
         dict(base, attn=default_attn, kind="full", compile=True, warmup=max(base["warmup"], 3),
              label=f"full-token ViT step, {default_attn}, compile"),
@@ -429,6 +449,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "math", "xformers"))
     p.add_argument("--ac", default="none", help="activation checkpointing: none | full | every_<k> | 0,2,5")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--adamw", default="default", choices=("default", "foreach", "fused"),
+                   help="bench-only: the torch AdamW implementation (the trainer uses torch's default)")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1, help="repeat every case this often, interleaved; "
@@ -478,6 +500,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "mask_ratio": args.mask_ratio if args.mask_ratio is not None else paper.get("mask_ratio") or rcfg.mask.ratio,
         "defaults_from": paper.get("recipe", str(recipe)), "device": args.device,
         "precision": args.precision, "attn": args.attn, "ac": args.ac, "compile": args.compile, "kind": "ocl",
+        "adamw": args.adamw,
         "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "gemm_size": args.gemm_size,
         "gemm_repeats": args.gemm_repeats, "sweep_ac": args.sweep_ac.split(","),
     }
