@@ -326,7 +326,8 @@ def run_child(case: Dict[str, Any], timeout: float) -> Dict[str, Any]:
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_case", json.dumps(case), "--_result", out.name]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            env = {**os.environ, **case.get("env", {})}
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired:
             return {**case, "error": f"timed out after {timeout:.0f} s"}
         text = Path(out.name).read_text()
@@ -392,6 +393,8 @@ def compare_cases(base: Dict[str, Any]) -> List[Dict[str, Any]]:
              label=f"OCL 2 groups, {default_attn}, AC full + compile"),
         dict(base, attn=default_attn, adamw="fused", label=f"OCL 2 groups, {default_attn}, fused AdamW (bench-only)"),
         dict(base, attn=default_attn, threads=1, label=f"OCL 2 groups, {default_attn}, 1 thread (vs 1-thread GEMM)"),
+        dict(base, attn=default_attn, env={"OMP_WAIT_POLICY": "PASSIVE"},
+             label=f"OCL 2 groups, {default_attn}, OMP_WAIT_POLICY=PASSIVE"),
         dict(base, attn=default_attn, kind="full", label=f"full-token ViT step, {default_attn}"),
         dict(base, attn=default_attn, kind="full", compile=True, warmup=max(base["warmup"], 3),
              label=f"full-token ViT step, {default_attn}, compile"),
@@ -506,6 +509,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     env = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
            "threads": args.threads, "loadavg_start": os.getloadavg(),
+           "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_"))},
            "cuda": torch.cuda.get_device_name() if args.device == "cuda" else None}
     print(f"# {base['model']} batch {base['batch']} mask {base['mask_ratio']} on {args.device} "
           f"({args.threads} threads, torch {torch.__version__}), load average {env['loadavg_start'][0]:.2f}", flush=True)
