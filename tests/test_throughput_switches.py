@@ -195,6 +195,15 @@ def test_trainer_applies_switches_before_the_engine(tmp_path, engine):
     assert list(state) == list(plain_state)  # no _checkpoint_wrapped_module. / _orig_mod. prefixes
 
 
+def test_gradient_caching_with_activation_checkpointing(tmp_path):
+    """Gradient caching's no-grad embedding pass skips checkpointing; its re-embedding under the same
+    RNG state (drop-path) recomputes the same activations: the losses are identical."""
+    common = ("train.contrastive_batch=8", "train.grad_cache_chunk=3", "model.drop_path_rate=0.2")
+    reference, _, _ = run_steps(micro_cfg(tmp_path / "ref", *common))
+    losses, _, _ = run_steps(micro_cfg(tmp_path / "ac", *common, "train.activation_checkpointing=full"))
+    assert losses == pytest.approx(reference, rel=1e-6, abs=1e-7)
+
+
 def test_deepspeed_engine_with_activation_checkpointing(tmp_path):
     """Opt-in (SCALE_TEST_DEEPSPEED=1): DeepSpeed's CPU accelerator JIT-builds its shared-memory
     comm op (ninja, 30-110 s on 2 cores, and rebuilt whenever another environment with other
