@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +46,7 @@ from scale.eval.config import LinearProbeRecipe, load_recipe  # noqa: E402
 from scale.eval.features import Features, build_split, extract_features, iterate_split  # noqa: E402
 from scale.eval.knn import knn_accuracy  # noqa: E402
 from scale.eval.linear_probe import cached_batches, train_probe_head  # noqa: E402
+from scale.trainer.checkpoint import CheckpointManager  # noqa: E402
 
 RECIPE = REPO / "recipes/ocl_fashion_mnist_cpu.yaml"
 PROBE_RECIPE = REPO / "recipes/linprobe_fashion_mnist_cpu.yaml"
@@ -71,7 +73,7 @@ def run_config(args: argparse.Namespace, output_dir: Path, *extra: str) -> RunCo
     data = Path(args.data_dir).resolve()
     return load_config(RECIPE, [f"data.root={data / 'train'}", f"data.val_root={data / 'test'}",
                                 f"train.output_dir={output_dir}", "train.ckpt_every=1000000000",
-                                f"train.keep_last={len(args.budgets) + 1}", "train.device=cpu",
+                                "train.device=cpu",
                                 *args.overrides, *extra])
 
 
@@ -80,6 +82,7 @@ def seconds_per_step(args: argparse.Namespace) -> float:
     from scale.trainer import Trainer
 
     out = Path(args.out_dir) / "timing"
+    shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl appends: start clean
     cfg = run_config(args, out, f"train.max_steps={args.timing_steps}", "train.log_every=1")
     Trainer(cfg).fit()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -99,24 +102,38 @@ def pretrain(args: argparse.Namespace) -> Dict[str, Any]:
     log(f"timing: {sec:.2f} s/step -> {max(args.budgets)} min is ~{planned_steps:.0f} steps; schedule: "
         f"{epochs} epochs of {steps_per_epoch} steps")
     trained_s, step, checkpoints = 0.0, 0, []
+    total_steps = epochs * steps_per_epoch
     for budget in sorted(args.budgets):
-        target = max(step + 1, step + round((budget * 60 - trained_s) / sec))
-        cfg = run_config(args, run_dir, f"train.epochs={epochs}", f"train.max_steps={target}",
-                         "train.resume=auto", "train.log_every=20")
-        started = time.perf_counter()
-        summary = Trainer(cfg).fit()
-        elapsed = time.perf_counter() - started
-        if summary.steps_done:
-            sec = elapsed / summary.steps_done  # the machine's speed right now, overheads included
-        trained_s += elapsed
-        step = summary.final_step
+        # Segments of at most --replan-min minutes, each planned from the speed the last one measured,
+        # so a machine that slows down (or speeds up) mid-budget still stops near the budget.
+        # Resuming is exact, so the segments add up to one uninterrupted run.
+        summary = None
+        while step < total_steps:
+            remaining = budget * 60 - trained_s
+            if remaining < 0.5 * sec and step > 0:
+                break
+            steps = max(1, round(min(remaining, args.replan_min * 60) / sec))
+            cfg = run_config(args, run_dir, f"train.epochs={epochs}", f"train.max_steps={step + steps}",
+                             "train.resume=auto", "train.log_every=20", "train.keep_last=2")
+            trainer = Trainer(cfg)  # set-up is not training time; fit() (loading, steps, checkpoint) is
+            started = time.perf_counter()
+            summary = trainer.fit()
+            elapsed = time.perf_counter() - started
+            if summary.steps_done:
+                sec = elapsed / summary.steps_done
+            trained_s += elapsed
+            step = summary.final_step
+        # Keep the budget's checkpoint out of the rotating checkpoints/ directory.
+        latest = CheckpointManager(run_dir / "checkpoints").latest()
+        kept = run_dir / f"budget_{budget:g}min"
+        shutil.copytree(latest, kept)
         checkpoints.append({"budget_min": budget, "trained_min": trained_s / 60, "step": step,
-                            "epoch": step / steps_per_epoch, "checkpoint": summary.last_checkpoint,
-                            "last_loss": summary.losses[-1] if summary.losses else None})
-        log(f"budget {budget} min: step {step} after {trained_s / 60:.1f} min of training -> "
-            f"{summary.last_checkpoint}")
-    return {"seconds_per_step_timing": timing_sec, "seconds_per_step_last": sec, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
-            "checkpoints": checkpoints, "config": to_dict(run_config(args, run_dir, f"train.epochs={epochs}"))}
+                            "epoch": step / steps_per_epoch, "checkpoint": str(kept),
+                            "last_loss": summary.losses[-1] if summary and summary.losses else None})
+        log(f"budget {budget:g} min: step {step} after {trained_s / 60:.2f} min of training -> {kept}")
+    return {"seconds_per_step_timing": timing_sec, "seconds_per_step_last": sec, "epochs": epochs,
+            "steps_per_epoch": steps_per_epoch, "checkpoints": checkpoints,
+            "config": to_dict(run_config(args, run_dir, f"train.epochs={epochs}"))}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -197,6 +214,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out-dir", default=str(REPO / "runs/quality_fashion_mnist"))
     parser.add_argument("--json", default=None, help="results JSON (default: OUT_DIR/quality.json)")
     parser.add_argument("--timing-steps", type=int, default=8)
+    parser.add_argument("--replan-min", type=float, default=2.0,
+                        help="longest training segment between speed re-measurements (minutes)")
     parser.add_argument("--max-train-samples", type=int, default=0,
                         help="kNN bank / probe training set size (0: all 60k)")
     parser.add_argument("--probe", dest="probe_overrides", action="append", default=[], metavar="KEY=VALUE",
