@@ -1,5 +1,18 @@
 """Offline conversion of image data sets into WebDataset tar shards (see the scripts in this folder)."""
 
+import argparse
+
 
 class DataPrepError(Exception):
     """A problem with the user's input or output folder; the scripts print it as one clear line and exit 1."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type shared by the scripts: a clear error for anything but an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as `python data_prep/fashion_mnist_to_wds.p
 import numpy as np
 from PIL import Image
 
-from data_prep import DataPrepError
+from data_prep import DataPrepError, positive_int
 from data_prep.manifest import MANIFEST_NAME, build_manifest, write_manifest
 from data_prep.shard_writing import ResumableShardWriter, prepare_output_dir
 
@@ -147,16 +147,6 @@ def convert_split(
     write_manifest(out_dir, manifest)
     writer.discard_journal()
     return manifest
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,7 +45,7 @@ import PIL
 from PIL import Image
 from tqdm import tqdm
 
-from data_prep import DataPrepError
+from data_prep import DataPrepError, positive_int
 from data_prep.manifest import SPLIT_NAME_PATTERN, build_manifest, write_manifest
 from data_prep.shard_writing import ResumableShardWriter, SkippedItem, prepare_output_dir
 
@@ -383,16 +383,6 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------
 # Command line
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def jpeg_quality(text: str) -> int:

@@ -213,7 +213,7 @@ def _merge(obj: Any, data: Dict[str, Any], prefix: str = "") -> None:
             setattr(obj, name, _coerce(value, hints[name], key))
 
 
-def _set_dotted(cfg: RunConfig, dotted: str, raw: str) -> None:
+def _set_dotted(cfg: Any, dotted: str, raw: str) -> None:
     parts = dotted.split(".")
     data: Dict[str, Any] = {}
     node = data
@@ -224,21 +224,34 @@ def _set_dotted(cfg: RunConfig, dotted: str, raw: str) -> None:
     _merge(cfg, data)
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Build a RunConfig from defaults, an optional YAML recipe, then `key=value` overrides."""
-    cfg = RunConfig()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe {str(path)!r} does not exist")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        _merge(cfg, data)
+def merge_recipe(cfg: Any, path: str | Path) -> None:
+    """Merge a YAML recipe file into the dataclass `cfg` (unknown keys and bad types raise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist")
+    with open(path) as f:
+        _merge(cfg, yaml.safe_load(f) or {})
+
+
+def apply_overrides(cfg: Any, overrides: Sequence[str], example: str = "optim.blr=1e-4") -> None:
+    """Apply dotted `key=value` overrides to the dataclass `cfg`."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.blr=1e-4)")
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. {example})")
         key, raw = item.split("=", 1)
         _set_dotted(cfg, key.strip(), raw)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (),
+                base: Optional[Dict[str, Any]] = None) -> RunConfig:
+    """Build a RunConfig from defaults, a saved config dict (`base`, e.g. a checkpoint's),
+    an optional YAML recipe, then `key=value` overrides; validated before it is returned."""
+    cfg = RunConfig()
+    if base:
+        _merge(cfg, base)
+    if path is not None:
+        merge_recipe(cfg, path)
+    apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg
 

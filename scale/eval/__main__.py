@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..config import ConfigError, RunConfig, _merge, _set_dotted, load_config, to_dict, validate
+from ..config import ConfigError, RunConfig, load_config, to_dict
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,15 +41,7 @@ def knn_config(checkpoint_config: Optional[dict], recipe: Optional[str], overrid
         return load_config(recipe, overrides)
     if not checkpoint_config:
         raise ConfigError("the checkpoint carries no saved config; pass --config RECIPE")
-    cfg = RunConfig()
-    _merge(cfg, checkpoint_config)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(cfg, key.strip(), raw)
-    validate(cfg)
-    return cfg
+    return load_config(None, overrides, base=checkpoint_config)
 
 
 def run_knn(checkpoint: str, recipe: Optional[str], overrides: List[str], progress: bool) -> dict:

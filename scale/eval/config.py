@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Type, TypeVar
 
-import yaml
 
-from ..config import ConfigError, DataConfig, ModelConfig, RunConfig, _merge, _set_dotted, validate
+from ..config import ConfigError, DataConfig, ModelConfig, RunConfig, apply_overrides, merge_recipe, validate
 
 
 def _probe_data() -> DataConfig:
@@ -110,15 +109,8 @@ def load_recipe(cls: Type[Recipe], path: Optional[str | Path] = None, overrides:
     """Defaults, then the YAML recipe, then `key=value` overrides; validated before any work."""
     cfg = cls()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe {str(path)!r} does not exist")
-        _merge(cfg, yaml.safe_load(path.read_text()) or {})
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. probe.blr=0.05)")
-        key, raw = item.split("=", 1)
-        _set_dotted(cfg, key.strip(), raw)
+        merge_recipe(cfg, path)
+    apply_overrides(cfg, overrides, example="probe.blr=0.05")
     validate_recipe(cfg)
     return cfg
 
