@@ -48,7 +48,8 @@ def run_knn(checkpoint: str, recipe: Optional[str], overrides: List[str], progre
     import time
 
     from ..export import load_checkpoint
-    from .features import amp_dtype_for, encoder_from_checkpoint, resolve_device
+    from ..device import autocast_dtype, resolve_device
+    from .features import encoder_from_checkpoint
     from .knn import KnnMonitor
 
     loaded = load_checkpoint(checkpoint)
@@ -56,7 +57,7 @@ def run_knn(checkpoint: str, recipe: Optional[str], overrides: List[str], progre
     device = resolve_device(cfg.train.device)
     started = time.perf_counter()
     encoder, loaded = encoder_from_checkpoint(loaded, cfg.model, device, cfg.model.attn_backend)
-    record = KnnMonitor(cfg, encoder.spec).evaluate(encoder, device, amp_dtype_for(cfg.train.precision, device),
+    record = KnnMonitor(cfg, encoder.spec).evaluate(encoder, device, autocast_dtype(cfg.train.precision, device),
                                                     progress=progress)
     return {"kind": "knn", "checkpoint": str(loaded.path), "step": loaded.meta.get("step"),
             "model": loaded.meta.get("model", cfg.model.name), "top1": record["knn_top1"],

@@ -15,29 +15,12 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..config import ConfigError, DataConfig, ModelConfig, _merge
+from ..config import DataConfig, ModelConfig, _merge
 from ..data import LoaderSpec, PretrainData, build_dataset
 from ..models import VisibleTokenViT, build_encoder
 from ..models.vit import ViTSpec
 
 Features = Tuple[torch.Tensor, torch.Tensor]  # (N, D) float32 on CPU, (N,) int64 labels
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA device is available")
-    return torch.device(requested)
-
-
-def amp_dtype_for(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """bf16 autocast on CUDA by default; fp32 on CPU (CPU bf16 is slow)."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if precision not in ("bf16", "fp32"):
-        raise ConfigError(f"precision must be auto, bf16 or fp32; got {precision!r}")
-    return torch.bfloat16 if precision == "bf16" else None
 
 
 def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:

@@ -29,7 +29,8 @@ from ..data import LoaderSpec
 from ..models.vit import ViTSpec
 from ..trainer.optim import build_schedule
 from .config import FinetuneConfig, FinetuneRecipe
-from .features import amp_dtype_for, autocast, build_split, eval_mode, iterate_split, resolve_device
+from ..device import autocast_dtype, resolve_device
+from .features import autocast, build_split, eval_mode, iterate_split
 
 
 def build_classifier(encoder_state: Dict[str, torch.Tensor], spec: ViTSpec, cfg: FinetuneConfig) -> nn.Module:
@@ -105,7 +106,7 @@ def finetune_model(model: nn.Module, recipe: FinetuneRecipe, spec: ViTSpec, devi
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)  # RandomErasing draws from Python's random
     model.to(device)
-    amp = amp_dtype_for(cfg.precision, device)
+    amp = autocast_dtype(cfg.precision, device)
     workers = recipe.data.num_workers
     train_split = build_split(recipe.data, spec, train=True, augment=True)
     val_split = build_split(recipe.data, spec, train=False)
@@ -185,7 +186,7 @@ def run_finetune(checkpoint: str, recipe: FinetuneRecipe, progress: bool = True,
     """Fine-tune a checkpoint's encoder; optionally save the classifier (safetensors + timm kwargs)."""
     from ..export import encoder_state_dict, load_checkpoint, spec_from_config, timm_kwargs
 
-    device = resolve_device(recipe.finetune.device)
+    device = resolve_device(recipe.finetune.device, "finetune.device")
     started = time.perf_counter()
     loaded = load_checkpoint(checkpoint)
     spec = spec_from_config(loaded.config, loaded.meta.get("model", "") or recipe.model.name)

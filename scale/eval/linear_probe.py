@@ -29,8 +29,9 @@ from tqdm import tqdm
 from ..config import OptimConfig, to_dict
 from ..trainer.optim import build_schedule
 from .config import LinearProbeConfig, LinearProbeRecipe
-from .features import (Features, amp_dtype_for, autocast, build_split, encode_cls, encoder_from_checkpoint,
-                       eval_mode, extract_features, iterate_split, resolve_device)
+from ..device import autocast_dtype, resolve_device
+from .features import (Features, autocast, build_split, encode_cls, encoder_from_checkpoint, eval_mode,
+                       extract_features, iterate_split)
 
 BatchSource = Callable[[int], Iterator[Tuple[torch.Tensor, torch.Tensor]]]  # epoch -> (features, labels)
 
@@ -177,7 +178,7 @@ def probe_encoder(encoder: nn.Module, recipe: LinearProbeRecipe, device: torch.d
     """Linear-probe a frozen encoder on recipe.data (root: train, val_root: evaluation)."""
     cfg = recipe.probe
     spec = encoder.spec
-    amp = amp_dtype_for(cfg.precision, device)
+    amp = autocast_dtype(cfg.precision, device)
     workers = recipe.data.num_workers
     common = dict(device=device, batch_size=cfg.encode_chunk, amp_dtype=amp, num_workers=workers,
                   seed=cfg.seed, progress=progress)
@@ -222,7 +223,7 @@ def augmented_batches(encoder: nn.Module, split: Any, cfg: LinearProbeConfig, de
 
 def run_linear_probe(checkpoint: str, recipe: LinearProbeRecipe, progress: bool = True) -> Dict[str, Any]:
     """Probe a checkpoint; the results dict (without the head) is JSON-ready."""
-    device = resolve_device(recipe.probe.device)
+    device = resolve_device(recipe.probe.device, "probe.device")
     started = time.perf_counter()
     encoder, loaded = encoder_from_checkpoint(checkpoint, recipe.model, device, recipe.model.attn_backend)
     result = probe_encoder(encoder, recipe, device, progress)

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..config import RunConfig, to_dict, to_yaml
+from ..device import autocast_dtype, resolve_device
 from ..data import LoaderSpec, PretrainData, build_dataset
 from ..engine import ENGINES, Engine, GradCache, plan_batch
 from ..engine.distributed import StepTimer, launcher_engine_name
@@ -38,21 +39,6 @@ class TrainSummary:
     output_dir: str = ""
     last_checkpoint: Optional[str] = None
     preempted: bool = False
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
-    return torch.device(requested)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """bf16 autocast on CUDA, fp32 on CPU (bf16 is ~20x slower than fp32 on most CPUs)."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return torch.bfloat16 if precision == "bf16" else None
 
 
 def build_engine(cfg: RunConfig, device: torch.device) -> Engine:
