@@ -185,9 +185,11 @@ def evaluate(args: argparse.Namespace, training: Optional[Dict[str, Any]]) -> Li
         return (extract_features(encoder, train_split, max_samples=n, desc="train features", **common),
                 extract_features(encoder, test_split, desc="test features", **common))
 
-    rows = [score("raw pixels", pixel_features(train_split, cfg, n), pixel_features(test_split, cfg, 0), probe,
-                  {"trained_min": None, "step": None})]
-    rows.append(score("random init", *encode(random_encoder), probe, {"trained_min": 0.0, "step": 0}))
+    rows = []
+    if not args.skip_baselines:
+        rows.append(score("raw pixels", pixel_features(train_split, cfg, n), pixel_features(test_split, cfg, 0),
+                          probe, {"trained_min": None, "step": None}))
+        rows.append(score("random init", *encode(random_encoder), probe, {"trained_min": 0.0, "step": 0}))
     for ckpt in (training or {}).get("checkpoints", []):
         encoder, _ = encoder_from_checkpoint(ckpt["checkpoint"], cfg.model, cpu, "auto")
         rows.append(score(f"OCL {ckpt['budget_min']:g} min", *encode(encoder), probe,
@@ -222,8 +224,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="linear-probe recipe override, e.g. --probe probe.epochs=10")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--skip-training", action="store_true", help="evaluate the baselines only")
+    parser.add_argument("--skip-baselines", action="store_true",
+                        help="evaluate the OCL checkpoints only (for sweeps over recipe overrides)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="pre-training recipe overrides")
     args = parser.parse_args(argv)
+    if args.skip_training and args.skip_baselines:
+        parser.error("--skip-training and --skip-baselines together leave nothing to evaluate")
     torch.set_num_threads(int(os.environ.get("SCALE_THREADS", os.cpu_count() or 1)))
     ensure_shards(Path(args.data_dir))
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
