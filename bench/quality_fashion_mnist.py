@@ -17,7 +17,7 @@ split (60k) as bank / probe training set, all un-augmented:
 
 Prints a markdown table and writes JSON.
 
-    python bench/quality_fashion_mnist.py                        # 5 / 15 / 30 min: ~50 min in all
+    python bench/quality_fashion_mnist.py                        # 5 / 15 / 30 min: ~35 min in all
     python bench/quality_fashion_mnist.py --budgets 0.5 1 --max-train-samples 10000   # a smoke run
     python bench/quality_fashion_mnist.py mask.ratio=0.5 optim.blr=3e-3               # recipe overrides
 """
@@ -87,6 +87,8 @@ def seconds_per_step(args: argparse.Namespace) -> float:
     Trainer(cfg).fit()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     per_step = [cfg.train.batch_size / r["img_per_s"] for r in records if "img_per_s" in r][2:]  # skip warm-up
+    if not per_step:
+        sys.exit(f"the timing run logged no step past the warm-up ({out / 'metrics.jsonl'})")
     return median(per_step)
 
 
@@ -94,6 +96,8 @@ def pretrain(args: argparse.Namespace) -> Dict[str, Any]:
     from scale.trainer import Trainer
 
     run_dir = Path(args.out_dir) / "ocl"
+    load_before = os.getloadavg()[0]  # anything else running shortens the schedule and the step counts
+    log(f"load average before training: {load_before:.2f} on {os.cpu_count()} cores")
     sec = timing_sec = seconds_per_step(args)
     probe = run_config(args, run_dir)
     steps_per_epoch = Trainer(probe).steps_per_epoch  # cheap: builds the model, reads the manifest
@@ -131,8 +135,9 @@ def pretrain(args: argparse.Namespace) -> Dict[str, Any]:
                             "epoch": step / steps_per_epoch, "checkpoint": str(kept),
                             "last_loss": summary.losses[-1] if summary and summary.losses else None})
         log(f"budget {budget:g} min: step {step} after {trained_s / 60:.2f} min of training -> {kept}")
-    return {"seconds_per_step_timing": timing_sec, "seconds_per_step_last": sec, "epochs": epochs,
-            "steps_per_epoch": steps_per_epoch, "checkpoints": checkpoints,
+    return {"load_average_before": load_before, "seconds_per_step_timing": timing_sec,
+            "seconds_per_step_last": sec, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
+            "checkpoints": checkpoints,
             "config": to_dict(run_config(args, run_dir, f"train.epochs={epochs}"))}
 
 
@@ -215,7 +220,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--data-dir", default=str(REPO / "data/fashion-mnist-wds"))
     parser.add_argument("--out-dir", default=str(REPO / "runs/quality_fashion_mnist"))
     parser.add_argument("--json", default=None, help="results JSON (default: OUT_DIR/quality.json)")
-    parser.add_argument("--timing-steps", type=int, default=8)
+    parser.add_argument("--timing-steps", type=int, default=24,
+                        help="steps of the throwaway run that sizes the schedule; the median of steps 3.. "
+                             "is used, so a few seconds of load elsewhere do not shorten the schedule")
     parser.add_argument("--replan-min", type=float, default=2.0,
                         help="longest training segment between speed re-measurements (minutes)")
     parser.add_argument("--max-train-samples", type=int, default=0,
@@ -230,6 +237,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.skip_training and args.skip_baselines:
         parser.error("--skip-training and --skip-baselines together leave nothing to evaluate")
+    if args.timing_steps < 3:
+        parser.error(f"--timing-steps {args.timing_steps}: the first 2 steps are warm-up; use 3 or more (default 24)")
     torch.set_num_threads(int(os.environ.get("SCALE_THREADS", os.cpu_count() or 1)))
     ensure_shards(Path(args.data_dir))
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)

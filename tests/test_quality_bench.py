@@ -1,0 +1,37 @@
+"""bench/quality_fashion_mnist.py: bad command lines fail before any work, naming the option."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality_bench():
+    spec = importlib.util.spec_from_file_location("quality_fashion_mnist", REPO / "bench/quality_fashion_mnist.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--skip-training", "--skip-baselines"], "--skip-baselines"),
+    (["--timing-steps", "2"], "--timing-steps 2"),
+])
+def test_bad_arguments_are_refused_before_any_work(quality_bench, tmp_path, capsys, argv, named):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        quality_bench.main([*argv, "--out-dir", str(out), "--data-dir", str(tmp_path / "no-shards")])
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
+    assert not out.exists()  # refused before creating anything
+
+
+def test_markdown_table_has_one_row_per_encoder(quality_bench):
+    rows = [{"name": "raw pixels", "trained_min": None, "step": None, "knn_top1": 84.594, "linear_top1": 84.586},
+            {"name": "OCL 5 min", "trained_min": 5.04, "step": 635, "knn_top1": 81.39, "linear_top1": 82.08}]
+    table = quality_bench.markdown(rows, 60000).splitlines()
+    assert table[0].startswith("| encoder |") and "60000 bank" in table[0]
+    assert table[2] == "| raw pixels | - | - | 84.59% | 84.59% |"
+    assert table[3] == "| OCL 5 min | 5.0 | 635 | 81.39% | 82.08% |"
