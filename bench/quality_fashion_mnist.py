@@ -51,6 +51,7 @@ from scale.trainer.checkpoint import CheckpointManager  # noqa: E402
 RECIPE = REPO / "recipes/ocl_fashion_mnist_cpu.yaml"
 PROBE_RECIPE = REPO / "recipes/linprobe_fashion_mnist_cpu.yaml"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+TIMING_WARMUP_STEPS = 2  # the timing run's first steps start the loader and allocate: not the pace
 
 
 def log(message: str) -> None:
@@ -86,7 +87,7 @@ def seconds_per_step(args: argparse.Namespace) -> float:
     cfg = run_config(args, out, f"train.max_steps={args.timing_steps}", "train.log_every=1")
     Trainer(cfg).fit()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    per_step = [cfg.train.batch_size / r["img_per_s"] for r in records if "img_per_s" in r][2:]  # skip warm-up
+    per_step = [cfg.train.batch_size / r["img_per_s"] for r in records if "img_per_s" in r][TIMING_WARMUP_STEPS:]
     if not per_step:
         sys.exit(f"the timing run logged no step past the warm-up ({out / 'metrics.jsonl'})")
     return median(per_step)
@@ -221,8 +222,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out-dir", default=str(REPO / "runs/quality_fashion_mnist"))
     parser.add_argument("--json", default=None, help="results JSON (default: OUT_DIR/quality.json)")
     parser.add_argument("--timing-steps", type=int, default=24,
-                        help="steps of the throwaway run that sizes the schedule; the median of steps 3.. "
-                             "is used, so a few seconds of load elsewhere do not shorten the schedule")
+                        help="steps of the throwaway run that sizes the schedule; the median of the steps "
+                             f"after the first {TIMING_WARMUP_STEPS} is used, so a few seconds of load "
+                             "elsewhere do not shorten the schedule")
     parser.add_argument("--replan-min", type=float, default=2.0,
                         help="longest training segment between speed re-measurements (minutes)")
     parser.add_argument("--max-train-samples", type=int, default=0,
@@ -237,8 +239,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.skip_training and args.skip_baselines:
         parser.error("--skip-training and --skip-baselines together leave nothing to evaluate")
-    if args.timing_steps < 3:
-        parser.error(f"--timing-steps {args.timing_steps}: the first 2 steps are warm-up; use 3 or more (default 24)")
+    if args.timing_steps <= TIMING_WARMUP_STEPS:
+        parser.error(f"--timing-steps {args.timing_steps}: the first {TIMING_WARMUP_STEPS} steps are warm-up; "
+                     f"use {TIMING_WARMUP_STEPS + 1} or more (default 24)")
     torch.set_num_threads(int(os.environ.get("SCALE_THREADS", os.cpu_count() or 1)))
     ensure_shards(Path(args.data_dir))
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
