@@ -14,8 +14,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A recipe or override that does not match the config schema."""
 
 

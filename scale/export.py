@@ -124,7 +124,7 @@ def _strip_wrappers(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def _read_torch(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
-    state = torch.load(path / TORCH_STATE_FILE, map_location="cpu", weights_only=False)
+    state = torch.load(path / TORCH_STATE_FILE, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointFormatError(f"checkpoint {str(path)!r}: {TORCH_STATE_FILE} has no 'model' entry")
     return state["model"], (state.get("extra") or {}).get("config")
@@ -152,7 +152,7 @@ def _read_dcp(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, A
     config = None
     extra_file = path / DCP_EXTRA_FILE
     if extra_file.is_file():
-        config = torch.load(extra_file, map_location="cpu", weights_only=False).get("config")
+        config = torch.load(extra_file, map_location="cpu", weights_only=True).get("config")
     return model, config
 
 
@@ -161,7 +161,7 @@ def _read_deepspeed(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[
     module_file = tag_dir / "mp_rank_00_model_states.pt"
     zero3_files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
     states_file = module_file if module_file.is_file() else zero3_files[0]
-    client = torch.load(states_file, map_location="cpu", weights_only=False)
+    client = torch.load(states_file, map_location="cpu", weights_only=True)
     config = (client.get(DEEPSPEED_EXTRA_KEY) or {}).get("config")
     has_zero_partitions = any(tag_dir.glob("*optim_states.pt"))
     try:

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .base import Batch, LoaderSpec, PretrainData, epoch_permutation, sample_seed
+from .loader_workers import ignore_stop_signals, loader_generator, start_workers
 
 
 class _SeededView(Dataset):
@@ -57,7 +58,8 @@ class MapStyleData(PretrainData):
         indices = indices[start_batch * spec.batch_size:end]
         seeds = [sample_seed(spec.seed, epoch, i) for i in indices]
         view = _SeededView(self.source, self.transform, indices, seeds)
-        return iter(DataLoader(view, batch_size=spec.batch_size, shuffle=False,
-                               num_workers=spec.num_workers, pin_memory=spec.pin_memory,
-                               drop_last=spec.drop_last,
-                               persistent_workers=False))
+        return start_workers(DataLoader(view, batch_size=spec.batch_size, shuffle=False,
+                                        num_workers=spec.num_workers, pin_memory=spec.pin_memory,
+                                        drop_last=spec.drop_last, persistent_workers=False,
+                                        worker_init_fn=ignore_stop_signals,
+                                        generator=loader_generator(sample_seed(spec.seed, epoch, -2 - spec.rank))))

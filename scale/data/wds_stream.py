@@ -64,6 +64,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from ..config import DataConfig
 from .base import DATASETS, Batch, LoaderSpec, PretrainData, sample_seed
+from .loader_workers import ignore_stop_signals, loader_generator, start_workers
 from .transforms import build_pretrain_transform
 
 log = logging.getLogger(__name__)
@@ -356,10 +357,12 @@ class WebDatasetData(PretrainData):
             raise ValueError(f"start_batch {start_batch} outside epoch of {plan.num_batches} batches")
         stream = _RankStream(self, spec, epoch, start_batch, plan)
         batches = DataLoader(stream, batch_size=None, shuffle=False, num_workers=spec.num_workers,
-                             pin_memory=spec.pin_memory, persistent_workers=False)
-        return self._count_skips(batches)
+                             pin_memory=spec.pin_memory, persistent_workers=False,
+                             worker_init_fn=ignore_stop_signals,
+                             generator=loader_generator(self._stream_seed(spec, epoch, "loader", spec.rank)))
+        return self._count_skips(start_workers(batches))
 
-    def _count_skips(self, batches: Any) -> Iterator[Batch]:
+    def _count_skips(self, batches: Iterator[Any]) -> Iterator[Batch]:
         for images, labels, skipped in batches:
             self._skipped += int(skipped)
             yield images, labels

@@ -78,7 +78,7 @@ class FSDPEngine(DistributedEngine):
         dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
-        return torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=False)
+        return torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=True)
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         """Collective: every rank must call it; every rank gets the whole dict on CPU."""

@@ -34,7 +34,7 @@ class SingleProcessEngine(Engine):
         torch.save(state, directory / STATE_FILE)
 
     def load(self, directory: Path) -> Dict[str, Any]:
-        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=False)
+        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         return state["extra"]

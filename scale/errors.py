@@ -1,0 +1,40 @@
+"""User errors and the one way every command reports them.
+
+A `UserError` is a mistake in what the user handed us: a config value, a recipe, a data
+root, a checkpoint, an output path. Commands print it as ONE line naming the key, file or
+value and what is allowed, and exit with status 2; no traceback. Anything else is a bug
+and keeps its traceback. `SCALE_DEBUG=1` prints the traceback of user errors too.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Callable
+
+USER_ERROR_EXIT = 2
+DEBUG_ENV = "SCALE_DEBUG"
+
+
+class UserError(Exception):
+    """Bad input from the user (config, file, checkpoint); reported as one line, exit 2."""
+
+
+def one_line(err: BaseException) -> str:
+    """The message of `err` folded onto one line."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def report_user_error(prog: str, err: BaseException) -> int:
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        traceback.print_exception(err)
+    print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
+    return USER_ERROR_EXIT
+
+
+def run_command(prog: str, body: Callable[[], int]) -> int:
+    """Run a command's body; a UserError becomes one line on stderr and exit status 2."""
+    try:
+        return body()
+    except UserError as err:
+        return report_user_error(prog, err)
