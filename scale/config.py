@@ -103,6 +103,9 @@ class TrainConfig:
     # grad_cache_chunk null (or >= the per-rank batch): one pass, no caching.
     contrastive_batch: Optional[int] = None
     grad_cache_chunk: Optional[int] = None
+    # Resume refuses a config that changes shapes, format, data order or masks (scale/trainer/resume_check.py);
+    # experts list here the keys that may differ anyway, e.g. [data.root, world_size].
+    resume_allow_changes: List[str] = field(default_factory=list)
     # Per-block switches, applied to the encoder before the engine wraps it (AC -> compile -> shard).
     activation_checkpointing: str = "none"  # none | full | every_<k> | block indices, e.g. "0,2,5"
     compile: bool = False  # torch.compile each encoder block (on CPU needs a C++ compiler)
@@ -149,6 +152,12 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _show(value: Any, limit: int = 80) -> str:
+    """repr of a user's value, cut short: a hostile recipe must not make a page-long error."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return `value` converted to `tp`, or raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
@@ -160,11 +169,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, inner[0], key)
     if origin in (tuple, list, Tuple, List):
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            value = parse_yaml(value, key) if value.strip().startswith("[") else value.split(",")
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list for {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{key}: expected a list for {_type_name(tp)}, got {_show(value)}")
         if origin is tuple and args and args[-1] is not Ellipsis and len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)} ({value!r})")
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)} ({_show(value)})")
         item_types = [args[0]] * len(value) if (not args or args[-1] is Ellipsis or origin is list) else list(args)
         items = [_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, item_types))]
         return tuple(items) if origin is tuple else items
@@ -173,40 +182,40 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_show(value)}")
         try:
             return int(value)
         except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+            raise ConfigError(f"{key}: expected an integer, got {_show(value)}") from None
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {_show(value)}")
         try:
             out = float(value)  # accepts "inf", "1e-4" and YAML's .inf
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{key}: expected a number, got {_show(value)}") from None
         if math.isnan(out):
             raise ConfigError(f"{key}: NaN is not allowed")
         return out
     if tp is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_show(value)}")
         return "" if value is None else str(value)
     raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
 
 
 def _merge(obj: Any, data: Dict[str, Any], prefix: str = "") -> None:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_show(data)}")
     hints = typing.get_type_hints(type(obj))
     allowed = [f.name for f in dataclasses.fields(obj)]
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in allowed:
-            raise ConfigError(f"unknown config key {key!r}; allowed under "
+            raise ConfigError(f"unknown config key {_show(key)}; allowed under "
                               f"{prefix.rstrip('.') or 'the top level'}: {', '.join(allowed)}")
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
@@ -221,23 +230,80 @@ def _set_dotted(cfg: Any, dotted: str, raw: str) -> None:
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})
-    value: Any = yaml.safe_load(raw) if raw != "" else ""
+    value: Any = parse_yaml(raw, f"override {dotted}=...") if raw != "" else ""
     node[parts[-1]] = value
     _merge(cfg, data)
 
 
-def merge_recipe(cfg: Any, path: str | Path) -> None:
-    """Merge a YAML recipe file into the dataclass `cfg` (unknown keys and bad types raise)."""
+# Recipes are small: a bigger file, or one that expands to many nodes through YAML aliases
+# ("billion laughs"), is refused before anything walks it.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_OVERRIDE_CHARS = 1 << 16
+MAX_YAML_NODES = 100_000
+
+
+def _count_nodes(value: Any, budget: int) -> int:
+    """Nodes of a loaded YAML value, aliases counted every time they are used; stops past `budget`."""
+    stack, seen = [value], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > budget:
+            return seen
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return seen
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load with the errors of a user's file: one line naming `source`."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML{at}: {problem} (plain YAML only: no tags such as !!python)") \
+            from None
+    if _count_nodes(value, MAX_YAML_NODES) > MAX_YAML_NODES:
+        raise ConfigError(f"{source}: more than {MAX_YAML_NODES} YAML nodes once aliases are expanded; "
+                          "a recipe is a small mapping of keys to values")
+    return value
+
+
+def read_yaml_file(path: str | Path, what: str = "recipe") -> Any:
+    """A user's YAML file, checked: exists, at most MAX_RECIPE_BYTES, UTF-8, plain YAML."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} does not exist")
-    with open(path) as f:
-        _merge(cfg, yaml.safe_load(f) or {})
+        raise ConfigError(f"{what} {str(path)!r} does not exist" if not path.exists()
+                          else f"{what} {str(path)!r} is not a file")
+    try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise ConfigError(f"{what} {str(path)!r} is {size} bytes; recipes are at most {MAX_RECIPE_BYTES} bytes")
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{what} {str(path)!r} cannot be read: {err.strerror or err}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text (byte {err.start})") from None
+    return parse_yaml(text, f"{what} {str(path)!r}")
+
+
+def merge_recipe(cfg: Any, path: str | Path) -> None:
+    """Merge a YAML recipe file into the dataclass `cfg` (unknown keys and bad types raise)."""
+    _merge(cfg, read_yaml_file(path) or {})
 
 
 def apply_overrides(cfg: Any, overrides: Sequence[str], example: str = "optim.blr=1e-4") -> None:
     """Apply dotted `key=value` overrides to the dataclass `cfg`."""
     for item in overrides:
+        if len(item) > MAX_OVERRIDE_CHARS:
+            raise ConfigError(f"override {item[:40]!r}... is {len(item)} characters; at most {MAX_OVERRIDE_CHARS}")
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. {example})")
         key, raw = item.split("=", 1)
@@ -258,54 +324,112 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     return cfg
 
 
-def validate(cfg: RunConfig) -> None:
-    """Value checks that types alone cannot express."""
-    def require(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
 
-    require(0.0 <= cfg.mask.ratio < 1.0, f"mask.ratio must be in [0, 1), got {cfg.mask.ratio}")
-    require(cfg.objective.kappa > 0, f"objective.kappa must be > 0 (or .inf), got {cfg.objective.kappa}")
+
+def require_range(key: str, value: Optional[float], low: float = -math.inf, high: float = math.inf, *,
+                  low_open: bool = False, high_open: bool = False, optional: bool = False) -> None:
+    """`value` within [low, high] (`*_open`: the bound itself excluded), finite unless a bound is inf."""
+    if value is None and optional:
+        return
+    lo_ok = value > low if low_open else value >= low
+    hi_ok = value < high if high_open else value <= high
+    if value is not None and lo_ok and hi_ok:
+        return
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+    raise ConfigError(f"{key} must be in {left}{low:g}, {high:g}{right}{' or null' if optional else ''}, got {value}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Value checks that types alone cannot express: every numeric key has its allowed range."""
+    require = _require
+    inf = math.inf
+    m = cfg.model
+    require_range("model.img_size", m.img_size, 1, optional=True)
+    require_range("model.in_chans", m.in_chans, 1, optional=True)
+    require_range("model.drop_path_rate", m.drop_path_rate, 0.0, 1.0, high_open=True)
+    require(m.attn_backend in ("auto", "xformers", "sdpa", "math"),
+            f"model.attn_backend must be one of auto, xformers, sdpa, math; got {m.attn_backend!r}")
+    require_range("mask.ratio", cfg.mask.ratio, 0.0, 1.0, high_open=True)
     o = cfg.objective
-    require(0 < o.min_temperature <= o.init_temperature <= o.max_temperature,
-            "objective temperatures must satisfy 0 < min_temperature <= init_temperature <= max_temperature, "
+    require(o.kappa > 0, f"objective.kappa must be > 0 (or .inf), got {o.kappa}")
+    require(0 < o.min_temperature <= o.init_temperature <= o.max_temperature < inf,
+            "objective temperatures must satisfy 0 < min_temperature <= init_temperature <= max_temperature < inf, "
             f"got {o.min_temperature}, {o.init_temperature}, {o.max_temperature}")
     require(o.head.layers in (0, 2, 3), f"objective.head.layers must be 0, 2 or 3, got {o.head.layers}")
-    require(cfg.model.attn_backend in ("auto", "xformers", "sdpa", "math"),
-            f"model.attn_backend must be one of auto, xformers, sdpa, math; got {cfg.model.attn_backend!r}")
-    require(cfg.data.transform in ("mae", "none"),
-            f"data.transform must be 'mae' or 'none', got {cfg.data.transform!r}")
-    require(cfg.train.batch_size >= 2, f"train.batch_size must be >= 2 (negatives), got {cfg.train.batch_size}")
-    require(cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}")
-    require(cfg.train.max_steps is None or cfg.train.max_steps >= 1,
-            f"train.max_steps must be >= 1, got {cfg.train.max_steps}")
-    require(cfg.train.device in ("auto", "cpu", "cuda"),
-            f"train.device must be auto, cpu or cuda; got {cfg.train.device!r}")
-    require(cfg.train.precision in ("auto", "bf16", "fp32"),
-            f"train.precision must be auto, bf16 or fp32; got {cfg.train.precision!r}")
-    require(cfg.train.log_every >= 1, f"train.log_every must be >= 1, got {cfg.train.log_every}")
-    require(cfg.train.ckpt_every >= 1, f"train.ckpt_every must be >= 1, got {cfg.train.ckpt_every}")
-    require(cfg.train.keep_last >= 1, f"train.keep_last must be >= 1, got {cfg.train.keep_last}")
-    require(cfg.train.contrastive_batch is None or cfg.train.contrastive_batch >= 2,
-            f"train.contrastive_batch must be >= 2 (negatives) or null, got {cfg.train.contrastive_batch}")
-    require(cfg.train.grad_cache_chunk is None or cfg.train.grad_cache_chunk >= 1,
-            f"train.grad_cache_chunk must be >= 1 or null, got {cfg.train.grad_cache_chunk}")
-    ac = cfg.train.activation_checkpointing.strip()
+    require_range("objective.head.hidden_dim", o.head.hidden_dim, 1)
+    require_range("objective.head.out_dim", o.head.out_dim, 1)
+    d = cfg.data
+    require(d.transform in ("mae", "none"), f"data.transform must be 'mae' or 'none', got {d.transform!r}")
+    require_range("data.num_samples", d.num_samples, 1)
+    require_range("data.num_classes", d.num_classes, 1)
+    require_range("data.num_workers", d.num_workers, 0, 512)
+    require_range("data.shuffle_buffer", d.shuffle_buffer, 0)
+    lo, hi = d.crop_scale
+    require(0.0 < lo <= hi <= 1.0, f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, got [{lo}, {hi}]")
+    require(len(d.mean) == len(d.std),
+            f"data.mean and data.std must have the same length, got {len(d.mean)} and {len(d.std)}")
+    for i, (mean, std) in enumerate(zip(d.mean, d.std)):
+        require(math.isfinite(mean), f"data.mean[{i}] must be finite, got {mean}")
+        require(0.0 < std < inf, f"data.std[{i}] must be > 0 and finite, got {std}")
+    p = cfg.optim
+    require_range("optim.blr", p.blr, 0.0, inf, high_open=True)
+    require_range("optim.lr", p.lr, 0.0, inf, low_open=True, high_open=True, optional=True)
+    require(p.blr > 0 or p.lr is not None, "optim.blr (or optim.lr) must be > 0")
+    require_range("optim.min_lr", p.min_lr, 0.0, inf, high_open=True)
+    for i, beta in enumerate(p.betas):
+        require_range(f"optim.betas[{i}]", beta, 0.0, 1.0, high_open=True)
+    require_range("optim.weight_decay", p.weight_decay, 0.0, inf, high_open=True)
+    require_range("optim.warmup_epochs", p.warmup_epochs, 0.0, inf, high_open=True)
+    require_range("optim.clip_grad", p.clip_grad, 0.0, inf, low_open=True, high_open=True, optional=True)
+    t = cfg.train
+    require(t.batch_size >= 2, f"train.batch_size must be >= 2 (negatives), got {t.batch_size}")
+    require_range("train.epochs", t.epochs, 1)
+    require_range("train.max_steps", t.max_steps, 1, optional=True)
+    require_range("train.seed", t.seed, 0, 2**31 - 1)
+    require(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda; got {t.device!r}")
+    require(t.precision in ("auto", "bf16", "fp32"), f"train.precision must be auto, bf16 or fp32; got {t.precision!r}")
+    require_range("train.log_every", t.log_every, 1)
+    require_range("train.ckpt_every", t.ckpt_every, 1)
+    require_range("train.keep_last", t.keep_last, 1)
+    require(t.contrastive_batch is None or t.contrastive_batch >= 2,
+            f"train.contrastive_batch must be >= 2 (negatives) or null, got {t.contrastive_batch}")
+    require_range("train.grad_cache_chunk", t.grad_cache_chunk, 1, optional=True)
+    ac = t.activation_checkpointing.strip()
     require(ac in ("none", "full") or (ac.startswith("every_") and ac[6:].isdigit() and int(ac[6:]) >= 1)
             or (ac.strip("[]") != "" and all(i.strip().isdigit() for i in ac.strip("[]").split(","))),
             f"train.activation_checkpointing must be none, full, every_<k> (k >= 1) or comma-separated "
-            f"block indices such as 0,2,5; got {cfg.train.activation_checkpointing!r}")
+            f"block indices such as 0,2,5; got {t.activation_checkpointing!r}")
+    known = set(_leaf_keys(RunConfig())) | {"world_size", "engine"}
+    for key in t.resume_allow_changes:
+        require(key in known or any(k.startswith(key + ".") for k in known),
+                f"train.resume_allow_changes: {key!r} is not a config key (or section); allowed: dotted keys such "
+                "as data.root or mask.ratio, a section such as model, world_size, engine")
     e = cfg.engine
     require(e.backend in ("auto", "nccl", "gloo"), f"engine.backend must be auto, nccl or gloo; got {e.backend!r}")
-    require(e.timeout_s > 0, f"engine.timeout_s must be > 0, got {e.timeout_s}")
+    require_range("engine.timeout_s", e.timeout_s, 0.0, inf, low_open=True, high_open=True)
     require(e.zero_stage is None or e.zero_stage in (0, 1, 2, 3),
             f"engine.zero_stage must be 0, 1, 2, 3 or null, got {e.zero_stage}")
-    require(cfg.optim.blr > 0 or (cfg.optim.lr or 0) > 0, "optim.blr (or optim.lr) must be > 0")
-    require(cfg.optim.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {cfg.optim.warmup_epochs}")
-    require(cfg.optim.clip_grad is None or cfg.optim.clip_grad > 0,
-            f"optim.clip_grad must be > 0 or null, got {cfg.optim.clip_grad}")
-    require(len(cfg.data.mean) == len(cfg.data.std),
-            f"data.mean and data.std must have the same length, got {len(cfg.data.mean)} and {len(cfg.data.std)}")
+    v = cfg.eval
+    require_range("eval.knn_every_epochs", v.knn_every_epochs, 0)
+    require_range("eval.knn_k", v.knn_k, 1)
+    require_range("eval.knn_temperature", v.knn_temperature, 0.0, inf, low_open=True, high_open=True)
+    require_range("eval.max_train_samples", v.max_train_samples, 0)
+    require_range("eval.max_val_samples", v.max_val_samples, 0)
+    require_range("eval.batch_size", v.batch_size, 1)
+
+
+def _leaf_keys(obj: Any, prefix: str = "") -> List[str]:
+    keys = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys.extend(_leaf_keys(value, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

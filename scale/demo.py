@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .config import load_config
+from .errors import UserError, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -38,8 +39,10 @@ def ensure_shards(data_dir: Path) -> None:
     if (data_dir / "train" / "manifest.json").is_file() and (data_dir / "test" / "manifest.json").is_file():
         return
     print(f"demo: converting Fashion-MNIST to WebDataset shards in {data_dir} ...", flush=True)
-    subprocess.run([sys.executable, "-m", "data_prep.fashion_mnist_to_wds", "--src", str(FASHION_MNIST),
-                    "--out", str(data_dir)], check=True, cwd=REPO)
+    done = subprocess.run([sys.executable, "-m", "data_prep.fashion_mnist_to_wds", "--src", str(FASHION_MNIST),
+                           "--out", str(data_dir)], cwd=REPO)
+    if done.returncode != 0:  # the converter printed its one-line reason
+        raise UserError(f"--data-dir {data_dir}: converting Fashion-MNIST failed (exit {done.returncode}, above)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -49,7 +52,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    return run_command("scale.demo", lambda: _demo(args))
 
+
+def _demo(args: argparse.Namespace) -> int:
     why_not = ensure_fashion_mnist()
     if why_not is None:
         data_dir = Path(args.data_dir).resolve()
@@ -68,7 +74,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from .trainer import Trainer
 
-    summary = Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.engine.close()
     k = max(1, min(10, len(summary.losses) // 5))
     if summary.losses:
         first = sum(summary.losses[:k]) / k

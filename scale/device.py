@@ -13,7 +13,7 @@ def resolve_device(requested: str, setting: str = "train.device") -> torch.devic
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"{setting}=cuda but no CUDA device is available")
+        raise ConfigError(f"{setting}=cuda but no CUDA device is available")
     return torch.device(requested)
 
 

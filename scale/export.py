@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .checkpoint_io import load_torch_file
+from .errors import UserError, one_line, run_command
 from .models.vit import MODELS, ViTSpec
 
 ENCODER_PREFIX = "encoder."
@@ -43,7 +46,7 @@ TIMM_NAME_BY_WIDTH = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224",
                       1024: "vit_large_patch16_224", 1280: "vit_huge_patch14_224"}
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError, ValueError):
     """A path that is not a checkpoint this code can read."""
 
 
@@ -64,7 +67,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        raise CheckpointFormatError(f"checkpoint {str(path)!r} does not exist")
     if (path / META).is_file() or detect_format(path, strict=False):
         return path
     for directory in (path / "checkpoints", path):
@@ -124,7 +127,7 @@ def _strip_wrappers(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def _read_torch(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
-    state = torch.load(path / TORCH_STATE_FILE, map_location="cpu", weights_only=True)
+    state = load_torch_file(path / TORCH_STATE_FILE)
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointFormatError(f"checkpoint {str(path)!r}: {TORCH_STATE_FILE} has no 'model' entry")
     return state["model"], (state.get("extra") or {}).get("config")
@@ -152,7 +155,7 @@ def _read_dcp(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, A
     config = None
     extra_file = path / DCP_EXTRA_FILE
     if extra_file.is_file():
-        config = torch.load(extra_file, map_location="cpu", weights_only=True).get("config")
+        config = load_torch_file(extra_file).get("config")
     return model, config
 
 
@@ -189,7 +192,13 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
 
     path = resolve_checkpoint(path)
     fmt = detect_format(path)
-    model_state, config = READERS[fmt](path)
+    try:
+        model_state, config = READERS[fmt](path)
+    except UserError:
+        raise
+    except Exception as err:  # damaged files surface as many types (RuntimeError, EOFError, KeyError, ...)
+        raise CheckpointFormatError(f"checkpoint {str(path)!r} ({fmt} format) cannot be read: "
+                                    f"{type(err).__name__}: {one_line(err)[:200]}") from err
     model_state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
                    for k, v in _strip_wrappers(model_state).items()}
     if config is None:  # older or foreign checkpoints: the run's config.yaml two levels up
@@ -197,7 +206,9 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
         if run_config.is_file():
             import yaml
 
-            config = yaml.safe_load(run_config.read_text())
+            from .config import read_yaml_file
+
+            config = read_yaml_file(run_config, "run config")
     meta = json.loads((path / META).read_text()) if (path / META).is_file() else {}
     return LoadedCheckpoint(path=path, format=fmt, model_state=model_state, config=config, meta=meta)
 
@@ -262,11 +273,21 @@ def export_encoder(checkpoint: str | Path, out: str | Path, fallback_model: str 
         "step": str(loaded.meta.get("step", "")),
     }
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot create its folder ({err.strerror or err})") from None
     # safetensors wants contiguous, unshared tensors; fp32 keeps exports engine-independent.
     tensors = {k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
                for k, v in state.items()}
-    save_file(tensors, str(out), metadata=metadata)
+    # Written beside the target and renamed: an existing export is replaced only by a complete one.
+    partial = out.with_name(out.name + ".partial")
+    try:
+        save_file(tensors, str(partial), metadata=metadata)
+        os.replace(partial, out)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise UserError(f"--out {out}: cannot write it ({err.strerror or err})") from None
     return metadata
 
 
@@ -288,9 +309,22 @@ def timm_model_from_export(path: str | Path, **overrides: Any) -> torch.nn.Modul
     model = create_timm_model(kwargs, **overrides)
     missing, unexpected = model.load_state_dict(state, strict=not overrides.get("num_classes"))
     if unexpected or [k for k in missing if not k.startswith("head.")]:
-        raise RuntimeError(f"{path}: weights do not fit {kwargs['model_name']}: missing {missing}, "
+        raise CheckpointFormatError(f"{path}: weights do not fit {kwargs['model_name']}: missing {missing}, "
                            f"unexpected {unexpected}")
     return model
+
+
+def _export_command(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {args.out}: is a directory; give the file to write, e.g. {out / 'model.safetensors'}")
+    metadata = export_encoder(args.checkpoint, args.out, args.model)
+    kwargs = json.loads(metadata["timm_kwargs"])
+    name = kwargs.pop("model_name")
+    print(f"exported {metadata['scale_model']} encoder ({metadata['source_format']} checkpoint "
+          f"{metadata['source_checkpoint']}) to {args.out}; load with timm.create_model({name!r}, "
+          + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -299,17 +333,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="output .safetensors file")
     parser.add_argument("--model", default="", help="model preset, only for checkpoints without a saved config")
     args = parser.parse_args(argv)
-    try:
-        metadata = export_encoder(args.checkpoint, args.out, args.model)
-    except (CheckpointFormatError, FileNotFoundError) as err:
-        print(f"scale.export: {err}", file=sys.stderr)
-        return 2
-    kwargs = json.loads(metadata["timm_kwargs"])
-    name = kwargs.pop("model_name")
-    print(f"exported {metadata['scale_model']} encoder ({metadata['source_format']} checkpoint "
-          f"{metadata['source_checkpoint']}) to {args.out}; load with timm.create_model({name!r}, "
-          + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")
-    return 0
+    return run_command("scale.export", lambda: _export_command(args))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, key: str = ""):
         self.kind = kind
+        self.key = key  # the config key that names an entry (for the user's error)
         self._builders: Dict[str, Callable[..., T]] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
@@ -28,9 +29,11 @@ class Registry(Generic[T]):
         try:
             return self._builders[name]
         except KeyError:
-            raise KeyError(
-                f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._builders))}"
-            ) from None
+            from .config import ConfigError
+
+            where = f"{self.key}: " if self.key else ""
+            raise ConfigError(f"{where}unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._builders))}"
+                              ) from None
 
     def build(self, name: str, *args, **kwargs) -> T:
         return self.get(name)(*args, **kwargs)

@@ -5,7 +5,8 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .config import ConfigError, load_config, to_yaml
+from .config import load_config, to_yaml
+from .errors import run_command
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -20,14 +21,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
+def _train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"scale-train: config error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
@@ -44,6 +40,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if summary.preempted and summary.final_step < trainer.stop_step:
         return 3
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    return run_command("scale-train", lambda: _train(args))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from scale.models import build_encoder
 from scale.pretraining import build_pretrain_module
 from scale.trainer import CheckpointManager, Trainer
+from scale.trainer.checkpoint import CheckpointError
 from scale.trainer.flops import train_step_flops
 from scale.trainer.optim import build_optimizer, build_schedule, learning_rate
 from scale.trainer.progress import ProgressReporter
@@ -65,7 +66,7 @@ def test_checkpoints_rotate_and_ignore_partial(tmp_path):
     (tmp_path / "run/checkpoints/step_00000016.tmp").mkdir()
     (tmp_path / "run/checkpoints/step_00000020").mkdir()
     assert ckpts.latest().name == "step_00000012"
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         ckpts.resolve(str(tmp_path / "run/checkpoints/step_00000020"))
 
 

@@ -54,7 +54,7 @@ class PretrainData(abc.ABC):
         return 0
 
 
-DATASETS: Registry[PretrainData] = Registry("dataset")
+DATASETS: Registry[PretrainData] = Registry("dataset", "data.name")
 
 # Signature of a dataset builder: (data config, image size, channels, train split?) -> PretrainData
 DatasetBuilder = Callable[[DataConfig, int, int, bool], PretrainData]

@@ -73,4 +73,4 @@ class Engine(abc.ABC):
         pass
 
 
-ENGINES: Registry[Engine] = Registry("engine")
+ENGINES: Registry[Engine] = Registry("engine", "engine.name")

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..checkpoint_io import load_torch_file
 from ..config import RunConfig
 from .base import ENGINES, Engine, OptimizerFactory
 from .distributed import DistributedEngine, enable_method_dispatch
@@ -49,7 +50,7 @@ class DDPEngine(DistributedEngine):
                        directory / STATE_FILE)
 
     def load(self, directory: Path) -> Dict[str, Any]:
-        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
+        state = load_torch_file(directory / STATE_FILE, map_location=self.device)
         self._inner.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         return state["extra"]

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from ..checkpoint_io import load_torch_file
 from ..config import RunConfig
 from .base import ENGINES, Engine, OptimizerFactory
 from .distributed import DistributedEngine, enable_method_dispatch, promote_scalar_parameters, restore_parameter_shapes
@@ -78,7 +79,7 @@ class FSDPEngine(DistributedEngine):
         dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
-        return torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=True)
+        return load_torch_file(directory / EXTRA_FILE)
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         """Collective: every rank must call it; every rank gets the whole dict on CPU."""

@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
+from ..checkpoint_io import load_torch_file
 from .base import ENGINES, Engine, OptimizerFactory
 
 STATE_FILE = "state.pt"
@@ -34,7 +35,7 @@ class SingleProcessEngine(Engine):
         torch.save(state, directory / STATE_FILE)
 
     def load(self, directory: Path) -> Dict[str, Any]:
-        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
+        state = load_torch_file(directory / STATE_FILE, map_location=self.device)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         return state["extra"]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..config import ConfigError, RunConfig, load_config, to_dict
+from ..errors import run_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,31 +67,32 @@ def run_knn(checkpoint: str, recipe: Optional[str], overrides: List[str], progre
             "seconds": time.perf_counter() - started, "config": to_dict(cfg)}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+def _evaluate(args: argparse.Namespace) -> int:
     progress = not args.no_progress
-    from ..export import CheckpointFormatError, resolve_checkpoint
+    from ..export import load_checkpoint, resolve_checkpoint
+    from ..trainer.checkpoint import META, read_meta
+    from .features import check_architecture_overrides
     from .results import results_path, write_results
 
-    try:
-        checkpoint = resolve_checkpoint(args.checkpoint)
-        if args.command == "knn":
-            results = run_knn(str(checkpoint), args.config, args.overrides, progress)
-        elif args.command == "linprobe":
-            from .config import LinearProbeRecipe, load_recipe
-            from .linear_probe import run_linear_probe
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    saved = read_meta(checkpoint).get("config") if (checkpoint / META).is_file() else None
+    if saved is None and any(o.strip().startswith("model.") for o in args.overrides):
+        saved = load_checkpoint(checkpoint).config  # older checkpoints: the config is inside the state
+    check_architecture_overrides(saved, args.overrides)
+    if args.command == "knn":
+        results = run_knn(str(checkpoint), args.config, args.overrides, progress)
+    elif args.command == "linprobe":
+        from .config import LinearProbeRecipe, load_recipe
+        from .linear_probe import run_linear_probe
 
-            results = run_linear_probe(str(checkpoint), load_recipe(LinearProbeRecipe, args.config, args.overrides),
-                                       progress)
-        else:
-            from .config import FinetuneRecipe, load_recipe
-            from .finetune import run_finetune
+        results = run_linear_probe(str(checkpoint), load_recipe(LinearProbeRecipe, args.config, args.overrides),
+                                   progress)
+    else:
+        from .config import FinetuneRecipe, load_recipe
+        from .finetune import run_finetune
 
-            results = run_finetune(str(checkpoint), load_recipe(FinetuneRecipe, args.config, args.overrides),
-                                   progress, args.save_model)
-    except (ConfigError, CheckpointFormatError, FileNotFoundError) as err:
-        print(f"scale.eval {args.command}: {err}", file=sys.stderr)
-        return 2
+        results = run_finetune(str(checkpoint), load_recipe(FinetuneRecipe, args.config, args.overrides),
+                               progress, args.save_model)
     out = Path(args.out) if args.out else results_path(checkpoint, args.command)
     write_results(out, results)
     extra = {"knn": f" (k={results.get('k')}, T={results.get('temperature')}, {results.get('bank')} bank / "
@@ -100,6 +102,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{args.command}: top-1 {results['top1']:.2f}% top-5 {results['top5']:.2f}%{extra} | "
           f"{checkpoint} | {results['seconds']:.0f}s | results: {out}", flush=True)
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    return run_command(f"scale.eval {args.command}", lambda: _evaluate(args))
 
 
 if __name__ == "__main__":

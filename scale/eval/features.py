@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..config import DataConfig, ModelConfig, _merge
+from ..config import ConfigError, DataConfig, ModelConfig, _merge, apply_overrides
 from ..data import LoaderSpec, PretrainData, build_dataset
 from ..models import VisibleTokenViT, build_encoder
 from ..models.vit import ViTSpec
@@ -90,7 +90,7 @@ def extract_features(encoder: nn.Module, data: PretrainData, *, device: torch.de
                 break
     bar.close()
     if not feats:
-        raise ValueError(f"{desc}: the split yielded no images")
+        raise ConfigError(f"{desc}: the split yielded no images")
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -103,6 +103,10 @@ def encode_cls(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+# The keys that the weights themselves fix: an override asking for another value would be ignored.
+ARCHITECTURE_KEYS = ("name", "img_size", "in_chans", "train_patch_embed")
+
+
 def model_config_of(checkpoint_config: Optional[Dict[str, Any]], fallback: ModelConfig) -> ModelConfig:
     """The checkpoint's own `model` section (the weights define the architecture), else `fallback`."""
     section = (checkpoint_config or {}).get("model")
@@ -112,6 +116,23 @@ def model_config_of(checkpoint_config: Optional[Dict[str, Any]], fallback: Model
     _merge(model, {k: v for k, v in section.items() if k in {f.name for f in dataclasses.fields(ModelConfig)}},
            "model.")
     return model
+
+
+def check_architecture_overrides(checkpoint_config: Optional[Dict[str, Any]], overrides: Sequence[str]) -> None:
+    """A `model.<key>=value` override that the checkpoint's architecture would silently beat is an error."""
+    section = (checkpoint_config or {}).get("model")
+    asked = [o for o in overrides if o.split("=", 1)[0].strip() in {f"model.{k}" for k in ARCHITECTURE_KEYS}]
+    if not section or not asked:
+        return
+    saved = model_config_of(checkpoint_config, ModelConfig())
+    requested = ModelConfig()
+    apply_overrides(requested, [o.strip()[len("model."):] for o in asked])
+    for key in ARCHITECTURE_KEYS:
+        value = getattr(requested, key)
+        if any(o.split("=", 1)[0].strip() == f"model.{key}" for o in asked) and value != getattr(saved, key):
+            raise ConfigError(f"model.{key}={value!r} would be ignored: the checkpoint's encoder has "
+                              f"model.{key}={getattr(saved, key)!r}, and its weights define the architecture; "
+                              "drop the override (or evaluate a checkpoint of that model)")
 
 
 def encoder_from_checkpoint(checkpoint: Any, fallback_model: ModelConfig, device: torch.device,

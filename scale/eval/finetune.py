@@ -24,7 +24,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from tqdm import tqdm
 
-from ..config import OptimConfig, to_dict
+from ..config import ConfigError, OptimConfig, to_dict
 from ..data import LoaderSpec
 from ..models.vit import ViTSpec
 from ..trainer.optim import build_schedule
@@ -114,7 +114,7 @@ def finetune_model(model: nn.Module, recipe: FinetuneRecipe, spec: ViTSpec, devi
     steps_per_epoch = train_split.batches_per_epoch(LoaderSpec(batch_size=cfg.micro_batch, seed=cfg.seed,
                                                                drop_last=True)) // accum
     if steps_per_epoch < 1:
-        raise ValueError(f"the train split holds less than one batch of {cfg.batch_size}; lower finetune.batch_size")
+        raise ConfigError(f"the train split holds less than one batch of {cfg.batch_size}; lower finetune.batch_size")
     lr = finetune_lr(cfg)
     optimizer = build_finetune_optimizer(model, cfg, lr)
     total = cfg.epochs * steps_per_epoch

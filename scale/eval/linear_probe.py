@@ -26,7 +26,7 @@ from timm.layers import trunc_normal_
 from timm.optim import Lars
 from tqdm import tqdm
 
-from ..config import OptimConfig, to_dict
+from ..config import ConfigError, OptimConfig, to_dict
 from ..trainer.optim import build_schedule
 from .config import LinearProbeConfig, LinearProbeRecipe
 from ..device import autocast_dtype, resolve_device
@@ -129,7 +129,7 @@ def _train_probe_head(batches: BatchSource, steps_per_epoch: int, dim: int, val:
                       device: torch.device, progress: bool, desc: str,
                       log: Callable[[str], None]) -> Dict[str, Any]:
     if steps_per_epoch < 1:
-        raise ValueError(f"{desc}: the train split has less than one batch of {cfg.batch_size}; "
+        raise ConfigError(f"{desc}: the train split has less than one batch of {cfg.batch_size}; "
                          "lower probe.batch_size")
     torch.manual_seed(cfg.seed)
     head = ProbeHead(dim, cfg.num_classes).to(device)
@@ -146,7 +146,7 @@ def _train_probe_head(batches: BatchSource, steps_per_epoch: int, dim: int, val:
         loss_sum, seen = 0.0, 0
         for features, labels in batches(epoch):
             if labels.max() >= cfg.num_classes or labels.min() < 0:
-                raise ValueError(f"{desc}: label {int(labels.max())} outside probe.num_classes={cfg.num_classes}")
+                raise ConfigError(f"{desc}: label {int(labels.max())} outside probe.num_classes={cfg.num_classes}")
             schedule.step_update(step)
             loss = F.cross_entropy(head(features.to(device).float()), labels.to(device))
             optimizer.zero_grad(set_to_none=True)

@@ -43,15 +43,29 @@ class MaskGenerator(abc.ABC):
         """Masks for `batch_size` images drawn from `generator` (which lives on `device`)."""
 
 
-MASK_GENERATORS: Registry[MaskGenerator] = Registry("mask generator")
+MASK_GENERATORS: Registry[MaskGenerator] = Registry("mask generator", "mask.name")
 
 
 def build_mask_generator(cfg: MaskConfig, grid_size: int) -> MaskGenerator:
     return MASK_GENERATORS.build(cfg.name, cfg, grid_size)
 
 
+def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
+    """The seed of (seed, step, rank); `stream` > 0 gives independent streams of the same step."""
+    return ((seed * 1_000_003 + step) * 65_537 + rank + stream * 0x9E3779B97F4A7C15) % (2**63 - 1)
+
+
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
     """A generator seeded by (seed, step, rank): masks never depend on what ran before."""
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step) * 65_537 + rank)
+    g.manual_seed(step_seed(seed, step, rank))
     return g
+
+
+def seed_global_rng(seed: int, step: int, rank: int, device: torch.device) -> None:
+    """Seed the global RNG (CPU, and `device` on CUDA) from (seed, step, rank), apart from the masks' stream."""
+    value = step_seed(seed, step, rank, stream=1)
+    torch.default_generator.manual_seed(value)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(value)

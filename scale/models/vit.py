@@ -42,7 +42,7 @@ class ViTSpec:
         return self.grid_size ** 2
 
 
-MODELS: Registry[ViTSpec] = Registry("model")
+MODELS: Registry[ViTSpec] = Registry("model", "model.name")
 
 
 def _preset(name: str, **kwargs) -> None:

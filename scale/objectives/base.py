@@ -44,7 +44,7 @@ class Objective(nn.Module, abc.ABC):
         """Projections applied to parameters after each optimizer step (e.g. clamps)."""
 
 
-OBJECTIVES: Registry[Objective] = Registry("objective")
+OBJECTIVES: Registry[Objective] = Registry("objective", "objective.name")
 
 
 def build_objective(cfg: ObjectiveConfig, embed_dim: int) -> Objective:

@@ -1,30 +1,94 @@
-"""Atomic, rotating checkpoints.
+"""Atomic, durable, rotating checkpoints that fail over to the previous one.
 
-A checkpoint is a directory `step_00000100/`. It is written as `step_00000100.tmp/`
-and renamed into place only when complete, so a run killed at any moment (SIGKILL
-included) leaves every earlier checkpoint intact, and a half-written one is ignored and
-cleaned up. Directories (not single files) let sharded engines (FSDP's
-torch.distributed.checkpoint, DeepSpeed) write many files under the same rules.
+A checkpoint is a directory `step_00000100/`. It is written as `step_00000100.tmp/`;
+every file and directory in it is fsynced, `meta.json` records each file's size and
+sha256, and only then is it renamed into place (and the parent fsynced). A run killed at
+any moment (SIGKILL, power loss) therefore leaves every earlier checkpoint intact, and a
+half-written one is ignored and cleaned up. Directories (not single files) let sharded
+engines (FSDP's torch.distributed.checkpoint, DeepSpeed) write many files under the same
+rules.
+
+`--resume auto` verifies the newest checkpoint against its recorded sizes and checksums
+before loading it; a truncated or corrupt one is named in a warning and the previous one
+is used. A disk that fills up while saving is one clear error: the partial `.tmp` is
+removed and the previous checkpoint stays usable.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
+
+from ..errors import UserError
 
 _COMPLETE = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
+FILES_KEY = "files"  # meta.json: {relative path: {"bytes": n, "sha256": hex}}
+# Below this much free space a failed write is reported as a full disk: torch.save's zip
+# writer turns ENOSPC into a RuntimeError without an errno.
+_FULL_DISK_BYTES = 16 << 20
 
 
-def _fsync_dir(path: Path) -> None:
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used (missing, truncated, corrupt, incompatible, disk full)."""
+
+
+def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def seal_directory(directory: Path) -> Dict[str, Dict[str, object]]:
+    """fsync every file and directory under `directory`; return {relative path: size, sha256}."""
+    files: Dict[str, Dict[str, object]] = {}
+    for root, dirs, names in os.walk(directory):
+        for name in sorted(names):
+            path = Path(root) / name
+            _fsync_path(path)
+            files[str(path.relative_to(directory))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        _fsync_path(Path(root))
+    return files
+
+
+def verify_directory(directory: Path, files: Dict[str, Dict[str, object]]) -> Optional[str]:
+    """None when every recorded file is there with its size and checksum; else what is wrong."""
+    for name, record in sorted(files.items()):
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != record.get("bytes"):
+            return f"{path} is truncated or altered ({size} bytes, {record.get('bytes')} written)"
+        if _sha256(path) != record.get("sha256"):
+            return f"{path} is corrupt (sha256 differs from the one recorded when it was written)"
+    return None
+
+
+def is_disk_full(err: BaseException, directory: Path) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(err):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < _FULL_DISK_BYTES
+    except OSError:
+        return False
 
 
 class CheckpointManager:
@@ -38,7 +102,7 @@ class CheckpointManager:
         return self.directory / f"step_{step:08d}"
 
     def complete(self) -> List[Path]:
-        """Complete checkpoints, oldest first."""
+        """Complete checkpoints (renamed into place), oldest first."""
         if not self.directory.is_dir():
             return []
         found = [p for p in self.directory.iterdir()
@@ -52,27 +116,41 @@ class CheckpointManager:
     def save(self, step: int, write: Callable[[Path], None], meta: dict, is_writer: bool = True,
              barrier: Callable[[], None] = lambda: None) -> Path:
         """Write checkpoint `step`: `write(tmp_dir)` fills it (on every rank, for sharded
-        engines), then the writer rank adds meta.json and renames it into place."""
+        engines), then the writer rank seals it (fsync + checksums in meta.json) and renames
+        it into place."""
         final = self.path_for(step)
         if (final / META).is_file():  # the same step is already saved: its state is this state
             return final
         tmp = self.directory / f"{final.name}.tmp"
-        if is_writer:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        barrier()
-        write(tmp)
-        barrier()
-        if is_writer:
-            with open(tmp / META, "w") as f:
-                json.dump({"step": step, **meta}, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, final)
-            _fsync_dir(self.directory)
-            self._prune()
+        try:
+            if is_writer:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+            barrier()
+            write(tmp)
+            barrier()
+            if is_writer:
+                files = seal_directory(tmp)
+                with open(tmp / META, "w") as f:
+                    json.dump({"step": step, **meta, FILES_KEY: files}, f, indent=2)
+                    f.flush()
+                    os.fsync(f.fileno())
+                _fsync_path(tmp)
+                os.rename(tmp, final)
+                _fsync_path(self.directory)
+                self._prune()
+        except Exception as err:
+            if not is_disk_full(err, self.directory):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.latest()
+            raise CheckpointError(
+                f"checkpoint {final}: the disk is full (no space left on device under {self.directory}); "
+                f"the partial checkpoint was removed and "
+                + (f"{previous} is intact: free space, then resume with --resume auto"
+                   if previous else "no earlier checkpoint exists: free space and restart")) from err
         barrier()
         return final
 
@@ -82,16 +160,52 @@ class CheckpointManager:
         for stale in self.directory.glob("step_*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
 
-    def resolve(self, resume: str) -> Optional[Path]:
-        """`auto` -> newest complete checkpoint (None if there is none); a path -> that path."""
+    def verify(self, path: Path) -> Optional[str]:
+        """None when `path` is complete and intact; else why it is not."""
+        meta_file = path / META
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            return f"{meta_file} is unreadable ({err.__class__.__name__})"
+        files = meta.get(FILES_KEY) if isinstance(meta, dict) else None
+        if files is None:
+            return None  # written before checksums were recorded: nothing to check against
+        if not isinstance(files, dict):
+            return f"{meta_file}: '{FILES_KEY}' is not a mapping"
+        return verify_directory(path, files)
+
+    def newest_usable(self, warn: Callable[[str], None]) -> Optional[Path]:
+        """The newest complete checkpoint that verifies, warning about each one skipped.
+
+        None when there is none at all; CheckpointError when every one is damaged.
+        """
+        candidates = self.complete()
+        problems: List[Tuple[Path, str]] = []
+        for path in reversed(candidates):
+            problem = self.verify(path)
+            if problem is None:
+                return path
+            problems.append((path, problem))
+            warn(f"checkpoint {path} is not usable: {problem}; falling back to the previous one")
+        if problems:
+            raise CheckpointError("no usable checkpoint for --resume auto: "
+                                  + "; ".join(f"{p.name}: {why}" for p, why in problems)
+                                  + " (start afresh without --resume, or restore a good copy)")
+        return None
+
+    def resolve(self, resume: str, warn: Callable[[str], None] = lambda _msg: None) -> Optional[Path]:
+        """`auto` -> newest usable checkpoint (None if there is none); a path -> that checkpoint, verified."""
         if not resume:
             return None
         if resume == "auto":
-            return self.latest()
+            return self.newest_usable(warn)
         path = Path(resume)
         if not (path / META).is_file():
-            raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint directory "
-                                    f"(no {META} inside)")
+            raise CheckpointError(f"train.resume={resume!r} is not a complete checkpoint directory "
+                                  f"(no {META} inside); pass a checkpoints/step_XXXXXXXX directory or 'auto'")
+        problem = self.verify(path)
+        if problem is not None:
+            raise CheckpointError(f"train.resume={resume!r} is not usable: {problem}")
         return path
 
 

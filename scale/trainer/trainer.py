@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +18,17 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..config import RunConfig, to_dict, to_yaml
+from ..config import ConfigError, RunConfig, to_dict, to_yaml
+from ..errors import UserError, one_line
 from ..device import autocast_dtype, resolve_device
 from ..data import LoaderSpec, PretrainData, build_dataset
 from ..engine import ENGINES, Engine, GradCache, plan_batch
 from ..engine.distributed import StepTimer, launcher_engine_name
 from ..engine.block_wrappers import apply_block_wrappers
-from ..masking import MaskGenerator, build_mask_generator, step_generator
+from ..masking import MaskGenerator, build_mask_generator, seed_global_rng, step_generator
 from ..pretraining import PretrainModule, build_pretrain_module
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointError, CheckpointManager, read_meta
+from .resume_check import check_resume_config
 from .flops import train_step_flops
 from .optim import build_optimizer, build_schedule, learning_rate
 from .progress import ProgressReporter
@@ -67,7 +70,7 @@ class Trainer:
                                       num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
         self.steps_per_epoch = self.data.batches_per_epoch(self.loader_spec)
         if self.steps_per_epoch < 1:
-            raise ValueError(f"data has {self.data.num_samples} samples: not one batch of "
+            raise ConfigError(f"data has {self.data.num_samples} samples: not one batch of "
                              f"{self.batch_plan.per_rank_batch} per rank on {self.engine.world_size} rank(s)")
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
@@ -107,14 +110,51 @@ class Trainer:
         return self.checkpoints.save(
             self.step, lambda d: self.engine.save(d, extra),
             meta={"step": self.step, "epoch": self.step // self.steps_per_epoch, "engine": self.engine.name,
-                  "world_size": self.engine.world_size, "model": self.cfg.model.name},
+                  "world_size": self.engine.world_size, "model": self.cfg.model.name, "config": to_dict(self.cfg)},
             is_writer=self.engine.is_main, barrier=self.engine.barrier)
 
+    def _resume_path(self) -> Optional[Path]:
+        """The checkpoint to resume: chosen (and verified) by the main rank, then shared, so
+        every rank loads the same one even if they saw the directory at different moments."""
+        chosen: Optional[Path] = None
+        if self.engine.is_main:
+            chosen = self.checkpoints.resolve(self.cfg.train.resume, warn=self._warn)
+        if self.engine.world_size == 1:
+            return chosen
+        # float64 holds every step exactly; -1: nothing to resume.
+        code = torch.tensor(float(read_meta(chosen)["step"]) if chosen else -1.0, dtype=torch.float64,
+                            device=self.device) if self.engine.is_main else torch.zeros((), dtype=torch.float64,
+                                                                                        device=self.device)
+        step = int(round(float(self.engine.all_reduce_mean(code * self.engine.world_size if self.engine.is_main
+                                                            else code).item())))
+        if step < 0:
+            return None
+        return chosen if chosen is not None else (
+            self.checkpoints.path_for(step) if self.cfg.train.resume == "auto" else Path(self.cfg.train.resume))
+
+    def _warn(self, message: str) -> None:
+        if self.engine.is_main:
+            print(f"scale: warning: {message}", file=sys.stderr, flush=True)
+
     def maybe_resume(self) -> Optional[Path]:
-        path = self.checkpoints.resolve(self.cfg.train.resume)
+        path = self._resume_path()
         if path is None:
             return None
-        extra = self.engine.load(path)
+        meta = read_meta(path)
+        saved_config = meta.get("config")
+        if isinstance(saved_config, dict):
+            for warning in check_resume_config(saved_config, self.cfg, meta, self.engine.name,
+                                               self.engine.world_size, str(path)):
+                self._warn(warning)
+        else:
+            self._warn(f"{path} was written without its config: the resumed config cannot be checked against it")
+        try:
+            extra = self.engine.load(path)
+        except UserError:
+            raise
+        except Exception as err:  # state-dict mismatches, damaged shards: a user-facing file problem
+            raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(err).__name__}: "
+                                  f"{one_line(err)[:300]}") from err
         self.step = int(extra["step"])
         torch.set_rng_state(extra["rng_cpu"])
         if self.device.type == "cuda" and "rng_cuda" in extra:
@@ -177,6 +217,9 @@ class Trainer:
         """
         started = time.perf_counter()
         self.timer.pop()  # only this step's regions
+        # Drop path draws from the global RNG: seeded by (seed, step, rank) alone, a step never depends on
+        # what drew before it (DataLoader start-up, monitors, a resume).
+        seed_global_rng(self.cfg.train.seed, self.step, self.engine.rank, self.device)
         masks = self.masking(images.shape[0], step_generator(self.cfg.train.seed, self.step, self.engine.rank,
                                                              self.device), self.device)
         self.schedule.step_update(self.step)

@@ -1,0 +1,48 @@
+"""Reading checkpoint files without running code.
+
+Every torch file a checkpoint holds is read with `torch.load(weights_only=True)`: only
+tensors and plain containers (dicts, lists, numbers, strings) are rebuilt, so a crafted
+file cannot run code under `--resume`, `scale.export` or `scale.eval`. A file that is
+truncated, corrupt or holds anything else is a `CheckpointFileError` naming the file.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+
+from .errors import UserError, one_line
+
+
+class CheckpointFileError(UserError):
+    """A checkpoint file that cannot be read safely (missing, truncated, corrupt or not plain data)."""
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in text:
+        # torch's message suggests loading with weights_only=False, which is exactly what must not happen.
+        detail = next((line.strip() for line in text.splitlines() if "Unsupported global" in line
+                       or "Unsupported operand" in line), "")
+        return ("refused: it holds Python objects other than tensors and plain containers, and unpickling them "
+                f"could run code{' (' + detail + ')' if detail else ''}")
+    if isinstance(err, (EOFError, RuntimeError)) and ("zip" in text or "EOF" in text or "central directory" in text
+                                                     or isinstance(err, EOFError)):
+        return "truncated or not a torch file"
+    return f"unreadable ({type(err).__name__}: {one_line(err)[:200]})"
+
+
+def load_torch_file(path: Path | str, map_location: Any = "cpu", safe_globals: Optional[Iterable[Any]] = None) -> Any:
+    """torch.load(path, weights_only=True), with one clear error naming `path` when it fails."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointFileError(f"checkpoint file {path} does not exist")
+    try:
+        if safe_globals:
+            with torch.serialization.safe_globals(list(safe_globals)):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for damaged files (RuntimeError, EOFError, UnpicklingError)
+        raise CheckpointFileError(f"checkpoint file {path}: {_reason(err)}") from err

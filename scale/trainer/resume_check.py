@@ -1,0 +1,127 @@
+"""Which config changes a resume accepts.
+
+A checkpoint stores the config of the run that wrote it. Resuming under another config
+either cannot load (parameter shapes, checkpoint format) or silently continues a
+different run (data order, masks). Before any work, the new config is compared key by
+key with the checkpoint's:
+
+- refused: keys that change parameter shapes or the checkpoint format, and keys that
+  change the data order, the images or the masks; one error lists each as `old -> new`;
+- allowed with a warning: the schedule and optimizer hyper-parameters (epochs, lr,
+  warm-up, `max_steps`, ...), which users change on purpose to extend or shorten a run;
+- allowed silently: everything else (logging, output, kernels, activation checkpointing,
+  timeouts, monitors), which does not change what a step computes.
+
+`train.resume_allow_changes` is the expert escape hatch: the keys it names may differ.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, List, Tuple
+
+from ..config import RunConfig, to_dict
+from .checkpoint import CheckpointError
+
+# Prefixes (a section, or one key) whose change is refused, with the reason shown.
+REFUSED: Tuple[Tuple[str, str], ...] = (
+    ("model.name", "parameter shapes"),
+    ("model.img_size", "parameter shapes"),
+    ("model.in_chans", "parameter shapes"),
+    ("model.train_patch_embed", "the optimizer's parameters"),
+    ("objective.name", "parameter shapes"),
+    ("objective.head", "parameter shapes"),
+    ("objective.learn_temperature", "the optimizer's parameters"),
+    ("mask", "the masks"),
+    ("train.seed", "the data order and the masks"),
+    ("train.batch_size", "the data order"),
+    ("train.contrastive_batch", "the data order"),
+    ("data.name", "the data"),
+    ("data.root", "the data"),
+    ("data.num_samples", "the data order"),
+    ("data.resampled", "the data order"),
+    ("data.manifest", "the data"),
+    ("data.shuffle_buffer", "the data order"),
+    ("data.num_classes", "the data"),
+    ("data.transform", "the images"),
+    ("data.crop_scale", "the images"),
+    ("data.hflip", "the images"),
+    ("data.mean", "the images"),
+    ("data.std", "the images"),
+    ("engine.zero_stage", "the checkpoint format"),
+    ("engine.deepspeed_config", "the checkpoint format"),
+)
+# Changed on purpose to extend, shorten or re-tune a run: logged, not refused.
+WARNED: Tuple[str, ...] = ("train.epochs", "train.max_steps", "train.precision", "optim", "model.drop_path_rate",
+                           "objective.kappa", "objective.min_temperature", "objective.max_temperature",
+                           "objective.init_temperature")
+# Keys that are not config keys but are checked the same way.
+WORLD_SIZE = "world_size"
+ENGINE_FAMILY = "engine"
+_FAMILIES = {"single": "torch file", "ddp": "torch file", "fsdp": "FSDP2 DCP", "deepspeed": "DeepSpeed"}
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _matches(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")
+
+
+def _same(old: Any, new: Any) -> bool:
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        return len(old) == len(new) and all(_same(a, b) for a, b in zip(old, new))
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)) and not isinstance(old, bool):
+        return float(old) == float(new)
+    return old == new
+
+
+def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+    """(key, old, new) for every leaf key whose value differs (keys missing on one side: None)."""
+    old_flat, new_flat = dict(_flatten(old)), dict(_flatten(new))
+    changes = []
+    for key in sorted(set(old_flat) | set(new_flat)):
+        if key not in old_flat:  # a key newer than the checkpoint: it kept the default then
+            continue
+        if not _same(old_flat.get(key), new_flat.get(key)):
+            changes.append((key, old_flat.get(key), new_flat.get(key)))
+    return changes
+
+
+def check_resume_config(saved: Dict[str, Any], cfg: RunConfig, saved_meta: Dict[str, Any], engine_name: str,
+                        world_size: int, checkpoint: str) -> List[str]:
+    """Raise CheckpointError listing refused changes; return warnings for allowed ones."""
+    allowed = set(cfg.train.resume_allow_changes)
+    changes = config_changes(saved, to_dict(cfg))
+    old_engine = saved_meta.get("engine")
+    if old_engine and _FAMILIES.get(old_engine, old_engine) != _FAMILIES.get(engine_name, engine_name):
+        changes.append((ENGINE_FAMILY, f"{old_engine} ({_FAMILIES.get(old_engine, '?')})",
+                        f"{engine_name} ({_FAMILIES.get(engine_name, '?')})"))
+    old_world = saved_meta.get("world_size")
+    if old_world is not None and int(old_world) != world_size:
+        changes.append((WORLD_SIZE, int(old_world), world_size))
+    refused, warnings = [], []
+    for key, old, new in changes:
+        reason = next((why for prefix, why in REFUSED if _matches(key, prefix)), None)
+        if key == ENGINE_FAMILY:
+            reason = "the checkpoint format"
+        elif key == WORLD_SIZE and cfg.train.contrastive_batch is None:
+            reason = "the data order and the global batch"
+        elif key == WORLD_SIZE:
+            reason = "the data order"
+        elif key == "data.num_workers" and cfg.data.name == "webdataset":
+            reason = "the data order (shards are dealt to world_size x num_workers readers)"
+        if reason is not None and key not in allowed:
+            refused.append(f"{key}: {old!r} -> {new!r} (changes {reason})")
+        elif reason is not None or any(_matches(key, prefix) for prefix in WARNED):
+            warnings.append(f"resuming {checkpoint} with {key} changed: {old!r} -> {new!r}")
+    if refused:
+        raise CheckpointError(
+            f"cannot resume {checkpoint}: the config differs from the checkpoint's in "
+            + "; ".join(refused)
+            + ". Restore these values, start a new run in another train.output_dir, or (experts) accept them with "
+              "train.resume_allow_changes=[" + ",".join(k.split(":")[0] for k in refused) + "]")
+    return warnings
