@@ -1,0 +1,368 @@
+"""The promises of docs/reliability.md: untrusted files never run code, signals as SLURM sends
+them, exact resume, durable checkpoints that fail over, resume config checks, one-line user errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_OVERRIDES, python_env, tiny_config
+from scale.trainer import CheckpointManager, Trainer
+from scale.trainer.checkpoint import FILES_KEY, META, CheckpointError, seal_directory
+
+
+def _cli(out: Path, *extra: str) -> list:
+    return [sys.executable, "-m", "scale.train", *TINY_OVERRIDES, f"train.output_dir={out}", *extra]
+
+
+def _run(cmd, cwd, timeout=300):
+    return subprocess.run(cmd, env=python_env(), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_error(proc, *needles: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+class _CreatesFile:
+    """Unpickling this creates a file: what a crafted checkpoint would do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _reseal(ckpt: Path) -> None:
+    """An attacker rewrites meta.json's checksums too: the load itself must refuse."""
+    meta = json.loads((ckpt / META).read_text())
+    meta[FILES_KEY] = seal_directory(ckpt)
+    del meta[FILES_KEY][META]
+    (ckpt / META).write_text(json.dumps(meta))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 4-step tiny run with checkpoints at steps 2 and 4."""
+    root = tmp_path_factory.mktemp("trained")
+    cfg = tiny_config(root, "train.max_steps=4", "train.ckpt_every=2", "train.keep_last=3")
+    summary = Trainer(cfg).fit()
+    return root / "run", summary
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ----------------------------------------------------------------------------- 1. loading never runs code
+
+def test_crafted_checkpoint_is_refused_by_resume_export_and_eval(trained_run, tmp_path):
+    run = _copy_run(trained_run[0], tmp_path / "run")
+    ckpt = run / "checkpoints/step_00000004"
+    marker = tmp_path / "pwned"
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    state["extra"]["payload"] = _CreatesFile(marker)
+    torch.save(state, ckpt / "state.pt")
+    _reseal(ckpt)
+
+    resume = _run(_cli(run, "train.max_steps=6", "train.ckpt_every=2", "train.keep_last=3", "--resume",
+                       str(ckpt)), tmp_path)
+    _one_line_error(resume, "state.pt", "refused")
+    export = _run([sys.executable, "-m", "scale.export", "--checkpoint", str(ckpt), "--out",
+                   str(tmp_path / "x.safetensors")], tmp_path)
+    _one_line_error(export, "state.pt", "refused")
+    knn = _run([sys.executable, "-m", "scale.eval", "knn", "--checkpoint", str(ckpt), "--no-progress"], tmp_path)
+    _one_line_error(knn, "state.pt", "refused")
+    assert not marker.exists()
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_crafted_fsdp_extra_file_is_refused(tmp_path):
+    from scale.export import load_checkpoint
+
+    ckpt = tmp_path / "step_00000001"
+    (ckpt / "dcp").mkdir(parents=True)
+    (ckpt / "dcp/.metadata").write_bytes(b"")
+    marker = tmp_path / "pwned"
+    torch.save({"config": _CreatesFile(marker)}, ckpt / "extra.pt")
+    with pytest.raises(Exception) as err:
+        load_checkpoint(ckpt)
+    from scale.errors import UserError
+
+    assert isinstance(err.value, UserError)
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- 2. signals to the process group
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_to_process_group_with_workers_checkpoints_and_exits_3(tmp_path, sig):
+    out = tmp_path / "run"
+    cmd = _cli(out, "data.num_workers=2", "data.num_samples=2048", "train.epochs=20", "train.ckpt_every=1000")
+    proc = subprocess.Popen(cmd, env=python_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # its own process group, as a SLURM step
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    children = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) >= 3, children  # the trainer and its two DataLoader workers
+    os.killpg(proc.pid, sig)  # what scancel / slurmstepd do: every process of the step
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 3, (stdout[-2000:], stderr[-3000:])
+    assert "Traceback" not in stderr, stderr
+    latest = CheckpointManager(out / "checkpoints").latest()
+    assert latest is not None and int(latest.name[5:]) >= 3
+    assert f"stopped by signal {int(sig)}" in stdout + stderr
+
+
+# ----------------------------------------------------------------------------- 3. exact resume
+
+@pytest.mark.parametrize("grad_cache", [False, True], ids=["one_pass", "grad_cache"])
+def test_resume_mid_epoch_is_exact_with_drop_path_and_workers(tmp_path, grad_cache):
+    common = ["model.drop_path_rate=0.2", "data.num_workers=2", "train.epochs=2", "train.ckpt_every=5"]
+    if grad_cache:
+        common += ["train.contrastive_batch=32", "train.grad_cache_chunk=16"]
+    full = Trainer(tiny_config(tmp_path / "a", *common)).fit()
+    Trainer(tiny_config(tmp_path / "b", *common, "train.max_steps=5")).fit()
+    resumed = Trainer(tiny_config(tmp_path / "b", *common, "train.resume=auto")).fit()
+    assert len(full.losses) == 16 and len(resumed.losses) == 11
+    assert resumed.losses == full.losses[5:]  # every step, bit for bit
+
+
+# ----------------------------------------------------------------------------- 4. durable checkpoints
+
+def test_save_fsyncs_every_file_and_directory_before_publishing(tmp_path, monkeypatch):
+    synced, renamed = [], []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def rename(src, dst):
+        renamed.append((str(src), set(synced)))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+
+    def write(directory: Path):
+        (directory / "shards").mkdir()
+        (directory / "shards/a.bin").write_bytes(b"a" * 100)
+        (directory / "b.bin").write_bytes(b"b" * 10)
+
+    final = CheckpointManager(tmp_path / "ckpts").save(7, write, meta={})
+    src, synced_before = renamed[0]
+    tmp = Path(src)
+    for path in (tmp / "shards/a.bin", tmp / "b.bin", tmp / META, tmp / "shards", tmp):
+        assert str(path) in synced_before, (path, synced_before)
+    assert str(tmp_path / "ckpts") in synced  # the parent, after the rename
+    meta = json.loads((final / META).read_text())
+    assert meta[FILES_KEY]["shards/a.bin"]["bytes"] == 100
+
+
+def test_resume_auto_falls_back_over_a_truncated_checkpoint(trained_run, tmp_path):
+    run = _copy_run(trained_run[0], tmp_path / "run")
+    newest = run / "checkpoints/step_00000004/state.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    proc = _run(_cli(run, "train.max_steps=6", "train.ckpt_every=2", "train.keep_last=3", "--resume", "auto"),
+                tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step_00000004" in proc.stderr and "state.pt" in proc.stderr and "falling back" in proc.stderr
+    assert "resumed from" in proc.stdout + proc.stderr and "step_00000002" in proc.stdout + proc.stderr
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-4:] == [3, 4, 5, 6]  # continued from step 2
+
+
+def test_resume_auto_with_no_usable_checkpoint_names_the_files(trained_run, tmp_path):
+    run = _copy_run(trained_run[0], tmp_path / "run")
+    for ckpt in (run / "checkpoints").iterdir():
+        (ckpt / "state.pt").write_bytes(b"garbage")
+    proc = _run(_cli(run, "train.max_steps=6", "--resume", "auto"), tmp_path)
+    line = _one_line_error(proc, "no usable checkpoint", "step_00000002", "step_00000004")
+    assert "state.pt" in line
+
+
+def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    manager = CheckpointManager(tmp_path / "ckpts")
+    manager.save(1, lambda d: (d / "state.pt").write_bytes(b"x"), meta={})
+
+    def write(directory: Path):
+        (directory / "state.pt").write_bytes(b"partial")
+        raise OSError(28, "No space left on device", str(directory / "state.pt"))
+
+    with pytest.raises(CheckpointError, match="disk is full") as err:
+        manager.save(2, write, meta={})
+    assert "step_00000001" in str(err.value) and "\n" not in str(err.value)
+    assert not list((tmp_path / "ckpts").glob("*.tmp"))
+    assert [p.name for p in manager.complete()] == ["step_00000001"]
+    assert manager.resolve("auto") == tmp_path / "ckpts/step_00000001"
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_disk_full_on_a_real_small_filesystem(tmp_path):
+    """A tmpfs with room for one tiny checkpoint (~33 MB): the second save fills it."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "48m"):
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        out = disk / "run"
+        proc = _run(_cli(out, "train.max_steps=4", "train.ckpt_every=2", "train.keep_last=3"), tmp_path)
+        _one_line_error(proc, "disk is full", "step_00000004", "step_00000002")
+        manager = CheckpointManager(out / "checkpoints")
+        assert [p.name for p in manager.complete()] == ["step_00000002"]
+        assert not list((out / "checkpoints").glob("*.tmp"))
+        assert manager.verify(out / "checkpoints/step_00000002") is None
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+# ----------------------------------------------------------------------------- 5. resume checks the config
+
+@pytest.mark.parametrize("changes,keys", [
+    (["model.name=vit_tiny_patch7_28"], ["model.name"]),
+    (["train.seed=1", "train.batch_size=16", "mask.ratio=0.5"], ["train.seed", "train.batch_size", "mask.ratio"]),
+    (["data.num_samples=512"], ["data.num_samples"]),
+    (["objective.head.layers=2"], ["objective.head.layers"]),
+])
+def test_resume_refuses_changes_of_shapes_order_and_masks(trained_run, tmp_path, changes, keys):
+    run = _copy_run(trained_run[0], tmp_path / "run")
+    proc = _run(_cli(run, "train.max_steps=6", *changes, "--resume", "auto"), tmp_path)
+    line = _one_line_error(proc, "cannot resume", "train.resume_allow_changes", *[f"{k}: " for k in keys])
+    assert "->" in line
+    assert not (run / "checkpoints/step_00000006").exists()
+
+
+def test_resume_warns_about_schedule_changes_and_accepts_the_escape_hatch(trained_run, tmp_path):
+    run = _copy_run(trained_run[0], tmp_path / "run")
+    proc = _run(_cli(run, "train.max_steps=5", "train.epochs=3", "optim.blr=2e-3", "--resume", "auto"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train.epochs changed: 2 -> 3" in proc.stderr and "optim.blr changed" in proc.stderr
+    proc = _run(_cli(run, "train.max_steps=6", "train.epochs=3", "data.num_samples=300",
+                     "train.resume_allow_changes=[data.num_samples]", "--resume", "auto"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data.num_samples changed: 256 -> 300" in proc.stderr
+
+
+def test_resume_allow_changes_names_only_known_keys(tmp_path):
+    from scale.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.resume_allow_changes: 'data.rot'"):
+        tiny_config(tmp_path, "train.resume_allow_changes=[data.rot]")
+
+
+# ----------------------------------------------------------------------------- 6. one error path
+
+BAD_OVERRIDES = [
+    ("optim.lr=-1", "optim.lr"), ("optim.min_lr=-1e-6", "optim.min_lr"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"), ("optim.betas=[0.9,1.0]", "optim.betas[1]"),
+    ("optim.betas=[-0.1,0.9]", "optim.betas[0]"), ("data.num_workers=-1", "data.num_workers"),
+    ("data.std=[0.0]", "data.std[0]"), ("data.crop_scale=[0.8,0.2]", "data.crop_scale"),
+    ("data.crop_scale=[0.0,1.0]", "data.crop_scale"), ("data.crop_scale=[0.5,1.5]", "data.crop_scale"),
+    ("model.drop_path_rate=1.0", "model.drop_path_rate"), ("model.drop_path_rate=-0.1", "model.drop_path_rate"),
+    ("optim.blr=.inf", "optim.blr"), ("train.seed=-3", "train.seed"), ("eval.knn_k=0", "eval.knn_k"),
+    ("optim.clip_grad=0", "optim.clip_grad"), ("objective.max_temperature=.inf", "temperature"),
+    ("data.crop_scale=[1,2,3]", "data.crop_scale"), ("train.resume_allow_changes=[nope]", "resume_allow_changes"),
+]
+
+
+@pytest.mark.parametrize("override,key", BAD_OVERRIDES, ids=[o for o, _ in BAD_OVERRIDES])
+def test_out_of_range_values_are_one_line_naming_the_key(override, key, capsys):
+    from scale.train import main
+
+    assert main([*TINY_OVERRIDES, override, "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and key in err and err.startswith("scale-train: error: "), err
+
+
+@pytest.mark.parametrize("key,value", [("model.name", "vit_nope"), ("engine.name", "nope"), ("data.name", "nope"),
+                                       ("mask.name", "nope"), ("objective.name", "nope")])
+def test_unknown_registry_names_are_named_as_the_key(tmp_path, key, value, capsys):
+    from scale.train import main
+
+    assert main([*TINY_OVERRIDES, f"train.output_dir={tmp_path}", "train.max_steps=1", f"{key}={value}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{key}: unknown" in err and "registered:" in err, err
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"model: [unclosed\n", "not valid YAML"),
+    (b"model:\n  name: \xff\xfe\n", "not UTF-8"),
+    (b"model: !!python/object/apply:os.system ['touch pwned']\n", "not valid YAML"),
+    (b"model: !custom {name: x}\n", "not valid YAML"),
+    (b"a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     b"c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+     b"e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\ndata:\n  crop_scale: *e\n", "YAML nodes"),
+    (b"# " + b"x" * (1 << 20) + b"\n", "bytes"),
+    (b"- just\n- a list\n", "expected a mapping"),
+])
+def test_bad_recipes_are_one_line(tmp_path, content, needle, capsys):
+    from scale.train import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(content)
+    assert main(["--config", str(recipe), "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and needle in err and len(err) < 400, err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_missing_recipe_and_bad_override_yaml(tmp_path, capsys):
+    from scale.train import main
+
+    assert main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+    assert main(["optim.betas=[0.9, 0.95"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "optim.betas" in err and "\n" not in err
+
+
+def test_traceback_only_with_scale_debug(tmp_path):
+    cmd = [sys.executable, "-m", "scale.train", "optim.lr=-1", "--print-config"]
+    plain = _run(cmd, tmp_path)
+    _one_line_error(plain, "optim.lr")
+    debug = subprocess.run(cmd, env=python_env({"SCALE_DEBUG": "1"}), cwd=tmp_path, capture_output=True, text=True)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_checkpoint_errors_of_export_and_eval(trained_run, tmp_path):
+    ckpt = trained_run[0] / "checkpoints/step_00000004"
+    # an export target that is a directory
+    target = tmp_path / "existing_dir"
+    target.mkdir()
+    _one_line_error(_run([sys.executable, "-m", "scale.export", "--checkpoint", str(ckpt), "--out", str(target)],
+                         tmp_path), "--out", "is a directory")
+    # not a checkpoint at all
+    _one_line_error(_run([sys.executable, "-m", "scale.export", "--checkpoint", str(tmp_path), "--out",
+                          str(tmp_path / "a.safetensors")], tmp_path), str(tmp_path))
+    # a truncated checkpoint file
+    broken = _copy_run(ckpt, tmp_path / "step_00000004")
+    (broken / "state.pt").write_bytes((broken / "state.pt").read_bytes()[:1000])
+    _one_line_error(_run([sys.executable, "-m", "scale.export", "--checkpoint", str(broken), "--out",
+                          str(tmp_path / "b.safetensors")], tmp_path), "state.pt", "truncated")
+    _one_line_error(_run([sys.executable, "-m", "scale.eval", "knn", "--checkpoint", str(broken), "--no-progress"],
+                         tmp_path), "state.pt")
+    # an eval override that the checkpoint's architecture would silently beat
+    _one_line_error(_run([sys.executable, "-m", "scale.eval", "knn", "--checkpoint", str(ckpt), "--no-progress",
+                          "model.name=vit_small_patch16"], tmp_path), "model.name", "would be ignored")
