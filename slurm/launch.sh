@@ -4,9 +4,11 @@
 # file with the trailing arguments. See docs/slurm.md.
 #
 # What it does, in order (nothing below needs editing; every knob is an env variable):
-#   1. checks, on the batch node, before any GPU time is spent: python imports scale,
-#      RECIPE exists, the config (recipe + overrides) is valid, the data is readable
-#      (local path / brace pattern: its first shard), OUTPUT_DIR is writable;
+#   1. checks, on the batch node, before any GPU time is spent: the time limit leaves
+#      MIN_TRAIN_TIME before the warning signal, python imports scale, RECIPE exists,
+#      the config (recipe + overrides) is valid, the batch splits over the tasks, the
+#      data is readable (local path / brace pattern: its first shard), OUTPUT_DIR is
+#      writable;
 #   2. moves this job's log to $OUTPUT_DIR/slurm/<job-name>-<job-id>.{out,err}
 #      (appended to across requeues; the sbatch --output file keeps the checks only);
 #   3. MASTER_ADDR = first node of the allocation, MASTER_PORT = derived from the job id;
@@ -23,8 +25,10 @@
 #                 folder for image_folder. Empty: the recipe's data.root.
 #   OUTPUT_DIR    train.output_dir (checkpoints, metrics.jsonl, logs). Empty: the recipe's.
 #   ENGINE        engine.name (auto | ddp | fsdp | deepspeed | single). Default: auto.
-#   GLOBAL_BATCH  effective batch; train.batch_size = GLOBAL_BATCH / number of tasks.
-#                 Empty: the recipe's per-task train.batch_size. (Template default: the paper's.)
+#   GLOBAL_BATCH  effective (contrastive) batch: train.batch_size = GLOBAL_BATCH / number of
+#                 tasks, and train.contrastive_batch = GLOBAL_BATCH when the recipe (or a
+#                 trailing override) sets train.contrastive_batch, which the trainer obeys
+#                 first. Empty: the recipe's batch. (Template default: the paper's.)
 #   PYTHON        interpreter with scale's dependencies (default: python3 on PATH).
 #   MASTER_PORT   rendezvous port (default: 20000 + job id % 20000, the engine's own rule).
 #   TASK_EXIT_GRACE  seconds srun waits after the first task exits before killing the
@@ -32,6 +36,12 @@
 #   MAX_STALLED_REQUEUES  stop requeueing after this many consecutive restarts that made
 #                 no checkpoint progress (e.g. a time limit shorter than the signal margin);
 #                 default 3.
+#   MIN_TRAIN_TIME  seconds of training each start must get before the warning signal:
+#                 a time limit under the --signal margin + MIN_TRAIN_TIME is refused before
+#                 launch (checked in SLURM jobs only); default 300.
+#   SIGNAL_MARGIN seconds of the warning (the T of --signal=B:USR1@T). Default: read from
+#                 SBATCH_SIGNAL, else the job script's #SBATCH --signal line; set it when
+#                 you pass --signal on the sbatch command line (the job record lacks it).
 #   DRY_RUN=1     run the checks and print the srun command, launch nothing (works
 #                 outside SLURM too: `DRY_RUN=1 RECIPE=... bash slurm/vitb_ocl.sbatch`).
 # Trailing arguments: key=value config overrides, applied last (they beat all the above).
@@ -57,6 +67,7 @@ ENGINE=${ENGINE:-auto}
 DRY_RUN=${DRY_RUN:-0}
 TASK_EXIT_GRACE=${TASK_EXIT_GRACE:-120}
 MAX_STALLED_REQUEUES=${MAX_STALLED_REQUEUES:-3}
+MIN_TRAIN_TIME=${MIN_TRAIN_TIME:-300}
 JOB_ID=${SLURM_JOB_ID:-}
 RESTART=${SLURM_RESTART_COUNT:-0}
 
@@ -84,6 +95,68 @@ trap on_term TERM
 log "$TEMPLATE: job ${JOB_ID:-(dry run)} restart $RESTART on ${SLURM_JOB_NODELIST:-$(hostname)} (repo $SCALE_ROOT)"
 
 # ---- 1. checks (batch node only, before srun) ----------------------------------------
+# The time limit must leave MIN_TRAIN_TIME seconds of training before the warning signal:
+# otherwise every start is warned at once, checkpoints nothing new and requeues itself.
+slurm_seconds() {  # SLURM duration ([D-]HH:MM:SS, [D-]HH[:MM], MM:SS, M) -> seconds; fails on UNLIMITED etc.
+    local d=0 h=0 m=0 s=0
+    if [[ $1 =~ ^([0-9]+)-([0-9]+)(:([0-9]+))?(:([0-9]+))?$ ]]; then
+        d=${BASH_REMATCH[1]} h=${BASH_REMATCH[2]} m=${BASH_REMATCH[4]:-0} s=${BASH_REMATCH[6]:-0}
+    elif [[ $1 =~ ^([0-9]+):([0-9]+):([0-9]+)$ ]]; then
+        h=${BASH_REMATCH[1]} m=${BASH_REMATCH[2]} s=${BASH_REMATCH[3]}
+    elif [[ $1 =~ ^([0-9]+)(:([0-9]+))?$ ]]; then
+        m=${BASH_REMATCH[1]} s=${BASH_REMATCH[3]:-0}
+    else
+        return 1
+    fi
+    echo $(( ((10#$d * 24 + 10#$h) * 60 + 10#$m) * 60 + 10#$s ))
+}
+signal_spec() {  # this job's --signal: SBATCH_SIGNAL (beats #SBATCH lines), else the submitted script's
+    if [ -n "${SBATCH_SIGNAL:-}" ]; then echo "$SBATCH_SIGNAL"; return 0; fi
+    # sbatch reads #SBATCH lines up to the first command; the last --signal wins.
+    scontrol write batch_script "$JOB_ID" - 2>/dev/null | awk '
+        NR == 1 && /^#!/ { next }
+        /^[[:space:]]*$/ { next }
+        !/^#/ { exit }
+        $1 == "#SBATCH" { for (i = 2; i <= NF; i++) {
+            if ($i ~ /^--signal=/) spec = substr($i, 10); else if ($i == "--signal") spec = $(i + 1) } }
+        END { print spec }'
+}
+check_time_limit() {
+    local limit_text limit spec margin need
+    [[ $MIN_TRAIN_TIME =~ ^[0-9]+$ ]] || die "MIN_TRAIN_TIME=$MIN_TRAIN_TIME is not a number of seconds"
+    limit_text=$(scontrol show job -o "$JOB_ID" 2>/dev/null | grep -o 'TimeLimit=[^ ]*' | cut -d= -f2)
+    if ! limit=$(slurm_seconds "$limit_text"); then
+        log "time limit ${limit_text:-unknown}: not checked against the warning signal"
+        return 0
+    fi
+    if [ -n "${SIGNAL_MARGIN:-}" ]; then
+        [[ $SIGNAL_MARGIN =~ ^[0-9]+$ ]] || die "SIGNAL_MARGIN=$SIGNAL_MARGIN is not a number of seconds"
+        margin=$SIGNAL_MARGIN spec="SIGNAL_MARGIN=$SIGNAL_MARGIN"
+    elif ! spec=$(signal_spec); then
+        log "WARNING: cannot read this job's --signal (scontrol write batch_script failed):" \
+            "time limit $limit_text not checked; set SIGNAL_MARGIN=<seconds> to check it"
+        return 0
+    elif [ -z "$spec" ]; then
+        log "time limit $limit_text, no --signal warning: the run ends TIMEOUT at the limit, without a requeue"
+        return 0
+    else
+        margin=60   # SLURM's default when the spec has no @T
+        [[ $spec != *@* ]] || margin=${spec##*@}
+        [[ $margin =~ ^[0-9]+$ ]] || die "cannot read the warning margin of --signal=$spec (want [B:]USR1@<seconds>)"
+        spec="--signal=$spec"
+    fi
+    need=$(( margin + MIN_TRAIN_TIME ))
+    if [ "$limit" -le "$margin" ] || [ "$limit" -lt "$need" ]; then
+        die "time limit $limit_text ($limit s) leaves $(( limit > margin ? limit - margin : 0 )) s of training before the warning signal," \
+            "which comes $margin s before the limit ($spec); each start needs MIN_TRAIN_TIME=$MIN_TRAIN_TIME s," \
+            "else it is warned at once and requeues itself again and again. Submit with --time=$(( (need + 59) / 60 ))" \
+            "or more ($margin + $MIN_TRAIN_TIME = $need s), or with a shorter warning (sbatch --signal=B:USR1@T plus" \
+            "SIGNAL_MARGIN=T), or lower MIN_TRAIN_TIME"
+    fi
+    log "time limit $limit_text: the warning comes $margin s before it ($spec), $(( limit - margin )) s into each start"
+}
+[ -z "$JOB_ID" ] || check_time_limit
+
 [ -n "${RECIPE:-}" ] || die "RECIPE is not set. Submit e.g. 'RECIPE=recipes/<name>.yaml DATA=... OUTPUT_DIR=... sbatch slurm/$TEMPLATE.sbatch'; recipes in $SCALE_ROOT/recipes: $(cd "$SCALE_ROOT/recipes" 2>/dev/null && ls -- *.yaml 2>/dev/null | tr '\n' ' ')"
 RECIPE_PATH=$RECIPE
 if [ ! -e "$RECIPE_PATH" ] && [[ "$RECIPE" != /* ]] && [ -e "$SCALE_ROOT/$RECIPE" ]; then
@@ -106,16 +179,14 @@ else
     NTASKS=1
 fi
 
-OVERRIDES=()
 if [ -n "${GLOBAL_BATCH:-}" ]; then
     [[ "$GLOBAL_BATCH" =~ ^[0-9]+$ ]] && [ "$GLOBAL_BATCH" -gt 0 ] || die "GLOBAL_BATCH=$GLOBAL_BATCH is not a positive integer"
     (( GLOBAL_BATCH % NTASKS == 0 )) || die "GLOBAL_BATCH=$GLOBAL_BATCH is not divisible by the $NTASKS tasks; pick nodes x GPUs that divide it, or set GLOBAL_BATCH= (empty) and train.batch_size=N"
-    OVERRIDES+=("train.batch_size=$(( GLOBAL_BATCH / NTASKS ))")
 fi
-[ -z "${DATA:-}" ] || OVERRIDES+=("data.root=$DATA")
-[ -z "${OUTPUT_DIR:-}" ] || OVERRIDES+=("train.output_dir=$OUTPUT_DIR")
-OVERRIDES+=("engine.name=$ENGINE")
-OVERRIDES+=("$@")
+ENV_OVERRIDES=()
+[ -z "${DATA:-}" ] || ENV_OVERRIDES+=("data.root=$DATA")
+[ -z "${OUTPUT_DIR:-}" ] || ENV_OVERRIDES+=("train.output_dir=$OUTPUT_DIR")
+ENV_OVERRIDES+=("engine.name=$ENGINE")
 
 # The resolved config (the same code the trainer runs): catches unknown keys and bad
 # values now, and tells where the data and the output go.
@@ -134,14 +205,51 @@ except ConfigError as err:
 for key, value in (("data_name", cfg.data.name), ("data_root", cfg.data.root),
                    ("output_dir", cfg.train.output_dir), ("model", cfg.model.name),
                    ("batch", cfg.train.batch_size), ("max_steps", cfg.train.max_steps),
-                   ("contrastive_batch", getattr(cfg.train, "contrastive_batch", None))):
+                   ("contrastive_batch", cfg.train.contrastive_batch), ("chunk", cfg.train.grad_cache_chunk)):
     print(f"{key}\t{value}")
 PY
-RESOLVED=$("$PYTHON" -c "$RESOLVE_PY" "$RECIPE_PATH" "${OVERRIDES[@]}" 2>&1) \
-    || die "could not resolve the config with $PYTHON: $RESOLVED"
 field() { awk -F'\t' -v k="$1" '$1 == k { sub(/^[^\t]*\t/, ""); print; exit }' <<<"$RESOLVED"; }
-[ -z "$(field IMPORT)" ] || die "$(field IMPORT) (activate the environment that has scale's dependencies, or set PYTHON=)"
-[ -z "$(field CONFIG)" ] || die "bad config (RECIPE=$RECIPE, overrides: ${OVERRIDES[*]}): $(field CONFIG)"
+resolve() {  # resolve OVERRIDE...: RESOLVED = the config of RECIPE + these overrides, or die
+    RESOLVED=$("$PYTHON" -c "$RESOLVE_PY" "$RECIPE_PATH" "$@" 2>&1) \
+        || die "could not resolve the config with $PYTHON: $RESOLVED"
+    [ -z "$(field IMPORT)" ] || die "$(field IMPORT) (activate the environment that has scale's dependencies, or set PYTHON=)"
+    [ -z "$(field CONFIG)" ] || die "bad config (RECIPE=$RECIPE, overrides: $*): $(field CONFIG)"
+}
+
+# GLOBAL_BATCH is the effective batch. The trainer takes it from train.contrastive_batch when
+# the config sets one (split over the tasks, maybe in grad_cache_chunk passes), else from
+# train.batch_size per task: a recipe with train.contrastive_batch gets both. Trailing
+# key=value overrides still come last and beat GLOBAL_BATCH.
+BATCH_OVERRIDES=()
+if [ -n "${GLOBAL_BATCH:-}" ]; then
+    BATCH_OVERRIDES=("train.batch_size=$(( GLOBAL_BATCH / NTASKS ))")
+    resolve "${ENV_OVERRIDES[@]}" "$@"
+    [ "$(field contrastive_batch)" = None ] || BATCH_OVERRIDES+=("train.contrastive_batch=$GLOBAL_BATCH")
+fi
+OVERRIDES=("${BATCH_OVERRIDES[@]}" "${ENV_OVERRIDES[@]}" "$@")
+resolve "${OVERRIDES[@]}"
+
+# The effective batch as the trainer will compute it (scale.engine.grad_cache.plan_batch).
+PER_TASK=$(field batch) CONTRASTIVE=$(field contrastive_batch) CHUNK=$(field chunk)
+if [ "$CONTRASTIVE" != None ]; then
+    (( CONTRASTIVE % NTASKS == 0 )) || die "train.contrastive_batch=$CONTRASTIVE does not split evenly over the $NTASKS tasks; set GLOBAL_BATCH (or train.contrastive_batch=) to a multiple of $NTASKS"
+    PER_TASK=$(( CONTRASTIVE / NTASKS )) EFFECTIVE=$CONTRASTIVE SIZED_BY="train.contrastive_batch=$CONTRASTIVE"
+    for arg in "$@"; do
+        [[ ${arg%%=*} != *train.batch_size* ]] || log "WARNING: $arg has no effect: train.contrastive_batch=$CONTRASTIVE sets the batch ($PER_TASK/task)"
+    done
+else
+    EFFECTIVE=$(( PER_TASK * NTASKS )) SIZED_BY="train.batch_size=$PER_TASK"
+fi
+BATCH_NOTE="effective batch $EFFECTIVE ($SIZED_BY: $PER_TASK/task x $NTASKS task(s)"
+[ "$CHUNK" = None ] || (( CHUNK >= PER_TASK )) || BATCH_NOTE+=", gradient caching in chunks of $CHUNK"
+if [ -z "${GLOBAL_BATCH:-}" ]; then
+    BATCH_NOTE+="; GLOBAL_BATCH is empty)"
+elif [ "$EFFECTIVE" = "$GLOBAL_BATCH" ]; then
+    BATCH_NOTE+=", from GLOBAL_BATCH=$GLOBAL_BATCH)"
+else
+    BATCH_NOTE+=")"
+    log "WARNING: the effective batch is $EFFECTIVE, not GLOBAL_BATCH=$GLOBAL_BATCH: a trailing override sets it ($SIZED_BY), and trailing overrides win"
+fi
 DATA_NAME=$(field data_name); DATA_ROOT=$(field data_root); OUT=$(field output_dir)
 
 # Data: a local path or brace pattern must have a readable first shard (file or folder).
@@ -205,11 +313,6 @@ SRUN=(srun --kill-on-bad-exit=0 --wait="$TASK_EXIT_GRACE" --label --input=none)
 [ -z "${SLURM_CPUS_PER_TASK:-}" ] || SRUN+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 CMD=("$PYTHON" -m scale.train --config "$RECIPE_PATH" --resume auto "${OVERRIDES[@]}")
 
-if [ "$(field contrastive_batch)" != None ]; then   # the recipe's global batch beats train.batch_size
-    BATCH_NOTE="train.contrastive_batch $(field contrastive_batch) over $NTASKS task(s)"
-else
-    BATCH_NOTE="batch $(field batch)/task x $NTASKS task(s)"
-fi
 log "model $(field model), $BATCH_NOTE, engine $ENGINE, rendezvous $MASTER_ADDR:$MASTER_PORT"
 if [ "$DRY_RUN" = 1 ]; then
     log "checks passed; DRY_RUN=1, would run: ${SRUN[*]} ${CMD[*]}"

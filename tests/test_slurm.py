@@ -5,6 +5,10 @@
 - a real `sbatch slurm/vitb_ocl.sbatch` with CPU overrides: 2 tasks (DDP over gloo), the
   tiny CPU recipe; the job completes and leaves its checkpoint, metrics and logs;
 - a failing check ends the job before srun starts anything;
+- GLOBAL_BATCH beats a recipe's train.contrastive_batch: the trainer runs with it, and the
+  launch log says so;
+- a time limit inside the warning margin (--time=1 against --signal=B:USR1@300) is refused
+  at the checks, in one line, and the job is not requeued;
 - preemption: `scancel --signal=USR1 --batch` (what `#SBATCH --signal=B:USR1@T` sends),
   then, after the requeue, `scancel --signal=USR1` to the tasks themselves (what a
   signal without `B:` does): each time the job checkpoints and requeues itself, resumes
@@ -26,9 +30,10 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
+import yaml
 
 from conftest import REPO
-from slurm_cluster import SlurmCluster, SlurmUnavailable
+from slurm_cluster import FINAL_STATES, SlurmCluster, SlurmUnavailable
 
 TEMPLATES = ("vith_ocl", "vitl_ocl", "vitb_ocl")
 STEPS = 16
@@ -56,8 +61,8 @@ def clean_env(**extra: str) -> Dict[str, str]:
 
 
 def job_env(out: Path, **extra: str) -> Dict[str, str]:
-    return clean_env(RECIPE="recipes/ocl_cpu_tiny.yaml", OUTPUT_DIR=str(out), GLOBAL_BATCH=str(32 * NTASKS),
-                     ENGINE="ddp" if NTASKS > 1 else "single", TASK_EXIT_GRACE="30", **extra)
+    return clean_env(**{"RECIPE": "recipes/ocl_cpu_tiny.yaml", "OUTPUT_DIR": str(out), "GLOBAL_BATCH": str(32 * NTASKS),
+                        "ENGINE": "ddp" if NTASKS > 1 else "single", "TASK_EXIT_GRACE": "30", **extra})
 
 
 def read_metrics(run: Path) -> List[dict]:
@@ -109,6 +114,8 @@ def test_templates_pass_their_checks_with_readable_shards(tmp_path, template):
     ("output dir not writable", {"OUTPUT_DIR": "/proc/version/run"}, [], "cannot create the output dir"),
     ("bad override", {}, ["train.no_such_key=1"], "unknown config key 'train.no_such_key'"),
     ("batch does not split", {"GLOBAL_BATCH": "9601", "SLURM_NTASKS": "2"}, [], "not divisible"),
+    ("contrastive batch does not split", {"GLOBAL_BATCH": "", "SLURM_NTASKS": "2"},
+     ["train.contrastive_batch=9"], "train.contrastive_batch=9 does not split evenly over the 2 tasks"),
 ])
 def test_checks_fail_clearly_before_launch(tmp_path, case, env_extra, overrides, message):
     env = job_env(tmp_path / "run")
@@ -139,8 +146,9 @@ def cluster(tmp_path_factory):
 
 
 def submit(cluster: SlurmCluster, tmp_path: Path, run: Path, template: str = "vitb_ocl", env_extra=None,
-           overrides=CPU_OVERRIDES) -> str:
-    return cluster.sbatch([*CPU_SBATCH, str(REPO / "slurm" / f"{template}.sbatch"), *overrides],
+           overrides=CPU_OVERRIDES, sbatch_extra=()) -> str:
+    """sbatch_extra: more sbatch flags; they come after CPU_SBATCH, and sbatch keeps the last."""
+    return cluster.sbatch([*CPU_SBATCH, *sbatch_extra, str(REPO / "slurm" / f"{template}.sbatch"), *overrides],
                           env=job_env(run, **(env_extra or {})), cwd=tmp_path)
 
 
@@ -189,6 +197,53 @@ def test_failed_check_stops_the_job_before_srun(cluster, tmp_path):
     boot = (tmp_path / f"slurm-ocl-vitb-{job}.out").read_text()
     assert state == "FAILED", explain(cluster, tmp_path, run, job)
     assert "data not found" in boot and "missing-0000.tar" in boot and "stops before launching" in boot
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_global_batch_beats_the_recipe_contrastive_batch(cluster, tmp_path):
+    """A recipe with train.contrastive_batch (as recipes/ocl_vitb16.yaml) plus GLOBAL_BATCH: the run
+    scores GLOBAL_BATCH images per step, and the launch log says so."""
+    tiny = (REPO / "recipes" / "ocl_cpu_tiny.yaml").read_text()
+    assert "  batch_size: 256\n" in tiny
+    recipe = tmp_path / "contrastive.yaml"
+    recipe.write_text(tiny.replace("  batch_size: 256\n",
+                                   "  batch_size: 256\n  contrastive_batch: 128\n  grad_cache_chunk: 16\n"))
+    global_batch = 32 * NTASKS  # job_env's GLOBAL_BATCH; the recipe says 128
+    run = tmp_path / "run"
+    job = submit(cluster, tmp_path, run, env_extra={"RECIPE": str(recipe), "GLOBAL_BATCH": str(global_batch)},
+                 overrides=[*CPU_OVERRIDES, "train.max_steps=2"])
+    state = cluster.wait_for(job, {"COMPLETED"}, timeout=JOB_TIMEOUT)
+    info = explain(cluster, tmp_path, run, job)
+    assert state == "COMPLETED", info
+    # What the trainer ran with: its saved config, its start-up line, every step's metrics.
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["contrastive_batch"] == global_batch, saved["train"]
+    assert re.search(rf"\| batch {global_batch} \|", job_log(run)), info
+    assert [r["contrastive_batch"] for r in read_metrics(run)] == [global_batch] * 2, info
+    # What the launcher told the user before launching.
+    boot = (tmp_path / f"slurm-ocl-vitb-{job}.out").read_text()
+    assert f"effective batch {global_batch} " in boot and f"GLOBAL_BATCH={global_batch}" in boot, boot
+    assert "effective batch 128" not in boot, boot
+
+
+def test_time_limit_inside_the_warning_margin_is_refused_before_launch(cluster, tmp_path):
+    """--time=1 (60 s) with the template's --signal=B:USR1@300: the warning would come at once on
+    every start and the job would requeue forever. It must fail at the checks, once."""
+    run = tmp_path / "run"
+    job = submit(cluster, tmp_path, run, sbatch_extra=["--time=1"])
+    diagnose = lambda: explain(cluster, tmp_path, run, job)  # noqa: E731
+    wait_until(lambda: cluster.job(job).get("JobState") in FINAL_STATES
+               or int(cluster.job(job).get("Restarts", "0")) > 0, 60, "the job to end or requeue", diagnose=diagnose)
+    time.sleep(2)  # a requeue would have shown by now
+    info = cluster.job(job)
+    assert info.get("JobState") == "FAILED" and info.get("Restarts") == "0", diagnose()
+    boot = (tmp_path / f"slurm-ocl-vitb-{job}.out").read_text()
+    errors = [line for line in boot.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, boot
+    # One line: both values and what to change.
+    assert "time limit" in errors[0] and "60 s" in errors[0] and "--signal=B:USR1@300" in errors[0], errors
+    assert "--time=" in errors[0], errors
+    assert "stops before launching" in boot and "checks passed" not in boot, boot
     assert not (run / "metrics.jsonl").exists()
 
 
