@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from scale.config import MaskConfig
+from scale.config import ConfigError, MaskConfig
 from scale.masking import MASK_GENERATORS, MaskGenerator, Masks, RandomGroupMasking, build_mask_generator, \
     step_generator
 
@@ -74,7 +74,7 @@ def test_indices_made_on_requested_device():
 def test_registry_and_bad_ratio():
     assert "random_two_group" in MASK_GENERATORS
     assert isinstance(build_mask_generator(MaskConfig(ratio=0.4), 14), RandomGroupMasking)
-    with pytest.raises(KeyError, match="random_two_group"):
+    with pytest.raises(ConfigError, match="mask.name: unknown mask generator"):
         build_mask_generator(MaskConfig(name="blocky"), 14)
     with pytest.raises(ValueError, match="fewer than one per group"):
         RandomGroupMasking(2, 0.9)

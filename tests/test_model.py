@@ -4,6 +4,7 @@ import pytest
 import timm
 import torch
 
+from scale.config import ConfigError
 from scale.models import MODELS, build_encoder
 from scale.models.attention import resolve_backend
 
@@ -148,5 +149,5 @@ def test_backend_resolution():
 
 
 def test_unknown_model_lists_presets():
-    with pytest.raises(KeyError, match="vit_base_patch16"):
+    with pytest.raises(ConfigError, match="model.name: unknown model"):
         build_encoder("vit_gigantic")
