@@ -2,9 +2,12 @@
 
 import argparse
 
+from scale.errors import UserError
 
-class DataPrepError(Exception):
-    """A problem with the user's input or output folder; the scripts print it as one clear line and exit 1."""
+
+class DataPrepError(UserError):
+    """A problem with the user's input or output folder; the scripts print it as one line and exit 2
+    (`scale.errors.run_command`), like every other user error of the project."""
 
 
 def positive_int(text: str) -> int:

@@ -9,6 +9,9 @@ The source is Debian's `dataset-fashion-mnist` package (gzipped IDX files); unco
 
     apt-get install dataset-fashion-mnist
     python data_prep/fashion_mnist_to_wds.py --out /data/fashion-mnist-wds
+
+A missing or unreadable source, or an --out that already holds a conversion, is one line on stderr
+and exit status 2.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from PIL import Image
 from data_prep import DataPrepError, positive_int
 from data_prep.manifest import MANIFEST_NAME, build_manifest, write_manifest
 from data_prep.shard_writing import ResumableShardWriter, prepare_output_dir
+from scale.errors import run_command
 
 DEFAULT_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_SHARD_SIZE = 5000  # 12 train shards: enough for 2 ranks x 2 workers (and more) to split
@@ -159,15 +163,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="PNG encoding processes (default: all cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing complete conversions in --out")
     args = parser.parse_args(argv)
-    if not args.src.is_dir():
-        print(
-            f"fashion_mnist_to_wds: error: --src {args.src}: not found; install the data set with "
-            "`apt-get install dataset-fashion-mnist` or pass --src DIR",
-            file=sys.stderr,
-        )
-        return 1
     started = time.monotonic()
-    try:
+
+    def body() -> int:
+        if not args.src.is_dir():
+            raise DataPrepError(
+                f"--src {args.src}: not found; install the data set with "
+                "`apt-get install dataset-fashion-mnist` or pass --src DIR"
+            )
         # Check both splits' sources and outputs before writing anything, so a problem fails fast.
         for split, prefix in SPLIT_FILE_PREFIXES.items():
             find_idx_file(args.src, f"{prefix}-images-idx3-ubyte")
@@ -182,12 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.src, args.out / split, split, args.shard_size, args.overwrite, args.workers
             )
             summaries.append(f"{split}: {manifest['total_samples']} samples in {len(manifest['shards'])} shards")
-    except DataPrepError as err:
-        print(f"fashion_mnist_to_wds: error: {err}", file=sys.stderr)
-        return 1
-    print(f"converted Fashion-MNIST -> {args.out} ({'; '.join(summaries)}) in {time.monotonic() - started:.1f}s")
-    return 0
-
+        print(f"converted Fashion-MNIST -> {args.out} ({'; '.join(summaries)}) in {time.monotonic() - started:.1f}s")
+        return 0
+    return run_command("fashion_mnist_to_wds", body)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,6 +2,8 @@
 
 Layouts:
   * ImageNet train (default): SRC/<class>/**/<image>; classes are the sorted class folder names.
+    Symlinked folders are followed, but every real folder and file is read once: symlink loops,
+    repeated links and links to files already listed are left out and listed as skipped.
   * ImageNet val: a flat SRC plus `--val-labels FILE`, one class name per line for SRC's files in
     sorted file-name order.
   * `--labels CSV`: rows of `filename,label` (a `filename,label` header row is allowed), file names
@@ -15,6 +17,9 @@ stored width/height, class name). Keys are the zero-padded index in the seeded g
 
 Output is reproducible byte for byte and resumable after a kill: rerun the same command. See
 data_prep/shard_writing.py for how, and for the SCALE_DATA_PREP_TEST_SHARD_DELAY test hook.
+A mistake in the input (a missing or unlistable --src, a bad labels file, an --out holding another
+conversion) is one line on stderr and exit status 2; files that cannot be converted are skipped and
+listed in the manifest instead.
 
     python data_prep/imagefolder_to_wds.py --src /data/imagenet/train --out /data/wds/train
     python -m data_prep.imagefolder_to_wds --src val/ --val-labels val_labels.txt --split val \
@@ -48,6 +53,8 @@ from tqdm import tqdm
 from data_prep import DataPrepError, positive_int
 from data_prep.manifest import SPLIT_NAME_PATTERN, build_manifest, write_manifest
 from data_prep.shard_writing import ResumableShardWriter, SkippedItem, prepare_output_dir
+from data_prep.source_tree import walk_files
+from scale.errors import run_command
 
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_QUALITY = 90
@@ -159,27 +166,26 @@ def encode_job(job: EncodeJob) -> EncodeResult:
 
 
 def list_train_layout(src: Path) -> tuple[list[SourceImage], list[str], list[SkippedItem]]:
-    """Files under SRC/<class>/ (recursively), the class folder names, and stray top-level files."""
-    class_names = sorted(entry.name for entry in os.scandir(src) if entry.is_dir() and not entry.name.startswith("."))
+    """Files under SRC/<class>/ (recursively, each real file once: see data_prep/source_tree.py),
+    the class folder names, and what was left out (stray top-level files, repeated files and folders)."""
+    try:
+        top = sorted(os.scandir(src), key=lambda entry: entry.name)
+    except OSError as err:
+        raise DataPrepError(f"--src {src}: cannot list: {err.strerror or err}") from None
+    class_names = [entry.name for entry in top if entry.is_dir() and not entry.name.startswith(".")]
     if not class_names:
         raise DataPrepError(f"--src {src}: no class folders found (expected SRC/<class>/<image> files)")
-    sources = []
-    for class_name in class_names:
-        for dirpath, dirnames, filenames in os.walk(src / class_name, followlinks=True):
-            dirnames.sort()
-            for filename in sorted(filenames):
-                rel_path = (Path(dirpath) / filename).relative_to(src).as_posix()
-                sources.append(SourceImage(rel_path, class_name))
-    stray = [
-        SkippedItem(-1, entry.name, "not inside a class folder")
-        for entry in sorted(os.scandir(src), key=lambda entry: entry.name)
-        if not entry.is_dir()
-    ]
-    return sources, class_names, stray
+    files, left_out = walk_files(src, class_names)
+    sources = [SourceImage(rel_path, rel_path.split("/", 1)[0]) for rel_path in files]
+    stray = [SkippedItem(-1, entry.name, "not inside a class folder") for entry in top if not entry.is_dir()]
+    return sources, class_names, stray + [SkippedItem(-1, path, reason) for path, reason in left_out]
 
 
 def list_val_layout(src: Path, labels_file: Path) -> list[SourceImage]:
-    filenames = sorted(entry.name for entry in os.scandir(src) if not entry.is_dir())
+    try:
+        filenames = sorted(entry.name for entry in os.scandir(src) if not entry.is_dir())
+    except OSError as err:
+        raise DataPrepError(f"--src {src}: cannot list: {err.strerror or err}") from None
     labels = read_label_lines(labels_file, "--val-labels")
     if len(labels) != len(filenames):
         raise DataPrepError(
@@ -445,12 +451,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         convert(args)
-    except DataPrepError as err:
-        print(f"imagefolder_to_wds: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+    return run_command("imagefolder_to_wds", body)
 
 
 if __name__ == "__main__":

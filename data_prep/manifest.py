@@ -79,28 +79,54 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def manifest_problem(manifest: Any, complete: bool = True) -> str | None:
+    """What makes a parsed manifest unusable, or None. `complete=False` checks only what a reader of
+    the shards needs (format, and each shard's name and sample count), for hand-written manifests."""
+    if not isinstance(manifest, dict):
+        return f"not a {MANIFEST_FORMAT} manifest (a JSON {type(manifest).__name__}, not an object)"
+    if manifest.get("format") != MANIFEST_FORMAT:
+        return f"not a {MANIFEST_FORMAT} manifest (format {manifest.get('format')!r})"
+    shards = manifest.get("shards")
+    fields = "{name, num_samples, sha256}" if complete else "{name, num_samples}"
+    expected = f"'shards' must be a list of {fields} with num_samples an integer >= 0"
+    if not isinstance(shards, list):
+        return expected
+    names: set[str] = set()
+    for position, shard in enumerate(shards):
+        if not (isinstance(shard, dict) and isinstance(shard.get("name"), str) and shard["name"]
+                and _is_count(shard.get("num_samples"))
+                and (not complete or isinstance(shard.get("sha256"), str))):
+            return f"{expected}; shard {position} is {json.dumps(shard)[:200]}"
+        if shard["name"] in names:
+            return f"shard {shard['name']!r} is listed twice"
+        names.add(shard["name"])
+    if complete and not _is_count(manifest.get("total_samples")):
+        return "'total_samples' must be an integer >= 0"
+    if complete and not isinstance(manifest.get("classes"), dict):
+        return "'classes' must be an object of class name -> index"
+    return None
+
+
+def load_manifest(path: Path, complete: bool = True) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, None), or (None, what is wrong) when `path` cannot be read, parsed or used."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return None, f"unreadable manifest: {getattr(err, 'strerror', None) or err}"
+    problem = manifest_problem(manifest, complete)
+    return (None, problem) if problem else (manifest, None)
+
+
 def read_manifest(out_dir: Path) -> dict[str, Any]:
     """Load and sanity-check `out_dir/manifest.json`; DataPrepError names what is wrong."""
     path = out_dir / MANIFEST_NAME
     if not path.is_file():
         raise DataPrepError(f"{path}: no manifest (is {out_dir} a converted shard folder?)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataPrepError(f"{path}: unreadable manifest: {err}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise DataPrepError(f"{path}: not a {MANIFEST_FORMAT} manifest")
-    shards = manifest.get("shards")
-    if not isinstance(shards, list) or not all(
-        isinstance(shard, dict)
-        and isinstance(shard.get("name"), str)
-        and isinstance(shard.get("num_samples"), int)
-        and isinstance(shard.get("sha256"), str)
-        for shard in shards
-    ):
-        raise DataPrepError(f"{path}: 'shards' must be a list of {{name, num_samples, sha256}}")
-    if not isinstance(manifest.get("total_samples"), int):
-        raise DataPrepError(f"{path}: 'total_samples' must be an integer")
-    if not isinstance(manifest.get("classes"), dict):
-        raise DataPrepError(f"{path}: 'classes' must be an object of class name -> index")
+    manifest, problem = load_manifest(path)
+    if manifest is None:
+        raise DataPrepError(f"{path}: {problem}")
     return manifest

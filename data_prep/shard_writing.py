@@ -118,7 +118,12 @@ def prepare_output_dir(out_dir: Path, split: str, overwrite: bool, options: dict
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise DataPrepError(f"--out {out_dir}: exists and is not a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataPrepError(f"--out {out_dir}: cannot create the folder: {err.strerror or err}") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise DataPrepError(f"--out {out_dir}: not writable; expected a folder this user can write to")
     manifest_path = out_dir / MANIFEST_NAME
     journal = journal_path(out_dir, split)
     if manifest_path.exists() and not overwrite:

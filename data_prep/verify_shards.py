@@ -3,7 +3,8 @@ count as recorded, the total as recorded, keys unique, and every sample complete
 (`.cls` an in-range class index, `.json` an object, exactly one image that Pillow can fully decode).
 
 Exits 0 with one summary line when all is well; otherwise prints each problem naming its shard and
-exits 1.
+exits 1. A folder that cannot be verified at all (not a directory, no or an invalid manifest.json) is
+a user error: one line on stderr, exit status 2.
 
     python data_prep/verify_shards.py /data/wds/train
     python -m data_prep.verify_shards /data/wds/train --workers 8
@@ -28,8 +29,8 @@ if __package__ in (None, ""):  # run as `python data_prep/verify_shards.py`: mak
 from PIL import Image
 from tqdm import tqdm
 
-from data_prep import DataPrepError
 from data_prep.manifest import read_manifest, sha256_of_file
+from scale.errors import run_command
 
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff"}
 
@@ -114,7 +115,11 @@ def check_shard(check: ShardCheck) -> ShardReport:
     if not path.is_file():
         report.problems.append("missing")
         return report
-    actual_sha256 = sha256_of_file(path)
+    try:
+        actual_sha256 = sha256_of_file(path)
+    except OSError as err:
+        report.problems.append(f"unreadable: {err.strerror or err}")
+        return report
     if actual_sha256 != check.expected_sha256:
         report.problems.append(f"sha256 mismatch: manifest {check.expected_sha256}, file {actual_sha256}")
     try:
@@ -178,22 +183,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers < 1:
         parser.error(f"--workers: expected a positive integer, got {args.workers}")
     started = time.monotonic()
-    try:
+
+    def body() -> int:
         problems = verify(args.shard_dir, args.workers)
-    except DataPrepError as err:
-        print(f"verify_shards: error: {err}", file=sys.stderr)
-        return 1
-    if problems:
-        for problem in problems:
-            print(f"FAIL {problem}", file=sys.stderr)
-        print(f"verify_shards: {args.shard_dir}: {len(problems)} problem(s) found", file=sys.stderr)
-        return 1
-    manifest = read_manifest(args.shard_dir)
-    print(
-        f"OK {args.shard_dir}: {len(manifest['shards'])} shards, {manifest['total_samples']} samples; "
-        f"checksums, counts and decoding verified in {time.monotonic() - started:.1f}s"
-    )
-    return 0
+        if problems:
+            for problem in problems:
+                print(f"FAIL {problem}", file=sys.stderr)
+            print(f"verify_shards: {args.shard_dir}: {len(problems)} problem(s) found", file=sys.stderr)
+            return 1
+        manifest = read_manifest(args.shard_dir)
+        print(
+            f"OK {args.shard_dir}: {len(manifest['shards'])} shards, {manifest['total_samples']} samples; "
+            f"checksums, counts and decoding verified in {time.monotonic() - started:.1f}s"
+        )
+        return 0
+    return run_command("verify_shards", body)
 
 
 if __name__ == "__main__":

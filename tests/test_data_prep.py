@@ -217,7 +217,7 @@ def test_val_labels_count_mismatch_is_a_clear_error(tmp_path: Path, capsys: pyte
     save_noise_jpeg(tmp_path / "val" / "a.JPEG")
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\ndog\n")
-    assert convert("--src", tmp_path / "val", "--out", tmp_path / "out", "--val-labels", labels) == 1
+    assert convert("--src", tmp_path / "val", "--out", tmp_path / "out", "--val-labels", labels) == 2
     error = capsys.readouterr().err
     assert "--val-labels" in error and "2 labels" in error and "1 files" in error
 
@@ -348,7 +348,7 @@ def test_complete_output_is_not_overwritten_without_the_flag(tmp_path: Path, cap
     out = tmp_path / "out"
     assert convert("--src", src, "--out", out, "--shard-size", "5") == 0
     before = shard_bytes(out)
-    assert convert("--src", src, "--out", out, "--shard-size", "100") == 1
+    assert convert("--src", src, "--out", out, "--shard-size", "100") == 2
     error = capsys.readouterr().err
     assert str(out) in error and "--overwrite" in error
     assert shard_bytes(out) == before
@@ -443,13 +443,13 @@ def test_interrupted_run_resumes_only_with_the_same_options(
     assert not (out / "manifest.json").exists()
     capsys.readouterr()
 
-    assert convert("--src", src, "--out", out, "--shard-size", "4", "--seed", "7") == 1
+    assert convert("--src", src, "--out", out, "--shard-size", "4", "--seed", "7") == 2
     error = capsys.readouterr().err
     assert "interrupted conversion" in error and "seed" in error and "--overwrite" in error
 
     extra = src / "cat" / "added_later.jpg"
     save_noise_jpeg(extra, seed=99)
-    assert convert("--src", src, "--out", out, "--shard-size", "4") == 1
+    assert convert("--src", src, "--out", out, "--shard-size", "4") == 2
     assert "source_files_sha256" in capsys.readouterr().err
     extra.unlink()
 
@@ -612,7 +612,7 @@ def test_verifier_names_an_undecodable_sample(converted: Path, capsys: pytest.Ca
 
 
 def test_verifier_without_manifest_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert verify(tmp_path) == 1
+    assert verify(tmp_path) == 2
     assert "no manifest" in capsys.readouterr().err
 
 
@@ -676,7 +676,7 @@ def test_fashion_mnist_parallel_encoding_gives_the_same_shards(tmp_path: Path) -
 def test_fashion_mnist_missing_source_says_how_to_install_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
     for src in (tmp_path / "absent", tmp_path / "empty"):
-        assert fashion_mnist_to_wds.main(["--src", str(src), "--out", str(tmp_path / "out")]) == 1
+        assert fashion_mnist_to_wds.main(["--src", str(src), "--out", str(tmp_path / "out")]) == 2
         error = capsys.readouterr().err
         assert str(src) in error and "apt-get install dataset-fashion-mnist" in error
     assert not (tmp_path / "out").exists()
@@ -686,7 +686,7 @@ def test_fashion_mnist_refuses_to_overwrite(tmp_path: Path, capsys: pytest.Captu
     make_tiny_fashion_mnist(tmp_path / "fmnist")
     args = ["--src", str(tmp_path / "fmnist"), "--out", str(tmp_path / "out"), "--workers", "1"]
     assert fashion_mnist_to_wds.main(args) == 0
-    assert fashion_mnist_to_wds.main(args) == 1
+    assert fashion_mnist_to_wds.main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert fashion_mnist_to_wds.main(args + ["--overwrite"]) == 0
 

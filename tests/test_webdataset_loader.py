@@ -18,8 +18,10 @@ from PIL import Image
 from scale.config import DataConfig
 from scale.data import LoaderSpec, build_dataset
 from scale.data import wds_stream
+from scale.data.transforms import RateLimitedWarning
 from scale.data.wds_stream import (EpochPlan, WebDatasetData, deal_order, guaranteed_rank_samples,
                                    slot_sample_bounds)
+from scale.errors import UserError
 
 IMG = 16  # model input size in these tests
 
@@ -117,7 +119,7 @@ def test_shards_missing_from_the_manifest_or_disk_are_errors(tmp_path: Path) -> 
     write_shards(tmp_path / "other", [4], prefix="val", manifest=False)
     with pytest.raises(ValueError, match="not in manifest"):
         build(str(tmp_path / "other" / "val-000000.tar"), manifest=str(tmp_path / "manifest.json"))
-    with pytest.raises(FileNotFoundError, match="do not exist"):
+    with pytest.raises(UserError, match="do not exist"):
         build(str(tmp_path / "train-{000000..000002}.tar"))
 
 
@@ -362,7 +364,7 @@ def test_truncated_shard_is_topped_up_instead_of_ending_the_epoch_early(tmp_path
 
 
 def test_corrupt_sample_warnings_are_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
-    warn = wds_stream._RateLimitedWarning("skipping corrupt sample", first=5, every=1000)
+    warn = RateLimitedWarning("skipping corrupt sample", wds_stream.log, first=5, every=1000)
     with caplog.at_level(logging.WARNING, logger="scale.data.wds_stream"):
         for i in range(2500):
             warn(f"sample {i}")

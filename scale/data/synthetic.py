@@ -13,7 +13,7 @@ from typing import Tuple
 import torch
 from torch.utils.data import Dataset
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig
 from .base import DATASETS, PretrainData
 from .map_style import MapStyleData
 from .transforms import build_pretrain_transform
@@ -23,9 +23,9 @@ class SyntheticImages(Dataset):
     def __init__(self, num_samples: int, num_classes: int, img_size: int, in_chans: int,
                  sample_seed: int = 0, prototype_seed: int = 0):
         if num_classes < 2:
-            raise ValueError(f"data.num_classes must be >= 2, got {num_classes}")
+            raise ConfigError(f"data.num_classes must be >= 2, got {num_classes}")
         if num_samples < 1:
-            raise ValueError(f"data.num_samples must be >= 1, got {num_samples}")
+            raise ConfigError(f"data.num_samples must be >= 1, got {num_samples}")
         self.num_samples, self.num_classes = num_samples, num_classes
         self.img_size, self.in_chans, self.sample_seed = img_size, in_chans, sample_seed
         g = torch.Generator().manual_seed(prototype_seed)

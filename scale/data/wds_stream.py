@@ -38,6 +38,12 @@ How one rank's epoch is built (W = max(1, num_workers) DataLoader workers):
   zero images labelled -1, logged as an error.) Unreadable tar data ends that shard with
   a warning; if a worker's shards give fewer samples than the manifest promised, it
   reads them again (reshuffled) to fill its batches.
+* Mistakes in the settings are UserErrors (one line, exit 2) naming data.root,
+  data.val_root or data.manifest, or the shard: no such root, a directory without
+  shards, a first shard that is no tar, an invalid manifest (not JSON, another format,
+  counts that are not integers >= 0, a shard listed twice), and, when samples are counted
+  without a manifest, a shard that is unreadable, not a tar or truncated (no
+  end-of-archive block).
 * Cost of the bound: the worker with the fewest samples holds back its whole rank.
   Equal shards plus one short last shard (data_prep's layout) lose little: about that
   shard's shortfall, plus the shards left over when world*W does not divide their
@@ -48,11 +54,11 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 import logging
 import math
 import random
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -62,14 +68,18 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from ..config import DataConfig
+from data_prep.manifest import MANIFEST_FORMAT, MANIFEST_NAME, load_manifest
+
+from ..config import ConfigError, DataConfig
+from ..errors import UserError
 from .base import DATASETS, Batch, LoaderSpec, PretrainData, sample_seed
 from .loader_workers import ignore_stop_signals, loader_generator, start_workers
-from .transforms import build_pretrain_transform
+from .transforms import RateLimitedWarning, build_pretrain_transform, load_image
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "scale-wds-v1"
+SHARD_FORMS = ("expected a directory of .tar shards (with its manifest.json), a brace pattern such as "
+               "/data/train-{000000..000099}.tar, or one .tar file")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SHUFFLE_INITIAL = 100  # samples buffered before the shuffle starts yielding (webdataset's default)
 
@@ -96,37 +106,81 @@ def _local_path(url: str) -> Optional[Path]:
     return None if "://" in url else Path(url)
 
 
-def _read_manifest(path: Path) -> Dict[str, Any]:
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"manifest {path} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-    for shard in manifest.get("shards", []):
-        if "name" not in shard or "num_samples" not in shard:
-            raise ValueError(f"manifest {path}: every shard needs 'name' and 'num_samples', got {shard}")
+def _tar_problem(path: str) -> Optional[str]:
+    """Why the local tar `path` cannot be counted (unreadable, not a tar, cut short), or None."""
+    try:
+        tar = tarfile.open(path, "r:*")
+    except OSError as err:
+        return f"unreadable ({err.strerror or err})"
+    except (tarfile.TarError, EOFError, zlib.error):
+        return "not a tar archive"
+    samples = 0
+    with tar:
+        try:
+            for samples, _ in enumerate(_sample_keys(tar), start=1):
+                pass
+            if type(tar.fileobj) is io.BufferedReader:  # uncompressed: look for the end-of-archive block
+                tar.fileobj.seek(tar.offset)
+                end = tar.fileobj.read(tarfile.BLOCKSIZE)
+                if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
+                    return f"truncated after {samples} samples (no end-of-archive block at byte {tar.offset})"
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+            return f"truncated or corrupt after {samples} samples ({type(err).__name__}: {' '.join(str(err).split())})"
+    return None
+
+
+def _sample_keys(tar: tarfile.TarFile) -> Iterator[str]:
+    """One key per sample (run of files sharing a key, as webdataset groups them)."""
+    last_key = None
+    for member in tar:
+        if not member.isreg() or Path(member.name).name.startswith("__"):
+            continue
+        key, _ = wds.tariterators.base_plus_ext(member.name)
+        if key is not None and key != last_key:
+            last_key = key
+            yield key
+
+
+def count_tar_samples(path: str, setting: str = "data.root") -> int:
+    """Samples in a local tar; UserError naming the shard if it is unreadable, not a tar or cut short."""
+    problem = _tar_problem(path)
+    if problem is not None:
+        raise UserError(f"{setting}: shard {path} is {problem}; expected complete tar shards: re-copy or "
+                        "re-convert it, or list the shards' sample counts in a manifest.json next to them "
+                        "(or in data.manifest)")
+    with tarfile.open(path, "r:*") as tar:
+        return sum(1 for _ in _sample_keys(tar))
+
+
+def _read_manifest(path: Path, where: str) -> Dict[str, Any]:
+    manifest, problem = load_manifest(path, complete=False)
+    if manifest is None:
+        raise ConfigError(f"{where}: {problem}; expected a {MANIFEST_FORMAT} manifest as data_prep writes it: "
+                          '{"format": "scale-wds-v1", "shards": [{"name": "train-000000.tar", "num_samples": 1000}, ...]}')
     return manifest
 
 
-def count_tar_samples(path: str) -> int:
-    """Samples (runs of files sharing a key, as webdataset groups them) in a local tar."""
-    count, last_key = 0, None
-    with tarfile.open(path, "r:*") as tar:
-        for member in tar:
-            if not member.isreg() or Path(member.name).name.startswith("__"):
-                continue
-            key, _ = wds.tariterators.base_plus_ext(member.name)
-            if key is not None and key != last_key:
-                count, last_key = count + 1, key
-    return count
-
-
 def _check_exist(urls: Sequence[str], root: str, setting: str) -> None:
-    if not urls:
-        raise FileNotFoundError(f"{setting} {root!r} names no shards")
     absent = [u for u in urls if (p := _local_path(u)) is not None and not p.is_file()]
-    if absent:
-        raise FileNotFoundError(f"{len(absent)} of {len(urls)} shards of {setting} {root!r} do not exist "
-                                f"(first: {absent[0]})")
+    if not absent:
+        return
+    if len(absent) == len(urls) == 1:
+        if "{" in root or "}" in root:
+            what = "not a valid brace pattern (webdataset left it unexpanded) and no such file"
+        elif any(c in root for c in "*?["):
+            what = "no such file (glob patterns are not expanded; use a directory or a brace pattern)"
+        else:
+            what = "no such directory or file"
+        raise ConfigError(f"{setting} {root!r}: {what}; {SHARD_FORMS}")
+    raise ConfigError(f"{setting} {root!r}: {len(absent)} of {len(urls)} shards do not exist (first: {absent[0]}); "
+                      "expected every shard that it names, or that its manifest lists, to exist")
+
+
+def _check_first_is_tar(urls: Sequence[str], root: str, setting: str) -> None:
+    """A cheap guard against a root that names the wrong kind of file (an image, a manifest)."""
+    first = _local_path(urls[0])
+    if first is not None and not tarfile.is_tarfile(first):
+        raise ConfigError(f"{setting} {root!r}: {first} is not a tar shard; {SHARD_FORMS}")
 
 
 def resolve_shards(root: str, manifest: str = "", setting: str = "data.root", scan: bool = True) -> ShardSet:
@@ -134,40 +188,47 @@ def resolve_shards(root: str, manifest: str = "", setting: str = "data.root", sc
 
     Counts come from the manifest (`manifest`, else manifest.json next to the shards);
     without one, local shards are counted by scanning their tar headers if `scan`.
+    Every mistake (no such root, no shards, an invalid manifest, a truncated shard met
+    while counting) is a UserError naming the setting or the file.
     """
     if not root:
-        raise ValueError(f"{setting} is empty; set it to a shard pattern such as "
-                         "/data/train-{000000..000099}.tar or to a directory of shards")
+        raise ConfigError(f"{setting} is empty; {SHARD_FORMS}")
     local_root = _local_path(root)
     manifest_path: Optional[Path] = Path(manifest) if manifest else None
+    where = f"data.manifest {manifest!r}" if manifest else ""
     if manifest_path is not None and not manifest_path.is_file():
-        raise FileNotFoundError(f"data.manifest {manifest!r} does not exist")
+        raise ConfigError(f"data.manifest {manifest!r}: no such file; expected the {MANIFEST_NAME} of the shards "
+                          f"({MANIFEST_FORMAT}), or empty to use the one next to them")
     counts: Optional[List[int]] = None
     if local_root is not None and local_root.is_dir():
-        manifest_path = manifest_path or local_root / "manifest.json"
+        manifest_path = manifest_path or local_root / MANIFEST_NAME
         if manifest_path.is_file():
-            shards = _read_manifest(manifest_path)["shards"]
+            shards = _read_manifest(manifest_path, where or f"{setting} {root!r}: {manifest_path}")["shards"]
             urls = [str(local_root / s["name"]) for s in shards]
-            counts = [int(s["num_samples"]) for s in shards]
+            counts = [s["num_samples"] for s in shards]
         else:
             urls = sorted(str(p) for p in local_root.glob("*.tar"))
+        if not urls:
+            raise ConfigError(f"{setting} {root!r}: a directory without .tar shards or a {MANIFEST_NAME}; {SHARD_FORMS}")
         _check_exist(urls, root, setting)
     else:
         urls = wds.shardlists.expand_urls(root)
         _check_exist(urls, root, setting)
         first = _local_path(urls[0])
         if manifest_path is None and first is not None:
-            manifest_path = first.parent / "manifest.json"
+            manifest_path = first.parent / MANIFEST_NAME
         if manifest_path is not None and manifest_path.is_file():
-            by_name = {s["name"]: int(s["num_samples"]) for s in _read_manifest(manifest_path)["shards"]}
+            shards = _read_manifest(manifest_path, where or f"{setting} {root!r}: {manifest_path}")["shards"]
+            by_name = {s["name"]: s["num_samples"] for s in shards}
             missing = [u for u in urls if u.rsplit("/", 1)[-1] not in by_name]
             if missing:
-                raise ValueError(f"{len(missing)} shards of {setting} {root!r} are not in manifest "
-                                 f"{manifest_path} (first: {missing[0]}); is it the manifest of this split?")
+                raise ConfigError(f"{setting} {root!r}: {len(missing)} shards are not in manifest {manifest_path} "
+                                  f"(first: {missing[0]}); expected the manifest of this split (data.manifest)")
             counts = [by_name[u.rsplit("/", 1)[-1]] for u in urls]
+    _check_first_is_tar(urls, root, setting)
     if counts is None and scan and all(_local_path(u) is not None for u in urls):
         log.warning("%s %r has no manifest; counting samples by scanning %d shards", setting, root, len(urls))
-        counts = [count_tar_samples(str(_local_path(u))) for u in urls]
+        counts = [count_tar_samples(str(_local_path(u)), setting) for u in urls]
     found = manifest_path if manifest_path is not None and manifest_path.is_file() else None
     return ShardSet(tuple(urls), None if counts is None else tuple(counts), root,
                     None if found is None else str(found), setting)
@@ -266,20 +327,6 @@ def guaranteed_rank_samples(counts: Sequence[int], world_size: int, workers: int
 
 # ----------------------------------------------------------------------------- the source
 
-class _RateLimitedWarning:
-    """Logs the first few occurrences, then every `every`-th, with a running count."""
-
-    def __init__(self, what: str, first: int = 5, every: int = 1000):
-        self.what, self.first, self.every, self.count = what, first, every, 0
-
-    def __call__(self, detail: str) -> None:
-        self.count += 1
-        if self.count <= self.first or self.count % self.every == 0:
-            log.warning("%s (%d in this process so far%s): %s", self.what, self.count,
-                        "; further ones are logged every %d" % self.every if self.count == self.first else "",
-                        detail)
-
-
 class CorruptSample(ValueError):
     pass
 
@@ -292,21 +339,21 @@ class WebDatasetData(PretrainData):
         `draft_size`: let PIL decode JPEGs at a reduced scale as long as both sides stay
         >= draft_size (None: always full size)."""
         if not resampled and shards.counts is None:
-            raise ValueError(f"{shards.setting} {shards.root!r}: finite mode needs per-shard sample counts; write "
+            raise ConfigError(f"{shards.setting} {shards.root!r}: finite mode needs per-shard sample counts; write "
                              "a manifest.json next to the shards (or set data.manifest), or set data.resampled")
         self.shards, self.transform = shards, transform
         self.img_size, self.in_chans = img_size, in_chans
         self.resampled, self.shuffle_buffer, self.draft_size = resampled, shuffle_buffer, draft_size
         if epoch_samples is None:
             if shards.counts is None:
-                raise ValueError(f"{shards.setting} {shards.root!r}: no manifest, so resampled mode needs data.num_samples")
+                raise ConfigError(f"{shards.setting} {shards.root!r}: no manifest, so resampled mode needs data.num_samples")
             epoch_samples = sum(shards.counts)
         if epoch_samples < 1:
-            raise ValueError(f"{shards.setting} {shards.root!r}: an epoch needs at least one sample, got {epoch_samples}")
+            raise ConfigError(f"{shards.setting} {shards.root!r}: an epoch needs at least one sample, got {epoch_samples}")
         self._epoch_samples = epoch_samples
         self._skipped = 0  # main-process total, fed by the batches' counts
-        self._warn_corrupt = _RateLimitedWarning("skipping corrupt sample")
-        self._warn_unreadable = _RateLimitedWarning("skipping unreadable shard data")
+        self._warn_corrupt = RateLimitedWarning("skipping corrupt sample", log)
+        self._warn_unreadable = RateLimitedWarning("skipping unreadable shard data", log)
         self._read_errors_in_a_row = 0
 
     # -- sizes
@@ -319,7 +366,7 @@ class WebDatasetData(PretrainData):
         workers = max(1, spec.num_workers)
         slots = spec.world_size * workers
         if not self.resampled and len(self.shards.urls) < slots:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.shards.setting} {self.shards.root!r} has {len(self.shards.urls)} shards, fewer than "
                 f"world_size x num_workers = {spec.world_size} x {workers} = {slots}; every DataLoader "
                 "worker of every rank needs its own shard: lower data.num_workers, write more (smaller) "
@@ -337,7 +384,7 @@ class WebDatasetData(PretrainData):
             rank_samples = guaranteed_rank_samples(self.shards.counts, spec.world_size, workers, spec.batch_size)
         sizes = _split_into_batches(rank_samples, spec.batch_size, spec.drop_last)
         if not sizes:
-            raise ValueError(f"{self.shards.setting} {self.shards.root!r}: each rank is only guaranteed {rank_samples} "
+            raise ConfigError(f"{self.shards.setting} {self.shards.root!r}: each rank is only guaranteed {rank_samples} "
                              f"samples per epoch, less than one batch of {spec.batch_size}")
         return EpochPlan.round_robin([sizes[w::workers] for w in range(workers)])
 
@@ -404,7 +451,8 @@ class WebDatasetData(PretrainData):
                 got += 1
                 yield sample
             if got == 0:
-                raise RuntimeError(f"{self.shards.setting} {self.shards.root!r}: no readable samples in shards {urls[:3]}...")
+                raise UserError(f"{self.shards.setting} {self.shards.root!r}: no readable sample in shards {urls[:3]}...; "
+                                "expected tar shards of samples (python -m data_prep.verify_shards checks them)")
 
     def _read(self, shard_list: IterableDataset, buffer_seed: int) -> Iterator[Sample]:
         stages: List[Any] = [shard_list, wds.tarfile_to_samples(handler=self._on_read_error)]
@@ -420,8 +468,9 @@ class WebDatasetData(PretrainData):
         self._read_errors_in_a_row += 1
         # A resampled stream would otherwise spin forever on a split whose shards all fail.
         if self._read_errors_in_a_row > 2 * len(self.shards.urls) + 10:
-            raise RuntimeError(f"{self.shards.setting} {self.shards.root!r}: {self._read_errors_in_a_row} "
-                               f"shard read errors in a row, last: {exn!r}")
+            raise UserError(f"{self.shards.setting} {self.shards.root!r}: {self._read_errors_in_a_row} shard read "
+                            f"errors in a row, last: {exn!r}; expected readable tar shards (check them with "
+                            "python -m data_prep.verify_shards)")
         return True  # go on with the next shard
 
     def _decode(self, sample: Sample) -> Tuple[Image.Image, int]:
@@ -431,12 +480,7 @@ class WebDatasetData(PretrainData):
         if "cls" not in sample:
             raise CorruptSample("missing .cls")
         label = int(bytes(sample["cls"]).decode("ascii").strip())
-        image = Image.open(io.BytesIO(sample[key]))
-        if self.draft_size is not None and image.format == "JPEG":
-            image.draft("L" if self.in_chans == 1 else "RGB", (self.draft_size, self.draft_size))
-        image.load()  # decode here, so that truncated data fails here and not in the transform
-        mode = "L" if self.in_chans == 1 else "RGB"
-        return (image if image.mode == mode else image.convert(mode)), label
+        return load_image(io.BytesIO(sample[key]), self.in_chans, self.draft_size), label
 
     def _decode_batch(self, chunk: List[Tuple[int, Sample]], spec: LoaderSpec, epoch: int,
                       workers: int, worker: int) -> WorkerBatch:
