@@ -6,6 +6,9 @@ Schema (the WebDataset loader reads it, so keep it stable)::
      "shards": [{"name": "train-000000.tar", "num_samples": 1000, "sha256": "<hex>"}, ...],
      "classes": {"class_name": 0, ...}, "options": {...the options used...},
      "skipped": [{"path": "...", "reason": "..."}]}
+
+`manifest_problem` is the one check of this schema: the verifier uses all of it, the loader
+(scale/data/wds_stream.py) only what reading the shards needs (format, names, sample counts).
 """
 from __future__ import annotations
 

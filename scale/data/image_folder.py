@@ -1,7 +1,8 @@
 """An ImageFolder tree (one sub-folder per class) as a pre-training source.
 
 Listing: root/<class>/**/<image> (root/train or root/val when the root has them), classes
-the sorted class folder names, samples the files with an image extension sorted by path. Symlinked folders are followed, but each real folder and file is listed once
+the sorted class folder names, samples the files with an image extension, sorted by path.
+Symlinked folders are followed, but each real folder and file is listed once
 (data_prep/source_tree.py: symlink loops and repeated links cannot recurse forever or
 duplicate samples); what is left out, and files without an image extension, are logged
 once. A missing root, or one without class folders or images, is a UserError naming

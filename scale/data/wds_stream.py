@@ -106,50 +106,42 @@ def _local_path(url: str) -> Optional[Path]:
     return None if "://" in url else Path(url)
 
 
-def _tar_problem(path: str) -> Optional[str]:
-    """Why the local tar `path` cannot be counted (unreadable, not a tar, cut short), or None."""
+def _scan_tar(path: str) -> Tuple[int, Optional[str]]:
+    """(samples in the local tar `path`, why it cannot be trusted: unreadable, not a tar, cut short, or None)."""
     try:
         tar = tarfile.open(path, "r:*")
     except OSError as err:
-        return f"unreadable ({err.strerror or err})"
+        return 0, f"unreadable ({err.strerror or err})"
     except (tarfile.TarError, EOFError, zlib.error):
-        return "not a tar archive"
-    samples = 0
+        return 0, "not a tar archive"
+    samples, last_key = 0, None
     with tar:
         try:
-            for samples, _ in enumerate(_sample_keys(tar), start=1):
-                pass
+            for member in tar:
+                if not member.isreg() or Path(member.name).name.startswith("__"):
+                    continue
+                key, _ = wds.tariterators.base_plus_ext(member.name)  # webdataset's grouping into samples
+                if key is not None and key != last_key:
+                    samples, last_key = samples + 1, key
             if type(tar.fileobj) is io.BufferedReader:  # uncompressed: look for the end-of-archive block
                 tar.fileobj.seek(tar.offset)
                 end = tar.fileobj.read(tarfile.BLOCKSIZE)
                 if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
-                    return f"truncated after {samples} samples (no end-of-archive block at byte {tar.offset})"
+                    return samples, f"truncated after {samples} samples (no end-of-archive block at byte {tar.offset})"
         except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-            return f"truncated or corrupt after {samples} samples ({type(err).__name__}: {' '.join(str(err).split())})"
-    return None
-
-
-def _sample_keys(tar: tarfile.TarFile) -> Iterator[str]:
-    """One key per sample (run of files sharing a key, as webdataset groups them)."""
-    last_key = None
-    for member in tar:
-        if not member.isreg() or Path(member.name).name.startswith("__"):
-            continue
-        key, _ = wds.tariterators.base_plus_ext(member.name)
-        if key is not None and key != last_key:
-            last_key = key
-            yield key
+            detail = " ".join(str(err).split())
+            return samples, f"truncated or corrupt after {samples} samples ({type(err).__name__}: {detail})"
+    return samples, None
 
 
 def count_tar_samples(path: str, setting: str = "data.root") -> int:
     """Samples in a local tar; UserError naming the shard if it is unreadable, not a tar or cut short."""
-    problem = _tar_problem(path)
+    samples, problem = _scan_tar(path)
     if problem is not None:
         raise UserError(f"{setting}: shard {path} is {problem}; expected complete tar shards: re-copy or "
                         "re-convert it, or list the shards' sample counts in a manifest.json next to them "
                         "(or in data.manifest)")
-    with tarfile.open(path, "r:*") as tar:
-        return sum(1 for _ in _sample_keys(tar))
+    return samples
 
 
 def _read_manifest(path: Path, where: str) -> Dict[str, Any]:
