@@ -22,7 +22,13 @@ class UserError(Exception):
 
 def one_line(err: BaseException) -> str:
     """The message of `err` folded onto one line."""
-    return " ".join(str(err).split()) or type(err).__name__
+    text = str(err)
+    if "Original Traceback" in text:
+        # Raised in a DataLoader worker: torch re-raises it with the worker's traceback as the
+        # message, whose last line is the original "ClassName: message".
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split()) or type(err).__name__
 
 
 def report_user_error(prog: str, err: BaseException) -> int:
