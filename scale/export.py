@@ -164,17 +164,23 @@ def _read_deepspeed(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[
     module_file = tag_dir / "mp_rank_00_model_states.pt"
     zero3_files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
     states_file = module_file if module_file.is_file() else zero3_files[0]
-    client = torch.load(states_file, map_location="cpu", weights_only=True)
-    config = (client.get(DEEPSPEED_EXTRA_KEY) or {}).get("config")
-    has_zero_partitions = any(tag_dir.glob("*optim_states.pt"))
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        from .engine.deepspeed_engine import deepspeed_safe_globals, forced_weights_only
     except ImportError:
         get_fp32_state_dict_from_zero_checkpoint = None
+    # weights_only=True throughout: DeepSpeed's data classes are the only objects allowed.
+    safe_globals = deepspeed_safe_globals() if get_fp32_state_dict_from_zero_checkpoint is not None else None
+    client = load_torch_file(states_file, safe_globals=safe_globals)
+    config = (client.get(DEEPSPEED_EXTRA_KEY) or {}).get("config")
+    has_zero_partitions = any(tag_dir.glob("*optim_states.pt"))
     if has_zero_partitions and get_fp32_state_dict_from_zero_checkpoint is not None:
         # The fp32 master weights (bf16 runs keep only bf16 copies in the module states).
-        # zero_to_fp32 narrates to stdout and draws progress bars on stderr
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        # zero_to_fp32 narrates to stdout and draws progress bars on stderr; it loads with
+        # weights_only=False, which forced_weights_only overrides.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                forced_weights_only(sorted(tag_dir.glob("*.pt"))):
             state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag_dir.name)
         return dict(state), config
     if module_file.is_file():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -49,7 +49,23 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def step(self, clip_grad: Optional[float]) -> Optional[torch.Tensor]:
-        """Clip (if asked), step the optimizer, zero grads; return the pre-clip grad norm."""
+        """Clip (if asked), step the optimizer, apply the parameter bounds, zero grads; return
+        the pre-clip grad norm."""
+
+    def bounded_parameters(self) -> List[Tuple[nn.Parameter, float, float]]:
+        """(parameter, low, high) for each bound the objective declares (Objective.parameter_bounds)."""
+        objective = self.unwrapped().objective
+        return [(objective.get_parameter(name), low, high)
+                for name, (low, high) in objective.parameter_bounds().items()]
+
+    @torch.no_grad()
+    def apply_parameter_bounds(self) -> None:
+        """Clamp the bounded parameters into their bounds; every engine's `step` calls it right
+        after the optimizer step. Here the optimizer steps the module's parameters themselves
+        (single, DDP, and FSDP2's DTensor shards, clamped shard by shard), so clamping them in
+        place is enough; an engine whose optimizer keeps its own master copy overrides this."""
+        for param, low, high in self.bounded_parameters():
+            param.clamp_(low, high)
 
     @abc.abstractmethod
     def save(self, directory: Path, extra: Dict[str, Any]) -> None:

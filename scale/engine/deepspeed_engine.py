@@ -4,11 +4,28 @@ Our torch AdamW (with our parameter groups) is the client optimizer, so no DeepS
 has to be JIT-compiled; our schedule sets its learning rates every step. Values marked
 "auto" in the JSON are filled from the run config: micro-batch and train batch from the
 per-rank / contrastive batch, gradient clipping from optim.clip_grad (DeepSpeed clips
-inside its optimizer), bf16 on CUDA only (on CPU bf16 is switched off whatever the JSON
-says: CPU bf16 is slow and DeepSpeed's CPU path is tested in fp32). Gradient
+inside its optimizer), and bf16 from train.precision as everywhere else (auto: bf16 on
+CUDA, fp32 on CPU; an explicit bf16 is honoured on CPU too, slowly). Gradient
 accumulation stays 1: more negatives per step come from gradient caching, not from
-accumulation. Checkpoints are DeepSpeed's own (engine.save_checkpoint/load_checkpoint),
-with our trainer state as client state.
+accumulation.
+
+bf16 is DeepSpeed's `torch_autocast` mode, not its `bf16` mode: parameters, gradients and
+the optimizer's master copies stay fp32, the encoder computes in bf16 under autocast, and
+the objective (OCL's temperature, the optional head) computes in fp32 with fp32
+parameters (PretrainModule.score turns autocast off), as under FSDP2's fp32 objective
+policy. DeepSpeed's bf16 mode casts every parameter to bf16, the temperature included
+(a log-temperature near -2.7 then moves in steps of 1/64, and a head's fp32 input meets
+bf16 weights), and ZeRO-3 refuses a module whose parameters mix dtypes, so a JSON that
+enables it is refused.
+
+The objective's parameter bounds (OCL's log-temperature) are applied after each step to
+the optimizer's fp32 master copy as well as to the module's copy: the optimizer steps
+its master copy and overwrites the module's from it.
+
+Checkpoints are DeepSpeed's own (engine.save_checkpoint/load_checkpoint), with our
+trainer state as client state; they are read with torch.load(weights_only=True), allowing
+only the data classes DeepSpeed's own checkpoints hold (deepspeed_safe_globals), so a
+crafted checkpoint cannot run code on resume or export.
 """
 from __future__ import annotations
 
@@ -17,14 +34,17 @@ import contextlib
 import dataclasses
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from ..checkpoint_io import load_torch_file
 from ..config import ConfigError, RunConfig
+from ..device import autocast_dtype
 from .base import ENGINES, Engine, OptimizerFactory
 from .distributed import (DistributedEngine, enable_method_dispatch, grad_norm_tensor, promote_scalar_parameters,
                           restore_parameter_shapes)
@@ -33,6 +53,8 @@ from .grad_cache import BatchPlan, plan_batch
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "deepspeed"
 TAG = "deepspeed"
 EXTRA_KEY = "scale_extra"
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+BF16_NAMES = ("bfloat16", "bf16", "torch.bfloat16")  # DeepSpeed's spellings of torch.bfloat16
 
 
 def _ensure_extensions_dir() -> None:
@@ -67,28 +89,92 @@ def deepspeed_config(cfg: RunConfig, plan: BatchPlan, device: torch.device) -> D
     if stage is not None:
         zero["stage"] = stage
 
-    def fill(key: str, value: Any, node: Dict[str, Any] = ds) -> None:
+    def fill(key: str, value: Any, node: Dict[str, Any] = ds, section: str = "") -> None:
         if node.get(key, "auto") == "auto":
             node[key] = value
         elif node[key] != value:
-            raise ConfigError(f"{path}: {key}={node[key]!r} contradicts the run config ({value!r}); "
+            raise ConfigError(f"{path}: {section}{key}={node[key]!r} contradicts the run config ({value!r}); "
                               f"set it to \"auto\"")
 
     fill("train_micro_batch_size_per_gpu", plan.per_rank_batch)
     fill("train_batch_size", plan.contrastive_batch)
     fill("gradient_accumulation_steps", 1)
     fill("gradient_clipping", float(cfg.optim.clip_grad or 0.0))
-    bf16 = device.type == "cuda" and cfg.train.precision != "fp32"
-    ds.setdefault("bf16", {})
-    if ds["bf16"].get("enabled", "auto") == "auto" or not bf16:
-        ds["bf16"]["enabled"] = bf16
     if ds.get("fp16", {}).get("enabled") is True:
         raise ConfigError(f"{path}: fp16 is not supported (OCL's logits / temperature overflow fp16); use bf16")
+    if ds.get("bf16", {}).get("enabled", "auto") not in ("auto", False):
+        raise ConfigError(f"{path}: bf16.enabled={ds['bf16']['enabled']!r} is DeepSpeed's bf16 mode, which casts "
+                          f"every parameter to bf16, OCL's temperature included; remove it or set it to false "
+                          f"(train.precision=bf16 runs under torch_autocast: fp32 parameters, bf16 encoder compute)")
+    ds.setdefault("bf16", {})["enabled"] = False
+    # train.precision decides, as for the other engines (scale.device.autocast_dtype).
+    autocast = ds.setdefault("torch_autocast", {})
+    fill("enabled", autocast_dtype(cfg.train.precision, device) is not None, autocast, "torch_autocast.")
+    if autocast.get("dtype", "auto") == "auto":
+        autocast["dtype"] = "bfloat16"
+    elif autocast["dtype"] not in BF16_NAMES:
+        raise ConfigError(f"{path}: torch_autocast.dtype={autocast['dtype']!r}; only bfloat16 is supported "
+                          f"(OCL's logits / temperature overflow fp16)")
+    if ds.get("checkpoint", {}).get("load_universal"):
+        raise ConfigError(f"{path}: checkpoint.load_universal is not supported (DeepSpeed reads universal "
+                          f"checkpoints with pickle, which can run code; resume from this engine's checkpoints)")
     if device.type != "cuda":
         zero["overlap_comm"] = False  # a side CUDA stream; nothing to overlap on CPU
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 1 << 30)
     return ds
+
+
+def deepspeed_safe_globals() -> List[Any]:
+    """The classes, besides tensors and plain containers, that DeepSpeed's ZeRO 1/2/3 checkpoints
+    pickle (found by loading real ones with weights_only=True): data holders without code run
+    on unpickling. Everything else in a checkpoint file is refused."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_deepspeed_file(path: str | Path, map_location: Any = "cpu") -> Any:
+    """torch.load(weights_only=True) of one DeepSpeed checkpoint file; a file holding anything but
+    plain data is a CheckpointFileError (a UserError) naming it."""
+    return load_torch_file(path, map_location=map_location, safe_globals=deepspeed_safe_globals())
+
+
+def _plain_data_checkpoint_engine() -> Any:
+    """DeepSpeed's torch checkpoint engine, loading with weights_only=True (load_deepspeed_file):
+    its own load passes weights_only=False, so resuming a crafted checkpoint would run code."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class PlainDataCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return load_deepspeed_file(path, map_location=map_location)
+
+    return PlainDataCheckpointEngine()
+
+
+@contextlib.contextmanager
+def forced_weights_only(files: Sequence[Path]) -> Iterator[None]:
+    """Every torch.load inside runs with weights_only=True, allowing deepspeed_safe_globals() only:
+    torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides callers that pass weights_only=False, as
+    DeepSpeed's zero_to_fp32 does. Process-wide while it lasts (a one-shot reader such as
+    scale.export). A refusal is the CheckpointFileError of the file among `files` that fails
+    to load on its own, so the error names it."""
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            yield
+    except pickle.UnpicklingError:
+        for path in files:
+            load_deepspeed_file(path)  # raises, naming the file
+        raise
+    finally:
+        if previous is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous
 
 
 def _dataclass_outputs_as_namedtuples(module: nn.Module) -> None:
@@ -175,14 +261,51 @@ class DeepSpeedEngine(DistributedEngine):
     def step(self, clip_grad: Optional[float]) -> Optional[torch.Tensor]:
         # Clipping is DeepSpeed's (gradient_clipping, set from optim.clip_grad at setup).
         self.ds.step()
+        self.apply_parameter_bounds()
         return grad_norm_tensor(self.ds.get_global_grad_norm(), self.device)
+
+    @torch.no_grad()
+    def apply_parameter_bounds(self) -> None:
+        """Clamp the fp32 master copy the optimizer steps, and the module's copy.
+
+        Clamping the module's copy alone would be undone: after every step ZeRO copies its
+        master weights over the module's, so the master value would run past the bound and
+        stay there. Collective (every rank's step runs it): under ZeRO-1/2 reading the full
+        master value all-reduces it; under ZeRO-3 each rank clamps its own fp32 partition and
+        the module's copy is gathered, clamped and re-partitioned.
+        """
+        import deepspeed
+        from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_full_fp32_param,
+                                     safe_set_local_fp32_param)
+
+        for param, low, high in self.bounded_parameters():
+            if self.zero_stage == 3:
+                # safe_set_full_fp32_param cannot write a parameter smaller than the rank count
+                # (its narrow runs past the value); a clamp is elementwise, so clamp locally.
+                local = safe_get_local_fp32_param(param)
+                if local is not None:  # None: frozen, no master copy
+                    safe_set_local_fp32_param(param, local.clamp(low, high))
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    param.clamp_(low, high)
+            else:
+                master = safe_get_full_fp32_param(param)  # None: frozen, or no ZeRO (the module's copy is stepped)
+                if master is not None:
+                    safe_set_full_fp32_param(param, master.clamp(low, high))
+                param.clamp_(low, high)
 
     def save(self, directory: Path, extra: Dict[str, Any]) -> None:
         self.ds.save_checkpoint(str(directory), tag=TAG, client_state={EXTRA_KEY: extra}, save_latest=False)
 
     def load(self, directory: Path) -> Dict[str, Any]:
-        path, client = self.ds.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True,
-                                               load_lr_scheduler_states=False)
+        # DeepSpeed reads every checkpoint file through its checkpoint engine: a plain-data one
+        # while loading (weights_only=True); saving keeps the configured engine.
+        configured = self.ds.checkpoint_engine
+        self.ds.checkpoint_engine = _plain_data_checkpoint_engine()
+        try:
+            path, client = self.ds.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        finally:
+            self.ds.checkpoint_engine = configured
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {TAG!r} under {directory}")
         return client[EXTRA_KEY]

@@ -356,11 +356,13 @@ class DistributedEngine(Engine):
         return contextlib.nullcontext()
 
     def clip_and_step(self, parameters: Iterator[nn.Parameter], clip_grad: Optional[float]) -> Optional[torch.Tensor]:
-        """Clip (if asked), step, zero grads; return the pre-clip global grad norm (DDP, FSDP2)."""
+        """Clip (if asked), step, apply the parameter bounds, zero grads; return the pre-clip global
+        grad norm (DDP, FSDP2)."""
         params = [p for p in parameters if p.grad is not None]
         # FSDP2's DTensor gradients: clip_grad_norm_ reduces the norm over the shards itself.
         norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else float("inf"))
         self.optimizer.step()
+        self.apply_parameter_bounds()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm_tensor(norm, self.device)
 

@@ -27,6 +27,7 @@ class SingleProcessEngine(Engine):
         params = [p for p in self.module.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else float("inf"))
         self.optimizer.step()
+        self.apply_parameter_bounds()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 

@@ -40,8 +40,20 @@ class Objective(nn.Module, abc.ABC):
     def forward(self, embeddings: torch.Tensor, gather: FeatureGather = local_gather) -> ObjectiveOutput:
         """embeddings: (B_local, G, D) encoder outputs, one row per group of each image."""
 
+    def parameter_bounds(self) -> Dict[str, Tuple[float, float]]:
+        """Closed intervals that parameters must stay in, keyed by parameter name relative to
+        this objective (e.g. OCL's log-temperature). The objective only declares them: the
+        engine projects the parameters back into them after every optimizer step, on every
+        copy its optimizer keeps (`Engine.apply_parameter_bounds`; DeepSpeed's fp32 master
+        copy included, which a clamp of this module's copy would miss)."""
+        return {}
+
+    @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """Projections applied to parameters after each optimizer step (e.g. clamps)."""
+        """Deprecated: engines apply `parameter_bounds` in their `step`. Clamps this module's
+        own copies only (not an optimizer's master copy); kept until callers drop it."""
+        for name, (low, high) in self.parameter_bounds().items():
+            self.get_parameter(name).clamp_(low, high)
 
 
 OBJECTIVES: Registry[Objective] = Registry("objective", "objective.name")

@@ -8,6 +8,7 @@ with gradient averaging across ranks gives the gradient of the global loss.
 from __future__ import annotations
 
 import math
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -70,9 +71,9 @@ class OCLObjective(Objective):
         return ObjectiveOutput(loss, {"pos_cos": positive, "neg_cos": negative,
                                       "temperature": self.temperature.detach()})
 
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        self.log_temperature.clamp_(self.log_min, self.log_max)
+    def parameter_bounds(self) -> Dict[str, Tuple[float, float]]:
+        """log τ stays in [log min_temperature, log max_temperature] (the engine clamps it after each step)."""
+        return {"log_temperature": (self.log_min, self.log_max)}
 
 
 @OBJECTIVES.register("ocl")
