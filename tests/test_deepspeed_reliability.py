@@ -89,13 +89,9 @@ def test_single_engine_applies_bounds_in_step(tmp_path):
     assert module.objective.log_temperature.item() == BOUND
 
 
-def test_objective_declares_bounds_and_the_deprecated_clamp_still_works():
+def test_objective_declares_bounds():
     objective = OCLObjective(8, min_temperature=0.01, max_temperature=0.5)
     assert objective.parameter_bounds() == {"log_temperature": (math.log(0.01), math.log(0.5))}
-    with torch.no_grad():
-        objective.log_temperature.fill_(math.log(5.0))
-    objective.after_optimizer_step()
-    assert objective.temperature.item() == pytest.approx(0.5, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- B: bf16

@@ -159,9 +159,10 @@ def test_deepspeed_json_recipes_are_filled_from_the_run_config(tmp_path):
         assert ds["zero_optimization"]["stage"] == stage
         assert ds["train_micro_batch_size_per_gpu"] == 32 and ds["train_batch_size"] == 64
         assert ds["gradient_clipping"] == 1.5 and ds["gradient_accumulation_steps"] == 1
-        assert ds["bf16"]["enabled"] is False and ds["zero_optimization"]["overlap_comm"] is False  # CPU patches
+        assert ds["torch_autocast"]["enabled"] is False and ds["zero_optimization"]["overlap_comm"] is False  # CPU
+        assert ds["bf16"]["enabled"] is False  # parameters stay fp32; bf16 is autocast only
     cfg = tiny_config(tmp_path, "train.precision=auto")
-    assert deepspeed_config(cfg, plan_batch(cfg.train, 1), torch.device("cuda", 0))["bf16"]["enabled"] is True
+    assert deepspeed_config(cfg, plan_batch(cfg.train, 1), torch.device("cuda", 0))["torch_autocast"]["enabled"] is True
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 7, "zero_optimization": {"stage": 2}}))
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu"):

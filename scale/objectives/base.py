@@ -48,13 +48,6 @@ class Objective(nn.Module, abc.ABC):
         copy included, which a clamp of this module's copy would miss)."""
         return {}
 
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        """Deprecated: engines apply `parameter_bounds` in their `step`. Clamps this module's
-        own copies only (not an optimizer's master copy); kept until callers drop it."""
-        for name, (low, high) in self.parameter_bounds().items():
-            self.get_parameter(name).clamp_(low, high)
-
 
 OBJECTIVES: Registry[Objective] = Registry("objective", "objective.name")
 

@@ -237,7 +237,6 @@ class Trainer:
             self.engine.backward(out.loss)
         with self.timer.time("optimizer"):
             grad_norm = self.engine.step(self.cfg.optim.clip_grad)
-        self.pretrain_module.objective.after_optimizer_step()
         metrics: Dict[str, Any] = {"loss": out.loss.detach(), **out.metrics}
         if self.engine.world_size > 1:  # log the global loss (mean of the ranks' local losses), not rank 0's
             names = list(metrics)

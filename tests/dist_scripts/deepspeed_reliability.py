@@ -3,8 +3,7 @@
 Each rank writes `<out>/rank<r>.json`. Scenarios, all on CPU / gloo:
 
 - bounds: OCL's log-temperature pinned (min = init = max temperature) under a large learning
-  rate, so every optimizer step moves it off its bound; after a few `engine.step()`s (no
-  `after_optimizer_step` call) the module's copy, and under DeepSpeed ZeRO 1/2/3 the
+  rate, so every optimizer step moves it off its bound; after a few `engine.step()`s the module's copy, and under DeepSpeed ZeRO 1/2/3 the
   optimizer's fp32 master copy too, must equal the bound. DDP and FSDP2 (DTensor shards)
   run the base engine's clamp. Each DeepSpeed stage then saves a checkpoint (kept for the
   export tests), resumes from it, and resumes from crafted copies whose model-states or
@@ -66,7 +65,7 @@ def build(cfg, engine_name: str, lr: float):
 
 
 def train(engine, cfg, steps: int, amp_dtype=None) -> None:
-    """The trainer's step without its after_optimizer_step call: forward, backward, engine.step."""
+    """The trainer's step: forward, backward, engine.step (which applies the parameter bounds)."""
     g = torch.Generator().manual_seed(100 + engine.rank)
     spec = engine.unwrapped().encoder.spec
     masking = build_mask_generator(cfg.mask, spec.grid_size)
