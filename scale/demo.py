@@ -45,6 +45,17 @@ def ensure_shards(data_dir: Path) -> None:
         raise UserError(f"--data-dir {data_dir}: converting Fashion-MNIST failed (exit {done.returncode}, above)")
 
 
+def fresh_output_dir(wanted: Path) -> Path:
+    """`wanted`, or `wanted-2`, `wanted-3`, ... when an earlier demo run is there: never overwrite a run."""
+    candidate, n = wanted, 1
+    while (candidate / "checkpoints").is_dir() and any((candidate / "checkpoints").iterdir()):
+        n += 1
+        candidate = wanted.with_name(f"{wanted.name}-{n}")
+    if candidate != wanted:
+        print(f"demo: {wanted} holds an earlier run; this one goes to {candidate}", flush=True)
+    return candidate
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--output-dir", default="runs/demo")
@@ -67,7 +78,7 @@ def _demo(args: argparse.Namespace) -> int:
         recipe = REPO / "recipes/ocl_cpu_tiny.yaml"
         overrides = ["train.epochs=6"]
         print(f"demo: Fashion-MNIST is not available ({why_not}); using the built-in SYNTHETIC dataset", flush=True)
-    overrides.append(f"train.output_dir={args.output_dir}")
+    overrides.append(f"train.output_dir={fresh_output_dir(Path(args.output_dir))}")
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
     cfg = load_config(recipe, [*overrides, *args.overrides])

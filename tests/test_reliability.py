@@ -265,6 +265,14 @@ def test_resume_warns_about_schedule_changes_and_accepts_the_escape_hatch(traine
     assert "data.num_samples changed: 256 -> 300" in proc.stderr
 
 
+def test_a_fresh_run_never_rotates_away_another_runs_checkpoints(trained_run, tmp_path):
+    run = _copy_run(trained_run[0], tmp_path / "run")
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    proc = _run(_cli(run, "train.max_steps=2", "train.ckpt_every=2"), tmp_path)  # no --resume
+    _one_line_error(proc, "already holds checkpoints", "--resume auto", "train.output_dir")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
 def test_resume_allow_changes_names_only_known_keys(tmp_path):
     from scale.config import ConfigError
 

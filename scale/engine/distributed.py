@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..errors import UserError
 from ..config import RunConfig
 from .base import Engine
 
@@ -37,7 +38,7 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
 
 
-class DistributedEnvError(RuntimeError):
+class DistributedEnvError(UserError, RuntimeError):
     """The launcher's environment is incomplete or inconsistent."""
 
 

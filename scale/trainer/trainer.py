@@ -117,16 +117,25 @@ class Trainer:
         """The checkpoint to resume: chosen (and verified) by the main rank, then shared, so
         every rank loads the same one even if they saw the directory at different moments."""
         chosen: Optional[Path] = None
+        refused: Optional[UserError] = None
         if self.engine.is_main:
-            chosen = self.checkpoints.resolve(self.cfg.train.resume, warn=self._warn)
+            try:
+                chosen = self.checkpoints.resolve(self.cfg.train.resume, warn=self._warn)
+            except UserError as err:
+                refused = err
         if self.engine.world_size == 1:
+            if refused is not None:
+                raise refused
             return chosen
-        # float64 holds every step exactly; -1: nothing to resume.
-        code = torch.tensor(float(read_meta(chosen)["step"]) if chosen else -1.0, dtype=torch.float64,
-                            device=self.device) if self.engine.is_main else torch.zeros((), dtype=torch.float64,
-                                                                                        device=self.device)
-        step = int(round(float(self.engine.all_reduce_mean(code * self.engine.world_size if self.engine.is_main
-                                                            else code).item())))
+        # The main rank's answer as a number every rank agrees on (float64 holds any step exactly):
+        # the step, -1 nothing to resume, -2 refused (every rank stops, none waits in a collective).
+        answer = -2.0 if refused is not None else (float(read_meta(chosen)["step"]) if chosen else -1.0)
+        code = torch.tensor(answer * self.engine.world_size if self.engine.is_main else 0.0, dtype=torch.float64,
+                            device=self.device)
+        step = int(round(float(self.engine.all_reduce_mean(code).item())))
+        if step == -2:
+            raise refused if refused is not None else CheckpointError(
+                "rank 0 refused the checkpoint to resume (its error says why)")
         if step < 0:
             return None
         return chosen if chosen is not None else (
@@ -137,6 +146,13 @@ class Trainer:
             print(f"scale: warning: {message}", file=sys.stderr, flush=True)
 
     def maybe_resume(self) -> Optional[Path]:
+        if not self.cfg.train.resume:
+            existing = self.checkpoints.latest()
+            if existing is not None:  # a fresh run here would rotate another run's checkpoints away
+                raise CheckpointError(
+                    f"train.output_dir {self.output_dir} already holds checkpoints of a run (newest {existing.name}); "
+                    "continue it with --resume auto, or start this run in another train.output_dir")
+            return None
         path = self._resume_path()
         if path is None:
             return None
