@@ -76,7 +76,7 @@ def recipe_defaults(model: Optional[str]) -> Dict[str, Any]:
                 data = yaml.safe_load(f) or {}
             if (data.get("model") or {}).get("name") == model and (data.get("mask") or {}).get("ratio") is not None:
                 train = data.get("train") or {}  # per-device micro-batch: the gradient-caching chunk if any
-                return {"recipe": str(path), "batch": train.get("grad_cache_chunk") or train.get("batch_size"),
+                return {"recipe": str(path), "batch": train.get("micro_batch") or train.get("batch_size"),
                         "mask_ratio": (data.get("mask") or {}).get("ratio")}
     return {}
 

@@ -29,6 +29,7 @@ class ModelConfig:
     train_patch_embed: bool = False  # paper: frozen; the public code trains it
     attn_backend: str = "auto"  # auto | xformers | sdpa | math
     drop_path_rate: float = 0.0
+    init: str = "mocov3"  # mocov3 (OCL: q/k/v as separate Xavier matrices) | mae (plain Xavier, [CLS] N(0, .02))
 
 
 @dataclass
@@ -97,12 +98,12 @@ class TrainConfig:
     keep_last: int = 3
     output_dir: str = "runs/default"
     resume: str = ""  # "" (fresh) | auto | path to a checkpoint
-    # Gradient caching (GradCache): the global batch whose embeddings are scored together, and how
-    # many images one rank encodes per forward/backward pass. contrastive_batch null: batch_size
-    # images per rank; set: contrastive_batch / world_size per rank (must divide evenly).
-    # grad_cache_chunk null (or >= the per-rank batch): one pass, no caching.
-    contrastive_batch: Optional[int] = None
-    grad_cache_chunk: Optional[int] = None
+    # The effective batch of one optimizer step, for every method: global_batch images over all ranks
+    # (null: batch_size per rank), global_batch / world_size per rank (must divide evenly). micro_batch:
+    # images one rank encodes per forward/backward pass; smaller than the per-rank batch, a coupled loss
+    # (OCL's contrast) is gradient-cached and a per-image loss (MAE) accumulates gradients, both exactly.
+    global_batch: Optional[int] = None
+    micro_batch: Optional[int] = None
     # Resume refuses a config that changes shapes, format, data order or masks (scale/trainer/resume_check.py);
     # experts list here the keys that may differ anyway, e.g. [data.root, world_size].
     resume_allow_changes: List[str] = field(default_factory=list)
@@ -207,11 +208,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
 
 
+# Keys renamed since earlier releases: old recipes and checkpoints' saved configs still load.
+RENAMED_KEYS = {"train.contrastive_batch": "train.global_batch", "train.grad_cache_chunk": "train.micro_batch"}
+
+
 def _merge(obj: Any, data: Dict[str, Any], prefix: str = "") -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_show(data)}")
     hints = typing.get_type_hints(type(obj))
     allowed = [f.name for f in dataclasses.fields(obj)]
+    renamed = {old.rsplit(".", 1)[1]: new.rsplit(".", 1)[1] for old, new in RENAMED_KEYS.items()
+               if old.rsplit(".", 1)[0] + "." == prefix}
+    data = {renamed.get(name, name): value for name, value in data.items()}
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in allowed:
@@ -350,6 +358,7 @@ def validate(cfg: RunConfig) -> None:
     require_range("model.img_size", m.img_size, 1, optional=True)
     require_range("model.in_chans", m.in_chans, 1, optional=True)
     require_range("model.drop_path_rate", m.drop_path_rate, 0.0, 1.0, high_open=True)
+    require(m.init in ("mocov3", "mae"), f"model.init must be mocov3 or mae; got {m.init!r}")
     require(m.attn_backend in ("auto", "xformers", "sdpa", "math"),
             f"model.attn_backend must be one of auto, xformers, sdpa, math; got {m.attn_backend!r}")
     require_range("mask.ratio", cfg.mask.ratio, 0.0, 1.0, high_open=True)
@@ -385,7 +394,7 @@ def validate(cfg: RunConfig) -> None:
     require_range("optim.warmup_epochs", p.warmup_epochs, 0.0, inf, high_open=True)
     require_range("optim.clip_grad", p.clip_grad, 0.0, inf, low_open=True, high_open=True, optional=True)
     t = cfg.train
-    require(t.batch_size >= 2, f"train.batch_size must be >= 2 (negatives), got {t.batch_size}")
+    require_range("train.batch_size", t.batch_size, 1)
     require_range("train.epochs", t.epochs, 1)
     require_range("train.max_steps", t.max_steps, 1, optional=True)
     require_range("train.seed", t.seed, 0, 2**31 - 1)
@@ -394,9 +403,8 @@ def validate(cfg: RunConfig) -> None:
     require_range("train.log_every", t.log_every, 1)
     require_range("train.ckpt_every", t.ckpt_every, 1)
     require_range("train.keep_last", t.keep_last, 1)
-    require(t.contrastive_batch is None or t.contrastive_batch >= 2,
-            f"train.contrastive_batch must be >= 2 (negatives) or null, got {t.contrastive_batch}")
-    require_range("train.grad_cache_chunk", t.grad_cache_chunk, 1, optional=True)
+    require_range("train.global_batch", t.global_batch, 1, optional=True)
+    require_range("train.micro_batch", t.micro_batch, 1, optional=True)
     ac = t.activation_checkpointing.strip()
     require(ac in ("none", "full") or (ac.startswith("every_") and ac[6:].isdigit() and int(ac[6:]) >= 1)
             or (ac.strip("[]") != "" and all(i.strip().isdigit() for i in ac.strip("[]").split(","))),

@@ -85,7 +85,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     from .trainer import Trainer
 
-    trainer = Trainer(cfg)
+    from .eval.knn import build_monitors
+    from .models import model_spec
+
+    trainer = Trainer(cfg, monitors=build_monitors(cfg, model_spec(cfg.model.name, cfg.model.img_size, cfg.model.in_chans)))
     try:
         summary = trainer.fit()
     finally:

@@ -32,7 +32,7 @@ import torch
 
 from .checkpoint_io import load_torch_file
 from .errors import UserError, one_line, run_command
-from .models.vit import MODELS, ViTSpec
+from .models.vit import ViTSpec, model_spec
 
 ENCODER_PREFIX = "encoder."
 TORCH_STATE_FILE = "state.pt"  # SingleProcessEngine / DDPEngine
@@ -236,9 +236,7 @@ def spec_from_config(config: Optional[Dict[str, Any]], fallback_model: str = "")
     name = model.get("name") or fallback_model
     if not name:
         raise CheckpointFormatError("the checkpoint carries no run config naming its model; pass --config")
-    spec = MODELS.build(name)
-    overrides = {k: model[k] for k in ("img_size", "in_chans") if model.get(k) is not None}
-    return ViTSpec(**{**spec.__dict__, **overrides}) if overrides else spec
+    return model_spec(name, model.get("img_size"), model.get("in_chans"))
 
 
 def timm_kwargs(spec: ViTSpec) -> Dict[str, Any]:

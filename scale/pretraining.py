@@ -1,18 +1,40 @@
 """What pre-training optimises: an encoder plus an objective, as one nn.Module.
 
-Engines (DDP, FSDP, DeepSpeed) wrap this module whole, so every trainable parameter,
-the objective's temperature and head included, is synchronised by the engine.
+Engines (DDP, FSDP, DeepSpeed) wrap this module whole, so every trainable parameter, the
+objective's (temperature, head, decoder) included, is synchronised by the engine. The
+engines call its methods through their wrapper (`Engine.encode`, `Engine.score`,
+`Engine.model_signal`), so FSDP2's unshard and ZeRO-3's gather hooks fire for each.
+
+`parallel_plan()` is the method's declaration of how it may be parallelised: which blocks
+are shard units (and where activation checkpointing and compile apply) and which modules
+stay fp32. `scale/engine/parallelize.py` applies it, per engine, from outside.
 """
 from __future__ import annotations
 
-import contextlib
+from dataclasses import dataclass, field
+from typing import List
 
 import torch
 import torch.nn as nn
 
 from .config import RunConfig
+from .masking import Masks
 from .models import VisibleTokenViT, build_encoder
-from .objectives import FeatureGather, Objective, ObjectiveOutput, build_objective, local_gather
+from .objectives import (FeatureGather, Objective, ObjectiveBatch, ObjectiveOutput, build_objective,
+                         local_gather)
+
+ATTENTION_SIGNAL = "attention"
+# Blocks whose attention a mask generator's "attention" signal averages (EHM's k = 6, capped by depth).
+ATTENTION_SIGNAL_BLOCKS = 6
+
+
+@dataclass
+class ParallelPlan:
+    """How a method may be parallelised, declared by the model and applied by the engines."""
+
+    encoder_blocks: List[nn.Module]  # shard units; activation checkpointing and compile apply here
+    objective_blocks: List[nn.Module] = field(default_factory=list)  # e.g. MAE's decoder blocks: the same
+    fp32_modules: List[nn.Module] = field(default_factory=list)  # parameters kept and computed in fp32
 
 
 class PretrainModule(nn.Module):
@@ -21,25 +43,36 @@ class PretrainModule(nn.Module):
         self.encoder = encoder
         self.objective = objective
 
-    def embed(self, images: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-        return self.encoder(images, group_ids)
+    def encode(self, images: torch.Tensor, masks: Masks) -> ObjectiveBatch:
+        """One encoder pass over every group, with what the objective declared it needs."""
+        needs = self.objective.needs
+        out = self.encoder.encode(images, masks.group_ids, with_tokens=needs.tokens)
+        return ObjectiveBatch(cls=out.cls, masks=masks, tokens=out.tokens, images=images if needs.images else None)
 
-    def score(self, embeddings: torch.Tensor, gather: FeatureGather = local_gather) -> ObjectiveOutput:
-        # The loss runs in fp32 whatever the encoder's autocast says: logits / 0.001 in bf16 lose too much.
-        device_type = embeddings.device.type
-        with torch.autocast(device_type, enabled=False) if device_type in ("cuda", "cpu") else contextlib.nullcontext():
-            return self.objective(embeddings.float(), gather)
+    def score(self, batch: ObjectiveBatch, gather: FeatureGather = local_gather) -> ObjectiveOutput:
+        return self.objective(batch, gather)
 
-    def forward(self, images: torch.Tensor, group_ids: torch.Tensor,
-                gather: FeatureGather = local_gather) -> ObjectiveOutput:
-        return self.score(self.embed(images, group_ids), gather)
+    def forward(self, images: torch.Tensor, masks: Masks, gather: FeatureGather = local_gather) -> ObjectiveOutput:
+        return self.score(self.encode(images, masks), gather)
+
+    @torch.no_grad()
+    def model_signal(self, images: torch.Tensor, kind: str) -> torch.Tensor:
+        """A signal of the current model for mask generators (`MaskNeeds.model_signal`)."""
+        if kind != ATTENTION_SIGNAL:
+            raise ValueError(f"unknown model signal {kind!r}; available: {ATTENTION_SIGNAL}")
+        return self.encoder.attention_maps(images, ATTENTION_SIGNAL_BLOCKS)
+
+    def parallel_plan(self) -> ParallelPlan:
+        return ParallelPlan(encoder_blocks=list(self.encoder.blocks), objective_blocks=self.objective.blocks(),
+                            fp32_modules=self.objective.fp32_modules())
 
     def no_weight_decay(self) -> set:
-        return {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+        return ({f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+                | {f"objective.{name}" for name in self.objective.no_weight_decay()})
 
 
 def build_pretrain_module(cfg: RunConfig, attn_backend: str = "sdpa") -> PretrainModule:
     encoder = build_encoder(cfg.model.name, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
                             train_patch_embed=cfg.model.train_patch_embed, attn_backend=attn_backend,
-                            drop_path_rate=cfg.model.drop_path_rate)
-    return PretrainModule(encoder, build_objective(cfg.objective, encoder.embed_dim))
+                            drop_path_rate=cfg.model.drop_path_rate, init=cfg.model.init)
+    return PretrainModule(encoder, build_objective(cfg.objective, encoder.spec))

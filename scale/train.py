@@ -29,7 +29,10 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     from .trainer import Trainer  # heavy imports only once the config is known to be good
 
-    trainer = Trainer(cfg)
+    from .eval.knn import build_monitors
+    from .models import model_spec
+
+    trainer = Trainer(cfg, monitors=build_monitors(cfg, model_spec(cfg.model.name, cfg.model.img_size, cfg.model.in_chans)))
     try:
         summary = trainer.fit()
     finally:

@@ -26,8 +26,8 @@
 #   OUTPUT_DIR    train.output_dir (checkpoints, metrics.jsonl, logs). Empty: the recipe's.
 #   ENGINE        engine.name (auto | ddp | fsdp | deepspeed | single). Default: auto.
 #   GLOBAL_BATCH  effective (contrastive) batch: train.batch_size = GLOBAL_BATCH / number of
-#                 tasks, and train.contrastive_batch = GLOBAL_BATCH when the recipe (or a
-#                 trailing override) sets train.contrastive_batch, which the trainer obeys
+#                 tasks, and train.global_batch = GLOBAL_BATCH when the recipe (or a
+#                 trailing override) sets train.global_batch, which the trainer obeys
 #                 first. Empty: the recipe's batch. (Template default: the paper's.)
 #   PYTHON        interpreter with scale's dependencies (default: python3 on PATH).
 #   MASTER_PORT   rendezvous port (default: 20000 + job id % 20000, the engine's own rule).
@@ -205,7 +205,7 @@ except ConfigError as err:
 for key, value in (("data_name", cfg.data.name), ("data_root", cfg.data.root),
                    ("output_dir", cfg.train.output_dir), ("model", cfg.model.name),
                    ("batch", cfg.train.batch_size), ("max_steps", cfg.train.max_steps),
-                   ("contrastive_batch", cfg.train.contrastive_batch), ("chunk", cfg.train.grad_cache_chunk)):
+                   ("global_batch", cfg.train.global_batch), ("chunk", cfg.train.micro_batch)):
     print(f"{key}\t{value}")
 PY
 field() { awk -F'\t' -v k="$1" '$1 == k { sub(/^[^\t]*\t/, ""); print; exit }' <<<"$RESOLVED"; }
@@ -216,26 +216,26 @@ resolve() {  # resolve OVERRIDE...: RESOLVED = the config of RECIPE + these over
     [ -z "$(field CONFIG)" ] || die "bad config (RECIPE=$RECIPE, overrides: $*): $(field CONFIG)"
 }
 
-# GLOBAL_BATCH is the effective batch. The trainer takes it from train.contrastive_batch when
-# the config sets one (split over the tasks, maybe in grad_cache_chunk passes), else from
-# train.batch_size per task: a recipe with train.contrastive_batch gets both. Trailing
+# GLOBAL_BATCH is the effective batch. The trainer takes it from train.global_batch when
+# the config sets one (split over the tasks, maybe in micro_batch passes), else from
+# train.batch_size per task: a recipe with train.global_batch gets both. Trailing
 # key=value overrides still come last and beat GLOBAL_BATCH.
 BATCH_OVERRIDES=()
 if [ -n "${GLOBAL_BATCH:-}" ]; then
     BATCH_OVERRIDES=("train.batch_size=$(( GLOBAL_BATCH / NTASKS ))")
     resolve "${ENV_OVERRIDES[@]}" "$@"
-    [ "$(field contrastive_batch)" = None ] || BATCH_OVERRIDES+=("train.contrastive_batch=$GLOBAL_BATCH")
+    [ "$(field global_batch)" = None ] || BATCH_OVERRIDES+=("train.global_batch=$GLOBAL_BATCH")
 fi
 OVERRIDES=("${BATCH_OVERRIDES[@]}" "${ENV_OVERRIDES[@]}" "$@")
 resolve "${OVERRIDES[@]}"
 
 # The effective batch as the trainer will compute it (scale.engine.grad_cache.plan_batch).
-PER_TASK=$(field batch) CONTRASTIVE=$(field contrastive_batch) CHUNK=$(field chunk)
+PER_TASK=$(field batch) CONTRASTIVE=$(field global_batch) CHUNK=$(field chunk)
 if [ "$CONTRASTIVE" != None ]; then
-    (( CONTRASTIVE % NTASKS == 0 )) || die "train.contrastive_batch=$CONTRASTIVE does not split evenly over the $NTASKS tasks; set GLOBAL_BATCH (or train.contrastive_batch=) to a multiple of $NTASKS"
-    PER_TASK=$(( CONTRASTIVE / NTASKS )) EFFECTIVE=$CONTRASTIVE SIZED_BY="train.contrastive_batch=$CONTRASTIVE"
+    (( CONTRASTIVE % NTASKS == 0 )) || die "train.global_batch=$CONTRASTIVE does not split evenly over the $NTASKS tasks; set GLOBAL_BATCH (or train.global_batch=) to a multiple of $NTASKS"
+    PER_TASK=$(( CONTRASTIVE / NTASKS )) EFFECTIVE=$CONTRASTIVE SIZED_BY="train.global_batch=$CONTRASTIVE"
     for arg in "$@"; do
-        [[ ${arg%%=*} != *train.batch_size* ]] || log "WARNING: $arg has no effect: train.contrastive_batch=$CONTRASTIVE sets the batch ($PER_TASK/task)"
+        [[ ${arg%%=*} != *train.batch_size* ]] || log "WARNING: $arg has no effect: train.global_batch=$CONTRASTIVE sets the batch ($PER_TASK/task)"
     done
 else
     EFFECTIVE=$(( PER_TASK * NTASKS )) SIZED_BY="train.batch_size=$PER_TASK"

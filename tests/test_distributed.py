@@ -86,7 +86,7 @@ def deepspeed_results(tmp_path_factory):
     # ZeRO 1, 2, 3 in one launch (DeepSpeed's import is slow), all under gradient caching:
     # the curves must still equal DDP's without it. 3 steps, resume from step 2.
     return torchrun_worker(tmp_path_factory.mktemp("deepspeed"), "train", "deepspeed", "--steps", "3",
-                           "--set", "train.grad_cache_chunk=6")
+                           "--set", "train.micro_batch=6")
 
 
 # ----------------------------------------------------------------------------- process-group environment
@@ -132,28 +132,28 @@ def test_auto_engine_follows_the_launcher():
 
 # ----------------------------------------------------------------------------- batch plan and configs
 
-def test_contrastive_batch_splits_evenly_over_ranks(tmp_path):
+def test_global_batch_splits_evenly_over_ranks(tmp_path):
     # How the ViT-B recipe reaches the paper's 9,600 negatives on any GPU count (docs/distributed.md).
     vitb = REPO / "recipes" / "ocl_vitb16.yaml"
-    overrides = ["train.contrastive_batch=9600", "train.grad_cache_chunk=300"]
+    overrides = ["train.global_batch=9600", "train.micro_batch=300"]
     cfg = load_config(vitb, overrides) if vitb.is_file() else tiny_config(tmp_path, *overrides)
-    assert cfg.train.contrastive_batch == 9600 and cfg.train.grad_cache_chunk
+    assert cfg.train.global_batch == 9600 and cfg.train.micro_batch
     for world in (1, 2, 4, 8, 16, 32, 64):  # 9,600 negatives whatever the GPU count
         plan = plan_batch(cfg.train, world)
-        assert plan.contrastive_batch == 9600 and plan.per_rank_batch == 9600 // world
+        assert plan.global_batch == 9600 and plan.per_rank_batch == 9600 // world
         chunked = plan.per_rank_batch > 300  # 32+ GPUs: 300 per GPU fits, no caching needed
         assert plan.chunk == (300 if chunked else None) and plan.num_chunks == -(-plan.per_rank_batch // 300)
     with pytest.raises(ConfigError, match="9600.*7 ranks"):
         plan_batch(cfg.train, 7)
     plain = tiny_config(tmp_path).train
-    assert plan_batch(plain, 4).contrastive_batch == plain.batch_size * 4 and plan_batch(plain, 4).chunk is None
-    with pytest.raises(ConfigError, match="grad_cache_chunk"):
-        tiny_config(tmp_path, "train.grad_cache_chunk=0")
+    assert plan_batch(plain, 4).global_batch == plain.batch_size * 4 and plan_batch(plain, 4).chunk is None
+    with pytest.raises(ConfigError, match="micro_batch"):
+        tiny_config(tmp_path, "train.micro_batch=0")
 
 
 def test_deepspeed_json_recipes_are_filled_from_the_run_config(tmp_path):
     for stage in (1, 2, 3):
-        cfg = tiny_config(tmp_path, f"engine.zero_stage={stage}", "optim.clip_grad=1.5", "train.contrastive_batch=64")
+        cfg = tiny_config(tmp_path, f"engine.zero_stage={stage}", "optim.clip_grad=1.5", "train.global_batch=64")
         plan = plan_batch(cfg.train, 2)
         ds = deepspeed_config(cfg, plan, torch.device("cpu"))
         assert ds["zero_optimization"]["stage"] == stage
@@ -283,12 +283,12 @@ def test_engines_train_like_ddp_resume_exactly_and_export(ddp_results, fsdp_resu
         assert run["export_matches_checkpoint_weights"], name
     # The logged loss is the global one: the same on both ranks.
     assert ddp_results[("train", 1)]["ddp"]["losses"] == pytest.approx(ddp["losses"], abs=1e-7)
-    assert runs["deepspeed_zero2"]["last_metrics"]["grad_cache_chunks"] == 3  # 16 per rank in chunks of 6
+    assert runs["deepspeed_zero2"]["last_metrics"]["micro_batches"] == 3  # 16 per rank in chunks of 6
 
 
 def test_step_metrics_report_batch_world_and_timings(ddp_results):
     m = ddp_results[("train", 0)]["ddp"]["last_metrics"]
-    assert m["contrastive_batch"] == 32 and m["world_size"] == 2 and m["grad_cache_chunks"] == 1
+    assert m["global_batch"] == 32 and m["world_size"] == 2 and m["micro_batches"] == 1
     for key in ("time_allgather_s", "time_optimizer_s", "time_compute_s", "time_step_s"):
         assert m[key] > 0, (key, m)
     assert m["time_allgather_s"] + m["time_optimizer_s"] + m["time_compute_s"] == pytest.approx(m["time_step_s"], rel=1e-6)

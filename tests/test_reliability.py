@@ -137,7 +137,7 @@ def test_signal_to_process_group_with_workers_checkpoints_and_exits_3(tmp_path, 
 def test_resume_mid_epoch_is_exact_with_drop_path_and_workers(tmp_path, grad_cache):
     common = ["model.drop_path_rate=0.2", "data.num_workers=2", "train.epochs=2", "train.ckpt_every=5"]
     if grad_cache:
-        common += ["train.contrastive_batch=32", "train.grad_cache_chunk=16"]
+        common += ["train.global_batch=32", "train.micro_batch=16"]
     full = Trainer(tiny_config(tmp_path / "a", *common)).fit()
     Trainer(tiny_config(tmp_path / "b", *common, "train.max_steps=5")).fit()
     resumed = Trainer(tiny_config(tmp_path / "b", *common, "train.resume=auto")).fit()

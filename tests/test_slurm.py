@@ -5,7 +5,7 @@
 - a real `sbatch slurm/vitb_ocl.sbatch` with CPU overrides: 2 tasks (DDP over gloo), the
   tiny CPU recipe; the job completes and leaves its checkpoint, metrics and logs;
 - a failing check ends the job before srun starts anything;
-- GLOBAL_BATCH beats a recipe's train.contrastive_batch: the trainer runs with it, and the
+- GLOBAL_BATCH beats a recipe's train.global_batch: the trainer runs with it, and the
   launch log says so;
 - a time limit inside the warning margin (--time=1 against --signal=B:USR1@300) is refused
   at the checks, in one line, and the job is not requeued;
@@ -115,7 +115,7 @@ def test_templates_pass_their_checks_with_readable_shards(tmp_path, template):
     ("bad override", {}, ["train.no_such_key=1"], "unknown config key 'train.no_such_key'"),
     ("batch does not split", {"GLOBAL_BATCH": "9601", "SLURM_NTASKS": "2"}, [], "not divisible"),
     ("contrastive batch does not split", {"GLOBAL_BATCH": "", "SLURM_NTASKS": "2"},
-     ["train.contrastive_batch=9"], "train.contrastive_batch=9 does not split evenly over the 2 tasks"),
+     ["train.global_batch=9"], "train.global_batch=9 does not split evenly over the 2 tasks"),
 ])
 def test_checks_fail_clearly_before_launch(tmp_path, case, env_extra, overrides, message):
     env = job_env(tmp_path / "run")
@@ -200,14 +200,14 @@ def test_failed_check_stops_the_job_before_srun(cluster, tmp_path):
     assert not (run / "metrics.jsonl").exists()
 
 
-def test_global_batch_beats_the_recipe_contrastive_batch(cluster, tmp_path):
-    """A recipe with train.contrastive_batch (as recipes/ocl_vitb16.yaml) plus GLOBAL_BATCH: the run
+def test_global_batch_beats_the_recipe_global_batch(cluster, tmp_path):
+    """A recipe with train.global_batch (as recipes/ocl_vitb16.yaml) plus GLOBAL_BATCH: the run
     scores GLOBAL_BATCH images per step, and the launch log says so."""
     tiny = (REPO / "recipes" / "ocl_cpu_tiny.yaml").read_text()
     assert "  batch_size: 256\n" in tiny
     recipe = tmp_path / "contrastive.yaml"
     recipe.write_text(tiny.replace("  batch_size: 256\n",
-                                   "  batch_size: 256\n  contrastive_batch: 128\n  grad_cache_chunk: 16\n"))
+                                   "  batch_size: 256\n  global_batch: 128\n  micro_batch: 16\n"))
     global_batch = 32 * NTASKS  # job_env's GLOBAL_BATCH; the recipe says 128
     run = tmp_path / "run"
     job = submit(cluster, tmp_path, run, env_extra={"RECIPE": str(recipe), "GLOBAL_BATCH": str(global_batch)},
@@ -217,9 +217,9 @@ def test_global_batch_beats_the_recipe_contrastive_batch(cluster, tmp_path):
     assert state == "COMPLETED", info
     # What the trainer ran with: its saved config, its start-up line, every step's metrics.
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["train"]["contrastive_batch"] == global_batch, saved["train"]
+    assert saved["train"]["global_batch"] == global_batch, saved["train"]
     assert re.search(rf"\| batch {global_batch} \|", job_log(run)), info
-    assert [r["contrastive_batch"] for r in read_metrics(run)] == [global_batch] * 2, info
+    assert [r["global_batch"] for r in read_metrics(run)] == [global_batch] * 2, info
     # What the launcher told the user before launching.
     boot = (tmp_path / f"slurm-ocl-vitb-{job}.out").read_text()
     assert f"effective batch {global_batch} " in boot and f"GLOBAL_BATCH={global_batch}" in boot, boot

@@ -198,7 +198,7 @@ def test_trainer_applies_switches_before_the_engine(tmp_path, engine):
 def test_gradient_caching_with_activation_checkpointing(tmp_path):
     """Gradient caching's no-grad embedding pass skips checkpointing; its re-embedding under the same
     RNG state (drop-path) recomputes the same activations: the losses are identical."""
-    common = ("train.contrastive_batch=8", "train.grad_cache_chunk=3", "model.drop_path_rate=0.2")
+    common = ("train.global_batch=8", "train.micro_batch=3", "model.drop_path_rate=0.2")
     reference, _, _ = run_steps(micro_cfg(tmp_path / "ref", *common))
     losses, _, _ = run_steps(micro_cfg(tmp_path / "ac", *common, "train.activation_checkpointing=full"))
     assert losses == pytest.approx(reference, rel=1e-6, abs=1e-7)

@@ -1,9 +1,12 @@
 """Engines: how the PretrainModule is distributed, stepped and checkpointed."""
 from . import ddp, deepspeed_engine, fsdp, single  # noqa: F401  (registration; deepspeed is imported lazily)
+from .accumulation import GradientAccumulation
 from .base import ENGINES, Engine
+from .batch_plan import ACCUMULATE, GRAD_CACHE, BatchPlan, plan_batch
 from .distributed import DistributedEngine, DistributedEnvError, read_dist_env
-from .grad_cache import BatchPlan, GradCache, plan_batch
+from .grad_cache import GradCache
 from .single import SingleProcessEngine
+from .timing import StepTimer
 
-__all__ = ["ENGINES", "BatchPlan", "DistributedEngine", "DistributedEnvError", "Engine", "GradCache",
-           "SingleProcessEngine", "plan_batch", "read_dist_env"]
+__all__ = ["ACCUMULATE", "ENGINES", "GRAD_CACHE", "BatchPlan", "DistributedEngine", "DistributedEnvError", "Engine",
+           "GradCache", "GradientAccumulation", "SingleProcessEngine", "StepTimer", "plan_batch", "read_dist_env"]

@@ -6,35 +6,46 @@ outside (as torchtitan does); model and objective code never import torch.distri
 from __future__ import annotations
 
 import abc
+import contextlib
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from ..objectives import FeatureGather, local_gather
+from ..masking import Masks
+from ..objectives import FeatureGather, ObjectiveBatch, ObjectiveOutput, local_gather
 from ..registry import Registry
+from .batch_plan import BatchPlan
+from .timing import StepTimer
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 
 class Engine(abc.ABC):
+    """Every capability the trainer, gradient caching, accumulation and monitors use is a method
+    here, with the single-process behaviour as its default: a new engine cannot forget one."""
+
     rank: int = 0
     world_size: int = 1
     name: str = "base"
+    # Whether full_state_dict() is a collective (every rank must call it): sharded parameters.
+    sharded_state: bool = False
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, sync_timing: bool = True):
         self.device = device
         self.module: Optional[nn.Module] = None  # the wrapped module: call it for forward
         self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.timer = StepTimer(device, sync_timing)  # per-step timings (communication, optimizer)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @abc.abstractmethod
-    def setup(self, module: nn.Module, build_optimizer: OptimizerFactory) -> None:
-        """Move/wrap `module`, then build the optimizer over the wrapped parameters."""
+    def setup(self, module: nn.Module, build_optimizer: OptimizerFactory, plan: BatchPlan) -> None:
+        """Move/wrap `module` (applying its ParallelPlan), then build the optimizer over the
+        wrapped parameters. `plan` is the trainer's batch plan (per-rank batch, passes)."""
 
     @abc.abstractmethod
     def unwrapped(self) -> nn.Module:
@@ -43,6 +54,34 @@ class Engine(abc.ABC):
     def gather(self) -> FeatureGather:
         """How objectives reach the global batch."""
         return local_gather
+
+    # ------------------------------------------------------------ calls through the wrapper
+    def invoke(self, method: str, *args: Any) -> Any:
+        """`PretrainModule.<method>(*args)`; multi-process engines route it through their
+        wrapper's forward so that gradient hooks, unshard and gather hooks fire."""
+        return getattr(self.unwrapped(), method)(*args)
+
+    def forward(self, images: torch.Tensor, masks: Masks) -> ObjectiveOutput:
+        """Encode and score one (micro-)batch."""
+        return self.module(images, masks, self.gather())
+
+    def encode(self, images: torch.Tensor, masks: Masks) -> ObjectiveBatch:
+        return self.invoke("encode", images, masks)
+
+    def score(self, batch: ObjectiveBatch) -> ObjectiveOutput:
+        return self.invoke("score", batch, self.gather())
+
+    def model_signal(self, images: torch.Tensor, kind: str) -> torch.Tensor:
+        return self.invoke("model_signal", images, kind)
+
+    # ------------------------------------------------------------ gradients
+    def grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """Context for a forward + backward whose gradients are (not) synchronised across ranks."""
+        return contextlib.nullcontext()
+
+    def accumulation_scope(self) -> contextlib.AbstractContextManager:
+        """Around all the backwards of one optimizer step (DeepSpeed: one coalesced reduction)."""
+        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -80,7 +119,7 @@ class Engine(abc.ABC):
         """The whole PretrainModule state dict, unsharded, on CPU (for export)."""
 
     def barrier(self) -> None:
-        pass
+        """Wait for every rank."""
 
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         return value

@@ -17,19 +17,19 @@ from ..checkpoint_io import load_torch_file
 from ..config import RunConfig
 from .base import ENGINES, Engine, OptimizerFactory
 from .distributed import DistributedEngine, enable_method_dispatch
-from .grad_cache import plan_batch
+from .batch_plan import GRAD_CACHE, BatchPlan
 from .single import STATE_FILE
 
 
 class DDPEngine(DistributedEngine):
     name = "ddp"
 
-    def setup(self, module: nn.Module, build_optimizer: OptimizerFactory) -> None:
+    def setup(self, module: nn.Module, build_optimizer: OptimizerFactory, plan: BatchPlan) -> None:
         self._inner = enable_method_dispatch(module).to(self.device)
         # Under gradient caching the last (synchronised) backward reaches only the encoder;
         # the objective's gradients were accumulated earlier under no_sync. DDP then has to
         # look for parameters unused in that backward and reduce their accumulated grads.
-        grad_cache = plan_batch(self.cfg.train, self.world_size).chunk is not None
+        grad_cache = plan.mode == GRAD_CACHE
         self.module = DistributedDataParallel(
             self._inner, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=self.cfg.engine.find_unused_parameters or grad_cache)

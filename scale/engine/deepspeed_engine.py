@@ -48,7 +48,7 @@ from ..device import autocast_dtype
 from .base import ENGINES, Engine, OptimizerFactory
 from .distributed import (DistributedEngine, enable_method_dispatch, grad_norm_tensor, promote_scalar_parameters,
                           restore_parameter_shapes)
-from .grad_cache import BatchPlan, plan_batch
+from .batch_plan import BatchPlan
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "deepspeed"
 TAG = "deepspeed"
@@ -97,7 +97,7 @@ def deepspeed_config(cfg: RunConfig, plan: BatchPlan, device: torch.device) -> D
                               f"set it to \"auto\"")
 
     fill("train_micro_batch_size_per_gpu", plan.per_rank_batch)
-    fill("train_batch_size", plan.contrastive_batch)
+    fill("train_batch_size", plan.global_batch)
     fill("gradient_accumulation_steps", 1)
     fill("gradient_clipping", float(cfg.optim.clip_grad or 0.0))
     if ds.get("fp16", {}).get("enabled") is True:
@@ -206,16 +206,20 @@ class DeepSpeedEngine(DistributedEngine):
         self.ds = None
 
     @property
+    def sharded_state(self) -> bool:  # ZeRO-3 partitions the parameters themselves
+        return self.zero_stage == 3
+
+    @property
     def zero_stage(self) -> int:
         return int(self.ds.zero_optimization_stage())
 
-    def setup(self, module: nn.Module, build_optimizer: OptimizerFactory) -> None:
+    def setup(self, module: nn.Module, build_optimizer: OptimizerFactory, plan: BatchPlan) -> None:
         import deepspeed
 
         module = enable_method_dispatch(module).to(self.device)
         self._shapes = promote_scalar_parameters(module)  # DeepSpeed cannot broadcast 0-d parameters
         optimizer = build_optimizer(module)
-        self.ds_config = deepspeed_config(self.cfg, plan_batch(self.cfg.train, self.world_size), self.device)
+        self.ds_config = deepspeed_config(self.cfg, plan, self.device)
         if self.ds_config["zero_optimization"].get("stage", 0) == 3:
             _dataclass_outputs_as_namedtuples(module)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..config import RunConfig
+from .timing import StepTimer
 from .base import Engine
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -197,47 +198,6 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- timing
 
-class StepTimer:
-    """Seconds spent per key within one step (communication, optimizer step, ...).
-
-    On CUDA, `sync=True` synchronises the device around each timed region so the time is
-    the region's own and not whatever the stream had queued; on CPU plain perf_counter.
-    """
-
-    def __init__(self, device: torch.device, sync: bool = True):
-        self.sync = sync and device.type == "cuda"
-        self.device = device
-        self.totals: Dict[str, float] = defaultdict(float)
-        self._open: Dict[Any, float] = {}
-
-    def _now(self) -> float:
-        if self.sync:
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def start(self, key: str, token: Any = None) -> None:
-        self._open[(key, token)] = self._now()
-
-    def stop(self, key: str, token: Any = None) -> None:
-        begun = self._open.pop((key, token), None)
-        if begun is not None:
-            self.totals[key] += self._now() - begun
-
-    @contextlib.contextmanager
-    def time(self, key: str) -> Iterator[None]:
-        self.start(key)
-        try:
-            yield
-        finally:
-            self.stop(key)
-
-    def pop(self) -> Dict[str, float]:
-        out = dict(self.totals)
-        self.totals.clear()
-        self._open.clear()
-        return out
-
-
 class _TimeBackward(torch.autograd.Function):
     """Identity whose backward starts or stops a timer (to time a collective's backward)."""
 
@@ -338,11 +298,10 @@ class DistributedEngine(Engine):
 
     def __init__(self, device: torch.device, cfg: RunConfig):
         env, device, self._owns_group = init_distributed(device, cfg.engine.backend, cfg.engine.timeout_s)
-        super().__init__(device)
+        super().__init__(device, cfg.engine.sync_timing)
         self.cfg = cfg
         self.env = env
         self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
-        self.timer = StepTimer(device, sync=cfg.engine.sync_timing)
         self._gather: Callable = AllGather(self.timer)
 
     def gather(self):
@@ -351,10 +310,6 @@ class DistributedEngine(Engine):
     def invoke(self, method: str, *args: Any) -> Any:
         """Call `PretrainModule.<method>(*args)` through the engine's wrapper (see enable_method_dispatch)."""
         return self.module(*args, method=method)
-
-    def grad_sync(self, enabled: bool):
-        """Context for a forward + backward whose gradients are (not) synchronised across ranks."""
-        return contextlib.nullcontext()
 
     def clip_and_step(self, parameters: Iterator[nn.Parameter], clip_grad: Optional[float]) -> Optional[torch.Tensor]:
         """Clip (if asked), step, apply the parameter bounds, zero grads; return the pre-clip global

@@ -1,8 +1,9 @@
 """FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over ranks.
 
-Each transformer block is its own unit (all-gathered for its forward/backward, then
-freed), the objective is a unit kept in fp32, and the root holds the rest (patch
-embedding, [CLS], final norm). FSDP2 cannot shard 0-d parameters, so OCL's learnable
+The method declares its units (scale/engine/parallelize.py): each transformer block,
+encoder and decoder alike, is its own unit (all-gathered for its forward/backward, then
+freed), the modules it keeps fp32 (OCL's temperature and head) are fp32 units, and the
+root holds the rest (patch embedding, [CLS], final norm, mask token). FSDP2 cannot shard 0-d parameters, so OCL's learnable
 temperature is given shape (1,) (`promote_scalar_parameters`; exports restore it). On CUDA the blocks compute in bf16 and reduce gradients
 in fp32 (MixedPrecisionPolicy); on CPU everything stays fp32. Checkpoints are sharded
 torch.distributed.checkpoint (DCP) directories: each rank writes its own shards, and a
@@ -19,11 +20,13 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from ..checkpoint_io import load_torch_file
 from ..config import RunConfig
 from .base import ENGINES, Engine, OptimizerFactory
+from .batch_plan import BatchPlan
+from .parallelize import shard_fsdp2
 from .distributed import DistributedEngine, enable_method_dispatch, promote_scalar_parameters, restore_parameter_shapes
 
 DCP_DIR = "dcp"
@@ -32,6 +35,7 @@ EXTRA_FILE = "extra.pt"
 
 class FSDPEngine(DistributedEngine):
     name = "fsdp"
+    sharded_state = True
 
     def _policies(self):
         bf16 = self.device.type == "cuda" and self.cfg.train.precision != "fp32"
@@ -39,17 +43,11 @@ class FSDPEngine(DistributedEngine):
         main = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else fp32
         return main, fp32
 
-    def setup(self, module: nn.Module, build_optimizer: OptimizerFactory) -> None:
+    def setup(self, module: nn.Module, build_optimizer: OptimizerFactory, plan: BatchPlan) -> None:
         module = enable_method_dispatch(module).to(self.device)
         main, fp32 = self._policies()
         self._shapes = promote_scalar_parameters(module)
-        for block in getattr(module.encoder, "blocks", ()):
-            fully_shard(block, mp_policy=main, reshard_after_forward=self.cfg.engine.fsdp_reshard_after_forward)
-        # The loss runs in fp32 (logits / temperature): keep the objective's parameters fp32.
-        fully_shard(module.objective, mp_policy=fp32)
-        # Root resharded after forward too: a no-grad forward (gradient caching) must not
-        # leave stale unsharded copies behind for after the optimizer step.
-        fully_shard(module, mp_policy=main, reshard_after_forward=True)
+        shard_fsdp2(module, main, fp32, self.cfg.engine.fsdp_reshard_after_forward)  # the method's declaration
         self.module = module
         self.optimizer = build_optimizer(module)
 

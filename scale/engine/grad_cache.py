@@ -18,62 +18,13 @@ the last runs under the engine's `grad_sync(False)` (DDP `no_sync`, FSDP2
 """
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, List, Optional, Tuple
+from typing import Callable, ContextManager, List
 
 import torch
 
-from ..config import ConfigError, TrainConfig
-from ..objectives import ObjectiveOutput
+from ..masking import Masks
+from ..objectives import ObjectiveBatch, ObjectiveOutput
 from .base import Engine
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    per_rank_batch: int  # images each rank loads and scores per step
-    world_size: int
-    chunk: Optional[int]  # images per encoder pass under gradient caching; None: one pass
-
-    @property
-    def contrastive_batch(self) -> int:
-        """Images whose embeddings are scored together (the negatives of one step)."""
-        return self.per_rank_batch * self.world_size
-
-    @property
-    def num_chunks(self) -> int:
-        return 1 if self.chunk is None else -(-self.per_rank_batch // self.chunk)
-
-
-def plan_batch(cfg: TrainConfig, world_size: int) -> BatchPlan:
-    """Per-rank batch and chunking from train.batch_size / contrastive_batch / grad_cache_chunk."""
-    if cfg.contrastive_batch is None:
-        per_rank = cfg.batch_size
-    else:
-        if cfg.contrastive_batch % world_size:
-            raise ConfigError(
-                f"train.contrastive_batch={cfg.contrastive_batch} does not split evenly over {world_size} ranks "
-                f"({cfg.contrastive_batch / world_size:g} images each); use a multiple of {world_size}, e.g. "
-                f"{cfg.contrastive_batch // world_size * world_size} or "
-                f"{(cfg.contrastive_batch // world_size + 1) * world_size}")
-        per_rank = cfg.contrastive_batch // world_size
-    chunk = cfg.grad_cache_chunk
-    return BatchPlan(per_rank, world_size, chunk if chunk is not None and chunk < per_rank else None)
-
-
-def _invoke(engine: Engine, method: str, *args: Any) -> Any:
-    invoke = getattr(engine, "invoke", None)  # multi-process engines route through their wrapper
-    return invoke(method, *args) if invoke is not None else getattr(engine.unwrapped(), method)(*args)
-
-
-def _grad_sync(engine: Engine, enabled: bool) -> ContextManager:
-    grad_sync = getattr(engine, "grad_sync", None)
-    return grad_sync(enabled) if grad_sync is not None else contextlib.nullcontext()
-
-
-def _step_scope(engine: Engine) -> ContextManager:
-    scope = getattr(engine, "accumulation_scope", None)  # DeepSpeed: one coalesced reduction
-    return scope() if scope is not None else contextlib.nullcontext()
 
 
 class _RngState:
@@ -98,45 +49,43 @@ class GradCache:
             raise ValueError(f"grad-cache chunk must be >= 1, got {chunk}")
         self.engine, self.chunk = engine, chunk
 
-    def __call__(self, images: torch.Tensor, group_ids: torch.Tensor,
-                 autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> ObjectiveOutput:
-        """images: (B, C, H, W), on any device (moved chunk by chunk); group_ids: (B, G, n) masks,
-        drawn once for the whole local batch. Returns the loss (detached) and metrics."""
-        engine, device = self.engine, self.engine.device
-        if images.shape[0] != group_ids.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but masks for {group_ids.shape[0]}")
-        chunks: List[Tuple[torch.Tensor, torch.Tensor]] = list(zip(images.split(self.chunk),
-                                                                   group_ids.split(self.chunk)))
-        with _step_scope(engine):
-            return self._run(chunks, autocast)
+    def __call__(self, images: torch.Tensor, masks: Masks, autocast: Callable[[], ContextManager]) -> ObjectiveOutput:
+        """images: (B, C, H, W), on any device (moved chunk by chunk); masks drawn once for the
+        whole local batch. Returns the loss (detached) and metrics."""
+        if images.shape[0] != masks.group_ids.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but masks for {masks.group_ids.shape[0]}")
+        with self.engine.accumulation_scope():
+            return self._run(images, masks, autocast)
 
-    def _run(self, chunks: List[Tuple[torch.Tensor, torch.Tensor]],
-             autocast: Callable[[], ContextManager]) -> ObjectiveOutput:
+    def _run(self, images: torch.Tensor, masks: Masks, autocast: Callable[[], ContextManager]) -> ObjectiveOutput:
         engine, device = self.engine, self.engine.device
+        bounds = [(start, min(start + self.chunk, images.shape[0])) for start in range(0, images.shape[0], self.chunk)]
         # 1. Embeddings of the whole local batch, chunk by chunk, without activations.
         rng_states, embeddings = [], []
         with torch.no_grad():
-            for x, ids in chunks:
+            for start, end in bounds:
                 rng_states.append(_RngState(device))
                 with autocast():
-                    embeddings.append(_invoke(engine, "embed", x.to(device, non_blocking=True), ids))
+                    x = images[start:end].to(device, non_blocking=True)
+                    embeddings.append(engine.encode(x, masks.rows(start, end)).cls)
         rng_after = _RngState(device)
         cached = torch.cat(embeddings).detach().requires_grad_(True)
         del embeddings
 
         # 2. The loss over all of them (global negatives); the objective's parameters get
         # their gradients here, the embeddings theirs as a cached leaf gradient.
-        with _grad_sync(engine, False):
-            out: ObjectiveOutput = _invoke(engine, "score", cached, engine.gather())
+        with engine.grad_sync(False):
+            with autocast():
+                out: ObjectiveOutput = engine.score(ObjectiveBatch(cls=cached, masks=masks))
             engine.backward(out.loss)
-        cached_grads = cached.grad.split(self.chunk)
+        cached_grads: List[torch.Tensor] = [cached.grad[start:end] for start, end in bounds]
 
         # 3. Re-embed each chunk with grad under the same masks and RNG, push the cached gradient.
-        for k, ((x, ids), grad) in enumerate(zip(chunks, cached_grads)):
+        for k, ((start, end), grad) in enumerate(zip(bounds, cached_grads)):
             rng_states[k].restore()
-            with _grad_sync(engine, k == len(chunks) - 1):
+            with engine.grad_sync(k == len(bounds) - 1):
                 with autocast():
-                    emb = _invoke(engine, "embed", x.to(device, non_blocking=True), ids)
+                    emb = engine.encode(images[start:end].to(device, non_blocking=True), masks.rows(start, end)).cls
                 engine.backward((emb * grad.to(emb.dtype)).sum())
         rng_after.restore()
         return ObjectiveOutput(out.loss.detach(), out.metrics)

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from ..checkpoint_io import load_torch_file
 from .base import ENGINES, Engine, OptimizerFactory
+from .batch_plan import BatchPlan
 
 STATE_FILE = "state.pt"
 
@@ -16,7 +17,7 @@ STATE_FILE = "state.pt"
 class SingleProcessEngine(Engine):
     name = "single"
 
-    def setup(self, module: nn.Module, build_optimizer: OptimizerFactory) -> None:
+    def setup(self, module: nn.Module, build_optimizer: OptimizerFactory, plan: BatchPlan) -> None:
         self.module = module.to(self.device)
         self.optimizer = build_optimizer(self.module)
 

@@ -5,20 +5,20 @@ each neighbour votes for its class with weight exp(sim / T), and the class with 
 largest summed weight wins (k = 20, T = 0.07 by default, as DINO does).
 
 Used three ways: `knn_accuracy` on tensors, `KnnMonitor` at epoch ends during
-pre-training (Trainer._maybe_monitor), and `python -m scale.eval knn` on a checkpoint.
+pre-training (a trainer Monitor, built by `build_monitors`), and `python -m scale.eval knn` on a checkpoint.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, TextIO
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, EvalConfig, RunConfig
 from ..models.vit import ViTSpec
+from ..trainer.monitors import Monitor
 from .features import Features, build_split, extract_features
 
 
@@ -65,12 +65,13 @@ def knn_accuracy(bank: Features, queries: Features, *, k: int = 20, temperature:
     return {"top1": 100.0 * hits[:, 0].float().mean().item(), "top5": 100.0 * hits.any(1).float().mean().item()}
 
 
-class KnnMonitor:
+class KnnMonitor(Monitor):
     """kNN top-1/top-5 of the encoder on (data.root as bank, data.val_root as queries)."""
 
     def __init__(self, cfg: RunConfig, spec: ViTSpec):
         validate_eval_config(cfg.eval)
         self.cfg, self.spec = cfg, spec
+        self.every_epochs = cfg.eval.knn_every_epochs
         self._splits = None  # built on first use: the trainer must not pay for it when the monitor is off
 
     def splits(self):
@@ -80,7 +81,7 @@ class KnnMonitor:
         return self._splits
 
     def evaluate(self, encoder: torch.nn.Module, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
-                 progress: bool = True) -> Dict[str, float]:
+                 progress: bool = False) -> Dict[str, float]:
         e = self.cfg.eval
         bank_split, query_split = self.splits()
         start = time.perf_counter()
@@ -93,47 +94,11 @@ class KnnMonitor:
         return {"knn_top1": acc["top1"], "knn_top5": acc["top5"], "knn_bank": float(bank[0].shape[0]),
                 "knn_queries": float(queries[0].shape[0]), "knn_seconds": time.perf_counter() - start}
 
-    def at_epoch_end(self, trainer: Any, reporter: Any, metrics_file: Optional[TextIO]) -> Optional[Dict[str, float]]:
-        """Run from Trainer.fit on every rank; rank 0 evaluates, logs and returns the record.
-
-        Sharded engines (FSDP, ZeRO-3) hold no whole encoder on any rank: every rank joins
-        the collective that gathers the full state dict, and rank 0 evaluates a copy.
-        Replicated engines (single, DDP, ZeRO-1/2) let rank 0 use its own replica.
-        """
-        engine = trainer.engine
-        sharded = engine.name == "fsdp" or (engine.name == "deepspeed" and getattr(engine, "zero_stage", 0) == 3)
-        record = None
-        if sharded:
-            state = engine.full_state_dict()  # collective
-            if engine.is_main:
-                from ..models import build_encoder
-
-                m = self.cfg.model
-                encoder = build_encoder(m.name, img_size=m.img_size, in_chans=m.in_chans, attn_backend="math")
-                encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items()
-                                         if k.startswith("encoder.")})
-                encoder.to(trainer.device).set_attn_backend(m.attn_backend)
-                record = self.evaluate(encoder, trainer.device, trainer.amp_dtype, progress=False)
-        elif engine.is_main:
-            record = self.evaluate(trainer.pretrain_module.encoder, trainer.device, trainer.amp_dtype,
-                                   progress=False)
-        engine.barrier()
-        if record is not None:
-            log_record(trainer.step, trainer.step / trainer.steps_per_epoch, record, reporter, metrics_file)
-        return record
+    def describe(self, record: Dict[str, float]) -> str:
+        return (f"kNN top-1 {record['knn_top1']:.2f}% top-5 {record['knn_top5']:.2f}% ({int(record['knn_bank'])} bank / "
+                f"{int(record['knn_queries'])} queries, {record['knn_seconds']:.1f}s)")
 
 
-def log_record(step: int, epoch: float, record: Dict[str, float], reporter: Any,
-               metrics_file: Optional[TextIO]) -> None:
-    """Into metrics.jsonl (a line with "kind": "eval"), TensorBoard (eval/*) and the console."""
-    if metrics_file is not None:
-        metrics_file.write(json.dumps({"step": step, "kind": "eval", "epoch": epoch, **record}) + "\n")
-        metrics_file.flush()
-    writer = getattr(reporter, "writer", None)
-    if writer is not None:
-        for key, value in record.items():
-            writer.add_scalar(f"eval/{key}", value, step)
-    if reporter is not None:
-        reporter.message(f"eval step {step} (epoch {epoch:.3g}): kNN top-1 {record['knn_top1']:.2f}% "
-                         f"top-5 {record['knn_top5']:.2f}% ({int(record['knn_bank'])} bank / "
-                         f"{int(record['knn_queries'])} queries, {record['knn_seconds']:.1f}s)")
+def build_monitors(cfg: RunConfig, spec: ViTSpec) -> List[Monitor]:
+    """The monitors a pre-training run's config asks for (eval.knn_every_epochs > 0: the kNN monitor)."""
+    return [KnnMonitor(cfg, spec)] if cfg.eval.knn_every_epochs > 0 else []

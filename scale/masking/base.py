@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -30,17 +30,48 @@ class Masks:
     def visible_per_group(self) -> int:
         return self.group_ids.shape[2]
 
+    def rows(self, start: int, end: int) -> "Masks":
+        """The masks of images start..end-1 (a micro-batch)."""
+        return Masks(self.group_ids[start:end], None if self.masked_ids is None else self.masked_ids[start:end])
+
+
+@dataclass(frozen=True)
+class MaskNeeds:
+    """What a generator needs besides its random generator and the training progress."""
+
+    images: bool = False  # this batch's images (on the step's device)
+    model_signal: str = ""  # a signal from the current model on this batch's images, e.g. "attention"
+
+
+# images -> the signal named by MaskNeeds.model_signal, computed by the current model through the
+# engine (so FSDP2 / ZeRO-3 gather their parameters), without gradients and in eval semantics.
+ModelSignal = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class MaskContext:
+    """What a generator may draw masks from. Identical contexts give identical masks."""
+
+    generator: torch.Generator  # seeded by (seed, step, rank), on `device`
+    device: torch.device
+    step: int = 0
+    progress: float = 0.0  # epoch / total epochs (fractional), in [0, 1]
+    images: Optional[torch.Tensor] = None  # when needs.images or needs.model_signal
+    model_signal: Optional[ModelSignal] = None  # when needs.model_signal
+
 
 class MaskGenerator(abc.ABC):
     """Draws masks for a batch; identical (seed, step, rank) give identical masks."""
+
+    needs: MaskNeeds = MaskNeeds()
 
     def __init__(self, grid_size: int):
         self.grid_size = grid_size
         self.num_patches = grid_size * grid_size
 
     @abc.abstractmethod
-    def __call__(self, batch_size: int, generator: torch.Generator, device: torch.device) -> Masks:
-        """Masks for `batch_size` images drawn from `generator` (which lives on `device`)."""
+    def __call__(self, batch_size: int, context: MaskContext) -> Masks:
+        """Masks for `batch_size` images drawn from `context.generator` (which lives on `context.device`)."""
 
 
 MASK_GENERATORS: Registry[MaskGenerator] = Registry("mask generator", "mask.name")

@@ -1,10 +1,10 @@
-"""OCL's default masking: uniform random masking, visible patches split into two groups."""
+"""Uniform random masking (MAE's argsort of noise): one visible group (MAE) or two (OCL)."""
 from __future__ import annotations
 
 import torch
 
 from ..config import MaskConfig
-from .base import MASK_GENERATORS, MaskGenerator, Masks
+from .base import MASK_GENERATORS, MaskContext, MaskGenerator, Masks
 
 
 class RandomGroupMasking(MaskGenerator):
@@ -25,8 +25,8 @@ class RandomGroupMasking(MaskGenerator):
                              f"fewer than one per group")
         self.ratio, self.num_groups, self.num_keep = ratio, num_groups, keep
 
-    def __call__(self, batch_size: int, generator: torch.Generator, device: torch.device) -> Masks:
-        noise = torch.rand(batch_size, self.num_patches, generator=generator, device=device)
+    def __call__(self, batch_size: int, context: MaskContext) -> Masks:
+        noise = torch.rand(batch_size, self.num_patches, generator=context.generator, device=context.device)
         order = torch.argsort(noise, dim=1)  # a uniformly random permutation per image
         kept = order[:, :self.num_keep]  # already in random order, so halves are a random split
         groups = kept.reshape(batch_size, self.num_groups, self.num_keep // self.num_groups)
@@ -36,3 +36,9 @@ class RandomGroupMasking(MaskGenerator):
 @MASK_GENERATORS.register("random_two_group")
 def build_random_two_group(cfg: MaskConfig, grid_size: int) -> MaskGenerator:
     return RandomGroupMasking(grid_size, cfg.ratio, num_groups=2)
+
+
+@MASK_GENERATORS.register("random")
+def build_random(cfg: MaskConfig, grid_size: int) -> MaskGenerator:
+    """MAE's masking: one visible group of int(N * (1 - ratio)) patches."""
+    return RandomGroupMasking(grid_size, cfg.ratio, num_groups=1)

@@ -1,5 +1,5 @@
 """Encoders. `MODELS` maps preset names to ViTSpec builders."""
 from .attention import BACKENDS, resolve_backend
-from .vit import MODELS, VisibleTokenViT, ViTSpec, build_encoder
+from .vit import MODELS, EncoderOutput, VisibleTokenViT, ViTSpec, build_encoder, model_spec
 
-__all__ = ["BACKENDS", "MODELS", "VisibleTokenViT", "ViTSpec", "build_encoder", "resolve_backend"]
+__all__ = ["BACKENDS", "MODELS", "EncoderOutput", "VisibleTokenViT", "ViTSpec", "build_encoder", "model_spec", "resolve_backend"]

@@ -57,6 +57,14 @@ class BackendAttention(Attention):
 
     backend: str = "sdpa"
 
+    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T * scale) of (B, N, D) tokens: (B, H, N, N) in float32 (model signals, not training)."""
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, _v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        return ((q.float() * self.scale) @ k.float().transpose(-2, -1)).softmax(dim=-1)
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:

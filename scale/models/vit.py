@@ -67,11 +67,22 @@ _preset("vit_small_patch4_28", img_size=28, patch_size=4, embed_dim=384, depth=6
 _preset("vit_tiny_patch4_32", img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, in_chans=3)
 
 
+@dataclass
+class EncoderOutput:
+    """One encoder pass over every group of a batch."""
+
+    cls: torch.Tensor  # (B, G, D) [CLS] output of each group, after the final norm
+    tokens: Optional[torch.Tensor] = None  # (B, G, n, D) visible tokens after the final norm, when asked
+
+
+INITS = ("mocov3", "mae")
+
+
 class VisibleTokenViT(nn.Module):
     """ViT encoder over visible-patch subsets, with one [CLS] token per sequence."""
 
     def __init__(self, spec: ViTSpec, train_patch_embed: bool = False, attn_backend: str = "sdpa",
-                 drop_path_rate: float = 0.0):
+                 drop_path_rate: float = 0.0, init: str = "mocov3"):
         super().__init__()
         if spec.img_size % spec.patch_size:
             raise ValueError(f"img_size {spec.img_size} is not a multiple of patch_size {spec.patch_size}")
@@ -92,20 +103,25 @@ class VisibleTokenViT(nn.Module):
             for i in range(spec.depth)
         ])
         self.norm = nn.LayerNorm(spec.embed_dim, eps=1e-6)
-        self.init_weights(train_patch_embed)
+        if init not in INITS:
+            raise ValueError(f"model.init must be one of {', '.join(INITS)}; got {init!r}")
+        self.init_weights(train_patch_embed, init)
         self.set_attn_backend(attn_backend)
 
     # ------------------------------------------------------------------ init
-    def init_weights(self, train_patch_embed: bool) -> None:
+    def init_weights(self, train_patch_embed: bool, init: str = "mocov3") -> None:
+        """MoCo v3's init (OCL): q, k, v as separate Xavier matrices, [CLS] N(0, 1e-6); MAE's:
+        plain Xavier on every Linear, [CLS] N(0, 0.02). Both: Xavier on the flattened patch
+        embedding, LayerNorm (1, 0), fixed 2-D sin-cos positions with a zero [CLS] row."""
         grid = [self.spec.grid_size, self.spec.grid_size]
         pos = build_sincos2d_pos_embed(grid, self.embed_dim)
         with torch.no_grad():
             self.pos_embed[:, 1:].copy_(pos.unsqueeze(0))
             self.pos_embed[:, :1].zero_()
-        nn.init.normal_(self.cls_token, std=1e-6)  # MoCo v3
+        nn.init.normal_(self.cls_token, std=1e-6 if init == "mocov3" else 0.02)
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
-                if name.endswith("qkv"):
+                if name.endswith("qkv") and init == "mocov3":
                     # MoCo v3: treat q, k, v as three separate fan-out matrices.
                     bound = math.sqrt(6.0 / float(m.weight.shape[0] // 3 + m.weight.shape[1]))
                     nn.init.uniform_(m.weight, -bound, bound)
@@ -142,29 +158,62 @@ class VisibleTokenViT(nn.Module):
         """(B, C, H, W) -> (B, N, D) patch tokens with their position embeddings."""
         return self.patch_embed(images) + self.pos_embed[:, 1:]
 
-    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Prepend [CLS] (+ its position), run the blocks, return the normed CLS output."""
+    def encode_tokens(self, tokens: torch.Tensor, with_tokens: bool = False):
+        """Prepend [CLS] (+ its position), run the blocks; the normed CLS output (S, D), and with
+        `with_tokens` also the normed other tokens (S, n, D)."""
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls, tokens], dim=1)
         x = self.blocks(x)
-        return self.norm(x[:, 0])
+        if not with_tokens:
+            return self.norm(x[:, 0])
+        x = self.norm(x)
+        return x[:, 0], x[:, 1:]
 
-    def forward(self, images: torch.Tensor, group_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, group_ids: Optional[torch.Tensor] = None,
+               with_tokens: bool = False) -> EncoderOutput:
         """Encode the visible groups of each image.
 
-        images: (B, C, H, W). group_ids: (B, G, n) patch indices, or None for all patches.
-        Returns (B, G, D) CLS embeddings (G = 1 when group_ids is None). All B*G
-        sequences of (1 + n) tokens go through the blocks in ONE pass.
+        images: (B, C, H, W). group_ids: (B, G, n) patch indices, or None for all patches (G = 1).
+        All B*G sequences of (1 + n) tokens go through the blocks in ONE pass. Returns the CLS
+        of every group and, with `with_tokens`, the visible tokens after the final norm.
         """
         tokens = self.embed_patches(images)
         if group_ids is None:
-            return self.encode_tokens(tokens).unsqueeze(1)
+            group_ids = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], 1, -1)
+            visible = tokens
+        else:
+            if group_ids.shape[0] != tokens.shape[0]:
+                raise ValueError(f"group_ids has batch {group_ids.shape[0]}, images have batch {tokens.shape[0]}")
+            B, G, n = group_ids.shape
+            flat = group_ids.reshape(B, G * n, 1).expand(-1, -1, self.embed_dim)
+            visible = torch.gather(tokens, 1, flat).reshape(B * G, n, self.embed_dim)
         B, G, n = group_ids.shape
-        if B != tokens.shape[0]:
-            raise ValueError(f"group_ids has batch {B}, images have batch {tokens.shape[0]}")
-        flat = group_ids.reshape(B, G * n, 1).expand(-1, -1, self.embed_dim)
-        visible = torch.gather(tokens, 1, flat).reshape(B * G, n, self.embed_dim)
-        return self.encode_tokens(visible).reshape(B, G, self.embed_dim)
+        if not with_tokens:
+            return EncoderOutput(self.encode_tokens(visible).reshape(B, G, self.embed_dim))
+        cls, rest = self.encode_tokens(visible, with_tokens=True)
+        return EncoderOutput(cls.reshape(B, G, self.embed_dim), rest.reshape(B, G, n, self.embed_dim))
+
+    def forward(self, images: torch.Tensor, group_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, G, D) CLS embeddings of the visible groups (G = 1 when group_ids is None)."""
+        return self.encode(images, group_ids).cls
+
+    @torch.no_grad()
+    def attention_maps(self, images: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        """Softmax attention of the first `num_blocks` blocks on the full images, averaged over
+        heads and blocks: (B, 1 + N, 1 + N) float32, [CLS] first. Eval semantics (no drop path),
+        no gradients, no draw from any RNG."""
+        num_blocks = max(1, min(num_blocks, len(self.blocks)))
+        tokens = self.embed_patches(images)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        x = torch.cat([cls, tokens], dim=1)
+        total = None
+        for block in list(self.blocks)[:num_blocks]:
+            probs = block.attn.attention_probs(block.norm1(x)).mean(dim=1)
+            total = probs if total is None else total + probs
+            # The block's forward without drop path (identity outside training) or layer scale changes.
+            x = x + block.ls1(block.attn(block.norm1(x)))
+            x = x + block.ls2(block.mlp(block.norm2(x)))
+        return total / num_blocks
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Full-image token features (B, 1 + N, D), as timm's forward_features returns."""
@@ -173,16 +222,16 @@ class VisibleTokenViT(nn.Module):
         return self.norm(self.blocks(torch.cat([cls, tokens], dim=1)))
 
 
+def model_spec(name: str, img_size: Optional[int] = None, in_chans: Optional[int] = None) -> ViTSpec:
+    """The preset `name` with the image size / channel overrides of a model config."""
+    spec = MODELS.build(name)
+    overrides = {k: v for k, v in (("img_size", img_size), ("in_chans", in_chans)) if v is not None}
+    return ViTSpec(**{**spec.__dict__, **overrides}) if overrides else spec
+
+
 def build_encoder(name: str, *, img_size: Optional[int] = None, in_chans: Optional[int] = None,
                   train_patch_embed: bool = False, attn_backend: str = "sdpa",
-                  drop_path_rate: float = 0.0) -> VisibleTokenViT:
-    spec = MODELS.build(name)
-    overrides = {}
-    if img_size is not None:
-        overrides["img_size"] = img_size
-    if in_chans is not None:
-        overrides["in_chans"] = in_chans
-    if overrides:
-        spec = ViTSpec(**{**spec.__dict__, **overrides})
+                  drop_path_rate: float = 0.0, init: str = "mocov3") -> VisibleTokenViT:
+    spec = model_spec(name, img_size, in_chans)
     return VisibleTokenViT(spec, train_patch_embed=train_patch_embed, attn_backend=attn_backend,
-                           drop_path_rate=drop_path_rate)
+                           drop_path_rate=drop_path_rate, init=init)

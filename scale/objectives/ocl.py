@@ -15,7 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ObjectiveConfig
-from .base import OBJECTIVES, FeatureGather, Objective, ObjectiveOutput, local_gather
+from ..models import ViTSpec
+from .base import (OBJECTIVES, FeatureGather, Objective, ObjectiveBatch, ObjectiveOutput, fp32_region,
+                   local_gather)
 from .heads import mlp_head
 
 
@@ -31,6 +33,9 @@ def tsp_similarity(cosine: torch.Tensor, kappa: float) -> torch.Tensor:
 
 
 class OCLObjective(Objective):
+    couples_batch = True  # every other image of the global batch is a negative
+    min_global_batch = 2
+
     def __init__(self, embed_dim: int, kappa: float = 64.0, init_temperature: float = 0.07,
                  min_temperature: float = 0.001, max_temperature: float = 0.5,
                  learn_temperature: bool = True, head_layers: int = 0, head_hidden_dim: int = 1024,
@@ -49,7 +54,13 @@ class OCLObjective(Objective):
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp()
 
-    def forward(self, embeddings: torch.Tensor, gather: FeatureGather = local_gather) -> ObjectiveOutput:
+    def forward(self, batch: ObjectiveBatch, gather: FeatureGather = local_gather) -> ObjectiveOutput:
+        # The loss runs in fp32 whatever the encoder's autocast says: logits / 0.001 in bf16 lose too much.
+        with fp32_region(batch.cls.device):
+            return self.score(batch.cls.float(), gather)
+
+    def score(self, embeddings: torch.Tensor, gather: FeatureGather = local_gather) -> ObjectiveOutput:
+        """The loss of (B, 2, D) CLS embeddings, in the dtype they come in."""
         if embeddings.ndim != 3 or embeddings.shape[1] != 2:
             raise ValueError(f"OCL needs (B, 2, D) embeddings (two groups per image), got {tuple(embeddings.shape)}")
         B = embeddings.shape[0]
@@ -76,9 +87,13 @@ class OCLObjective(Objective):
         return {"log_temperature": (self.log_min, self.log_max)}
 
 
+    def fp32_modules(self):
+        return [self]  # the temperature and the optional head
+
+
 @OBJECTIVES.register("ocl")
-def build_ocl(cfg: ObjectiveConfig, embed_dim: int) -> Objective:
-    return OCLObjective(embed_dim, kappa=cfg.kappa, init_temperature=cfg.init_temperature,
+def build_ocl(cfg: ObjectiveConfig, spec: ViTSpec) -> Objective:
+    return OCLObjective(spec.embed_dim, kappa=cfg.kappa, init_temperature=cfg.init_temperature,
                         min_temperature=cfg.min_temperature, max_temperature=cfg.max_temperature,
                         learn_temperature=cfg.learn_temperature, head_layers=cfg.head.layers,
                         head_hidden_dim=cfg.head.hidden_dim, head_out_dim=cfg.head.out_dim)

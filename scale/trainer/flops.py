@@ -18,12 +18,14 @@ def patch_embed_flops(spec: ViTSpec, num_images: int) -> int:
 
 
 def train_step_flops(spec: ViTSpec, num_images: int, num_groups: int, visible_per_group: int,
-                     train_patch_embed: bool = False) -> int:
-    """Forward + backward (2x forward) FLOPs of one step over `num_images` images.
+                     train_patch_embed: bool = False, objective_forward_flops: int = 0) -> int:
+    """Forward + backward (2x forward) FLOPs of one step over `num_images` images, the
+    objective's own layers (a decoder: `Objective.forward_flops`) included.
 
     The images need no gradient, so the patch embedding costs at most its weight gradient,
     and nothing when it is frozen.
     """
     blocks = encoder_forward_flops(spec, num_images * num_groups, 1 + visible_per_group)
     embed = patch_embed_flops(spec, num_images)
-    return 3 * blocks + (2 if train_patch_embed else 1) * embed  # weight grad only, never input grad
+    # weight grad only for the embedding, never input grad
+    return 3 * (blocks + objective_forward_flops) + (2 if train_patch_embed else 1) * embed

@@ -16,8 +16,7 @@ def learning_rate(cfg: OptimConfig, effective_batch: int) -> float:
 
 def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """Norms, biases, tokens, 0/1-D parameters and frozen parameters get no weight decay."""
-    skip = module.no_weight_decay() if hasattr(module, "no_weight_decay") else set()
-    groups = param_groups_weight_decay(module, cfg.weight_decay, no_weight_decay_list=skip)
+    groups = param_groups_weight_decay(module, cfg.weight_decay, no_weight_decay_list=module.no_weight_decay())
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
 
 

@@ -53,6 +53,12 @@ class ProgressReporter:
         else:
             print(format_metrics(step, self.total, metrics), file=self.stream, flush=True)
 
+    def log_eval(self, step: int, record: Dict[str, float]) -> None:
+        """A monitor's record into TensorBoard as eval/<key>."""
+        if self.enabled:
+            for key, value in record.items():
+                self.writer.add_scalar(f"eval/{key}", value, step)
+
     def message(self, text: str) -> None:
         if not self.enabled:
             return

@@ -33,7 +33,7 @@ REFUSED: Tuple[Tuple[str, str], ...] = (
     ("mask", "the masks"),
     ("train.seed", "the data order and the masks"),
     ("train.batch_size", "the data order"),
-    ("train.contrastive_batch", "the data order"),
+    ("train.global_batch", "the data order"),
     ("data.name", "the data"),
     ("data.root", "the data"),
     ("data.num_samples", "the data order"),
@@ -108,7 +108,7 @@ def check_resume_config(saved: Dict[str, Any], cfg: RunConfig, saved_meta: Dict[
         reason = next((why for prefix, why in REFUSED if _matches(key, prefix)), None)
         if key == ENGINE_FAMILY:
             reason = "the checkpoint format"
-        elif key == WORLD_SIZE and cfg.train.contrastive_batch is None:
+        elif key == WORLD_SIZE and cfg.train.global_batch is None:
             reason = "the data order and the global batch"
         elif key == WORLD_SIZE:
             reason = "the data order"

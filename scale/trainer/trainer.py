@@ -14,20 +14,24 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+import torch.nn as nn
 
 from ..config import ConfigError, RunConfig, to_dict, to_yaml
 from ..errors import UserError, one_line
 from ..device import autocast_dtype, resolve_device
 from ..data import LoaderSpec, PretrainData, build_dataset
-from ..engine import ENGINES, Engine, GradCache, plan_batch
-from ..engine.distributed import StepTimer, launcher_engine_name
-from ..engine.block_wrappers import apply_block_wrappers
-from ..masking import MaskGenerator, build_mask_generator, seed_global_rng, step_generator
+from ..engine import (ACCUMULATE, ENGINES, GRAD_CACHE, Engine, GradCache, GradientAccumulation, StepTimer,
+                      plan_batch)
+from ..engine.distributed import launcher_engine_name
+from ..engine.parallelize import apply_block_wrappers
+from ..masking import MaskContext, MaskGenerator, build_mask_generator, seed_global_rng, step_generator
+from ..models import build_encoder
 from ..pretraining import PretrainModule, build_pretrain_module
 from .checkpoint import CheckpointError, CheckpointManager, read_meta
+from .monitors import Monitor
 from .resume_check import check_resume_config
 from .flops import train_step_flops
 from .optim import build_optimizer, build_schedule, learning_rate
@@ -52,8 +56,10 @@ def build_engine(cfg: RunConfig, device: torch.device) -> Engine:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, data: Optional[PretrainData] = None, engine: Optional[Engine] = None):
+    def __init__(self, cfg: RunConfig, data: Optional[PretrainData] = None, engine: Optional[Engine] = None,
+                 monitors: Sequence[Monitor] = ()):
         self.cfg = cfg
+        self.monitors = list(monitors)
         self.device = resolve_device(cfg.train.device)
         self.engine = engine or build_engine(cfg, self.device)
         self.device = self.engine.device
@@ -63,8 +69,16 @@ class Trainer:
         module = build_pretrain_module(cfg)
         self.spec = module.encoder.spec
         self.data = data or build_dataset(cfg.data, self.spec.img_size, self.spec.in_chans, train=True)
-        # Per-rank batch: train.batch_size, or train.contrastive_batch / world_size (gradient caching).
-        self.batch_plan = plan_batch(cfg.train, self.engine.world_size)
+        objective = module.objective
+        # Per-rank batch: train.batch_size, or train.global_batch / world_size; micro-batches by the
+        # objective's kind: gradient caching for a loss that couples the batch, else accumulation.
+        self.batch_plan = plan_batch(cfg.train, self.engine.world_size, objective.couples_batch)
+        if self.batch_plan.global_batch < objective.min_global_batch:
+            raise ConfigError(f"train.global_batch (or batch_size x ranks) is {self.batch_plan.global_batch}; "
+                              f"objective {cfg.objective.name!r} needs at least {objective.min_global_batch}")
+        if self.batch_plan.mode == GRAD_CACHE and objective.needs.tokens:
+            raise ConfigError(f"train.micro_batch: objective {cfg.objective.name!r} couples the batch and needs "
+                              "tokens, which gradient caching does not carry; leave train.micro_batch unset")
         self.loader_spec = LoaderSpec(batch_size=self.batch_plan.per_rank_batch, seed=cfg.train.seed,
                                       rank=self.engine.rank, world_size=self.engine.world_size,
                                       num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
@@ -74,11 +88,11 @@ class Trainer:
                              f"{self.batch_plan.per_rank_batch} per rank on {self.engine.world_size} rank(s)")
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
-        self.effective_batch = self.batch_plan.contrastive_batch  # the negatives of one step
+        self.effective_batch = self.batch_plan.global_batch  # images of one optimizer step
         self.base_lr = learning_rate(cfg.optim, self.effective_batch)
 
-        apply_block_wrappers(module.encoder, cfg.train)  # AC -> compile; the engine shards after (FSDP2 order)
-        self.engine.setup(module, lambda m: build_optimizer(m, cfg.optim, self.base_lr))
+        apply_block_wrappers(module, cfg.train)  # AC -> compile; the engine shards after (FSDP2 order)
+        self.engine.setup(module, lambda m: build_optimizer(m, cfg.optim, self.base_lr), self.batch_plan)
         # set_attn_backend resolves `auto` against the device the module now lives on.
         self.pretrain_module.encoder.set_attn_backend(cfg.model.attn_backend)
         self.schedule = build_schedule(self.engine.optimizer, cfg.optim, self.total_steps,
@@ -89,9 +103,10 @@ class Trainer:
         self.step = 0
         self._stop_signal: Optional[int] = None
         self._last_group_shape = (self.batch_plan.per_rank_batch, 2, self.spec.num_patches)
-        self.grad_cache = GradCache(self.engine, self.batch_plan.chunk) if self.batch_plan.chunk else None
-        # Per-step timings; multi-process engines share theirs with the all-gather.
-        self.timer: StepTimer = getattr(self.engine, "timer", None) or StepTimer(self.device, cfg.engine.sync_timing)
+        self.passes = {None: None, GRAD_CACHE: GradCache, ACCUMULATE: GradientAccumulation}[self.batch_plan.mode]
+        if self.passes is not None:
+            self.passes = self.passes(self.engine, self.batch_plan.chunk)
+        self.timer: StepTimer = self.engine.timer  # per-step timings, shared with the engine's collectives
 
     @property
     def pretrain_module(self) -> PretrainModule:
@@ -210,7 +225,8 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         batch, groups, visible = self._last_group_shape
         batch *= self.engine.world_size
-        flops = train_step_flops(self.spec, batch, groups, visible, self.cfg.model.train_patch_embed)
+        flops = train_step_flops(self.spec, batch, groups, visible, self.cfg.model.train_patch_embed,
+                                 self.pretrain_module.objective.forward_flops(self.spec, batch, visible))
         record: Dict[str, Any] = {k: float(v) for k, v in step_metrics.items()}
         record.update({
             "engine": self.engine.name,  # text: in the log line and metrics.jsonl, not TensorBoard
@@ -224,6 +240,19 @@ class Trainer:
         })
         return record
 
+    def _mask_context(self, images: torch.Tensor) -> MaskContext:
+        """What the mask generator may draw from: (seed, step, rank), progress, and what it declared it needs."""
+        needs = self.masking.needs
+        context = MaskContext(generator=step_generator(self.cfg.train.seed, self.step, self.engine.rank, self.device),
+                              device=self.device, step=self.step,
+                              progress=min(self.step / max(self.total_steps, 1), 1.0))
+        if needs.images or needs.model_signal:
+            context.images = images.to(self.device, non_blocking=True)
+        if needs.model_signal:
+            kind = needs.model_signal
+            context.model_signal = lambda x: self.engine.model_signal(x, kind)
+        return context
+
     def train_step(self, images: torch.Tensor) -> Dict[str, Any]:
         """One optimizer step; returns detached metrics, still on the device (no host sync).
 
@@ -236,20 +265,19 @@ class Trainer:
         # Drop path draws from the global RNG: seeded by (seed, step, rank) alone, a step never depends on
         # what drew before it (DataLoader start-up, monitors, a resume).
         seed_global_rng(self.cfg.train.seed, self.step, self.engine.rank, self.device)
-        masks = self.masking(images.shape[0], step_generator(self.cfg.train.seed, self.step, self.engine.rank,
-                                                             self.device), self.device)
+        masks = self.masking(images.shape[0], self._mask_context(images))
         self.schedule.step_update(self.step)
 
         def autocast():
             return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                   enabled=self.amp_dtype is not None)
 
-        if self.grad_cache is not None:
-            out = self.grad_cache(images, masks.group_ids, autocast)  # forwards and backwards
+        if self.passes is not None:  # micro-batches: gradient caching or accumulation, forwards and backwards
+            out = self.passes(images, masks, autocast)
         else:
             images = images.to(self.device, non_blocking=True)
             with autocast():
-                out = self.engine.module(images, masks.group_ids, self.engine.gather())
+                out = self.engine.forward(images, masks)
             self.engine.backward(out.loss)
         with self.timer.time("optimizer"):
             grad_norm = self.engine.step(self.cfg.optim.clip_grad)
@@ -265,9 +293,9 @@ class Trainer:
         total = time.perf_counter() - started
         allgather = timings.get("allgather_fwd", 0.0) + timings.get("allgather_bwd", 0.0)
         metrics.update({
-            "contrastive_batch": float(images.shape[0] * self.engine.world_size),
+            "global_batch": float(images.shape[0] * self.engine.world_size),
             "world_size": float(self.engine.world_size),
-            "grad_cache_chunks": float(self.batch_plan.num_chunks),
+            "micro_batches": float(self.batch_plan.num_chunks),
             "time_step_s": total,
             "time_allgather_s": allgather,
             "time_optimizer_s": timings.get("optimizer", 0.0),
@@ -275,17 +303,43 @@ class Trainer:
         })
         return metrics
 
-    def _maybe_monitor(self, reporter: ProgressReporter, metrics_file: Any, stop: bool) -> float:
-        """The kNN monitor (scale/eval/knn.py) after every eval.knn_every_epochs-th epoch; returns its seconds."""
-        every = self.cfg.eval.knn_every_epochs
-        if every <= 0 or stop or self.step == 0 or self.step % (every * self.steps_per_epoch):
+    def encoder_for_eval(self) -> Optional[nn.Module]:
+        """The encoder with the current weights on the main rank (None elsewhere). Collective:
+        sharded engines (FSDP2, ZeRO-3) hold no whole encoder, so every rank joins the gather
+        of the full state and the main rank evaluates a copy; replicated engines lend their own."""
+        if not self.engine.sharded_state:
+            return self.pretrain_module.encoder if self.engine.is_main else None
+        state = self.engine.full_state_dict()
+        if not self.engine.is_main:
+            return None
+        m = self.cfg.model
+        encoder = build_encoder(m.name, img_size=m.img_size, in_chans=m.in_chans, attn_backend="math")
+        encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
+        encoder.to(self.device).set_attn_backend(m.attn_backend)
+        return encoder
+
+    def _run_monitors(self, reporter: ProgressReporter, metrics_file: Any, stop: bool) -> float:
+        """The monitors due at this step (every rank calls it); returns their seconds."""
+        due = [m for m in self.monitors if not stop and m.due(self.step, self.steps_per_epoch)]
+        if not due:
             return 0.0
         started = time.perf_counter()
-        if getattr(self, "_knn_monitor", None) is None:
-            from ..eval.knn import KnnMonitor
-            self._knn_monitor = KnnMonitor(self.cfg, self.spec)
-        self._knn_monitor.at_epoch_end(self, reporter, metrics_file)
+        encoder = self.encoder_for_eval()
+        for monitor in due:
+            record = monitor.evaluate(encoder, self.device, self.amp_dtype) if encoder is not None else None
+            if record is not None:
+                self._log_eval(record, monitor.describe(record), reporter, metrics_file)
+        self.engine.barrier()
         return time.perf_counter() - started
+
+    def _log_eval(self, record: Dict[str, float], line: str, reporter: ProgressReporter, metrics_file: Any) -> None:
+        """Into metrics.jsonl (a line with "kind": "eval"), TensorBoard (eval/*) and the console."""
+        epoch = self.step / self.steps_per_epoch
+        if metrics_file is not None:
+            metrics_file.write(json.dumps({"step": self.step, "kind": "eval", "epoch": epoch, **record}) + "\n")
+            metrics_file.flush()
+        reporter.log_eval(self.step, record)
+        reporter.message(f"eval step {self.step} (epoch {epoch:.3g}): {line}")
 
     def fit(self) -> TrainSummary:
         cfg = self.cfg
@@ -338,7 +392,7 @@ class Trainer:
                     if stop or self.step >= self.stop_step:
                         break
                     fetch_start = time.perf_counter()
-                window_start += self._maybe_monitor(reporter, metrics_file, stop)  # monitor time is not step time
+                window_start += self._run_monitors(reporter, metrics_file, stop)  # monitor time is not step time
             if last_ckpt is None or self.checkpoints.path_for(self.step) != last_ckpt:
                 last_ckpt = self.save_checkpoint()
         finally:

@@ -26,15 +26,15 @@ def main() -> int:
     chunk = sys.argv[3] if len(sys.argv) > 3 else "null"
     torch.set_num_threads(1)
     cfg = load_config(None, [*TINY_OVERRIDES, f"train.output_dir={out}", "engine.name=single",
-                             f"data.num_samples={max(batch, 256)}", f"train.contrastive_batch={batch}",
-                             f"train.grad_cache_chunk={chunk}"])
+                             f"data.num_samples={max(batch, 256)}", f"train.global_batch={batch}",
+                             f"train.micro_batch={chunk}"])
     trainer = Trainer(cfg)
     images = torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     metrics = trainer.train_step(images)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"batch": batch, "chunk": chunk, "rise_kb": after - before, "peak_kb": after,
-                      "loss": float(metrics["loss"]), "chunks": float(metrics["grad_cache_chunks"])}))
+                      "loss": float(metrics["loss"]), "chunks": float(metrics["micro_batches"])}))
     return 0
 
 

@@ -87,7 +87,7 @@ class SyncCounter:
 def scenario_grads(args) -> dict:
     global_batch, chunk = 16, 3
     cfg = tiny(args.out / "grads", f"engine.name={args.engine}", f"train.batch_size={global_batch // 2}",
-               f"train.grad_cache_chunk={chunk}")
+               f"train.micro_batch={chunk}")
     torch.manual_seed(0)
     module = build_pretrain_module(cfg)
     init_state = {k: v.clone() for k, v in module.state_dict().items()}

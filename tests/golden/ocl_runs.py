@@ -26,9 +26,9 @@ COMMON = ["model.name=vit_tiny_patch4_28", "model.attn_backend=sdpa", "data.name
 # name -> (processes, overrides)
 CONFIGS: Dict[str, tuple] = {
     "single": (1, ["train.batch_size=32"]),
-    "single_grad_cache": (1, ["train.contrastive_batch=32", "train.grad_cache_chunk=8"]),
+    "single_grad_cache": (1, ["train.global_batch=32", "train.micro_batch=8"]),
     "ddp_2": (2, ["engine.name=ddp", "train.batch_size=16"]),
-    "ddp_2_grad_cache": (2, ["engine.name=ddp", "train.contrastive_batch=32", "train.grad_cache_chunk=8"]),
+    "ddp_2_grad_cache": (2, ["engine.name=ddp", "train.global_batch=32", "train.micro_batch=8"]),
     "fsdp_2": (2, ["engine.name=fsdp", "train.batch_size=16"]),
 }
 

@@ -1,0 +1,57 @@
+"""The batch plan of one optimizer step: images per rank, and how they pass through the model.
+
+`train.global_batch` is the effective batch of every method (null: `train.batch_size` per
+rank). When `train.micro_batch` is smaller than the per-rank batch, the step runs in
+micro-batches, exactly: a loss that couples the batch (OCL's contrast) by gradient caching
+(scale/engine/grad_cache.py), a per-image loss (MAE, ASL) by gradient accumulation
+(scale/engine/accumulation.py). The trainer makes the plan once and hands it to the engine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..config import ConfigError, TrainConfig
+
+GRAD_CACHE = "grad_cache"
+ACCUMULATE = "accumulate"
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    per_rank_batch: int  # images each rank loads and scores per step
+    world_size: int
+    chunk: Optional[int]  # images per forward/backward pass; None: one pass
+    couples_batch: bool = True  # the objective's loss couples the batch: gradient caching, else accumulation
+
+    @property
+    def global_batch(self) -> int:
+        """Images of one optimizer step over all ranks (the negatives of a contrastive step)."""
+        return self.per_rank_batch * self.world_size
+
+    @property
+    def num_chunks(self) -> int:
+        return 1 if self.chunk is None else -(-self.per_rank_batch // self.chunk)
+
+    @property
+    def mode(self) -> Optional[str]:
+        """None (one pass), GRAD_CACHE or ACCUMULATE."""
+        if self.chunk is None:
+            return None
+        return GRAD_CACHE if self.couples_batch else ACCUMULATE
+
+
+def plan_batch(cfg: TrainConfig, world_size: int, couples_batch: bool = True) -> BatchPlan:
+    """Per-rank batch and micro-batching from train.batch_size / global_batch / micro_batch."""
+    if cfg.global_batch is None:
+        per_rank = cfg.batch_size
+    else:
+        if cfg.global_batch % world_size:
+            raise ConfigError(
+                f"train.global_batch={cfg.global_batch} does not split evenly over {world_size} ranks "
+                f"({cfg.global_batch / world_size:g} images each); use a multiple of {world_size}, e.g. "
+                f"{cfg.global_batch // world_size * world_size or world_size} or "
+                f"{(cfg.global_batch // world_size + 1) * world_size}")
+        per_rank = cfg.global_batch // world_size
+    chunk = cfg.micro_batch
+    return BatchPlan(per_rank, world_size, chunk if chunk is not None and chunk < per_rank else None, couples_batch)

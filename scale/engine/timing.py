@@ -1,0 +1,50 @@
+"""Per-step timings of regions (communication, optimizer step) that engines and the trainer share."""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from typing import Any, Dict, Iterator
+
+import torch
+
+
+class StepTimer:
+    """Seconds spent per key within one step (communication, optimizer step, ...).
+
+    On CUDA, `sync=True` synchronises the device around each timed region so the time is
+    the region's own and not whatever the stream had queued; on CPU plain perf_counter.
+    """
+
+    def __init__(self, device: torch.device, sync: bool = True):
+        self.sync = sync and device.type == "cuda"
+        self.device = device
+        self.totals: Dict[str, float] = defaultdict(float)
+        self._open: Dict[Any, float] = {}
+
+    def _now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def start(self, key: str, token: Any = None) -> None:
+        self._open[(key, token)] = self._now()
+
+    def stop(self, key: str, token: Any = None) -> None:
+        begun = self._open.pop((key, token), None)
+        if begun is not None:
+            self.totals[key] += self._now() - begun
+
+    @contextlib.contextmanager
+    def time(self, key: str) -> Iterator[None]:
+        self.start(key)
+        try:
+            yield
+        finally:
+            self.stop(key)
+
+    def pop(self) -> Dict[str, float]:
+        out = dict(self.totals)
+        self.totals.clear()
+        self._open.clear()
+        return out
