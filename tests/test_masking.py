@@ -2,12 +2,16 @@ import pytest
 import torch
 
 from scale.config import ConfigError, MaskConfig
-from scale.masking import MASK_GENERATORS, MaskGenerator, Masks, RandomGroupMasking, build_mask_generator, \
-    step_generator
+from scale.masking import MASK_GENERATORS, MaskContext, MaskGenerator, Masks, RandomGroupMasking, \
+    build_mask_generator, step_generator
+
+
+def context(seed: int, step: int, rank: int, device: torch.device) -> MaskContext:
+    return MaskContext(step_generator(seed, step, rank, device), device)
 
 
 def draw(gen: MaskGenerator, batch: int, seed: int = 0, step: int = 0) -> Masks:
-    return gen(batch, step_generator(seed, step, 0, torch.device("cpu")), torch.device("cpu"))
+    return gen(batch, context(seed, step, 0, torch.device("cpu")))
 
 
 @pytest.mark.parametrize("ratio, patches, expected_keep", [(0.3, 196, 136), (0.4, 196, 116), (0.3, 49, 34),
@@ -58,7 +62,7 @@ def test_reproducible_from_seed_and_step():
     assert torch.equal(a.group_ids, b.group_ids)
     assert not torch.equal(a.group_ids, draw(gen, 8, seed=3, step=6).group_ids)
     assert not torch.equal(a.group_ids, draw(gen, 8, seed=4, step=5).group_ids)
-    other_rank = gen(8, step_generator(3, 5, 1, torch.device("cpu")), torch.device("cpu"))
+    other_rank = gen(8, context(3, 5, 1, torch.device("cpu")))
     assert not torch.equal(a.group_ids, other_rank.group_ids)
 
 
@@ -68,7 +72,7 @@ def test_indices_made_on_requested_device():
     assert m.group_ids.device.type == "cpu" and m.group_ids.dtype == torch.int64
     if torch.cuda.is_available():  # pragma: no cover
         cuda = torch.device("cuda")
-        assert gen(2, step_generator(0, 0, 0, cuda), cuda).group_ids.is_cuda
+        assert gen(2, context(0, 0, 0, cuda)).group_ids.is_cuda
 
 
 def test_registry_and_bad_ratio():
