@@ -46,14 +46,27 @@ class HeadConfig:
 
 
 @dataclass
+class DecoderConfig:
+    """MAE's pixel decoder (MAE, ASL): a narrow ViT over all patch positions."""
+    dim: int = 512
+    depth: int = 8
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+
+
+@dataclass
 class ObjectiveConfig:
-    name: str = "ocl"
+    name: str = "ocl"  # ocl | mae
+    # OCL
     kappa: float = 64.0  # T-SP concentration; .inf gives (1 + c) / 2
     init_temperature: float = 0.07
     min_temperature: float = 0.001
     max_temperature: float = 0.5
     learn_temperature: bool = True
     head: HeadConfig = field(default_factory=HeadConfig)
+    # MAE
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    norm_pix_loss: bool = True  # targets: each patch normalised by its mean and (unbiased) variance
 
 
 @dataclass
@@ -370,6 +383,13 @@ def validate(cfg: RunConfig) -> None:
     require(o.head.layers in (0, 2, 3), f"objective.head.layers must be 0, 2 or 3, got {o.head.layers}")
     require_range("objective.head.hidden_dim", o.head.hidden_dim, 1)
     require_range("objective.head.out_dim", o.head.out_dim, 1)
+    require_range("objective.decoder.dim", o.decoder.dim, 1)
+    require_range("objective.decoder.depth", o.decoder.depth, 1)
+    require_range("objective.decoder.num_heads", o.decoder.num_heads, 1)
+    require(o.decoder.dim % o.decoder.num_heads == 0 and o.decoder.dim % 4 == 0,
+            f"objective.decoder.dim must be divisible by 4 and by objective.decoder.num_heads, got "
+            f"{o.decoder.dim} and {o.decoder.num_heads}")
+    require_range("objective.decoder.mlp_ratio", o.decoder.mlp_ratio, 0.0, inf, low_open=True, high_open=True)
     d = cfg.data
     require(d.transform in ("mae", "none"), f"data.transform must be 'mae' or 'none', got {d.transform!r}")
     require_range("data.num_samples", d.num_samples, 1)

@@ -64,6 +64,7 @@ class MaskGenerator(abc.ABC):
     """Draws masks for a batch; identical (seed, step, rank) give identical masks."""
 
     needs: MaskNeeds = MaskNeeds()
+    num_groups: int = 1  # visible groups per image it draws
 
     def __init__(self, grid_size: int):
         self.grid_size = grid_size

@@ -82,6 +82,7 @@ class Objective(nn.Module, abc.ABC):
     # large batches by gradient caching; per-image losses (MAE, ASL) by exact gradient accumulation.
     couples_batch: bool = False
     min_global_batch: int = 1  # images per step the loss needs (a contrastive loss: 2, for one negative)
+    num_groups: int = 1  # visible groups per image the objective scores (MAE: 1, OCL: 2)
 
     @abc.abstractmethod
     def forward(self, batch: ObjectiveBatch, gather: FeatureGather = local_gather) -> ObjectiveOutput:

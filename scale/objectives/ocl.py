@@ -35,6 +35,7 @@ def tsp_similarity(cosine: torch.Tensor, kappa: float) -> torch.Tensor:
 class OCLObjective(Objective):
     couples_batch = True  # every other image of the global batch is a negative
     min_global_batch = 2
+    num_groups = 2
 
     def __init__(self, embed_dim: int, kappa: float = 64.0, init_temperature: float = 0.07,
                  min_temperature: float = 0.001, max_temperature: float = 0.5,

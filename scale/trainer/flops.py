@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 from ..models import ViTSpec
+from ..models.flops import blocks_forward_flops
 
 
 def encoder_forward_flops(spec: ViTSpec, num_sequences: int, seq_len: int) -> int:
     """Forward FLOPs of the transformer blocks over `num_sequences` sequences of `seq_len` tokens."""
-    d, hidden = spec.embed_dim, int(spec.embed_dim * spec.mlp_ratio)
-    tokens = num_sequences * seq_len
-    linear = 2 * tokens * (3 * d * d + d * d + 2 * d * hidden)  # qkv, proj, fc1, fc2
-    attention = 2 * 2 * num_sequences * seq_len * seq_len * d  # q k^T and attn v over all heads
-    return spec.depth * (linear + attention)
+    return blocks_forward_flops(spec.embed_dim, spec.mlp_ratio, spec.depth, num_sequences, seq_len)
 
 
 def patch_embed_flops(spec: ViTSpec, num_images: int) -> int:

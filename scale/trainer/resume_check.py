@@ -29,6 +29,7 @@ REFUSED: Tuple[Tuple[str, str], ...] = (
     ("model.train_patch_embed", "the optimizer's parameters"),
     ("objective.name", "parameter shapes"),
     ("objective.head", "parameter shapes"),
+    ("objective.decoder", "parameter shapes"),
     ("objective.learn_temperature", "the optimizer's parameters"),
     ("mask", "the masks"),
     ("train.seed", "the data order and the masks"),
@@ -52,7 +53,7 @@ REFUSED: Tuple[Tuple[str, str], ...] = (
 # Changed on purpose to extend, shorten or re-tune a run: logged, not refused.
 WARNED: Tuple[str, ...] = ("train.epochs", "train.max_steps", "train.precision", "optim", "model.drop_path_rate",
                            "objective.kappa", "objective.min_temperature", "objective.max_temperature",
-                           "objective.init_temperature")
+                           "objective.init_temperature", "objective.norm_pix_loss")
 # Keys that are not config keys but are checked the same way.
 WORLD_SIZE = "world_size"
 ENGINE_FAMILY = "engine"

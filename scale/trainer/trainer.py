@@ -76,6 +76,11 @@ class Trainer:
         if self.batch_plan.global_batch < objective.min_global_batch:
             raise ConfigError(f"train.global_batch (or batch_size x ranks) is {self.batch_plan.global_batch}; "
                               f"objective {cfg.objective.name!r} needs at least {objective.min_global_batch}")
+        self.masking: MaskGenerator = build_mask_generator(cfg.mask, self.spec.grid_size)
+        if self.masking.num_groups != objective.num_groups:
+            raise ConfigError(f"mask.name={cfg.mask.name!r} draws {self.masking.num_groups} visible group(s) per image, "
+                              f"objective.name={cfg.objective.name!r} scores {objective.num_groups}; pick a matching "
+                              "generator (random: one group, random_two_group: two)")
         if self.batch_plan.mode == GRAD_CACHE and objective.needs.tokens:
             raise ConfigError(f"train.micro_batch: objective {cfg.objective.name!r} couples the batch and needs "
                               "tokens, which gradient caching does not carry; leave train.micro_batch unset")
@@ -97,7 +102,6 @@ class Trainer:
         self.pretrain_module.encoder.set_attn_backend(cfg.model.attn_backend)
         self.schedule = build_schedule(self.engine.optimizer, cfg.optim, self.total_steps,
                                        round(cfg.optim.warmup_epochs * self.steps_per_epoch))
-        self.masking: MaskGenerator = build_mask_generator(cfg.mask, self.spec.grid_size)
         self.output_dir = Path(cfg.train.output_dir)
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", cfg.train.keep_last)
         self.step = 0
