@@ -7,6 +7,7 @@ whole file stays within a few minutes on 2 cores.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from scale.engine import GradCache, SingleProcessEngine, plan_batch
 from scale.engine.deepspeed_engine import deepspeed_config
 from scale.engine.distributed import (DistributedEnvError, enable_method_dispatch, first_slurm_host,
                                       launcher_engine_name, promote_scalar_parameters, read_dist_env)
-from scale.masking import build_mask_generator
+from scale.masking import MaskContext, Masks, build_mask_generator
 from scale.pretraining import build_pretrain_module
 from scale.trainer.optim import build_optimizer
 
@@ -172,7 +173,7 @@ def test_deepspeed_json_recipes_are_filled_from_the_run_config(tmp_path):
 # ----------------------------------------------------------------------------- gradient caching, one process
 
 class RecordingEngine(SingleProcessEngine):
-    """Records each `embed` output of a gradient-cached step (first pass without grad, then with)."""
+    """Records each `encode` output's CLS of a gradient-cached step (first pass without grad, then with)."""
 
     def __init__(self):
         super().__init__(torch.device("cpu"))
@@ -180,25 +181,27 @@ class RecordingEngine(SingleProcessEngine):
 
     def invoke(self, method, *args):
         out = getattr(self.module, method)(*args)
-        if method == "embed":
-            self.embeddings.append(out.detach().clone())
+        if method == "encode":
+            self.embeddings.append(out.cls.detach().clone())
         return out
 
 
 @pytest.mark.parametrize("overrides", [(), ("objective.head.layers=2", "model.drop_path_rate=0.3")])
 def test_grad_cache_gradient_equals_full_batch(tmp_path, overrides):
-    cfg = tiny_config(tmp_path, *overrides)
+    cfg = tiny_config(tmp_path, "train.batch_size=20", "train.micro_batch=6", *overrides)
     torch.manual_seed(0)
     module = build_pretrain_module(cfg)
     init = {k: v.clone() for k, v in module.state_dict().items()}
     g = torch.Generator().manual_seed(1)
     images = torch.randn(20, 1, 28, 28, generator=g)
-    ids = build_mask_generator(cfg.mask, module.encoder.spec.grid_size)(20, g, torch.device("cpu")).group_ids
+    masks = build_mask_generator(cfg.mask, module.encoder.spec.grid_size)(20, MaskContext(g, torch.device("cpu")))
 
     engine = RecordingEngine()
-    engine.setup(module, lambda m: build_optimizer(m, cfg.optim, 1e-3))
+    plan = plan_batch(cfg.train, 1, module.objective.couples_batch)
+    assert plan.chunk == 6 and plan.num_chunks == 4
+    engine.setup(module, lambda m: build_optimizer(m, cfg.optim, 1e-3), plan)
     torch.manual_seed(5)
-    out = GradCache(engine, chunk=6)(images, ids)  # chunks of 6, 6, 6, 2
+    out = GradCache(engine, chunk=plan.chunk)(images, masks, contextlib.nullcontext)  # chunks of 6, 6, 6, 2
     cached = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
     first, second = engine.embeddings[:4], engine.embeddings[4:]
     # The second pass replays the first pass's masks and RNG (drop-path) exactly.
@@ -207,7 +210,7 @@ def test_grad_cache_gradient_equals_full_batch(tmp_path, overrides):
     ref = build_pretrain_module(cfg)
     ref.load_state_dict(init)
     if not cfg.model.drop_path_rate:  # drop-path draws differ between one pass and chunks: compare grads only without it
-        ref_out = ref(images, ids)
+        ref_out = ref(images, masks)
         ref_out.loss.backward()
         assert abs(out.loss.item() - ref_out.loss.item()) < 1e-6
         ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
@@ -225,8 +228,10 @@ def test_method_dispatch_keeps_state_dict_keys(tmp_path):
     promote_scalar_parameters(module)
     assert list(module.state_dict()) == keys and module.objective.log_temperature.shape == (1,)
     images = torch.randn(2, 1, 28, 28)
-    emb = module(images, None, method="embed")
-    assert emb.shape == (2, 1, 192) and torch.equal(emb, module.embed(images, None))
+    every_patch = Masks(torch.arange(module.encoder.spec.num_patches).expand(2, 1, -1))  # one group: all patches
+    emb = module(images, every_patch, method="encode").cls
+    assert emb.shape == (2, 1, 192) and torch.equal(emb, module.encode(images, every_patch).cls)
+    torch.testing.assert_close(emb, module.encoder(images, None), rtol=0, atol=0)
 
 
 def test_grad_cache_memory_stays_flat(tmp_path):

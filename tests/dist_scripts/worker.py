@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from scale.config import load_config  # noqa: E402
-from scale.engine import ENGINES, GradCache  # noqa: E402
-from scale.masking import build_mask_generator  # noqa: E402
+from scale.engine import ENGINES, GradCache, plan_batch  # noqa: E402
+from scale.masking import MaskContext, build_mask_generator  # noqa: E402
 from scale.pretraining import build_pretrain_module  # noqa: E402
 from scale.trainer.optim import build_optimizer  # noqa: E402
 from tests.conftest import TINY_OVERRIDES  # noqa: E402
@@ -93,23 +93,24 @@ def scenario_grads(args) -> dict:
     init_state = {k: v.clone() for k, v in module.state_dict().items()}
     engine = ENGINES.build(args.engine, device=torch.device("cpu"), cfg=cfg)
     world, rank = engine.world_size, engine.rank
-    engine.setup(module, lambda m: build_optimizer(m, cfg.optim, 1e-3))
+    plan = plan_batch(cfg.train, world, module.objective.couples_batch)  # per rank: 8 images in chunks of 3
+    engine.setup(module, lambda m: build_optimizer(m, cfg.optim, 1e-3), plan)
     g = torch.Generator().manual_seed(123)
     images = torch.randn(global_batch, 1, 28, 28, generator=g)
-    masks = build_mask_generator(cfg.mask, module.encoder.spec.grid_size)(global_batch, g, torch.device("cpu"))
+    masks = build_mask_generator(cfg.mask, module.encoder.spec.grid_size)(global_batch,
+                                                                         MaskContext(g, torch.device("cpu")))
     per_rank = global_batch // world
-    rows = slice(rank * per_rank, (rank + 1) * per_rank)
-    x, ids = images[rows], masks.group_ids[rows]
+    x, local_masks = images[rank * per_rank:(rank + 1) * per_rank], masks.rows(rank * per_rank, (rank + 1) * per_rank)
 
     results = {"world_size": world}
     count_syncs = SyncCounter(engine)
     with count_syncs("full"):
-        out = engine.module(x, ids, engine.gather())
+        out = engine.forward(x, local_masks)
         engine.backward(out.loss)
     runs = {"full": (engine.all_reduce_mean(out.loss.detach()), local_grads(engine))}
     zero_grads(engine)
     with count_syncs("grad_cache"):
-        out = GradCache(engine, chunk)(x, ids)
+        out = GradCache(engine, chunk)(x, local_masks, contextlib.nullcontext)
     runs["grad_cache"] = (engine.all_reduce_mean(out.loss.detach()), local_grads(engine))
     zero_grads(engine)
     results["syncs"] = count_syncs.counts
@@ -118,7 +119,7 @@ def scenario_grads(args) -> dict:
         torch.manual_seed(0)
         ref = build_pretrain_module(cfg)
         ref.load_state_dict(init_state)
-        ref_out = ref(images, masks.group_ids)
+        ref_out = ref(images, masks)
         ref_out.loss.backward()
         ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
         for mode, (loss, grads) in runs.items():
