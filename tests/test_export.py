@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from scale.config import to_dict
+from scale.engine import plan_batch
 from scale.engine.single import SingleProcessEngine
 from scale.export import (CheckpointFormatError, load_checkpoint, main, timm_kwargs, timm_model_from_export)
 from scale.pretraining import build_pretrain_module
@@ -62,7 +63,8 @@ def _assert_timm_matches(export: Path, module) -> None:
 def test_single_engine_checkpoint_exports_to_timm(tmp_path, model, capsys):
     cfg, module = _module(tmp_path, model)
     engine = SingleProcessEngine(torch.device("cpu"))
-    engine.setup(module, lambda m: torch.optim.AdamW(m.parameters()))
+    engine.setup(module, lambda m: torch.optim.AdamW(m.parameters()),
+                 plan_batch(cfg.train, 1, module.objective.couples_batch))
     _save(cfg, lambda d: engine.save(d, {"step": STEP, "config": to_dict(cfg)}))
     out = tmp_path / "vit.safetensors"
     # A run directory resolves to its newest checkpoint.
