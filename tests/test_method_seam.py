@@ -1,0 +1,76 @@
+"""The seam: a new objective and a new mask generator plug in from this file alone, through the
+registries and the method contract, with no change to the trainer, the engines or the config."""
+from typing import List
+
+import torch
+import torch.nn as nn
+
+from conftest import tiny_config
+from scale.config import MaskConfig, ObjectiveConfig
+from scale.masking import MASK_GENERATORS, MaskContext, MaskGenerator, MaskNeeds, Masks
+from scale.models import ViTSpec
+from scale.objectives import OBJECTIVES, Objective, ObjectiveBatch, ObjectiveNeeds, ObjectiveOutput
+from scale.trainer import Trainer
+
+SEEN = {"contexts": [], "batches": []}
+
+
+class ToyTokenRegression(Objective):
+    """Predicts each visible token's patch mean from its feature: per-image, needs tokens and images."""
+
+    needs = ObjectiveNeeds(tokens=True, images=True)
+    couples_batch = False
+    num_groups = 1
+
+    def __init__(self, spec: ViTSpec):
+        super().__init__()
+        self.spec = spec
+        self.head = nn.Linear(spec.embed_dim, 1)
+        self.block = nn.Sequential(nn.Linear(spec.embed_dim, spec.embed_dim), nn.GELU())
+
+    def forward(self, batch: ObjectiveBatch, gather=None) -> ObjectiveOutput:
+        SEEN["batches"].append((tuple(batch.tokens.shape), batch.images is not None))
+        p = self.spec.patch_size
+        patches = batch.images.unfold(2, p, p).unfold(3, p, p).mean(dim=(-1, -2)).flatten(1)  # (B, N)
+        target = patches.gather(1, batch.masks.group_ids[:, 0])
+        pred = self.head(self.block(batch.tokens[:, 0])).squeeze(-1)
+        return ObjectiveOutput(((pred - target) ** 2).mean(), {"toy_target_mean": target.mean().detach()})
+
+    def blocks(self) -> List[nn.Module]:
+        return [self.block]
+
+
+class ToyAttentionMasking(MaskGenerator):
+    """Keeps the patches the [CLS] attends to least (ties broken by the step's generator)."""
+
+    needs = MaskNeeds(model_signal="attention")
+    num_groups = 1
+
+    def __init__(self, grid_size: int, ratio: float):
+        super().__init__(grid_size)
+        self.keep = int(self.num_patches * (1 - ratio))
+
+    def __call__(self, batch_size: int, context: MaskContext) -> Masks:
+        attention = context.model_signal(context.images)  # (B, 1 + N, 1 + N), through the engine
+        SEEN["contexts"].append((context.step, context.progress, tuple(attention.shape)))
+        noise = torch.rand(batch_size, self.num_patches, generator=context.generator, device=context.device)
+        order = torch.argsort(attention[:, 0, 1:] + 1e-3 * noise, dim=1)
+        return Masks(group_ids=order[:, :self.keep].unsqueeze(1), masked_ids=order[:, self.keep:])
+
+
+OBJECTIVES.register("toy_token_regression")(lambda cfg, spec: ToyTokenRegression(spec))
+MASK_GENERATORS.register("toy_attention")(lambda cfg, grid: ToyAttentionMasking(grid, cfg.ratio))
+
+
+def test_a_new_objective_and_mask_generator_train_through_the_registries(tmp_path):
+    assert isinstance(ObjectiveConfig(name="toy_token_regression"), ObjectiveConfig)
+    assert isinstance(MaskConfig(name="toy_attention"), MaskConfig)
+    cfg = tiny_config(tmp_path, "objective.name=toy_token_regression", "mask.name=toy_attention", "mask.ratio=0.5",
+                      "train.max_steps=3", "train.global_batch=16", "train.micro_batch=8")
+    summary = Trainer(cfg).fit()
+    assert summary.steps_done == 3 and all(torch.isfinite(torch.tensor(summary.losses)))
+    assert [c[0] for c in SEEN["contexts"]] == [0, 1, 2]
+    assert SEEN["contexts"][1][1] == 1 / 32  # progress: step / (2 epochs x 16 steps of 16 images)
+    assert SEEN["contexts"][0][2] == (16, 50, 50)
+    # accumulation in two micro-batches of 8 (the toy loss does not couple the batch)
+    assert SEEN["batches"][0] == ((8, 1, 24, 192), True)
