@@ -14,9 +14,10 @@ import torch
 
 from scale.config import ConfigError, load_config
 from scale.engine import ENGINES
-from scale.engine.block_wrappers import (ac_block_indices, apply_activation_checkpointing, apply_block_wrappers,
+from scale.engine.block_wrappers import (AC_MODES_HELP, ac_block_indices, apply_activation_checkpointing,
                                          apply_compile, is_checkpointed)
-from scale.masking import build_mask_generator, step_generator
+from scale.engine.parallelize import apply_block_wrappers
+from scale.masking import MaskContext, build_mask_generator, step_generator
 from scale.models import MODELS, ViTSpec
 from scale.pretraining import build_pretrain_module
 from scale.trainer import Trainer
@@ -42,13 +43,14 @@ def build(cfg, seed=0):
 def batch_and_masks(cfg):
     g = torch.Generator().manual_seed(1)
     images = torch.randn(BATCH, 1, 28, 28, generator=g)
-    masks = build_mask_generator(cfg.mask, 7)(BATCH, step_generator(0, 0, 0, torch.device("cpu")), torch.device("cpu"))
-    return images, masks.group_ids
+    cpu = torch.device("cpu")
+    masks = build_mask_generator(cfg.mask, 7)(BATCH, MaskContext(step_generator(0, 0, 0, cpu), cpu))
+    return images, masks
 
 
-def loss_and_grads(module, images, group_ids):
+def loss_and_grads(module, images, masks):
     module.zero_grad(set_to_none=True)
-    out = module(images, group_ids)
+    out = module(images, masks)
     out.loss.backward()
     return out.loss.detach(), {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
 
@@ -91,7 +93,7 @@ def test_config_fields_validate(tmp_path):
 
 # ----------------------------------------------------------------------------- activation checkpointing
 
-def saved_bytes(module, images, group_ids):
+def saved_bytes(module, images, masks):
     """Bytes autograd saves for backward during one forward (to see checkpointing at work)."""
     total = 0
 
@@ -101,48 +103,48 @@ def saved_bytes(module, images, group_ids):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(images, group_ids).loss.backward()
+        module(images, masks).loss.backward()
     return total
 
 
 def test_activation_checkpointing_same_loss_and_grads(tmp_path):
     cfg = micro_cfg(tmp_path)
-    images, group_ids = batch_and_masks(cfg)
+    images, masks = batch_and_masks(cfg)
     plain = build(cfg)
-    reference = loss_and_grads(plain, images, group_ids)
+    reference = loss_and_grads(plain, images, masks)
     for mode, expected in (("full", [0, 1]), ("every_2", [1]), ("0", [0])):
         module = build(cfg)
         assert apply_activation_checkpointing(module.encoder, mode) == expected
         assert [is_checkpointed(b) for b in module.encoder.blocks] == [i in expected for i in range(2)]
         # Recomputation replays the same fp32 ops: equal to float rounding (in practice bit-equal).
-        assert_same(loss_and_grads(module, images, group_ids), reference, rtol=1e-6, atol=1e-7)
+        assert_same(loss_and_grads(module, images, masks), reference, rtol=1e-6, atol=1e-7)
     # It does checkpoint: the blocks keep (much) less for backward.
     full = build(cfg)
     apply_activation_checkpointing(full.encoder, "full")
-    assert saved_bytes(full, images, group_ids) < 0.5 * saved_bytes(build(cfg), images, group_ids)
+    assert saved_bytes(full, images, masks) < 0.5 * saved_bytes(build(cfg), images, masks)
     # No-grad passes (evaluation, gradient caching's embedding pass) run the plain forward.
     with torch.no_grad():
-        torch.testing.assert_close(full.embed(images, group_ids), plain.embed(images, group_ids), rtol=0, atol=0)
+        torch.testing.assert_close(full.encode(images, masks).cls, plain.encode(images, masks).cls, rtol=0, atol=0)
 
 
 def test_drop_path_replays_the_same_rng(tmp_path):
     cfg = micro_cfg(tmp_path, "model.drop_path_rate=0.5")
-    images, group_ids = batch_and_masks(cfg)
+    images, masks = batch_and_masks(cfg)
     plain, module = build(cfg), build(cfg)
     apply_activation_checkpointing(module.encoder, "full")
     torch.manual_seed(5)
-    reference = loss_and_grads(plain, images, group_ids)
+    reference = loss_and_grads(plain, images, masks)
     torch.manual_seed(5)
-    assert_same(loss_and_grads(module, images, group_ids), reference, rtol=1e-6, atol=1e-7)
+    assert_same(loss_and_grads(module, images, masks), reference, rtol=1e-6, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- compile
 
 def test_compile_and_ac_compile_same_loss_and_grads_and_names(tmp_path):
     cfg = micro_cfg(tmp_path)
-    images, group_ids = batch_and_masks(cfg)
+    images, masks = batch_and_masks(cfg)
     plain = build(cfg)
-    reference = loss_and_grads(plain, images, group_ids)
+    reference = loss_and_grads(plain, images, masks)
     names = [n for n, _ in plain.named_parameters()]
     keys = list(plain.state_dict())
     for ac in ("none", "full"):
@@ -153,7 +155,7 @@ def test_compile_and_ac_compile_same_loss_and_grads_and_names(tmp_path):
         with pytest.raises(RuntimeError, match="before apply_compile"):
             apply_activation_checkpointing(module.encoder, "full")
         for _ in range(2):  # the second step runs the cached graph
-            result = loss_and_grads(module, images, group_ids)
+            result = loss_and_grads(module, images, masks)
             assert_same(result, reference, rtol=2e-4, atol=1e-5)
         # Parameter names and state-dict keys are timm's, exactly as without the switches.
         assert [n for n, _ in module.named_parameters()] == names
@@ -229,6 +231,8 @@ def test_deepspeed_engine_with_activation_checkpointing(tmp_path):
 def test_apply_block_wrappers_reads_the_train_config(tmp_path):
     cfg = micro_cfg(tmp_path, "train.activation_checkpointing=every_2")
     module = build(cfg)
-    assert apply_block_wrappers(module.encoder, cfg.train) == {"checkpointed_blocks": [1], "compiled_blocks": 0}
-    assert apply_block_wrappers(copy.deepcopy(build(micro_cfg(tmp_path))).encoder, micro_cfg(tmp_path).train) == {
-        "checkpointed_blocks": [], "compiled_blocks": 0}
+    assert apply_block_wrappers(module, cfg.train) == {"checkpointed_blocks": [1], "compiled_blocks": 0,
+                                                       "ac_modes": AC_MODES_HELP}
+    assert [is_checkpointed(b) for b in module.encoder.blocks] == [False, True]
+    assert apply_block_wrappers(copy.deepcopy(build(micro_cfg(tmp_path))), micro_cfg(tmp_path).train) == {
+        "checkpointed_blocks": [], "compiled_blocks": 0, "ac_modes": AC_MODES_HELP}
