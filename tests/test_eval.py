@@ -12,8 +12,9 @@ from scale.config import ConfigError
 from scale.eval.__main__ import main
 from scale.eval.config import FinetuneRecipe, LinearProbeConfig, LinearProbeRecipe, load_recipe
 from scale.eval.finetune import build_classifier, build_finetune_optimizer
-from scale.eval.knn import knn_accuracy, knn_scores
+from scale.eval.knn import build_monitors, knn_accuracy, knn_scores
 from scale.eval.linear_probe import build_lars, cached_batches, train_probe_head
+from scale.models import model_spec
 from scale.trainer import Trainer
 from conftest import REPO, tiny_config
 
@@ -26,7 +27,8 @@ SYNTHETIC_DATA = ("data.name=synthetic", "data.num_samples=64", "data.num_worker
 def monitored_run(tmp_path_factory):
     """2 epochs x 2 steps of OCL with the kNN monitor after every epoch."""
     cfg = tiny_config(tmp_path_factory.mktemp("knn"), *FAST, "eval.knn_every_epochs=1")
-    summary = Trainer(cfg).fit()
+    spec = model_spec(cfg.model.name, cfg.model.img_size, cfg.model.in_chans)
+    summary = Trainer(cfg, monitors=build_monitors(cfg, spec)).fit()
     return cfg, summary
 
 
