@@ -22,7 +22,7 @@ from scale.config import ConfigError
 from scale.engine import SingleProcessEngine, plan_batch
 from scale.engine.deepspeed_engine import FORCE_WEIGHTS_ONLY, deepspeed_config
 from scale.errors import UserError
-from scale.masking import build_mask_generator
+from scale.masking import MaskContext, build_mask_generator
 from scale.objectives.ocl import OCLObjective
 from scale.pretraining import build_pretrain_module
 
@@ -80,10 +80,11 @@ def test_single_engine_applies_bounds_in_step(tmp_path):
     torch.manual_seed(0)
     module = build_pretrain_module(cfg)
     engine = SingleProcessEngine(torch.device("cpu"))
-    engine.setup(module, lambda m: torch.optim.AdamW(m.parameters(), lr=0.05))
-    masks = build_mask_generator(cfg.mask, module.encoder.spec.grid_size)(4, torch.Generator().manual_seed(0),
-                                                                          torch.device("cpu"))
-    module(torch.randn(4, 1, 28, 28), masks.group_ids).loss.backward()
+    engine.setup(module, lambda m: torch.optim.AdamW(m.parameters(), lr=0.05),
+                 plan_batch(cfg.train, 1, module.objective.couples_batch))
+    masks = build_mask_generator(cfg.mask, module.encoder.spec.grid_size)(
+        4, MaskContext(torch.Generator().manual_seed(0), torch.device("cpu")))
+    module(torch.randn(4, 1, 28, 28), masks).loss.backward()
     assert module.objective.log_temperature.grad.abs().item() > 0
     engine.step(None)
     assert module.objective.log_temperature.item() == BOUND

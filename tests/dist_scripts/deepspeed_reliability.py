@@ -29,9 +29,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from scale.config import load_config  # noqa: E402
-from scale.engine import ENGINES  # noqa: E402
+from scale.engine import ENGINES, plan_batch  # noqa: E402
 from scale.errors import UserError, one_line  # noqa: E402
-from scale.masking import build_mask_generator  # noqa: E402
+from scale.masking import MaskContext, build_mask_generator  # noqa: E402
 from scale.pretraining import build_pretrain_module  # noqa: E402
 from scale.trainer.optim import build_optimizer  # noqa: E402
 from tests.conftest import TINY_OVERRIDES  # noqa: E402
@@ -60,7 +60,8 @@ def build(cfg, engine_name: str, lr: float):
     torch.manual_seed(0)
     module = build_pretrain_module(cfg)
     engine = ENGINES.build(engine_name, device=torch.device("cpu"), cfg=cfg)
-    engine.setup(module, lambda m: build_optimizer(m, cfg.optim, lr))
+    engine.setup(module, lambda m: build_optimizer(m, cfg.optim, lr),
+                 plan_batch(cfg.train, engine.world_size, module.objective.couples_batch))
     return engine
 
 
@@ -71,9 +72,9 @@ def train(engine, cfg, steps: int, amp_dtype=None) -> None:
     masking = build_mask_generator(cfg.mask, spec.grid_size)
     for _ in range(steps):
         images = torch.randn(BATCH, spec.in_chans, spec.img_size, spec.img_size, generator=g)
-        masks = masking(BATCH, g, torch.device("cpu"))
+        masks = masking(BATCH, MaskContext(g, torch.device("cpu")))
         with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = engine.module(images, masks.group_ids, engine.gather())
+            out = engine.forward(images, masks)
         engine.backward(out.loss)
         engine.step(None)
 
