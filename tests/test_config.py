@@ -93,3 +93,17 @@ def test_cli_config_error_exits_before_work(tmp_path):
     assert proc.returncode == 2
     assert "train.batch_size" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_renamed_train_keys_still_load(tmp_path):
+    """train.contrastive_batch / grad_cache_chunk (earlier releases) load as train.global_batch / micro_batch."""
+    cfg = load_config(None, ["train.contrastive_batch=64", "train.grad_cache_chunk=8"])
+    assert cfg.train.global_batch == 64 and cfg.train.micro_batch == 8
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("train:\n  contrastive_batch: 96\n  grad_cache_chunk: 12\n")
+    cfg = load_config(recipe)
+    assert cfg.train.global_batch == 96 and cfg.train.micro_batch == 12
+    dumped = to_yaml(cfg)
+    assert "global_batch: 96" in dumped and "micro_batch: 12" in dumped and "contrastive_batch" not in dumped
+    with pytest.raises(ConfigError, match="train.micro_batch"):
+        load_config(None, ["train.grad_cache_chunk=0"])
