@@ -33,6 +33,7 @@ def test_two_ranks_equal_one_process_with_one_sync_per_step(tmp_path, engine):
     _torchrun(str(WORKER), "--engine", engine, "--out", str(tmp_path))
     result = json.loads((tmp_path / f"mae_{engine}_rank0.json").read_text())
     assert result["world_size"] == 2 and result["plan_mode"] == "accumulate"
+    assert result["signal_shape"] == [8, 50, 50] and result["signal_max_diff"] < 1e-5
     for mode in ("one_pass", "accumulate"):
         r = result[mode]
         assert not r["missing"], r

@@ -202,18 +202,27 @@ class VisibleTokenViT(nn.Module):
         """Softmax attention of the first `num_blocks` blocks on the full images, averaged over
         heads and blocks: (B, 1 + N, 1 + N) float32, [CLS] first. Eval semantics (no drop path),
         no gradients, no draw from any RNG."""
-        num_blocks = max(1, min(num_blocks, len(self.blocks)))
+        blocks = list(self.blocks)[:max(1, min(num_blocks, len(self.blocks)))]
         tokens = self.embed_patches(images)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls, tokens], dim=1)
-        total = None
-        for block in list(self.blocks)[:num_blocks]:
-            probs = block.attn.attention_probs(block.norm1(x)).mean(dim=1)
-            total = probs if total is None else total + probs
-            # The block's forward without drop path (identity outside training) or layer scale changes.
-            x = x + block.ls1(block.attn(block.norm1(x)))
-            x = x + block.ls2(block.mlp(block.norm2(x)))
-        return total / num_blocks
+        probs = []
+
+        def capture(attn: nn.Module, args) -> None:  # the attention's input, inside the block's own forward
+            probs.append(attn.attention_probs(args[0]).mean(dim=1))
+
+        # Each block runs its own forward (so FSDP2 unshards it, ZeRO-3 gathers it), in eval mode.
+        handles = [block.attn.register_forward_pre_hook(capture) for block in blocks]
+        was_training = self.training
+        self.eval()
+        try:
+            for block in blocks:
+                x = block(x)
+        finally:
+            self.train(was_training)
+            for handle in handles:
+                handle.remove()
+        return torch.stack(probs).mean(dim=0)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Full-image token features (B, 1 + N, D), as timm's forward_features returns."""

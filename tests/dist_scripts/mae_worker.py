@@ -66,6 +66,9 @@ def main() -> int:
     runs["accumulate"] = (engine.all_reduce_mean(out.loss.detach()), local_grads(engine))
     zero_grads(engine)
     results["syncs"] = count_syncs.counts
+    # A mask generator's model signal goes through the engine (FSDP2 unshards each block for it).
+    signal = engine.model_signal(x, "attention")
+    results["signal_shape"] = list(signal.shape)
     if rank == 0:
         torch.manual_seed(0)
         ref = build_pretrain_module(cfg)
@@ -73,6 +76,7 @@ def main() -> int:
         ref_out = ref(images, masks)
         ref_out.loss.backward()
         ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+        results["signal_max_diff"] = (signal - ref.model_signal(x, "attention")).abs().max().item()
         for mode, (loss, grads) in runs.items():
             diffs = {n: (grads[n] - ref_grads[n]).abs().max().item() / max(ref_grads[n].abs().max().item(), 1e-12)
                      for n in ref_grads if n in grads}
