@@ -78,14 +78,23 @@ def run_config(args: argparse.Namespace, output_dir: Path, *extra: str) -> RunCo
                                 *args.overrides, *extra])
 
 
-def seconds_per_step(args: argparse.Namespace) -> float:
-    """Median wall time of a step (data wait included) over a short throwaway run."""
+def build_trainer(cfg: RunConfig):
+    """The trainer as `python -m scale.train` builds it: with the monitors the config asks for
+    (eval.knn_every_epochs, e.g. from an override; the recipe sets none)."""
+    from scale.eval.knn import build_monitors
+    from scale.models import model_spec
     from scale.trainer import Trainer
 
+    return Trainer(cfg, monitors=build_monitors(cfg, model_spec(cfg.model.name, cfg.model.img_size,
+                                                                cfg.model.in_chans)))
+
+
+def seconds_per_step(args: argparse.Namespace) -> float:
+    """Median wall time of a step (data wait included) over a short throwaway run."""
     out = Path(args.out_dir) / "timing"
     shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl appends: start clean
     cfg = run_config(args, out, f"train.max_steps={args.timing_steps}", "train.log_every=1")
-    Trainer(cfg).fit()
+    build_trainer(cfg).fit()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     per_step = [cfg.train.batch_size / r["img_per_s"] for r in records if "img_per_s" in r][TIMING_WARMUP_STEPS:]
     if not per_step:
@@ -94,14 +103,12 @@ def seconds_per_step(args: argparse.Namespace) -> float:
 
 
 def pretrain(args: argparse.Namespace) -> Dict[str, Any]:
-    from scale.trainer import Trainer
-
     run_dir = Path(args.out_dir) / "ocl"
     load_before = os.getloadavg()[0]  # anything else running shortens the schedule and the step counts
     log(f"load average before training: {load_before:.2f} on {os.cpu_count()} cores")
     sec = timing_sec = seconds_per_step(args)
     probe = run_config(args, run_dir)
-    steps_per_epoch = Trainer(probe).steps_per_epoch  # cheap: builds the model, reads the manifest
+    steps_per_epoch = build_trainer(probe).steps_per_epoch  # cheap: builds the model, reads the manifest
     planned_steps = max(args.budgets) * 60 / sec
     epochs = max(1, math.ceil(planned_steps / steps_per_epoch))
     log(f"timing: {sec:.2f} s/step -> {max(args.budgets)} min is ~{planned_steps:.0f} steps; schedule: "
@@ -120,7 +127,7 @@ def pretrain(args: argparse.Namespace) -> Dict[str, Any]:
             steps = max(1, round(min(remaining, args.replan_min * 60) / sec))
             cfg = run_config(args, run_dir, f"train.epochs={epochs}", f"train.max_steps={step + steps}",
                              "train.resume=auto", "train.log_every=20", "train.keep_last=2")
-            trainer = Trainer(cfg)  # set-up is not training time; fit() (loading, steps, checkpoint) is
+            trainer = build_trainer(cfg)  # set-up is not training time; fit() (loading, steps, checkpoint) is
             started = time.perf_counter()
             summary = trainer.fit()
             elapsed = time.perf_counter() - started

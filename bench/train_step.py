@@ -53,7 +53,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scale.config import load_config  # noqa: E402
-from scale.masking import step_generator  # noqa: E402
 from scale.models import MODELS, ViTSpec  # noqa: E402
 from scale.models.attention import xformers_available  # noqa: E402
 from scale.trainer import Trainer  # noqa: E402
@@ -246,9 +245,10 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
         batch = cfg.train.batch_size
         images = torch.randn(batch, spec.in_chans, spec.img_size, spec.img_size, device=trainer.device)
         if case["kind"] == "ocl":
-            probe = trainer.masking(1, step_generator(0, 0, 0, trainer.device), trainer.device).group_ids
+            probe = trainer.masking(1, trainer._mask_context(images[:1])).group_ids
             groups, visible = probe.shape[1], probe.shape[2]
-            flops = train_step_flops(spec, batch, groups, visible, cfg.model.train_patch_embed)
+            objective_flops = trainer.pretrain_module.objective.forward_flops(spec, batch, visible)
+            flops = train_step_flops(spec, batch, groups, visible, cfg.model.train_patch_embed, objective_flops)
 
             def step() -> None:
                 trainer.train_step(images)
