@@ -1,6 +1,6 @@
 """Peak resident memory of one gradient-cached training step (single process, CPU).
 
-python grad_cache_memory.py OUT_DIR CONTRASTIVE_BATCH [CHUNK]  ->  prints JSON with the rise
+python grad_cache_memory.py OUT_DIR GLOBAL_BATCH [MICRO_BATCH]  ->  prints JSON with the rise
 of the process's RSS high-water mark (ru_maxrss) over the step. One process per size, so
 no allocator cache from a previous size hides or inflates the next one.
 """
