@@ -1,9 +1,11 @@
-"""Reading checkpoint files without running code.
+"""Reading one checkpoint file without running code.
 
-Every torch file a checkpoint holds is read with `torch.load(weights_only=True)`: only
-tensors and plain containers (dicts, lists, numbers, strings) are rebuilt, so a crafted
-file cannot run code under `--resume`, `scale.export` or `scale.eval`. A file that is
-truncated, corrupt or holds anything else is a `CheckpointFileError` naming the file.
+Every torch file a checkpoint holds is read with `torch.load(weights_only=True)`: here
+(`load_torch_file`), or inside DeepSpeed's own readers, which are made to do the same
+(deepspeed.py). Only tensors and plain containers (dicts, lists, numbers, strings) are
+rebuilt, so a crafted file cannot run code under `--resume`, `scale.export` or
+`scale.eval`. A file that is truncated, corrupt or holds anything else is a
+`CheckpointFileError` naming the file.
 """
 from __future__ import annotations
 
@@ -13,11 +15,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from .errors import UserError, one_line
-
-
-class CheckpointFileError(UserError):
-    """A checkpoint file that cannot be read safely (missing, truncated, corrupt or not plain data)."""
+from ..errors import one_line
+from .errors import CheckpointFileError
 
 
 def _reason(err: BaseException) -> str:

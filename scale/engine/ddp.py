@@ -1,7 +1,7 @@
 """DistributedDataParallel: a full replica per rank, gradients averaged by all-reduce.
 
-Checkpoints are one plain torch file written by rank 0 in the single-process format
-(model / optimizer / extra), so a DDP checkpoint resumes under `single` and back.
+Checkpoints are the single-process engine's torch file (scale/checkpoint_io/torch_file.py),
+written by rank 0, so a DDP checkpoint resumes under `single` and back.
 """
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint_io import load_torch_file
+from ..checkpoint_io import torch_file
 from ..config import RunConfig
 from .base import ENGINES, Engine, OptimizerFactory
 from .distributed import DistributedEngine, enable_method_dispatch
 from .batch_plan import GRAD_CACHE, BatchPlan
-from .single import STATE_FILE
 
 
 class DDPEngine(DistributedEngine):
@@ -46,14 +45,10 @@ class DDPEngine(DistributedEngine):
 
     def save(self, directory: Path, extra: Dict[str, Any]) -> None:
         if self.is_main:  # replicas are identical: one copy
-            torch.save({"model": self._inner.state_dict(), "optimizer": self.optimizer.state_dict(), "extra": extra},
-                       directory / STATE_FILE)
+            torch_file.save(directory, self._inner, self.optimizer, extra)
 
     def load(self, directory: Path) -> Dict[str, Any]:
-        state = load_torch_file(directory / STATE_FILE, map_location=self.device)
-        self._inner.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        return state["extra"]
+        return torch_file.load(directory, self._inner, self.optimizer, map_location=self.device)
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self._inner.state_dict().items()}

@@ -23,9 +23,10 @@ the optimizer's fp32 master copy as well as to the module's copy: the optimizer 
 its master copy and overwrites the module's from it.
 
 Checkpoints are DeepSpeed's own (engine.save_checkpoint/load_checkpoint), with our
-trainer state as client state; they are read with torch.load(weights_only=True), allowing
-only the data classes DeepSpeed's own checkpoints hold (deepspeed_safe_globals), so a
-crafted checkpoint cannot run code on resume or export.
+trainer state as client state, written and read by scale/checkpoint_io/deepspeed.py with
+torch.load(weights_only=True), allowing only the data classes DeepSpeed's own checkpoints
+hold, so a crafted checkpoint cannot run code on resume or export; a config asking for
+DeepSpeed's universal checkpoints (read with pickle) is refused here.
 """
 from __future__ import annotations
 
@@ -34,15 +35,15 @@ import contextlib
 import dataclasses
 import json
 import os
-import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 import torch.nn as nn
 
-from ..checkpoint_io import load_torch_file
+from ..checkpoint_io import deepspeed as deepspeed_checkpoint
+from ..checkpoint_io.deepspeed import FORCE_WEIGHTS_ONLY  # noqa: F401  (re-exported: tests read it here)
 from ..config import ConfigError, RunConfig
 from ..device import autocast_dtype
 from .base import ENGINES, Engine, OptimizerFactory
@@ -51,9 +52,6 @@ from .distributed import (DistributedEngine, enable_method_dispatch, grad_norm_t
 from .batch_plan import BatchPlan
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "deepspeed"
-TAG = "deepspeed"
-EXTRA_KEY = "scale_extra"
-FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 BF16_NAMES = ("bfloat16", "bf16", "torch.bfloat16")  # DeepSpeed's spellings of torch.bfloat16
 
 
@@ -123,58 +121,6 @@ def deepspeed_config(cfg: RunConfig, plan: BatchPlan, device: torch.device) -> D
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 1 << 30)
     return ds
-
-
-def deepspeed_safe_globals() -> List[Any]:
-    """The classes, besides tensors and plain containers, that DeepSpeed's ZeRO 1/2/3 checkpoints
-    pickle (found by loading real ones with weights_only=True): data holders without code run
-    on unpickling. Everything else in a checkpoint file is refused."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def load_deepspeed_file(path: str | Path, map_location: Any = "cpu") -> Any:
-    """torch.load(weights_only=True) of one DeepSpeed checkpoint file; a file holding anything but
-    plain data is a CheckpointFileError (a UserError) naming it."""
-    return load_torch_file(path, map_location=map_location, safe_globals=deepspeed_safe_globals())
-
-
-def _plain_data_checkpoint_engine() -> Any:
-    """DeepSpeed's torch checkpoint engine, loading with weights_only=True (load_deepspeed_file):
-    its own load passes weights_only=False, so resuming a crafted checkpoint would run code."""
-    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-
-    class PlainDataCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location: Any = None) -> Any:
-            return load_deepspeed_file(path, map_location=map_location)
-
-    return PlainDataCheckpointEngine()
-
-
-@contextlib.contextmanager
-def forced_weights_only(files: Sequence[Path]) -> Iterator[None]:
-    """Every torch.load inside runs with weights_only=True, allowing deepspeed_safe_globals() only:
-    torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides callers that pass weights_only=False, as
-    DeepSpeed's zero_to_fp32 does. Process-wide while it lasts (a one-shot reader such as
-    scale.export). A refusal is the CheckpointFileError of the file among `files` that fails
-    to load on its own, so the error names it."""
-    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
-    os.environ[FORCE_WEIGHTS_ONLY] = "1"
-    try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            yield
-    except pickle.UnpicklingError:
-        for path in files:
-            load_deepspeed_file(path)  # raises, naming the file
-        raise
-    finally:
-        if previous is None:
-            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
-        else:
-            os.environ[FORCE_WEIGHTS_ONLY] = previous
 
 
 def _dataclass_outputs_as_namedtuples(module: nn.Module) -> None:
@@ -298,21 +244,10 @@ class DeepSpeedEngine(DistributedEngine):
                 param.clamp_(low, high)
 
     def save(self, directory: Path, extra: Dict[str, Any]) -> None:
-        self.ds.save_checkpoint(str(directory), tag=TAG, client_state={EXTRA_KEY: extra}, save_latest=False)
+        deepspeed_checkpoint.save(self.ds, directory, extra)
 
     def load(self, directory: Path) -> Dict[str, Any]:
-        # DeepSpeed reads every checkpoint file through its checkpoint engine: a plain-data one
-        # while loading (weights_only=True); saving keeps the configured engine.
-        configured = self.ds.checkpoint_engine
-        self.ds.checkpoint_engine = _plain_data_checkpoint_engine()
-        try:
-            path, client = self.ds.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
-        finally:
-            self.ds.checkpoint_engine = configured
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint {TAG!r} under {directory}")
-        return client[EXTRA_KEY]
+        return deepspeed_checkpoint.load(self.ds, directory)
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         """Collective under ZeRO-3 (every rank must call it); fp32 master weights where DeepSpeed keeps them."""

@@ -6,8 +6,8 @@ freed), the modules it keeps fp32 (OCL's temperature and head) are fp32 units, a
 root holds the rest (patch embedding, [CLS], final norm, mask token). FSDP2 cannot shard 0-d parameters, so OCL's learnable
 temperature is given shape (1,) (`promote_scalar_parameters`; exports restore it). On CUDA the blocks compute in bf16 and reduce gradients
 in fp32 (MixedPrecisionPolicy); on CPU everything stays fp32. Checkpoints are sharded
-torch.distributed.checkpoint (DCP) directories: each rank writes its own shards, and a
-checkpoint loads on any number of ranks.
+torch.distributed.checkpoint (DCP) directories (scale/checkpoint_io/dcp.py): each rank
+writes its own shards, and a checkpoint loads on any number of ranks.
 """
 from __future__ import annotations
 
@@ -16,21 +16,17 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
-from ..checkpoint_io import load_torch_file
+from ..checkpoint_io import dcp
 from ..config import RunConfig
 from .base import ENGINES, Engine, OptimizerFactory
 from .batch_plan import BatchPlan
 from .parallelize import shard_fsdp2
 from .distributed import DistributedEngine, enable_method_dispatch, promote_scalar_parameters, restore_parameter_shapes
-
-DCP_DIR = "dcp"
-EXTRA_FILE = "extra.pt"
 
 
 class FSDPEngine(DistributedEngine):
@@ -67,17 +63,13 @@ class FSDPEngine(DistributedEngine):
 
     def save(self, directory: Path, extra: Dict[str, Any]) -> None:
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory / DCP_DIR))
-        if self.is_main:
-            torch.save(extra, directory / EXTRA_FILE)
+        dcp.save(directory, model_state, optim_state, extra, write_extra=self.is_main)
 
     def load(self, directory: Path) -> Dict[str, Any]:
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
-        dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
-        return load_torch_file(directory / EXTRA_FILE)
+        model_state, optim_state, extra = dcp.load(directory, model_state, optim_state)
+        set_state_dict(self.module, self.optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+        return extra
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         """Collective: every rank must call it; every rank gets the whole dict on CPU."""

@@ -1,4 +1,4 @@
-"""One process, one device: no wrapping, a plain torch checkpoint file."""
+"""One process, one device: no wrapping, a plain torch checkpoint file (scale/checkpoint_io/torch_file.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,11 +7,9 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from ..checkpoint_io import load_torch_file
+from ..checkpoint_io import torch_file
 from .base import ENGINES, Engine, OptimizerFactory
 from .batch_plan import BatchPlan
-
-STATE_FILE = "state.pt"
 
 
 class SingleProcessEngine(Engine):
@@ -33,14 +31,10 @@ class SingleProcessEngine(Engine):
         return norm
 
     def save(self, directory: Path, extra: Dict[str, Any]) -> None:
-        state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "extra": extra}
-        torch.save(state, directory / STATE_FILE)
+        torch_file.save(directory, self.module, self.optimizer, extra)
 
     def load(self, directory: Path) -> Dict[str, Any]:
-        state = load_torch_file(directory / STATE_FILE, map_location=self.device)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        return state["extra"]
+        return torch_file.load(directory, self.module, self.optimizer, map_location=self.device)
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}

@@ -48,7 +48,7 @@ def knn_config(checkpoint_config: Optional[dict], recipe: Optional[str], overrid
 def run_knn(checkpoint: str, recipe: Optional[str], overrides: List[str], progress: bool) -> dict:
     import time
 
-    from ..export import load_checkpoint
+    from ..checkpoint_io import load_checkpoint
     from ..device import autocast_dtype, resolve_device
     from .features import encoder_from_checkpoint
     from .knn import KnnMonitor
@@ -69,7 +69,7 @@ def run_knn(checkpoint: str, recipe: Optional[str], overrides: List[str], progre
 
 def _evaluate(args: argparse.Namespace) -> int:
     progress = not args.no_progress
-    from ..export import load_checkpoint, resolve_checkpoint
+    from ..checkpoint_io import load_checkpoint, resolve_checkpoint
     from ..trainer.checkpoint import META, read_meta
     from .features import check_architecture_overrides
     from .results import results_path, write_results

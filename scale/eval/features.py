@@ -138,7 +138,7 @@ def check_architecture_overrides(checkpoint_config: Optional[Dict[str, Any]], ov
 def encoder_from_checkpoint(checkpoint: Any, fallback_model: ModelConfig, device: torch.device,
                             attn_backend: str = "auto") -> Tuple[VisibleTokenViT, Any]:
     """(encoder with the weights of `checkpoint` (a path or a LoadedCheckpoint) on `device`, LoadedCheckpoint)."""
-    from ..export import LoadedCheckpoint, encoder_state_dict, load_checkpoint
+    from ..checkpoint_io import LoadedCheckpoint, encoder_state_dict, load_checkpoint
 
     loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
     model_cfg = model_config_of(loaded.config, fallback_model)

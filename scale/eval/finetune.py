@@ -184,7 +184,8 @@ def finetune_model(model: nn.Module, recipe: FinetuneRecipe, spec: ViTSpec, devi
 def run_finetune(checkpoint: str, recipe: FinetuneRecipe, progress: bool = True,
                  save_path: Optional[str] = None) -> Dict[str, Any]:
     """Fine-tune a checkpoint's encoder; optionally save the classifier (safetensors + timm kwargs)."""
-    from ..export import encoder_state_dict, load_checkpoint, spec_from_config, timm_kwargs
+    from ..checkpoint_io import encoder_state_dict, load_checkpoint
+    from ..export import spec_from_config, timm_kwargs
 
     device = resolve_device(recipe.finetune.device, "finetune.device")
     started = time.perf_counter()

@@ -1,0 +1,78 @@
+"""The FSDP2 format: a torch.distributed.checkpoint (DCP) directory and rank 0's trainer state.
+
+    <checkpoint>/dcp/      {"model": ..., "optimizer": ...}, sharded: each rank writes its own
+                           shards, and the checkpoint loads on any number of ranks
+    <checkpoint>/extra.pt  the trainer state (rank 0), a plain torch file
+
+The engine turns its sharded module and optimizer into state dicts and back
+(torch.distributed.checkpoint.state_dict); this module writes and reads them. `read_model`
+reads the `model.*` tensors alone, in one process without a process group (export, eval).
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.distributed.checkpoint as dist_cp
+
+from .errors import CheckpointFormatError
+from .safe_load import load_torch_file
+
+FORMAT = "dcp"
+DCP_DIR = "dcp"
+EXTRA_FILE = "extra.pt"
+DCP_METADATA = ".metadata"  # DCP's own index of a checkpoint directory
+LAYOUT = f"{DCP_DIR}/{DCP_METADATA} (fsdp engine, torch.distributed.checkpoint)"  # what `holds` looks for
+
+
+def save(directory: Path, model_state: Dict[str, Any], optimizer_state: Dict[str, Any], extra: Dict[str, Any],
+         write_extra: bool) -> None:
+    """Collective: every rank writes its shards; the rank with `write_extra` (rank 0) writes `extra`."""
+    dist_cp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory / DCP_DIR))
+    if write_extra:
+        torch.save(extra, directory / EXTRA_FILE)
+
+
+def load(directory: Path, model_state: Dict[str, Any],
+         optimizer_state: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
+    """Collective: (model state, optimizer state, trainer state), the first two read into the given
+    (sharded) state dicts."""
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dist_cp.load(state, checkpoint_id=str(directory / DCP_DIR))
+    return state["model"], state["optimizer"], load_torch_file(directory / EXTRA_FILE)
+
+
+def dcp_dir(path: Path) -> Optional[Path]:
+    """The DCP directory of a checkpoint (`path/dcp`), or `path` itself when it is one."""
+    for candidate in (path / DCP_DIR, path):
+        if (candidate / DCP_METADATA).is_file():
+            return candidate
+    return None
+
+
+def holds(path: Path) -> bool:
+    return dcp_dir(path) is not None
+
+
+def read_model(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
+    """(model state, trainer state or None): only the `model.*` tensors, read in this process (no process group)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    directory = dcp_dir(path)
+    reader = dist_cp.FileSystemReader(str(directory))
+    metadata = reader.read_metadata()
+    model: Dict[str, torch.Tensor] = {}
+    for key, item in metadata.state_dict_metadata.items():
+        if key.startswith("model.") and isinstance(item, TensorStorageMetadata):
+            model[key[len("model."):]] = torch.empty(item.size, dtype=item.properties.dtype)
+    if not model:
+        raise CheckpointFormatError(f"checkpoint {str(path)!r}: the DCP directory {directory} holds no 'model.*' "
+                                    "tensors")
+    # DCP flattens nested dicts with '.', so {"model": {k: t}} asks for "model.<k>" exactly.
+    with warnings.catch_warnings():  # "torch.distributed is disabled ...": reading alone is the intent
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dist_cp.load({"model": model}, storage_reader=reader, no_dist=True)
+    extra_file = path / EXTRA_FILE
+    return model, load_torch_file(extra_file) if extra_file.is_file() else None
