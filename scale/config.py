@@ -96,6 +96,8 @@ class OptimConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 40.0
     clip_grad: Optional[float] = None
+    # AdamW kernel: auto (fused: one kernel for all parameters, on CPU and CUDA) | fused | foreach | for_loop
+    implementation: str = "auto"
 
 
 @dataclass
@@ -412,6 +414,8 @@ def validate(cfg: RunConfig) -> None:
         require_range(f"optim.betas[{i}]", beta, 0.0, 1.0, high_open=True)
     require_range("optim.weight_decay", p.weight_decay, 0.0, inf, high_open=True)
     require_range("optim.warmup_epochs", p.warmup_epochs, 0.0, inf, high_open=True)
+    require(p.implementation in ("auto", "fused", "foreach", "for_loop"),
+            f"optim.implementation must be auto, fused, foreach or for_loop; got {p.implementation!r}")
     require_range("optim.clip_grad", p.clip_grad, 0.0, inf, low_open=True, high_open=True, optional=True)
     t = cfg.train
     require_range("train.batch_size", t.batch_size, 1)

@@ -19,7 +19,8 @@ import torch.nn as nn
 
 from .config import RunConfig
 from .masking import Masks
-from .models import VisibleTokenViT, build_encoder
+from .models import VisibleTokenViT, build_encoder, resolve_backend
+from .models.attention import BackendAttention
 from .objectives import (FeatureGather, Objective, ObjectiveBatch, ObjectiveOutput, build_objective,
                          local_gather)
 
@@ -61,6 +62,15 @@ class PretrainModule(nn.Module):
         if kind != ATTENTION_SIGNAL:
             raise ValueError(f"unknown model signal {kind!r}; available: {ATTENTION_SIGNAL}")
         return self.encoder.attention_maps(images, ATTENTION_SIGNAL_BLOCKS)
+
+    def set_attn_backend(self, backend: str) -> str:
+        """The attention kernel of the encoder and of the objective's blocks (a decoder's)."""
+        resolved = self.encoder.set_attn_backend(backend)
+        longest = 1 + self.encoder.spec.num_patches  # a decoder attends over every patch position
+        for module in self.objective.modules():
+            if isinstance(module, BackendAttention):
+                module.backend = resolve_backend(backend, self.encoder.cls_token.device, max_tokens=longest)
+        return resolved
 
     def parallel_plan(self) -> ParallelPlan:
         return ParallelPlan(encoder_blocks=list(self.encoder.blocks), objective_blocks=self.objective.blocks(),

@@ -17,7 +17,10 @@ def learning_rate(cfg: OptimConfig, effective_batch: int) -> float:
 def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """Norms, biases, tokens, 0/1-D parameters and frozen parameters get no weight decay."""
     groups = param_groups_weight_decay(module, cfg.weight_decay, no_weight_decay_list=module.no_weight_decay())
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+    kernel = {"auto": {"fused": True}, "fused": {"fused": True}, "foreach": {"foreach": True},
+              "for_loop": {"foreach": False}}[cfg.implementation]
+    # fused: one kernel for every parameter instead of ~7 ops each (CPU: 1.05x the whole step, docs/throughput.md)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), **kernel)
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,

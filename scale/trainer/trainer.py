@@ -99,7 +99,7 @@ class Trainer:
         apply_block_wrappers(module, cfg.train)  # AC -> compile; the engine shards after (FSDP2 order)
         self.engine.setup(module, lambda m: build_optimizer(m, cfg.optim, self.base_lr), self.batch_plan)
         # set_attn_backend resolves `auto` against the device the module now lives on.
-        self.pretrain_module.encoder.set_attn_backend(cfg.model.attn_backend)
+        self.pretrain_module.set_attn_backend(cfg.model.attn_backend)
         self.schedule = build_schedule(self.engine.optimizer, cfg.optim, self.total_steps,
                                        round(cfg.optim.warmup_epochs * self.steps_per_epoch))
         self.output_dir = Path(cfg.train.output_dir)

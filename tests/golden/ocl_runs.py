@@ -3,7 +3,8 @@
     python tests/golden/ocl_runs.py --record     # rewrite ocl_losses.json (only on purpose)
 
 tests/test_golden_ocl.py reruns every config and compares each step's loss with the file.
-Kernels are pinned (SDPA attention, torch's default AdamW), so a refactor that changes what
+Kernels are pinned (SDPA attention, the for-loop AdamW that was torch's CPU default when the file
+was recorded; a later key, optim.implementation, pins it), so a refactor that changes what
 a step computes shows up as a different loss.
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ GOLDEN = Path(__file__).with_name("ocl_losses.json")
 COMMON = ["model.name=vit_tiny_patch4_28", "model.attn_backend=sdpa", "data.name=synthetic", "data.num_samples=256",
           "data.num_workers=0", "data.mean=[0.5]", "data.std=[0.25]", "train.epochs=2", "train.max_steps=6",
           "train.precision=fp32", "train.device=cpu", "train.log_every=1", "train.ckpt_every=1000",
-          "optim.blr=1e-3", "optim.warmup_epochs=0.5", "objective.name=ocl", "mask.name=random_two_group"]
+          "optim.blr=1e-3", "optim.warmup_epochs=0.5", "objective.name=ocl", "mask.name=random_two_group",
+          "optim.implementation=for_loop"]
 # name -> (processes, overrides)
 CONFIGS: Dict[str, tuple] = {
     "single": (1, ["train.batch_size=32"]),
