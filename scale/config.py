@@ -234,6 +234,9 @@ def _merge(obj: Any, data: Dict[str, Any], prefix: str = "") -> None:
     allowed = [f.name for f in dataclasses.fields(obj)]
     renamed = {old.rsplit(".", 1)[1]: new.rsplit(".", 1)[1] for old, new in RENAMED_KEYS.items()
                if old.rsplit(".", 1)[0] + "." == prefix}
+    for old, new in renamed.items():
+        if old in data and new in data:
+            raise ConfigError(f"{prefix}{old} is the old name of {prefix}{new}; set only {prefix}{new}")
     data = {renamed.get(name, name): value for name, value in data.items()}
     for name, value in data.items():
         key = f"{prefix}{name}"
