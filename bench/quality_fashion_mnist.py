@@ -1,6 +1,6 @@
-"""Does OCL learn on real images, on this machine's CPU, in minutes? Fashion-MNIST quality check.
+"""Does OCL (or MAE, --recipe) learn on real images, on this machine's CPU, in minutes? Fashion-MNIST quality check.
 
-Pre-trains OCL with recipes/ocl_fashion_mnist_cpu.yaml on the Fashion-MNIST train shards and
+Pre-trains OCL with recipes/ocl_fashion_mnist_cpu.yaml (MAE: --recipe recipes/mae_fashion_mnist_cpu.yaml) on the Fashion-MNIST train shards and
 keeps checkpoints at about 5, 15 and 30 minutes of training wall-clock (`--budgets`). The run
 is one cosine schedule sized for the largest budget (a short timing run measures s/step first),
 cut into segments that resume exactly (`train.resume=auto`); each segment's step count is
@@ -70,9 +70,14 @@ def ensure_shards(data_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------- training
 
+def method_name(args: argparse.Namespace) -> str:
+    """The run's objective (ocl, mae, ...): names its run folder and its table rows."""
+    return load_config(args.recipe, args.overrides).objective.name
+
+
 def run_config(args: argparse.Namespace, output_dir: Path, *extra: str) -> RunConfig:
     data = Path(args.data_dir).resolve()
-    return load_config(RECIPE, [f"data.root={data / 'train'}", f"data.val_root={data / 'test'}",
+    return load_config(args.recipe, [f"data.root={data / 'train'}", f"data.val_root={data / 'test'}",
                                 f"train.output_dir={output_dir}", "train.ckpt_every=1000000000",
                                 "train.device=cpu",
                                 *args.overrides, *extra])
@@ -103,7 +108,7 @@ def seconds_per_step(args: argparse.Namespace) -> float:
 
 
 def pretrain(args: argparse.Namespace) -> Dict[str, Any]:
-    run_dir = Path(args.out_dir) / "ocl"
+    run_dir = Path(args.out_dir) / method_name(args)
     load_before = os.getloadavg()[0]  # anything else running shortens the schedule and the step counts
     log(f"load average before training: {load_before:.2f} on {os.cpu_count()} cores")
     sec = timing_sec = seconds_per_step(args)
@@ -182,7 +187,7 @@ def evaluate(args: argparse.Namespace, training: Optional[Dict[str, Any]]) -> Li
     from scale.eval.features import encoder_from_checkpoint
     from scale.pretraining import build_pretrain_module
 
-    cfg = run_config(args, Path(args.out_dir) / "ocl")
+    cfg = run_config(args, Path(args.out_dir) / method_name(args))
     data = Path(args.data_dir).resolve()
     probe = load_recipe(LinearProbeRecipe, PROBE_RECIPE, [f"data.root={data / 'train'}",
                                                           f"data.val_root={data / 'test'}", *args.probe_overrides])
@@ -205,7 +210,7 @@ def evaluate(args: argparse.Namespace, training: Optional[Dict[str, Any]]) -> Li
         rows.append(score("random init", *encode(random_encoder), probe, {"trained_min": 0.0, "step": 0}))
     for ckpt in (training or {}).get("checkpoints", []):
         encoder, _ = encoder_from_checkpoint(ckpt["checkpoint"], cfg.model, cpu, "auto")
-        rows.append(score(f"OCL {ckpt['budget_min']:g} min", *encode(encoder), probe,
+        rows.append(score(f"{method_name(args).upper()} {ckpt['budget_min']:g} min", *encode(encoder), probe,
                           {"trained_min": ckpt["trained_min"], "step": ckpt["step"], "epoch": ckpt["epoch"]}))
     return rows
 
@@ -223,6 +228,8 @@ def markdown(rows: List[Dict[str, Any]], bank: int) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--recipe", type=Path, default=RECIPE,
+                        help="pre-training recipe (default: OCL's; recipes/mae_fashion_mnist_cpu.yaml for MAE)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[5.0, 15.0, 30.0],
                         help="minutes of training at which to keep a checkpoint (default: 5 15 30)")
     parser.add_argument("--data-dir", default=str(REPO / "data/fashion-mnist-wds"))
@@ -252,8 +259,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(int(os.environ.get("SCALE_THREADS", os.cpu_count() or 1)))
     ensure_shards(Path(args.data_dir))
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    if (Path(args.out_dir) / "ocl" / "checkpoints").exists() and not args.skip_training:
-        sys.exit(f"{args.out_dir}/ocl already holds a run; pick another --out-dir (budgets count from step 0)")
+    if (Path(args.out_dir) / method_name(args) / "checkpoints").exists() and not args.skip_training:
+        sys.exit(f"{args.out_dir}/{method_name(args)} already holds a run; pick another --out-dir "
+                 "(budgets count from step 0)")
 
     started = time.perf_counter()
     training = None if args.skip_training else pretrain(args)
