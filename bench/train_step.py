@@ -363,10 +363,10 @@ def compare_cases(base: Dict[str, Any]) -> List[Dict[str, Any]]:
     cuda = base["device"] == "cuda"
     default_attn = "xformers" if cuda and xformers_available() else "sdpa"
     # The baseline is the previous default (SDPA, torch's for-loop AdamW); the second row is today's
-    # default (attention auto: math for short CPU sequences; fused AdamW): its "speed vs first" is the gain.
+    # default (attention auto, AdamW auto): its "speed vs first" is the gain.
     cases = [dict(base, attn=default_attn, adamw="for_loop", label=f"OCL 2 groups, {default_attn}, for-loop AdamW "
                                                                    "(previous default, baseline)"),
-             dict(base, attn="auto", adamw="auto", label="OCL 2 groups, default (attention auto, fused AdamW)")]
+             dict(base, attn="auto", adamw="auto", label="OCL 2 groups, default (attention auto, AdamW auto)")]
     for attn in ("sdpa", "math", "xformers"):
         if attn == default_attn:
             continue

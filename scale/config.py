@@ -96,7 +96,8 @@ class OptimConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 40.0
     clip_grad: Optional[float] = None
-    # AdamW kernel: auto (fused: one kernel for all parameters, on CPU and CUDA) | fused | foreach | for_loop
+    # AdamW kernel: auto (fused on CUDA; torch's default per-parameter loop on CPU, where fused measured no
+    # faster: docs/throughput.md) | fused | foreach | for_loop
     implementation: str = "auto"
 
 

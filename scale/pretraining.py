@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .config import RunConfig
 from .masking import Masks
-from .models import VisibleTokenViT, build_encoder, resolve_backend
+from .models import VisibleTokenViT, build_encoder
 from .models.attention import BackendAttention
 from .objectives import (FeatureGather, Objective, ObjectiveBatch, ObjectiveOutput, build_objective,
                          local_gather)
@@ -66,10 +66,9 @@ class PretrainModule(nn.Module):
     def set_attn_backend(self, backend: str) -> str:
         """The attention kernel of the encoder and of the objective's blocks (a decoder's)."""
         resolved = self.encoder.set_attn_backend(backend)
-        longest = 1 + self.encoder.spec.num_patches  # a decoder attends over every patch position
         for module in self.objective.modules():
             if isinstance(module, BackendAttention):
-                module.backend = resolve_backend(backend, self.encoder.cls_token.device, max_tokens=longest)
+                module.backend = resolved
         return resolved
 
     def parallel_plan(self) -> ParallelPlan:

@@ -197,3 +197,26 @@ def test_objective_batch_carries_what_mae_declares(tmp_path):
     assert ocl_cfg.name == "random_two_group"
     ocl_batch = ocl.encode(torch.randn(2, 1, 28, 28), ocl_masks)
     assert ocl_batch.tokens is None and ocl_batch.images is None  # OCL asks for the CLS only
+
+
+def test_mae_checkpoint_goes_through_knn_linear_probe_and_finetune_unchanged(tmp_path, capsys):
+    from pathlib import Path
+
+    from conftest import REPO
+    from scale.eval.__main__ import main
+    from test_eval import SYNTHETIC_DATA
+
+    summary = Trainer(tiny_config(tmp_path, *MAE_TINY, "model.name=vit_tiny_patch7_28", "data.num_samples=64",
+                                  "train.max_steps=2")).fit()
+    ckpt = summary.last_checkpoint
+    assert main(["knn", "--checkpoint", ckpt, "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("knn: top-1")
+    assert main(["linprobe", "--checkpoint", ckpt, "--config", str(REPO / "recipes/linprobe_fashion_mnist_cpu.yaml"),
+                 "--no-progress", *SYNTHETIC_DATA, "probe.batch_size=32", "probe.encode_chunk=16", "probe.epochs=1",
+                 "probe.warmup_epochs=0"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("linprobe: top-1")
+    assert main(["finetune", "--checkpoint", ckpt, "--config", str(REPO / "recipes/finetune_vitb16.yaml"),
+                 "--no-progress", *SYNTHETIC_DATA, "finetune.num_classes=10", "finetune.batch_size=16",
+                 "finetune.micro_batch=8", "finetune.max_steps=2", "finetune.device=cpu"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("finetune: top-1")
+    assert Path(ckpt).parent.joinpath(Path(ckpt).name + ".finetune.json").is_file()

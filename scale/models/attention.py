@@ -23,20 +23,13 @@ def xformers_available() -> bool:
     return True
 
 
-# On CPU, plain math attention beats SDPA's flash kernel for short sequences (1.06x the whole OCL
-# step of the CPU recipe, 18-token sequences: docs/throughput.md); SDPA wins on long ones.
-CPU_MATH_MAX_TOKENS = 64
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """`auto` -> xformers on CUDA when it imports, else SDPA. Explicit requests are checked.
 
-
-def resolve_backend(requested: str, device: torch.device, max_tokens: int | None = None) -> str:
-    """`auto` -> xformers on CUDA when it imports, else SDPA; on CPU math for sequences of at most
-    CPU_MATH_MAX_TOKENS tokens (`max_tokens`: the longest sequence the model attends over).
-    Explicit requests are checked."""
+    (Math attention for short CPU sequences was measured against SDPA on the CPU recipe in an
+    interleaved A/B: no difference, docs/throughput.md; so `auto` stays SDPA on CPU.)"""
     if requested == "auto":
-        if device.type == "cuda":
-            return "xformers" if xformers_available() else "sdpa"
-        return "math" if device.type == "cpu" and max_tokens is not None and max_tokens <= CPU_MATH_MAX_TOKENS \
-            else "sdpa"
+        return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
     if requested not in BACKENDS:
         raise ValueError(f"model.attn_backend must be one of auto, {', '.join(BACKENDS)}; got {requested!r}")
     if requested == "xformers":
