@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from worker import SyncCounter, local_grads, tiny, zero_grads  # noqa: E402
+from worker import SyncCounter, compare_grads, local_grads, tiny, zero_grads  # noqa: E402
 
 from scale.engine import ENGINES, GradientAccumulation, plan_batch  # noqa: E402
 from scale.masking import MaskContext, build_mask_generator  # noqa: E402
@@ -78,11 +78,7 @@ def main() -> int:
         ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
         results["signal_max_diff"] = (signal - ref.model_signal(x, "attention")).abs().max().item()
         for mode, (loss, grads) in runs.items():
-            diffs = {n: (grads[n] - ref_grads[n]).abs().max().item() / max(ref_grads[n].abs().max().item(), 1e-12)
-                     for n in ref_grads if n in grads}
-            results[mode] = {"loss": loss.item(), "ref_loss": ref_out.loss.item(),
-                             "missing": sorted(set(ref_grads) - set(grads)), "max_rel_diff": max(diffs.values()),
-                             "worst": max(diffs, key=diffs.get), "num_grads": len(grads)}
+            results[mode] = compare_grads(loss, grads, ref_out.loss, ref_grads)
     engine.barrier()
     (args.out / f"mae_{args.engine}_rank{rank}.json").write_text(json.dumps(results))
     engine.close()

@@ -84,6 +84,15 @@ class SyncCounter:
             self.counts[label] = self.calls - before
 
 
+def compare_grads(loss, grads: dict, ref_loss, ref_grads: dict) -> dict:
+    """An engine's loss and gradients against one process's: worst relative difference, missing names."""
+    diffs = {n: (grads[n] - ref_grads[n]).abs().max().item() / max(ref_grads[n].abs().max().item(), 1e-12)
+             for n in ref_grads if n in grads}
+    return {"loss": loss.item(), "ref_loss": ref_loss.item(), "missing": sorted(set(ref_grads) - set(grads)),
+            "extra": sorted(set(grads) - set(ref_grads)), "max_rel_diff": max(diffs.values()),
+            "worst": max(diffs, key=diffs.get), "num_grads": len(grads)}
+
+
 def scenario_grads(args) -> dict:
     global_batch, chunk = 16, 3
     cfg = tiny(args.out / "grads", f"engine.name={args.engine}", f"train.batch_size={global_batch // 2}",
@@ -123,15 +132,10 @@ def scenario_grads(args) -> dict:
         ref_out.loss.backward()
         ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
         for mode, (loss, grads) in runs.items():
-            diffs = {n: (grads[n] - ref_grads[n]).abs().max().item() / max(ref_grads[n].abs().max().item(), 1e-12)
-                     for n in ref_grads if n in grads}
             results[mode] = {
-                "loss": loss.item(), "ref_loss": ref_out.loss.item(),
-                "missing": sorted(set(ref_grads) - set(grads)), "extra": sorted(set(grads) - set(ref_grads)),
-                "max_rel_diff": max(diffs.values()), "worst": max(diffs, key=diffs.get),
+                **compare_grads(loss, grads, ref_out.loss, ref_grads),
                 "temperature_grad": grads.get("objective.log_temperature", torch.tensor(float("nan"))).item(),
                 "ref_temperature_grad": ref_grads["objective.log_temperature"].item(),
-                "num_grads": len(grads),
             }
     engine.barrier()
     return results
