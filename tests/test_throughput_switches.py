@@ -14,7 +14,7 @@ import torch
 
 from scale.config import ConfigError, load_config
 from scale.engine import ENGINES
-from scale.engine.block_wrappers import (AC_MODES_HELP, ac_block_indices, apply_activation_checkpointing,
+from scale.engine.block_wrappers import (ac_block_indices, apply_activation_checkpointing,
                                          apply_compile, is_checkpointed)
 from scale.engine.parallelize import apply_block_wrappers
 from scale.masking import MaskContext, build_mask_generator, step_generator
@@ -231,8 +231,7 @@ def test_deepspeed_engine_with_activation_checkpointing(tmp_path):
 def test_apply_block_wrappers_reads_the_train_config(tmp_path):
     cfg = micro_cfg(tmp_path, "train.activation_checkpointing=every_2")
     module = build(cfg)
-    assert apply_block_wrappers(module, cfg.train) == {"checkpointed_blocks": [1], "compiled_blocks": 0,
-                                                       "ac_modes": AC_MODES_HELP}
+    assert apply_block_wrappers(module, cfg.train) == {"checkpointed_blocks": [1], "compiled_blocks": 0}
     assert [is_checkpointed(b) for b in module.encoder.blocks] == [False, True]
     assert apply_block_wrappers(copy.deepcopy(build(micro_cfg(tmp_path))), micro_cfg(tmp_path).train) == {
-        "checkpointed_blocks": [], "compiled_blocks": 0, "ac_modes": AC_MODES_HELP}
+        "checkpointed_blocks": [], "compiled_blocks": 0}

@@ -135,11 +135,3 @@ def apply_compile(encoder: nn.Module, **compile_kwargs: Any) -> int:
         block._scale_compiled = True
         count += 1
     return count
-
-
-def apply_block_wrappers(encoder: nn.Module, train_cfg: Any) -> Dict[str, Any]:
-    """What the trainer calls right before `engine.setup`: AC then compile, from the train config."""
-    mode = getattr(train_cfg, "activation_checkpointing", "none")
-    checkpointed = apply_activation_checkpointing(encoder, mode) if mode != "none" else []
-    compiled = apply_compile(encoder) if getattr(train_cfg, "compile", False) else 0
-    return {"checkpointed_blocks": checkpointed, "compiled_blocks": compiled}

@@ -250,11 +250,11 @@ class AllGather:
 # ----------------------------------------------------------------------------- engines
 
 def enable_method_dispatch(module: nn.Module) -> nn.Module:
-    """Let `wrapper(*args, method="embed")` run `module.embed(*args)` through the wrapper's forward.
+    """Let `wrapper(*args, method="encode")` run `module.encode(*args)` through the wrapper's forward.
 
     DDP, FSDP2 and DeepSpeed only synchronise / unshard around `forward`; gradient caching
-    needs the encoder (`embed`) and the objective (`score`) separately, each through the
-    engine's forward. The class is swapped for a subclass with a dispatching forward (as
+    needs the encoder (`encode`) and the objective (`score`) separately, and mask generators
+    the model's signal (`model_signal`), each through the engine's forward. The class is swapped for a subclass with a dispatching forward (as
     FSDP2 does itself), so parameter names and state-dict keys do not change.
     """
     cls = type(module)

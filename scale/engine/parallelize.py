@@ -19,7 +19,7 @@ from typing import Any, Dict
 import torch.nn as nn
 
 from ..config import TrainConfig
-from .block_wrappers import AC_MODES_HELP, apply_activation_checkpointing, apply_compile
+from .block_wrappers import apply_activation_checkpointing, apply_compile
 
 
 def apply_block_wrappers(module: nn.Module, train_cfg: TrainConfig) -> Dict[str, Any]:
@@ -36,7 +36,7 @@ def apply_block_wrappers(module: nn.Module, train_cfg: TrainConfig) -> Dict[str,
             if mode == "full" or mode.startswith("every_"):
                 apply_activation_checkpointing(group, mode)
     compiled = sum(apply_compile(group) for group in groups) if train_cfg.compile else 0
-    return {"checkpointed_blocks": checkpointed, "compiled_blocks": compiled, "ac_modes": AC_MODES_HELP}
+    return {"checkpointed_blocks": checkpointed, "compiled_blocks": compiled}
 
 
 def shard_fsdp2(module: nn.Module, main_policy: Any, fp32_policy: Any, reshard_after_forward: bool) -> None:
