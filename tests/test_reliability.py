@@ -374,3 +374,13 @@ def test_checkpoint_errors_of_export_and_eval(trained_run, tmp_path):
     # an eval override that the checkpoint's architecture would silently beat
     _one_line_error(_run([sys.executable, "-m", "scale.eval", "knn", "--checkpoint", str(ckpt), "--no-progress",
                           "model.name=vit_small_patch16"], tmp_path), "model.name", "would be ignored")
+
+
+def test_a_corrupt_meta_json_is_one_line_for_eval_and_resume(tmp_path):
+    ckpt = tmp_path / "run/checkpoints/step_00000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text("[1, 2")
+    _one_line_error(_run([sys.executable, "-m", "scale.eval", "knn", "--checkpoint", str(ckpt), "--no-progress"],
+                         tmp_path), "meta.json", "unreadable")
+    _one_line_error(_run(_cli(tmp_path / "run", "train.max_steps=1", "--resume", str(ckpt)), tmp_path),
+                    "meta.json", "unreadable")

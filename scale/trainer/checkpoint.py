@@ -210,5 +210,11 @@ class CheckpointManager:
 
 
 def read_meta(path: Path) -> dict:
-    with open(path / META) as f:
-        return json.load(f)
+    """A checkpoint's meta.json, or one CheckpointError naming it."""
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path / META} is unreadable ({type(err).__name__}); not a scale checkpoint?") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path / META} is not a JSON object; not a scale checkpoint?")
+    return meta
