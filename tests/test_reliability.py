@@ -384,3 +384,10 @@ def test_a_corrupt_meta_json_is_one_line_for_eval_and_resume(tmp_path):
                          tmp_path), "meta.json", "unreadable")
     _one_line_error(_run(_cli(tmp_path / "run", "train.max_steps=1", "--resume", str(ckpt)), tmp_path),
                     "meta.json", "unreadable")
+
+
+def test_an_unwritable_output_dir_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    _one_line_error(_run(_cli(blocker / "run", "train.max_steps=1"), tmp_path), "train.output_dir", "cannot be written")
+    assert blocker.read_text() == "not a folder"

@@ -350,8 +350,12 @@ class Trainer:
         resumed = self.maybe_resume()
         main = self.engine.is_main
         if main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(to_yaml(cfg))
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                (self.output_dir / "config.yaml").write_text(to_yaml(cfg))
+            except OSError as err:
+                raise ConfigError(f"train.output_dir {str(self.output_dir)!r}: cannot be written "
+                                  f"({err.strerror or err}); choose a writable folder") from None
         reporter = ProgressReporter(self.output_dir / "tensorboard", self.stop_step, self.step, enabled=main)
         reporter.message(
             f"scale: {cfg.model.name} ({sum(p.numel() for p in self.pretrain_module.encoder.parameters()) / 1e6:.1f}M "
