@@ -141,6 +141,8 @@ def test_cuda_backends_agree():  # pragma: no cover - runs on GPU machines
 def test_backend_resolution():
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu) == "sdpa"
+    assert resolve_backend("auto", cpu, max_tokens=17) == "math"  # short CPU sequences: math is faster
+    assert resolve_backend("auto", cpu, max_tokens=197) == "sdpa"
     assert resolve_backend("math", cpu) == "math"
     with pytest.raises(ValueError, match="needs a CUDA device"):
         resolve_backend("xformers", cpu)

@@ -23,13 +23,19 @@ def xformers_available() -> bool:
     return True
 
 
-def resolve_backend(requested: str, device: torch.device) -> str:
-    """`auto` -> xformers on CUDA when it imports, else SDPA. Explicit requests are checked.
+# On CPU, plain math attention beats SDPA's kernel on short sequences: 1.12x the whole OCL step of the
+# demo recipe (patch 7, sequences of at most 17 tokens), and equal at patch 4 (50): docs/throughput.md.
+CPU_MATH_MAX_TOKENS = 64
 
-    (Math attention for short CPU sequences was measured against SDPA on the CPU recipe in an
-    interleaved A/B: no difference, docs/throughput.md; so `auto` stays SDPA on CPU.)"""
+
+def resolve_backend(requested: str, device: torch.device, max_tokens: int | None = None) -> str:
+    """`auto` -> xformers on CUDA when it imports, else SDPA; on CPU, math when the longest sequence
+    the model attends over (`max_tokens`) is at most CPU_MATH_MAX_TOKENS. Explicit requests are checked."""
     if requested == "auto":
-        return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+        if device.type == "cuda":
+            return "xformers" if xformers_available() else "sdpa"
+        short = device.type == "cpu" and max_tokens is not None and max_tokens <= CPU_MATH_MAX_TOKENS
+        return "math" if short else "sdpa"
     if requested not in BACKENDS:
         raise ValueError(f"model.attn_backend must be one of auto, {', '.join(BACKENDS)}; got {requested!r}")
     if requested == "xformers":

@@ -142,7 +142,7 @@ class VisibleTokenViT(nn.Module):
 
     def set_attn_backend(self, backend: str) -> str:
         """Pick the attention kernel for every block; `auto` resolves against the current device."""
-        resolved = resolve_backend(backend, self.cls_token.device)
+        resolved = resolve_backend(backend, self.cls_token.device, max_tokens=1 + self.spec.num_patches)
         for m in self.modules():
             if isinstance(m, BackendAttention):
                 m.backend = resolved
