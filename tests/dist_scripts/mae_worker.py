@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from worker import SyncCounter, compare_grads, local_grads, tiny, zero_grads  # noqa: E402
+from worker import SyncCounter, compare_grads, counted_step, one_pass, tiny, zero_grads  # noqa: E402
 
 from scale.engine import ENGINES, GradientAccumulation, plan_batch  # noqa: E402
 from scale.masking import MaskContext, build_mask_generator  # noqa: E402
@@ -53,18 +53,13 @@ def main() -> int:
     results = {"world_size": world, "plan_mode": plan.mode}
     # DDP rebuilds its gradient buckets after the first synchronised backward: warm up once so both
     # counted steps see the same buckets.
-    engine.backward(engine.forward(x, local_masks).loss)
+    one_pass(engine, x, local_masks)
     zero_grads(engine)
     count_syncs = SyncCounter(engine)
-    with count_syncs("one_pass"):
-        out = engine.forward(x, local_masks)
-        engine.backward(out.loss)
-    runs = {"one_pass": (engine.all_reduce_mean(out.loss.detach()), local_grads(engine))}
-    zero_grads(engine)
-    with count_syncs("accumulate"):
-        out = GradientAccumulation(engine, micro)(x, local_masks, contextlib.nullcontext)
-    runs["accumulate"] = (engine.all_reduce_mean(out.loss.detach()), local_grads(engine))
-    zero_grads(engine)
+    runs = {"one_pass": counted_step(engine, count_syncs, "one_pass", lambda: one_pass(engine, x, local_masks)),
+            "accumulate": counted_step(engine, count_syncs, "accumulate",
+                                       lambda: GradientAccumulation(engine, micro)(x, local_masks,
+                                                                                   contextlib.nullcontext))}
     results["syncs"] = count_syncs.counts
     # A mask generator's model signal goes through the engine (FSDP2 unshards each block for it).
     signal = engine.model_signal(x, "attention")

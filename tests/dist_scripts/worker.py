@@ -84,6 +84,21 @@ class SyncCounter:
             self.counts[label] = self.calls - before
 
 
+def one_pass(engine, x, masks):
+    out = engine.forward(x, masks)
+    engine.backward(out.loss)
+    return out
+
+
+def counted_step(engine, count_syncs, label: str, run) -> tuple:
+    """(global loss, local gradients) of `run()` (forwards and backwards), its syncs counted; grads zeroed after."""
+    with count_syncs(label):
+        out = run()
+    result = (engine.all_reduce_mean(out.loss.detach()), local_grads(engine))
+    zero_grads(engine)
+    return result
+
+
 def compare_grads(loss, grads: dict, ref_loss, ref_grads: dict) -> dict:
     """An engine's loss and gradients against one process's: worst relative difference, missing names."""
     diffs = {n: (grads[n] - ref_grads[n]).abs().max().item() / max(ref_grads[n].abs().max().item(), 1e-12)
@@ -113,15 +128,9 @@ def scenario_grads(args) -> dict:
 
     results = {"world_size": world}
     count_syncs = SyncCounter(engine)
-    with count_syncs("full"):
-        out = engine.forward(x, local_masks)
-        engine.backward(out.loss)
-    runs = {"full": (engine.all_reduce_mean(out.loss.detach()), local_grads(engine))}
-    zero_grads(engine)
-    with count_syncs("grad_cache"):
-        out = GradCache(engine, chunk)(x, local_masks, contextlib.nullcontext)
-    runs["grad_cache"] = (engine.all_reduce_mean(out.loss.detach()), local_grads(engine))
-    zero_grads(engine)
+    runs = {"full": counted_step(engine, count_syncs, "full", lambda: one_pass(engine, x, local_masks)),
+            "grad_cache": counted_step(engine, count_syncs, "grad_cache",
+                                       lambda: GradCache(engine, chunk)(x, local_masks, contextlib.nullcontext))}
     results["syncs"] = count_syncs.counts
 
     if rank == 0:  # one process, the concatenated batch, the same masks and initial weights
