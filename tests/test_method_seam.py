@@ -74,3 +74,20 @@ def test_a_new_objective_and_mask_generator_train_through_the_registries(tmp_pat
     assert SEEN["contexts"][0][2] == (16, 50, 50)
     # accumulation in two micro-batches of 8 (the toy loss does not couple the batch)
     assert SEEN["batches"][0] == ((8, 1, 24, 192), True)
+
+
+def test_the_trainer_imports_no_evaluation_code_and_probes_no_engine():
+    import subprocess
+    import sys
+
+    from conftest import REPO, python_env
+
+    code = ("import sys, scale.trainer, scale.engine; "
+            "print(sorted(m for m in sys.modules if m.startswith('scale.eval')))")
+    out = subprocess.run([sys.executable, "-c", code], env=python_env(), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"  # monitors are handed in: no trainer -> eval import
+    for path in [*(REPO / "scale/trainer").glob("*.py"), REPO / "scale/engine/grad_cache.py",
+                 REPO / "scale/engine/accumulation.py", REPO / "scale/eval/knn.py"]:
+        text = path.read_text()
+        for probe in ("getattr(self.engine", "getattr(engine", "hasattr(engine", "engine.name ==", ".name == \"fsdp\""):
+            assert probe not in text, (path, probe)
