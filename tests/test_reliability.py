@@ -91,19 +91,26 @@ def test_crafted_checkpoint_is_refused_by_resume_export_and_eval(trained_run, tm
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_crafted_fsdp_extra_file_is_refused(tmp_path):
+def test_crafted_fsdp_checkpoint_files_are_refused(tmp_path):
+    """A DCP checkpoint: its real metadata with a crafted extra.pt, then a crafted .metadata pickle."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from scale.errors import UserError
     from scale.export import load_checkpoint
 
     ckpt = tmp_path / "step_00000001"
-    (ckpt / "dcp").mkdir(parents=True)
-    (ckpt / "dcp/.metadata").write_bytes(b"")
+    dcp.save({"model": {"encoder.w": torch.randn(3, 4)}}, checkpoint_id=str(ckpt / "dcp"), no_dist=True)
     marker = tmp_path / "pwned"
     torch.save({"config": _CreatesFile(marker)}, ckpt / "extra.pt")
-    with pytest.raises(Exception) as err:
+    with pytest.raises(UserError, match="extra.pt"):
         load_checkpoint(ckpt)
-    from scale.errors import UserError
-
-    assert isinstance(err.value, UserError)
+    torch.save({"step": 1}, ckpt / "extra.pt")
+    assert load_checkpoint(ckpt).model_state["encoder.w"].shape == (3, 4)  # the real metadata still loads
+    (ckpt / "dcp/.metadata").write_bytes(pickle.dumps(_CreatesFile(marker)))
+    with pytest.raises(UserError, match=r"\.metadata"):
+        load_checkpoint(ckpt)
     assert not marker.exists()
 
 

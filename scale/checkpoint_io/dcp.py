@@ -10,14 +10,18 @@ reads the `model.*` tensors alone, in one process without a process group (expor
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import pickle
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed.checkpoint as dist_cp
 
-from .errors import CheckpointFormatError
+from .deepspeed import FORCE_WEIGHTS_ONLY
+from .errors import CheckpointFileError, CheckpointFormatError
 from .safe_load import load_torch_file
 
 FORMAT = "dcp"
@@ -35,12 +39,66 @@ def save(directory: Path, model_state: Dict[str, Any], optimizer_state: Dict[str
         torch.save(extra, directory / EXTRA_FILE)
 
 
+# What a DCP `.metadata` pickle may name: DCP's own metadata classes, shapes, dtypes, layouts, paths.
+# torch's reader unpickles it with plain `pickle.load`; ours refuses anything else (it could run code).
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+     ("collections", "OrderedDict")} | {("torch", str(dtype).split(".")[1]) for dtype in (
+         torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+         torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _METADATA_GLOBALS:
+            raise pickle.UnpicklingError(f"Unsupported global: {module}.{name}")
+        return super().find_class(module, name)
+
+
+class PlainDataReader(dist_cp.FileSystemReader):
+    """A FileSystemReader whose metadata is unpickled with an allow-list (DCP's classes only)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        path = Path(self.path) / DCP_METADATA
+        try:
+            with open(path, "rb") as stream:
+                metadata = _MetadataUnpickler(stream).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError) as err:
+            raise CheckpointFileError(f"checkpoint file {path}: refused or damaged: it is not plain DCP metadata "
+                                      f"({type(err).__name__}: {str(err)[:120]})") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+@contextlib.contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """DCP's planner rebuilds non-tensor items with torch.load(weights_only=False): force weights_only."""
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous
+
+
 def load(directory: Path, model_state: Dict[str, Any],
          optimizer_state: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
     """Collective: (model state, optimizer state, trainer state), the first two read into the given
     (sharded) state dicts."""
     state = {"model": model_state, "optimizer": optimizer_state}
-    dist_cp.load(state, checkpoint_id=str(directory / DCP_DIR))
+    with _weights_only_loads():
+        dist_cp.load(state, storage_reader=PlainDataReader(str(directory / DCP_DIR)))
     return state["model"], state["optimizer"], load_torch_file(directory / EXTRA_FILE)
 
 
@@ -61,7 +119,7 @@ def read_model(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, 
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     directory = dcp_dir(path)
-    reader = dist_cp.FileSystemReader(str(directory))
+    reader = PlainDataReader(str(directory))
     metadata = reader.read_metadata()
     model: Dict[str, torch.Tensor] = {}
     for key, item in metadata.state_dict_metadata.items():
@@ -73,6 +131,7 @@ def read_model(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, 
     # DCP flattens nested dicts with '.', so {"model": {k: t}} asks for "model.<k>" exactly.
     with warnings.catch_warnings():  # "torch.distributed is disabled ...": reading alone is the intent
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dist_cp.load({"model": model}, storage_reader=reader, no_dist=True)
+        with _weights_only_loads():
+            dist_cp.load({"model": model}, storage_reader=reader, no_dist=True)
     extra_file = path / EXTRA_FILE
     return model, load_torch_file(extra_file) if extra_file.is_file() else None
