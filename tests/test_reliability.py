@@ -398,3 +398,26 @@ def test_an_unwritable_output_dir_is_one_line(tmp_path):
     blocker.write_text("not a folder")
     _one_line_error(_run(_cli(blocker / "run", "train.max_steps=1"), tmp_path), "train.output_dir", "cannot be written")
     assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.img_size=30", "patch_size"), ("train.activation_checkpointing=0,99", "train.activation_checkpointing"),
+    ("mask.ratio=0.99", "mask.ratio"), ("model.attn_backend=xformers", "xformers"),
+])
+def test_values_checked_where_the_model_is_built_are_one_line_too(tmp_path, override, needle, capsys):
+    from scale.train import main
+
+    assert main([*TINY_OVERRIDES, f"train.output_dir={tmp_path}", "train.max_steps=1", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and needle in err, err
+
+
+def test_resume_allow_changes_accepts_a_section_and_old_key_names_are_compared(trained_run, tmp_path):
+    run = _copy_run(trained_run[0], tmp_path / "run")
+    proc = _run(_cli(run, "train.max_steps=5", "mask.ratio=0.5", "train.resume_allow_changes=[mask]",
+                     "--resume", "auto"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from scale.trainer.resume_check import config_changes
+
+    old = {"train": {"contrastive_batch": 4096}}  # a config saved before the rename
+    assert config_changes(old, {"train": {"global_batch": 1024}}) == [("train.global_batch", 4096, 1024)]

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from ..config import ConfigError
 AC_MODES_HELP = "none | full | every_<k> (blocks k-1, 2k-1, ...) | comma-separated block indices (e.g. 0,2,5)"
 _EVERY = re.compile(r"^every_([1-9][0-9]*)$")
 _INDICES = re.compile(r"^\[?\s*[0-9]+(\s*,\s*[0-9]+)*\s*\]?$")
@@ -60,11 +61,11 @@ def ac_block_indices(mode: Union[str, Sequence[int]], depth: int) -> List[int]:
             k = int(every.group(1))
             return [i for i in range(depth) if (i + 1) % k == 0]
         if not _INDICES.match(text):
-            raise ValueError(f"train.activation_checkpointing must be {AC_MODES_HELP}; got {mode!r}")
+            raise ConfigError(f"train.activation_checkpointing must be {AC_MODES_HELP}; got {mode!r}")
         indices = sorted({int(i) for i in text.strip("[] ").split(",")})
     bad = [i for i in indices if not 0 <= i < depth]
     if bad:
-        raise ValueError(f"train.activation_checkpointing names block(s) {bad}, but the encoder has "
+        raise ConfigError(f"train.activation_checkpointing names block(s) {bad}, but the encoder has "
                          f"{depth} blocks (0..{depth - 1})")
     return indices
 

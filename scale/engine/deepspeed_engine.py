@@ -82,7 +82,11 @@ def deepspeed_config(cfg: RunConfig, plan: BatchPlan, device: torch.device) -> D
     if not path.is_file():
         raise ConfigError(f"DeepSpeed config {str(path)!r} does not exist (engine.deepspeed_config / engine.zero_stage)")
     with open(path) as f:
-        ds = json.load(f)
+        try:
+            ds = json.load(f)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ConfigError(f"DeepSpeed config {str(path)!r} is not valid JSON ({err}); "
+                              "see recipes/deepspeed/zero*.json") from None
     zero = ds.setdefault("zero_optimization", {})
     if stage is not None:
         zero["stage"] = stage

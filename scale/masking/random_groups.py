@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import MaskConfig
+from ..config import ConfigError, MaskConfig
 from .base import MASK_GENERATORS, MaskContext, MaskGenerator, Masks
 
 
@@ -17,11 +17,11 @@ class RandomGroupMasking(MaskGenerator):
     def __init__(self, grid_size: int, ratio: float, num_groups: int = 2):
         super().__init__(grid_size)
         if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"mask.ratio must be in [0, 1), got {ratio}")
+            raise ConfigError(f"mask.ratio must be in [0, 1), got {ratio}")
         keep = int(self.num_patches * (1.0 - ratio))
         keep -= keep % num_groups
         if keep < num_groups:
-            raise ValueError(f"mask.ratio {ratio} leaves {keep} of {self.num_patches} patches: "
+            raise ConfigError(f"mask.ratio {ratio} leaves {keep} of {self.num_patches} patches: "
                              f"fewer than one per group")
         self.ratio, self.num_groups, self.num_keep = ratio, num_groups, keep
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 
+from ..config import ConfigError
 BACKENDS = ("xformers", "sdpa", "math")
 
 
@@ -37,12 +38,12 @@ def resolve_backend(requested: str, device: torch.device, max_tokens: int | None
         short = device.type == "cpu" and max_tokens is not None and max_tokens <= CPU_MATH_MAX_TOKENS
         return "math" if short else "sdpa"
     if requested not in BACKENDS:
-        raise ValueError(f"model.attn_backend must be one of auto, {', '.join(BACKENDS)}; got {requested!r}")
+        raise ConfigError(f"model.attn_backend must be one of auto, {', '.join(BACKENDS)}; got {requested!r}")
     if requested == "xformers":
         if device.type != "cuda":
-            raise ValueError("model.attn_backend=xformers needs a CUDA device (xFormers has no CPU kernels)")
+            raise ConfigError("model.attn_backend=xformers needs a CUDA device (xFormers has no CPU kernels)")
         if not xformers_available():
-            raise ValueError("model.attn_backend=xformers but xformers does not import; "
+            raise ConfigError("model.attn_backend=xformers but xformers does not import; "
                              "pip install 'scale[xformers]' or use attn_backend=sdpa")
     return requested
 

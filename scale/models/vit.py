@@ -18,6 +18,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed, build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
+from ..config import ConfigError
 from ..registry import Registry
 from .attention import BackendAttention, resolve_backend
 
@@ -85,9 +86,9 @@ class VisibleTokenViT(nn.Module):
                  drop_path_rate: float = 0.0, init: str = "mocov3"):
         super().__init__()
         if spec.img_size % spec.patch_size:
-            raise ValueError(f"img_size {spec.img_size} is not a multiple of patch_size {spec.patch_size}")
+            raise ConfigError(f"img_size {spec.img_size} is not a multiple of patch_size {spec.patch_size}")
         if spec.embed_dim % 4:
-            raise ValueError(f"embed_dim {spec.embed_dim} must be divisible by 4 for 2-D sin-cos positions")
+            raise ConfigError(f"embed_dim {spec.embed_dim} must be divisible by 4 for 2-D sin-cos positions")
         self.spec = spec
         self.embed_dim = spec.embed_dim
         self.num_prefix_tokens = 1
@@ -104,7 +105,7 @@ class VisibleTokenViT(nn.Module):
         ])
         self.norm = nn.LayerNorm(spec.embed_dim, eps=1e-6)
         if init not in INITS:
-            raise ValueError(f"model.init must be one of {', '.join(INITS)}; got {init!r}")
+            raise ConfigError(f"model.init must be one of {', '.join(INITS)}; got {init!r}")
         self.init_weights(train_patch_embed, init)
         self.set_attn_backend(attn_backend)
 

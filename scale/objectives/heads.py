@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ..config import ConfigError
+
 
 def mlp_head(in_dim: int, num_layers: int, hidden_dim: int = 1024, out_dim: int = 512) -> nn.Module:
     """`num_layers` Linear layers, BatchNorm after each, GELU after all but the last."""
     if num_layers < 2:
-        raise ValueError(f"objective.head.layers must be 2 or 3 for an MLP head, got {num_layers}")
+        raise ConfigError(f"objective.head.layers must be 2 or 3 for an MLP head, got {num_layers}")
     layers = []
     dim = in_dim
     for i in range(num_layers):

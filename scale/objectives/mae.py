@@ -27,7 +27,7 @@ import torch.nn as nn
 from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
-from ..config import DecoderConfig, ObjectiveConfig
+from ..config import ConfigError, DecoderConfig, ObjectiveConfig
 from ..models import ViTSpec
 from ..models.attention import BackendAttention
 from ..models.flops import blocks_forward_flops, linear_flops
@@ -71,7 +71,7 @@ class MAEDecoder(nn.Module):
     def __init__(self, spec: ViTSpec, cfg: DecoderConfig):
         super().__init__()
         if cfg.dim % 4:
-            raise ValueError(f"objective.decoder.dim must be divisible by 4 (2-D sin-cos), got {cfg.dim}")
+            raise ConfigError(f"objective.decoder.dim must be divisible by 4 (2-D sin-cos), got {cfg.dim}")
         self.spec, self.dim = spec, cfg.dim
         self.decoder_embed = nn.Linear(spec.embed_dim, cfg.dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))

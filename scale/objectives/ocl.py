@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ObjectiveConfig
+from ..config import ConfigError, ObjectiveConfig
 from ..models import ViTSpec
 from .base import (OBJECTIVES, FeatureGather, Objective, ObjectiveBatch, ObjectiveOutput, fp32_region,
                    local_gather)
@@ -43,7 +43,7 @@ class OCLObjective(Objective):
                  head_out_dim: int = 512):
         super().__init__()
         if kappa <= 0:
-            raise ValueError(f"objective.kappa must be > 0, got {kappa}")
+            raise ConfigError(f"objective.kappa must be > 0, got {kappa}")
         self.kappa = kappa
         self.log_min, self.log_max = math.log(min_temperature), math.log(max_temperature)
         # Stored as a log so the optimizer moves it multiplicatively (as CLIP's logit scale).

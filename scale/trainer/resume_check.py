@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterator, List, Tuple
 
-from ..config import RunConfig, to_dict
+from ..config import RENAMED_KEYS, RunConfig, to_dict
 from .checkpoint import CheckpointError
 
 # Prefixes (a section, or one key) whose change is refused, with the reason shown.
@@ -82,7 +82,8 @@ def _same(old: Any, new: Any) -> bool:
 
 def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
     """(key, old, new) for every leaf key whose value differs (keys missing on one side: None)."""
-    old_flat, new_flat = dict(_flatten(old)), dict(_flatten(new))
+    old_flat = {RENAMED_KEYS.get(key, key): value for key, value in _flatten(old)}  # configs saved before a rename
+    new_flat = dict(_flatten(new))
     changes = []
     for key in sorted(set(old_flat) | set(new_flat)):
         if key not in old_flat:  # a key newer than the checkpoint: it kept the default then
@@ -115,7 +116,7 @@ def check_resume_config(saved: Dict[str, Any], cfg: RunConfig, saved_meta: Dict[
             reason = "the data order"
         elif key == "data.num_workers" and cfg.data.name == "webdataset":
             reason = "the data order (shards are dealt to world_size x num_workers readers)"
-        if reason is not None and key not in allowed:
+        if reason is not None and not any(_matches(key, accepted) for accepted in allowed):
             refused.append(f"{key}: {old!r} -> {new!r} (changes {reason})")
         elif reason is not None or any(_matches(key, prefix) for prefix in WARNED):
             warnings.append(f"resuming {checkpoint} with {key} changed: {old!r} -> {new!r}")
