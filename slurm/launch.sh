@@ -229,7 +229,7 @@ fi
 OVERRIDES=("${BATCH_OVERRIDES[@]}" "${ENV_OVERRIDES[@]}" "$@")
 resolve "${OVERRIDES[@]}"
 
-# The effective batch as the trainer will compute it (scale.engine.grad_cache.plan_batch).
+# The effective batch as the trainer will compute it (scale/engine/batch_plan.py plan_batch).
 PER_TASK=$(field batch) CONTRASTIVE=$(field global_batch) CHUNK=$(field chunk)
 if [ "$CONTRASTIVE" != None ]; then
     (( CONTRASTIVE % NTASKS == 0 )) || die "train.global_batch=$CONTRASTIVE does not split evenly over the $NTASKS tasks; set GLOBAL_BATCH (or train.global_batch=) to a multiple of $NTASKS"

@@ -421,3 +421,14 @@ def test_resume_allow_changes_accepts_a_section_and_old_key_names_are_compared(t
 
     old = {"train": {"contrastive_batch": 4096}}  # a config saved before the rename
     assert config_changes(old, {"train": {"global_batch": 1024}}) == [("train.global_batch", 4096, 1024)]
+
+
+def test_resume_refuses_another_engine_family(tmp_path):
+    from scale.config import to_dict
+    from scale.trainer.resume_check import check_resume_config
+
+    cfg = tiny_config(tmp_path)
+    meta = {"engine": "fsdp", "checkpoint_format": "dcp", "world_size": 1}
+    with pytest.raises(CheckpointError, match=r"engine: 'fsdp \(dcp checkpoint\)' -> .*torch checkpoint"):
+        check_resume_config(to_dict(cfg), cfg, meta, "torch", 1, "ckpt")
+    assert check_resume_config(to_dict(cfg), cfg, dict(meta, checkpoint_format="torch"), "torch", 1, "ckpt") == []

@@ -31,6 +31,7 @@ class Engine(abc.ABC):
     name: str = "base"
     # Whether full_state_dict() is a collective (every rank must call it): sharded parameters.
     sharded_state: bool = False
+    checkpoint_format: str = ""  # the scale.checkpoint_io format it writes (recorded in meta.json)
 
     def __init__(self, device: torch.device, sync_timing: bool = True):
         self.device = device

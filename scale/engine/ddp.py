@@ -22,6 +22,7 @@ from .batch_plan import GRAD_CACHE, BatchPlan
 
 class DDPEngine(DistributedEngine):
     name = "ddp"
+    checkpoint_format = torch_file.FORMAT
 
     def setup(self, module: nn.Module, build_optimizer: OptimizerFactory, plan: BatchPlan) -> None:
         self._inner = enable_method_dispatch(module).to(self.device)

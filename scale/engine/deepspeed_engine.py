@@ -3,11 +3,11 @@
 Our torch AdamW (with our parameter groups) is the client optimizer, so no DeepSpeed op
 has to be JIT-compiled; our schedule sets its learning rates every step. Values marked
 "auto" in the JSON are filled from the run config: micro-batch and train batch from the
-per-rank / contrastive batch, gradient clipping from optim.clip_grad (DeepSpeed clips
+per-rank / global batch, gradient clipping from optim.clip_grad (DeepSpeed clips
 inside its optimizer), and bf16 from train.precision as everywhere else (auto: bf16 on
-CUDA, fp32 on CPU; an explicit bf16 is honoured on CPU too, slowly). Gradient
-accumulation stays 1: more negatives per step come from gradient caching, not from
-accumulation.
+CUDA, fp32 on CPU; an explicit bf16 is honoured on CPU too, slowly). DeepSpeed's own
+gradient_accumulation_steps stays 1: micro-batches (gradient caching for OCL, exact
+accumulation for MAE) run inside one DeepSpeed step, under `accumulation_scope`.
 
 bf16 is DeepSpeed's `torch_autocast` mode, not its `bf16` mode: parameters, gradients and
 the optimizer's master copies stay fp32, the encoder computes in bf16 under autocast, and
@@ -149,6 +149,7 @@ def _dataclass_outputs_as_namedtuples(module: nn.Module) -> None:
 
 class DeepSpeedEngine(DistributedEngine):
     name = "deepspeed"
+    checkpoint_format = deepspeed_checkpoint.FORMAT
 
     def __init__(self, device: torch.device, cfg: RunConfig):
         super().__init__(device, cfg)
@@ -184,7 +185,7 @@ class DeepSpeedEngine(DistributedEngine):
 
     @contextlib.contextmanager
     def accumulation_scope(self) -> Iterator[None]:
-        """All backwards of one gradient-cached step, reduced once at the end.
+        """All backwards of one step in micro-batches (gradient caching or accumulation), reduced once at the end.
 
         DeepSpeed forbids no_sync under ZeRO-2/3 (their gradients are partitioned as
         they are produced); its coalesce_grad_reduction keeps every backward's gradients

@@ -31,6 +31,7 @@ from .distributed import DistributedEngine, enable_method_dispatch, promote_scal
 
 class FSDPEngine(DistributedEngine):
     name = "fsdp"
+    checkpoint_format = dcp.FORMAT
     sharded_state = True
 
     def _policies(self):

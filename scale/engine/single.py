@@ -14,6 +14,7 @@ from .batch_plan import BatchPlan
 
 class SingleProcessEngine(Engine):
     name = "single"
+    checkpoint_format = torch_file.FORMAT
 
     def setup(self, module: nn.Module, build_optimizer: OptimizerFactory, plan: BatchPlan) -> None:
         self.module = module.to(self.device)

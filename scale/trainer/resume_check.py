@@ -57,7 +57,6 @@ WARNED: Tuple[str, ...] = ("train.epochs", "train.max_steps", "train.precision",
 # Keys that are not config keys but are checked the same way.
 WORLD_SIZE = "world_size"
 ENGINE_FAMILY = "engine"
-_FAMILIES = {"single": "torch file", "ddp": "torch file", "fsdp": "FSDP2 DCP", "deepspeed": "DeepSpeed"}
 
 
 def _flatten(tree: Dict[str, Any], prefix: str = "") -> Iterator[Tuple[str, Any]]:
@@ -93,15 +92,15 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, 
     return changes
 
 
-def check_resume_config(saved: Dict[str, Any], cfg: RunConfig, saved_meta: Dict[str, Any], engine_name: str,
+def check_resume_config(saved: Dict[str, Any], cfg: RunConfig, saved_meta: Dict[str, Any], checkpoint_format: str,
                         world_size: int, checkpoint: str) -> List[str]:
     """Raise CheckpointError listing refused changes; return warnings for allowed ones."""
     allowed = set(cfg.train.resume_allow_changes)
     changes = config_changes(saved, to_dict(cfg))
-    old_engine = saved_meta.get("engine")
-    if old_engine and _FAMILIES.get(old_engine, old_engine) != _FAMILIES.get(engine_name, engine_name):
-        changes.append((ENGINE_FAMILY, f"{old_engine} ({_FAMILIES.get(old_engine, '?')})",
-                        f"{engine_name} ({_FAMILIES.get(engine_name, '?')})"))
+    old_format = saved_meta.get("checkpoint_format")  # the engine family: torch file, dcp, deepspeed
+    if old_format and old_format != checkpoint_format:
+        changes.append((ENGINE_FAMILY, f"{saved_meta.get('engine')} ({old_format} checkpoint)",
+                        f"{cfg.engine.name} ({checkpoint_format} checkpoint)"))
     old_world = saved_meta.get("world_size")
     if old_world is not None and int(old_world) != world_size:
         changes.append((WORLD_SIZE, int(old_world), world_size))

@@ -1,9 +1,10 @@
 """The pre-training loop: data -> masks -> encoder -> objective -> engine step.
 
-Everything that decides what a step computes is a function of (seed, step): the data
-order of (seed, epoch, rank), the masks of (seed, step, rank), the learning rate of the
-step. A checkpoint therefore only has to hold the parameters, the optimizer, the step
-and the global RNG state, and `--resume auto` continues bit-for-bit on CPU.
+Everything that decides what a step computes is a function of (seed, step, rank): the
+data order of (seed, epoch, rank), the masks of (seed, step, rank), the global RNG (drop
+path), re-seeded from (seed, step, rank) at every step, and the learning rate of the step.
+A checkpoint therefore only has to hold the parameters, the optimizer and the step (and
+the config it checks on resume), and `--resume auto` continues bit-for-bit on CPU.
 """
 from __future__ import annotations
 
@@ -129,6 +130,7 @@ class Trainer:
         return self.checkpoints.save(
             self.step, lambda d: self.engine.save(d, extra),
             meta={"step": self.step, "epoch": self.step // self.steps_per_epoch, "engine": self.engine.name,
+                  "checkpoint_format": self.engine.checkpoint_format,
                   "world_size": self.engine.world_size, "model": self.cfg.model.name, "config": to_dict(self.cfg)},
             is_writer=self.engine.is_main, barrier=self.engine.barrier)
 
@@ -178,7 +180,7 @@ class Trainer:
         meta = read_meta(path)
         saved_config = meta.get("config")
         if isinstance(saved_config, dict):
-            for warning in check_resume_config(saved_config, self.cfg, meta, self.engine.name,
+            for warning in check_resume_config(saved_config, self.cfg, meta, self.engine.checkpoint_format,
                                                self.engine.world_size, str(path)):
                 self._warn(warning)
         else:
