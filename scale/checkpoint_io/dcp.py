@@ -80,7 +80,7 @@ class PlainDataReader(dist_cp.FileSystemReader):
 
 @contextlib.contextmanager
 def _weights_only_loads() -> Iterator[None]:
-    """DCP's planner rebuilds non-tensor items with torch.load(weights_only=False): force weights_only."""
+    """DCP's planner rebuilds non-tensor items with a torch.load with weights_only off: force weights_only."""
     previous = os.environ.get(FORCE_WEIGHTS_ONLY)
     os.environ[FORCE_WEIGHTS_ONLY] = "1"
     try:

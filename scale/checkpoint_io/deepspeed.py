@@ -61,7 +61,7 @@ def load_deepspeed_file(path: str | Path, map_location: Any = "cpu") -> Any:
 
 def _plain_data_checkpoint_engine() -> Any:
     """DeepSpeed's torch checkpoint engine, loading with weights_only=True (load_deepspeed_file):
-    its own load passes weights_only=False, so resuming a crafted checkpoint would run code."""
+    its own load unpickles with weights_only off, so resuming a crafted checkpoint would run code."""
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     class PlainDataCheckpointEngine(TorchCheckpointEngine):
@@ -74,7 +74,7 @@ def _plain_data_checkpoint_engine() -> Any:
 @contextlib.contextmanager
 def forced_weights_only(files: Sequence[Path]) -> Iterator[None]:
     """Every torch.load inside runs with weights_only=True, allowing deepspeed_safe_globals() only:
-    torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides callers that pass weights_only=False, as
+    torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides callers that turn weights_only off, as
     DeepSpeed's zero_to_fp32 does. Process-wide while it lasts (a one-shot reader such as
     scale.export). A refusal is the CheckpointFileError of the file among `files` that fails
     to load on its own, so the error names it."""
@@ -153,7 +153,7 @@ def read_model(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, 
     if has_zero_partitions and get_fp32_state_dict_from_zero_checkpoint is not None:
         # The fp32 master weights (bf16 runs keep only bf16 copies in the module states).
         # zero_to_fp32 narrates to stdout and draws progress bars on stderr; it loads with
-        # weights_only=False, which forced_weights_only overrides.
+        # weights_only off, which forced_weights_only overrides.
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
                 forced_weights_only(sorted(directory.glob("*.pt"))):
             state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=directory.name)

@@ -22,7 +22,7 @@ from .errors import CheckpointFileError
 def _reason(err: BaseException) -> str:
     text = str(err)
     if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in text:
-        # torch's message suggests loading with weights_only=False, which is exactly what must not happen.
+        # torch's message suggests loading with weights_only off, which is exactly what must not happen.
         detail = next((line.strip() for line in text.splitlines() if "Unsupported global" in line
                        or "Unsupported operand" in line), "")
         return ("refused: it holds Python objects other than tensors and plain containers, and unpickling them "
