@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from scale.checkpoint_io import (CheckpointFileError, CheckpointFormatError, dcp, deepspeed, detect_format,
-                                 encoder_state_dict, load_checkpoint, torch_file)
+                                 encoder_state_dict, load_checkpoint, safe_load, torch_file)
 
 SCALE = Path(__file__).resolve().parents[1] / "scale"
 FORMAT_PACKAGE = SCALE / "checkpoint_io"
@@ -134,7 +134,8 @@ def string_constants(path: Path):
 @pytest.mark.parametrize("module, names", [
     (torch_file, ["STATE_FILE"]),
     (dcp, ["DCP_DIR", "EXTRA_FILE"]),
-    (deepspeed, ["EXTRA_KEY", "MODULE_STATES_FILE", "ZERO3_MODULE_STATES", "FORCE_WEIGHTS_ONLY"]),
+    (deepspeed, ["EXTRA_KEY", "MODULE_STATES_FILE", "ZERO3_MODULE_STATES"]),
+    (safe_load, ["FORCE_WEIGHTS_ONLY"]),
 ])
 def test_file_names_and_keys_are_defined_in_their_format_module_only(module, names):
     home = Path(module.__file__)

@@ -10,19 +10,16 @@ reads the `model.*` tensors alone, in one process without a process group (expor
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed.checkpoint as dist_cp
 
-from .deepspeed import FORCE_WEIGHTS_ONLY
 from .errors import CheckpointFileError, CheckpointFormatError
-from .safe_load import load_torch_file
+from .safe_load import load_torch_file, weights_only_forced
 
 FORMAT = "dcp"
 DCP_DIR = "dcp"
@@ -78,26 +75,12 @@ class PlainDataReader(dist_cp.FileSystemReader):
         return metadata
 
 
-@contextlib.contextmanager
-def _weights_only_loads() -> Iterator[None]:
-    """DCP's planner rebuilds non-tensor items with a torch.load with weights_only off: force weights_only."""
-    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
-    os.environ[FORCE_WEIGHTS_ONLY] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
-        else:
-            os.environ[FORCE_WEIGHTS_ONLY] = previous
-
-
 def load(directory: Path, model_state: Dict[str, Any],
          optimizer_state: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
     """Collective: (model state, optimizer state, trainer state), the first two read into the given
     (sharded) state dicts."""
     state = {"model": model_state, "optimizer": optimizer_state}
-    with _weights_only_loads():
+    with weights_only_forced():  # DCP's planner rebuilds non-tensor items with torch.load, weights_only off
         dist_cp.load(state, storage_reader=PlainDataReader(str(directory / DCP_DIR)))
     return state["model"], state["optimizer"], load_torch_file(directory / EXTRA_FILE)
 
@@ -131,7 +114,7 @@ def read_model(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, 
     # DCP flattens nested dicts with '.', so {"model": {k: t}} asks for "model.<k>" exactly.
     with warnings.catch_warnings():  # "torch.distributed is disabled ...": reading alone is the intent
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        with _weights_only_loads():
+        with weights_only_forced():
             dist_cp.load({"model": model}, storage_reader=reader, no_dist=True)
     extra_file = path / EXTRA_FILE
     return model, load_torch_file(extra_file) if extra_file.is_file() else None

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import pickle
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -25,7 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from .errors import CheckpointFormatError
-from .safe_load import load_torch_file
+from .safe_load import FORCE_WEIGHTS_ONLY, load_torch_file, weights_only_forced  # noqa: F401 (re-exported)
 
 FORMAT = "deepspeed"
 TAG = "deepspeed"  # the tag (subdirectory) DeepSpeedEngine saves under
@@ -37,7 +36,6 @@ MODEL_STATES = "*model_states.pt"  # either of the above
 OPTIM_STATES = "*optim_states.pt"  # ZeRO partitions
 LAYOUT = (f"a DeepSpeed tag directory holding {MODULE_STATES_FILE} / zero_pp_rank_*_model_states.pt "
           "(deepspeed engine)")  # what `holds` looks for, in words
-FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 # ----------------------------------------------------------------------------- safe loading
@@ -78,20 +76,13 @@ def forced_weights_only(files: Sequence[Path]) -> Iterator[None]:
     DeepSpeed's zero_to_fp32 does. Process-wide while it lasts (a one-shot reader such as
     scale.export). A refusal is the CheckpointFileError of the file among `files` that fails
     to load on its own, so the error names it."""
-    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
-    os.environ[FORCE_WEIGHTS_ONLY] = "1"
     try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        with weights_only_forced(), torch.serialization.safe_globals(deepspeed_safe_globals()):
             yield
     except pickle.UnpicklingError:
         for path in files:
             load_deepspeed_file(path)  # raises, naming the file
         raise
-    finally:
-        if previous is None:
-            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
-        else:
-            os.environ[FORCE_WEIGHTS_ONLY] = previous
 
 
 # ----------------------------------------------------------------------------- engine save / load

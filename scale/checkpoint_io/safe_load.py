@@ -9,14 +9,35 @@ rebuilt, so a crafted file cannot run code under `--resume`, `scale.export` or
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
 from ..errors import one_line
 from .errors import CheckpointFileError
+
+
+# torch's switch that makes every torch.load weights_only, whatever its caller passes.
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+@contextlib.contextmanager
+def weights_only_forced() -> Iterator[None]:
+    """Every torch.load inside runs with weights_only, also where library code (DeepSpeed's zero_to_fp32,
+    DCP's planner) turns it off. Process-wide while it lasts: for one-shot readers and loads."""
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous
 
 
 def _reason(err: BaseException) -> str:
