@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..checkpoint_io import encoder_state_dict
 from ..config import ConfigError, RunConfig, to_dict, to_yaml
 from ..errors import UserError, one_line
 from ..device import autocast_dtype, resolve_device
@@ -108,9 +109,8 @@ class Trainer:
         self.step = 0
         self._stop_signal: Optional[int] = None
         self._last_group_shape = (self.batch_plan.per_rank_batch, 2, self.spec.num_patches)
-        self.passes = {None: None, GRAD_CACHE: GradCache, ACCUMULATE: GradientAccumulation}[self.batch_plan.mode]
-        if self.passes is not None:
-            self.passes = self.passes(self.engine, self.batch_plan.chunk)
+        passes = {GRAD_CACHE: GradCache, ACCUMULATE: GradientAccumulation}.get(self.batch_plan.mode)
+        self.passes = passes(self.engine, self.batch_plan.chunk) if passes is not None else None
         self.timer: StepTimer = self.engine.timer  # per-step timings, shared with the engine's collectives
 
     @property
@@ -320,7 +320,7 @@ class Trainer:
             return None
         m = self.cfg.model
         encoder = build_encoder(m.name, img_size=m.img_size, in_chans=m.in_chans, attn_backend="math")
-        encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
+        encoder.load_state_dict(encoder_state_dict(state, "the trainer's state"))
         encoder.to(self.device).set_attn_backend(m.attn_backend)
         return encoder
 
