@@ -41,7 +41,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scale.config import RunConfig, load_config, to_dict  # noqa: E402
+from scale.config import ConfigError, RunConfig, load_config, to_dict  # noqa: E402
 from scale.eval.config import LinearProbeRecipe, load_recipe  # noqa: E402
 from scale.eval.features import Features, build_split, extract_features, iterate_split  # noqa: E402
 from scale.eval.knn import knn_accuracy  # noqa: E402
@@ -251,6 +251,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="evaluate the OCL checkpoints only (for sweeps over recipe overrides)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="pre-training recipe overrides")
     args = parser.parse_args(argv)
+    try:  # the recipe and overrides, checked before any work (a missing or broken recipe is one line)
+        method_name(args)
+    except ConfigError as err:
+        parser.error(f"--recipe {args.recipe}: {err}")
     if args.skip_training and args.skip_baselines:
         parser.error("--skip-training and --skip-baselines together leave nothing to evaluate")
     if args.timing_steps <= TIMING_WARMUP_STEPS:

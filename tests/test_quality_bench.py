@@ -18,6 +18,8 @@ def quality_bench():
 @pytest.mark.parametrize("argv, named", [
     (["--skip-training", "--skip-baselines"], "--skip-baselines"),
     (["--timing-steps", "2"], "--timing-steps 2"),
+    (["--recipe", "no-such-recipe.yaml"], "no-such-recipe.yaml"),
+    (["mask.ratio=2"], "mask.ratio"),
 ])
 def test_bad_arguments_are_refused_before_any_work(quality_bench, tmp_path, capsys, argv, named):
     out = tmp_path / "out"
