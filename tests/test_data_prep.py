@@ -1,4 +1,5 @@
-"""Tests for data_prep/: ImageFolder and Fashion-MNIST -> WebDataset conversion, and the verifier."""
+"""Tests for scale.shards (and the data_prep/ scripts over it): ImageFolder and Fashion-MNIST -> WebDataset
+conversion, and the verifier."""
 from __future__ import annotations
 
 import fcntl
@@ -22,17 +23,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # so `pytest` works from any folder, not only `python -m pytest` at the root
-    sys.path.insert(0, str(REPO_ROOT))
-
-from data_prep import fashion_mnist_to_wds, imagefolder_to_wds, verify_shards  # noqa: E402
-from data_prep.shard_writing import (  # noqa: E402
+from scale.shards import fashion_mnist, imagefolder, verify
+from scale.shards.shard_writing import (
     TEST_SHARD_DELAY_ENV,
     ResumableShardWriter,
     ResumeState,
     ustar_header,
 )
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -56,7 +55,7 @@ def make_class_tree(root: Path, classes: tuple[str, ...] = ("cat", "dog", "eel")
 
 def convert(*args: str | Path) -> int:
     """Run the converter in this process, single worker (no pool start-up cost)."""
-    return imagefolder_to_wds.main([str(arg) for arg in args] + ["--workers", "1"])
+    return imagefolder.main([str(arg) for arg in args] + ["--workers", "1"])
 
 
 def read_samples(out_dir: Path) -> list[tuple[str, str, dict[str, bytes]]]:
@@ -65,7 +64,7 @@ def read_samples(out_dir: Path) -> list[tuple[str, str, dict[str, bytes]]]:
     samples = []
     for shard in manifest["shards"]:
         with tarfile.open(out_dir / shard["name"]) as tar:
-            for key, files in verify_shards.iter_samples(tar):
+            for key, files in verify.iter_samples(tar):
                 samples.append((shard["name"], key, files))
     return samples
 
@@ -378,14 +377,14 @@ def test_bad_cli_input_is_a_clear_error_naming_it(
     src = make_class_tree(tmp_path / "src", per_class=1)
     bad_args = [arg.replace("SRC", str(src)) for arg in bad_args]
     with pytest.raises(SystemExit) as exit_info:
-        imagefolder_to_wds.main(["--src", str(src), "--out", str(tmp_path / "out"), *bad_args])
+        imagefolder.main(["--src", str(src), "--out", str(tmp_path / "out"), *bad_args])
     assert exit_info.value.code == 2
     assert named in capsys.readouterr().err
 
 
 def test_missing_src_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        imagefolder_to_wds.main(["--src", str(tmp_path / "absent"), "--out", str(tmp_path / "out")])
+        imagefolder.main(["--src", str(tmp_path / "absent"), "--out", str(tmp_path / "out")])
     error = capsys.readouterr().err
     assert "--src" in error and "absent" in error and "not a directory" in error
 
@@ -437,7 +436,7 @@ def test_interrupted_run_resumes_only_with_the_same_options(
         raise KeyboardInterrupt  # dies after all shards are renamed, before the manifest
 
     with monkeypatch.context() as patch:
-        patch.setattr(imagefolder_to_wds, "write_manifest", crash)
+        patch.setattr(imagefolder, "write_manifest", crash)
         with pytest.raises(KeyboardInterrupt):
             convert("--src", src, "--out", out, "--shard-size", "4")
     assert not (out / "manifest.json").exists()
@@ -549,7 +548,7 @@ def converted(tmp_path: Path) -> Path:
 
 
 def verify(out: Path) -> int:
-    return verify_shards.main([str(out), "--workers", "1"])
+    return verify.main([str(out), "--workers", "1"])
 
 
 def rewrite_manifest(out: Path, change: Callable[[dict], object]) -> None:
@@ -564,7 +563,7 @@ def test_verifier_accepts_a_sound_conversion(converted: Path, capsys: pytest.Cap
 
 
 def test_verifier_runs_with_worker_processes(converted: Path) -> None:
-    assert verify_shards.main([str(converted), "--workers", "2"]) == 0
+    assert verify.main([str(converted), "--workers", "2"]) == 0
 
 
 def test_verifier_names_a_missing_shard(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -642,13 +641,13 @@ def make_tiny_fashion_mnist(root: Path, num_train: int = 12, num_test: int = 5) 
 def test_fashion_mnist_conversion_is_lossless_with_a_manifest_per_split(tmp_path: Path) -> None:
     arrays = make_tiny_fashion_mnist(tmp_path / "fmnist")
     out = tmp_path / "out"
-    assert fashion_mnist_to_wds.main(["--src", str(tmp_path / "fmnist"), "--out", str(out), "--shard-size", "5", "--workers", "1"]) == 0
+    assert fashion_mnist.main(["--src", str(tmp_path / "fmnist"), "--out", str(out), "--shard-size", "5", "--workers", "1"]) == 0
     for split, expected_counts in (("train", [5, 5, 2]), ("test", [5])):
         manifest = json.loads((out / split / "manifest.json").read_text())
         assert manifest["format"] == "scale-wds-v1" and manifest["split"] == split
         assert [shard["num_samples"] for shard in manifest["shards"]] == expected_counts
         assert manifest["shards"][0]["name"] == f"{split}-000000.tar"
-        assert list(manifest["classes"]) == list(fashion_mnist_to_wds.CLASS_NAMES)
+        assert list(manifest["classes"]) == list(fashion_mnist.CLASS_NAMES)
         assert manifest["classes"]["Ankle boot"] == 9
         images, labels = arrays[split]
         samples = read_samples(out / split)
@@ -659,7 +658,7 @@ def test_fashion_mnist_conversion_is_lossless_with_a_manifest_per_split(tmp_path
                 assert image.mode == "L" and image.size == (28, 28)
                 assert np.array_equal(np.asarray(image), images[index])
             assert int(files["cls"]) == labels[index]
-            assert json.loads(files["json"])["class_name"] == fashion_mnist_to_wds.CLASS_NAMES[labels[index]]
+            assert json.loads(files["json"])["class_name"] == fashion_mnist.CLASS_NAMES[labels[index]]
         assert verify(out / split) == 0
 
 
@@ -668,7 +667,7 @@ def test_fashion_mnist_parallel_encoding_gives_the_same_shards(tmp_path: Path) -
     outputs = []
     for workers in ("1", "2"):
         out = tmp_path / f"out{workers}"
-        assert fashion_mnist_to_wds.main(["--src", str(tmp_path / "fmnist"), "--out", str(out), "--workers", workers]) == 0
+        assert fashion_mnist.main(["--src", str(tmp_path / "fmnist"), "--out", str(out), "--workers", workers]) == 0
         outputs.append(shard_bytes(out / "train"))
     assert outputs[0] == outputs[1] and len(outputs[0]) == 2
 
@@ -676,7 +675,7 @@ def test_fashion_mnist_parallel_encoding_gives_the_same_shards(tmp_path: Path) -
 def test_fashion_mnist_missing_source_says_how_to_install_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
     for src in (tmp_path / "absent", tmp_path / "empty"):
-        assert fashion_mnist_to_wds.main(["--src", str(src), "--out", str(tmp_path / "out")]) == 2
+        assert fashion_mnist.main(["--src", str(src), "--out", str(tmp_path / "out")]) == 2
         error = capsys.readouterr().err
         assert str(src) in error and "apt-get install dataset-fashion-mnist" in error
     assert not (tmp_path / "out").exists()
@@ -685,10 +684,10 @@ def test_fashion_mnist_missing_source_says_how_to_install_it(tmp_path: Path, cap
 def test_fashion_mnist_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_tiny_fashion_mnist(tmp_path / "fmnist")
     args = ["--src", str(tmp_path / "fmnist"), "--out", str(tmp_path / "out"), "--workers", "1"]
-    assert fashion_mnist_to_wds.main(args) == 0
-    assert fashion_mnist_to_wds.main(args) == 2
+    assert fashion_mnist.main(args) == 0
+    assert fashion_mnist.main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert fashion_mnist_to_wds.main(args + ["--overwrite"]) == 0
+    assert fashion_mnist.main(args + ["--overwrite"]) == 0
 
 
 @pytest.mark.skipif(
@@ -698,15 +697,15 @@ def test_fashion_mnist_refuses_to_overwrite(tmp_path: Path, capsys: pytest.Captu
 def test_real_fashion_mnist_converts_into_enough_shards(tmp_path: Path) -> None:
     out = tmp_path / "out"
     started = time.monotonic()
-    assert fashion_mnist_to_wds.main(["--out", str(out)]) == 0
+    assert fashion_mnist.main(["--out", str(out)]) == 0
     assert time.monotonic() - started < 45, "the conversion should take seconds"
     train = json.loads((out / "train" / "manifest.json").read_text())
     test = json.loads((out / "test" / "manifest.json").read_text())
     assert train["total_samples"] == 60_000 and len(train["shards"]) >= 8
     assert test["total_samples"] == 10_000
     assert sum(shard["num_samples"] for shard in train["shards"]) == 60_000
-    images = fashion_mnist_to_wds.read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz", 0x803)
+    images = fashion_mnist.read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz", 0x803)
     with tarfile.open(out / "test" / test["shards"][-1]["name"]) as tar:
-        last_key, last_files = list(verify_shards.iter_samples(tar))[-1]
+        last_key, last_files = list(verify.iter_samples(tar))[-1]
     with Image.open(io.BytesIO(last_files["png"])) as image:
         assert np.array_equal(np.asarray(image), images[int(last_key)])

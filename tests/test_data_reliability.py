@@ -20,13 +20,10 @@ from scale.config import DataConfig
 from scale.data import LoaderSpec, build_dataset
 from scale.data.image_folder import ImageFolderData
 from scale.errors import UserError, run_command
+from scale.shards import DataPrepError, fashion_mnist, imagefolder, verify
+from scale.shards.source_tree import walk_files
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from data_prep import DataPrepError, fashion_mnist_to_wds, imagefolder_to_wds, verify_shards  # noqa: E402
-from data_prep.source_tree import walk_files  # noqa: E402
 
 IMG = 16
 
@@ -290,12 +287,12 @@ def test_a_symlinked_class_folder_outside_the_tree_is_followed(tmp_path: Path) -
 def test_converter_never_converts_a_file_twice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root, real = looping_tree(tmp_path / "src")
     out = tmp_path / "out"
-    assert imagefolder_to_wds.main(["--src", str(root), "--out", str(out), "--workers", "1"]) == 0
+    assert imagefolder.main(["--src", str(root), "--out", str(out), "--workers", "1"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     paths = []
     for shard in manifest["shards"]:
         with tarfile.open(out / shard["name"]) as tar:
-            paths += [json.loads(f["json"])["path"] for _, f in verify_shards.iter_samples(tar)]
+            paths += [json.loads(f["json"])["path"] for _, f in verify.iter_samples(tar)]
     assert sorted(paths) == real
     assert manifest["classes"] == {"cat": 0, "dog": 1, "fox": 2}
     assert {"fox", "dog/cats", "dog/alias.jpg"} <= {entry["path"] for entry in manifest["skipped"]}
@@ -308,7 +305,7 @@ def test_image_folder_dataset_never_loads_a_file_twice(tmp_path: Path) -> None:
     assert data.source.files == real and data.num_samples == len(real)
 
 
-# ----------------------------------------------------------------------------- 4. data_prep commands
+# ----------------------------------------------------------------------------- 4. data_prep commands (scale.shards)
 
 def test_data_prep_errors_are_user_errors() -> None:
     assert issubclass(DataPrepError, UserError)
@@ -321,26 +318,26 @@ def one_line_error(capsys: pytest.CaptureFixture[str], prog: str) -> str:
 
 
 def test_verifier_user_errors_exit_2_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert verify_shards.main([str(tmp_path), "--workers", "1"]) == 2
+    assert verify.main([str(tmp_path), "--workers", "1"]) == 2
     assert "no manifest" in one_line_error(capsys, "verify_shards")
     (tmp_path / "manifest.json").write_text("{broken")
-    assert verify_shards.main([str(tmp_path), "--workers", "1"]) == 2
+    assert verify.main([str(tmp_path), "--workers", "1"]) == 2
     assert "unreadable manifest" in one_line_error(capsys, "verify_shards")
     (tmp_path / "manifest.json").write_text(BAD_MANIFESTS["count a string"])
-    assert verify_shards.main([str(tmp_path), "--workers", "1"]) == 2
+    assert verify.main([str(tmp_path), "--workers", "1"]) == 2
     assert "num_samples" in one_line_error(capsys, "verify_shards")
 
 
 def test_converter_user_errors_exit_2_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "loose.jpg").write_bytes(b"x")
-    assert imagefolder_to_wds.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 2
+    assert imagefolder.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 2
     assert "no class folders" in one_line_error(capsys, "imagefolder_to_wds")
     save_image(tmp_path / "src" / "cat" / "a.png", 0)
     (tmp_path / "file").write_text("x")
-    assert imagefolder_to_wds.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "file")]) == 2
+    assert imagefolder.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "file")]) == 2
     assert "not a directory" in one_line_error(capsys, "imagefolder_to_wds")
-    assert fashion_mnist_to_wds.main(["--src", str(tmp_path / "absent"), "--out", str(tmp_path / "o")]) == 2
+    assert fashion_mnist.main(["--src", str(tmp_path / "absent"), "--out", str(tmp_path / "o")]) == 2
     assert "apt-get install" in one_line_error(capsys, "fashion_mnist_to_wds")
 
 

@@ -3,7 +3,7 @@
 Listing: root/<class>/**/<image> (root/train or root/val when the root has them), classes
 the sorted class folder names, samples the files with an image extension, sorted by path.
 Symlinked folders are followed, but each real folder and file is listed once
-(data_prep/source_tree.py: symlink loops and repeated links cannot recurse forever or
+(scale/shards/source_tree.py: symlink loops and repeated links cannot recurse forever or
 duplicate samples); what is left out, and files without an image extension, are logged
 once. A missing root, or one without class folders or images, is a UserError naming
 data.root.
@@ -34,9 +34,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data_prep.source_tree import walk_files
-
 from ..config import ConfigError, DataConfig
+from ..shards.source_tree import walk_files
 from .base import DATASETS, Batch, LoaderSpec, PretrainData
 from .map_style import MapStyleData
 from .transforms import RateLimitedWarning, build_pretrain_transform, load_image

@@ -45,7 +45,7 @@ How one rank's epoch is built (W = max(1, num_workers) DataLoader workers):
   without a manifest, a shard that is unreadable, not a tar or truncated (no
   end-of-archive block).
 * Cost of the bound: the worker with the fewest samples holds back its whole rank.
-  Equal shards plus one short last shard (data_prep's layout) lose little: about that
+  Equal shards plus one short last shard (scale.shards' layout) lose little: about that
   shard's shortfall, plus the shards left over when world*W does not divide their
   number (ImageNet as 1281 x 1000 + 167 on 8 ranks x 8 workers: 0.25%). Shards of many
   different sizes lose more, since every slot's bound assumes it got the shortest.
@@ -68,10 +68,9 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from data_prep.manifest import MANIFEST_FORMAT, MANIFEST_NAME, load_manifest
-
 from ..config import ConfigError, DataConfig
 from ..errors import UserError
+from ..shards.manifest import MANIFEST_FORMAT, MANIFEST_NAME, load_manifest
 from .base import DATASETS, Batch, LoaderSpec, PretrainData, sample_seed
 from .loader_workers import ignore_stop_signals, loader_generator, start_workers
 from .transforms import RateLimitedWarning, build_pretrain_transform, load_image
@@ -147,7 +146,7 @@ def count_tar_samples(path: str, setting: str = "data.root") -> int:
 def _read_manifest(path: Path, where: str) -> Dict[str, Any]:
     manifest, problem = load_manifest(path, complete=False)
     if manifest is None:
-        raise ConfigError(f"{where}: {problem}; expected a {MANIFEST_FORMAT} manifest as data_prep writes it: "
+        raise ConfigError(f"{where}: {problem}; expected a {MANIFEST_FORMAT} manifest as the shard converters write it: "
                           '{"format": "scale-wds-v1", "shards": [{"name": "train-000000.tar", "num_samples": 1000}, ...]}')
     return manifest
 
@@ -444,7 +443,7 @@ class WebDatasetData(PretrainData):
                 yield sample
             if got == 0:
                 raise UserError(f"{self.shards.setting} {self.shards.root!r}: no readable sample in shards {urls[:3]}...; "
-                                "expected tar shards of samples (python -m data_prep.verify_shards checks them)")
+                                "expected tar shards of samples (scale-verify-shards (python -m data_prep.verify_shards) checks them)")
 
     def _read(self, shard_list: IterableDataset, buffer_seed: int) -> Iterator[Sample]:
         stages: List[Any] = [shard_list, wds.tarfile_to_samples(handler=self._on_read_error)]
@@ -462,7 +461,7 @@ class WebDatasetData(PretrainData):
         if self._read_errors_in_a_row > 2 * len(self.shards.urls) + 10:
             raise UserError(f"{self.shards.setting} {self.shards.root!r}: {self._read_errors_in_a_row} shard read "
                             f"errors in a row, last: {exn!r}; expected readable tar shards (check them with "
-                            "python -m data_prep.verify_shards)")
+                            "scale-verify-shards (python -m data_prep.verify_shards))")
         return True  # go on with the next shard
 
     def _decode(self, sample: Sample) -> Tuple[Image.Image, int]:

@@ -16,7 +16,6 @@ removed and the previous checkpoint stays usable.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..errors import UserError
+from ..shards.manifest import sha256_of_file as _sha256
 
 _COMPLETE = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
@@ -44,14 +44,6 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def seal_directory(directory: Path) -> Dict[str, Dict[str, object]]:

@@ -16,12 +16,12 @@ re-encoded RGB at --quality), `{key}.cls` (class index, ASCII) and `{key}.json` 
 stored width/height, class name). Keys are the zero-padded index in the seeded global shuffle.
 
 Output is reproducible byte for byte and resumable after a kill: rerun the same command. See
-data_prep/shard_writing.py for how, and for the SCALE_DATA_PREP_TEST_SHARD_DELAY test hook.
+scale/shards/shard_writing.py for how, and for the SCALE_DATA_PREP_TEST_SHARD_DELAY test hook.
 A mistake in the input (a missing or unlistable --src, a bad labels file, an --out holding another
 conversion) is one line on stderr and exit status 2; files that cannot be converted are skipped and
 listed in the manifest instead.
 
-    python data_prep/imagefolder_to_wds.py --src /data/imagenet/train --out /data/wds/train
+    scale-prep-imagefolder --src /data/imagenet/train --out /data/wds/train
     python -m data_prep.imagefolder_to_wds --src val/ --val-labels val_labels.txt --split val \
         --classes /data/wds/train/manifest.json --out /data/wds/val --resize 256
 """
@@ -42,19 +42,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as `python data_prep/imagefolder_to_wds.py`: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import numpy as np
 import PIL
 from PIL import Image
 from tqdm import tqdm
 
-from data_prep import DataPrepError, positive_int
-from data_prep.manifest import SPLIT_NAME_PATTERN, build_manifest, write_manifest
-from data_prep.shard_writing import ResumableShardWriter, SkippedItem, prepare_output_dir
-from data_prep.source_tree import walk_files
-from scale.errors import run_command
+from ..errors import run_command
+from . import DataPrepError, positive_int
+from .manifest import SPLIT_NAME_PATTERN, build_manifest, write_manifest
+from .shard_writing import ResumableShardWriter, SkippedItem, prepare_output_dir
+from .source_tree import walk_files
 
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_QUALITY = 90
@@ -166,7 +163,7 @@ def encode_job(job: EncodeJob) -> EncodeResult:
 
 
 def list_train_layout(src: Path) -> tuple[list[SourceImage], list[str], list[SkippedItem]]:
-    """Files under SRC/<class>/ (recursively, each real file once: see data_prep/source_tree.py),
+    """Files under SRC/<class>/ (recursively, each real file once: see scale/shards/source_tree.py),
     the class folder names, and what was left out (stray top-level files, repeated files and folders)."""
     try:
         top = sorted(os.scandir(src), key=lambda entry: entry.name)

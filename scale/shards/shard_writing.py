@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_prep import DataPrepError
-from data_prep.manifest import (
+from . import DataPrepError
+from .manifest import (
     MANIFEST_NAME,
     sha256_of_file,
     shard_name,

@@ -12,7 +12,7 @@ often built from symlinked class folders), but:
   so the result depends only on the tree;
 * every path it leaves out comes back with the reason, for the caller to report.
 
-It imports nothing heavy, so both the converter (data_prep) and the training loader
+It imports nothing heavy, so both the converter (scale.shards.imagefolder) and the training loader
 (scale.data.image_folder) list image folders with it.
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from data_prep import DataPrepError
+from . import DataPrepError
 
 MANIFEST_FORMAT = "scale-wds-v1"
 MANIFEST_NAME = "manifest.json"

@@ -8,7 +8,8 @@ the IDX file, which keeps its original order (it is already class-mixed).
 The source is Debian's `dataset-fashion-mnist` package (gzipped IDX files); uncompressed files work too.
 
     apt-get install dataset-fashion-mnist
-    python data_prep/fashion_mnist_to_wds.py --out /data/fashion-mnist-wds
+    scale-prep-fashion-mnist --out /data/fashion-mnist-wds
+    python -m data_prep.fashion_mnist_to_wds --out /data/fashion-mnist-wds   # the same, from a checkout
 
 A missing or unreadable source, or an --out that already holds a conversion, is one line on stderr
 and exit status 2.
@@ -27,16 +28,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as `python data_prep/fashion_mnist_to_wds.py`: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import numpy as np
 from PIL import Image
 
-from data_prep import DataPrepError, positive_int
-from data_prep.manifest import MANIFEST_NAME, build_manifest, write_manifest
-from data_prep.shard_writing import ResumableShardWriter, prepare_output_dir
-from scale.errors import run_command
+from ..errors import run_command
+from . import DataPrepError, positive_int
+from .manifest import MANIFEST_NAME, build_manifest, write_manifest
+from .shard_writing import ResumableShardWriter, prepare_output_dir
 
 DEFAULT_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_SHARD_SIZE = 5000  # 12 train shards: enough for 2 ranks x 2 workers (and more) to split

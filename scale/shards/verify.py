@@ -6,8 +6,8 @@ Exits 0 with one summary line when all is well; otherwise prints each problem na
 exits 1. A folder that cannot be verified at all (not a directory, no or an invalid manifest.json) is
 a user error: one line on stderr, exit status 2.
 
-    python data_prep/verify_shards.py /data/wds/train
-    python -m data_prep.verify_shards /data/wds/train --workers 8
+    scale-verify-shards /data/wds/train
+    python -m data_prep.verify_shards /data/wds/train --workers 8   # the same, from a checkout
 """
 from __future__ import annotations
 
@@ -23,14 +23,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python data_prep/verify_shards.py`: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from PIL import Image
 from tqdm import tqdm
 
-from data_prep.manifest import read_manifest, sha256_of_file
-from scale.errors import run_command
+from ..errors import run_command
+from .manifest import read_manifest, sha256_of_file
 
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff"}
 
