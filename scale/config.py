@@ -14,11 +14,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from .errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A recipe or override that does not match the config schema."""
+from .errors import ConfigError
+from .recipe_catalog import resolve_recipe
 
 
 @dataclass
@@ -321,9 +318,10 @@ def read_yaml_file(path: str | Path, what: str = "recipe") -> Any:
     return parse_yaml(text, f"{what} {str(path)!r}")
 
 
-def merge_recipe(cfg: Any, path: str | Path) -> None:
-    """Merge a YAML recipe file into the dataclass `cfg` (unknown keys and bad types raise)."""
-    _merge(cfg, read_yaml_file(path) or {})
+def merge_recipe(cfg: Any, recipe: str | Path) -> None:
+    """Merge a YAML recipe (a file, or a shipped recipe's name: scale.recipe_catalog) into the dataclass
+    `cfg` (unknown keys and bad types raise). load_config and scale.eval's load_recipe read recipes here."""
+    _merge(cfg, read_yaml_file(resolve_recipe(recipe)) or {})
 
 
 def apply_overrides(cfg: Any, overrides: Sequence[str], example: str = "optim.blr=1e-4") -> None:
@@ -340,7 +338,8 @@ def apply_overrides(cfg: Any, overrides: Sequence[str], example: str = "optim.bl
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (),
                 base: Optional[Dict[str, Any]] = None) -> RunConfig:
     """Build a RunConfig from defaults, a saved config dict (`base`, e.g. a checkpoint's),
-    an optional YAML recipe, then `key=value` overrides; validated before it is returned."""
+    an optional YAML recipe (a path or a recipe name), then `key=value` overrides; validated before
+    it is returned."""
     cfg = RunConfig()
     if base:
         _merge(cfg, base)

@@ -20,6 +20,10 @@ class UserError(Exception):
     """Bad input from the user (config, file, checkpoint); reported as one line, exit 2."""
 
 
+class ConfigError(UserError, ValueError):
+    """A recipe or override that does not match the config schema (also `scale.config.ConfigError`)."""
+
+
 def one_line(err: BaseException) -> str:
     """The message of `err` folded onto one line."""
     text = str(err)

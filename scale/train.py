@@ -11,9 +11,11 @@ from .errors import run_command
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="scale-train", description="Pre-train a ViT with Occluded-image Contrastive Learning.",
+        prog="scale-train", description="Pre-train a ViT with masked-image self-supervised learning (OCL, MAE).",
         epilog="Overrides use dotted keys, e.g. optim.blr=1e-4 model.name=vit_small_patch16 train.max_steps=100")
-    parser.add_argument("--config", help="YAML recipe (see recipes/); defaults apply where it is silent")
+    parser.add_argument("--config", metavar="RECIPE",
+                        help="a recipe name (e.g. ocl_vitb16; `python -m scale.recipe_catalog` lists them) or a "
+                             "YAML file path (an existing file wins); defaults apply where it is silent")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--resume", help="'auto' (newest checkpoint in the output dir) or a checkpoint dir; "
                                          "same as train.resume=...")

@@ -46,12 +46,12 @@ from ..checkpoint_io import deepspeed as deepspeed_checkpoint
 from ..checkpoint_io.deepspeed import FORCE_WEIGHTS_ONLY  # noqa: F401  (re-exported: tests read it here)
 from ..config import ConfigError, RunConfig
 from ..device import autocast_dtype
+from ..recipe_catalog import deepspeed_config as shipped_deepspeed_config
 from .base import ENGINES, Engine, OptimizerFactory
 from .distributed import (DistributedEngine, enable_method_dispatch, grad_norm_tensor, promote_scalar_parameters,
                           restore_parameter_shapes)
 from .batch_plan import BatchPlan
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "deepspeed"
 BF16_NAMES = ("bfloat16", "bf16", "torch.bfloat16")  # DeepSpeed's spellings of torch.bfloat16
 
 
@@ -78,7 +78,7 @@ def deepspeed_config(cfg: RunConfig, plan: BatchPlan, device: torch.device) -> D
     env_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
     stage = cfg.engine.zero_stage if cfg.engine.zero_stage is not None else (int(env_stage) if env_stage else None)
     path_text = cfg.engine.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
-    path = Path(path_text) if path_text else RECIPES / f"zero{2 if stage is None else stage}.json"
+    path = Path(path_text) if path_text else shipped_deepspeed_config(2 if stage is None else stage)
     if not path.is_file():
         raise ConfigError(f"DeepSpeed config {str(path)!r} does not exist (engine.deepspeed_config / engine.zero_stage)")
     with open(path) as f:

@@ -2,8 +2,8 @@
 
     knn       weighted k-NN (k=20, T=0.07) of CLS features: data.root is the bank, data.val_root the
               queries; RECIPE is a pre-training recipe (default: the checkpoint's own config)
-    linprobe  linear probe (MAE protocol, paper Table 11); RECIPE: recipes/linprobe_*.yaml
-    finetune  end-to-end fine-tuning (MAE protocol, paper Table 10); RECIPE: recipes/finetune_*.yaml
+    linprobe  linear probe (MAE protocol, paper Table 11); RECIPE: linprobe_* (recipes/linprobe_*.yaml)
+    finetune  end-to-end fine-tuning (MAE protocol, paper Table 10); RECIPE: finetune_* (recipes/finetune_*.yaml)
 
 CKPT is a checkpoint directory (any engine's format) or a run directory (its newest checkpoint).
 Results go to CKPT's sibling `step_XXXXXXXX.<command>.json` (or --out); the last line printed
@@ -27,8 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("knn", "linprobe", "finetune"):
         p = sub.add_parser(name)
         p.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir (newest checkpoint)")
-        p.add_argument("--config", help="YAML recipe" + (" (default: the checkpoint's saved config)"
-                                                         if name == "knn" else ""), required=name != "knn")
+        p.add_argument("--config", metavar="RECIPE", required=name != "knn",
+                       help="a recipe name or a YAML file path"
+                            + (" (default: the checkpoint's saved config)" if name == "knn" else ""))
         p.add_argument("--out", help="results JSON (default: next to the checkpoint)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name == "finetune":

@@ -106,7 +106,8 @@ Recipe = TypeVar("Recipe", LinearProbeRecipe, FinetuneRecipe)
 
 
 def load_recipe(cls: Type[Recipe], path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Recipe:
-    """Defaults, then the YAML recipe, then `key=value` overrides; validated before any work."""
+    """Defaults, then the YAML recipe (a path or a recipe name), then `key=value` overrides; validated
+    before any work."""
     cfg = cls()
     if path is not None:
         merge_recipe(cfg, path)
