@@ -61,6 +61,27 @@ def test_recipes_load(recipe):
     assert load_config(recipe, []).train == cfg.train
 
 
+def test_recipes_by_name(tmp_path, monkeypatch):
+    """A shipped recipe's name (with or without .yaml) is its file in recipes/; an existing file of that
+    name in the working folder wins; an unknown name lists the names (scale/recipe_catalog.py)."""
+    from scale.eval.config import LinearProbeRecipe, load_recipe
+    from scale.recipe_catalog import deepspeed_config, recipe_names
+
+    assert recipe_names() == sorted(path.stem for path in (REPO / "recipes").glob("*.yaml"))
+    assert deepspeed_config(3) == REPO / "recipes" / "deepspeed" / "zero3.json"
+    monkeypatch.chdir(tmp_path)
+    by_path = load_config(REPO / "recipes/ocl_vitl16.yaml")
+    assert load_config("ocl_vitl16") == by_path and load_config("ocl_vitl16.yaml", []) == by_path
+    assert load_recipe(LinearProbeRecipe, "linprobe_vitl16") == load_recipe(LinearProbeRecipe,
+                                                                            REPO / "recipes/linprobe_vitl16.yaml")
+    (tmp_path / "ocl_vitl16.yaml").write_text("optim:\n  blr: 1.0e-3\n")
+    assert load_config("ocl_vitl16.yaml").optim.blr == 1e-3
+    with pytest.raises(ConfigError, match=r"'ocl_vitz99' is neither a file nor a recipe name .*ocl_cpu_tiny, "):
+        load_config("ocl_vitz99")
+    with pytest.raises(ConfigError, match=r"'nowhere/ocl_vitb16.yaml' does not exist .*recipe names: "):
+        load_config("nowhere/ocl_vitb16.yaml")
+
+
 def test_paper_table9_values():
     b = load_config(REPO / "recipes/ocl_vitb16.yaml")
     l = load_config(REPO / "recipes/ocl_vitl16.yaml")
