@@ -547,7 +547,7 @@ def converted(tmp_path: Path) -> Path:
     return out
 
 
-def verify(out: Path) -> int:
+def run_verifier(out: Path) -> int:
     return verify.main([str(out), "--workers", "1"])
 
 
@@ -558,7 +558,7 @@ def rewrite_manifest(out: Path, change: Callable[[dict], object]) -> None:
 
 
 def test_verifier_accepts_a_sound_conversion(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert verify(converted) == 0
+    assert run_verifier(converted) == 0
     assert "OK" in capsys.readouterr().out
 
 
@@ -568,7 +568,7 @@ def test_verifier_runs_with_worker_processes(converted: Path) -> None:
 
 def test_verifier_names_a_missing_shard(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (converted / "train-000001.tar").unlink()
-    assert verify(converted) == 1
+    assert run_verifier(converted) == 1
     assert "shard train-000001.tar: missing" in capsys.readouterr().err
 
 
@@ -577,14 +577,14 @@ def test_verifier_names_a_shard_with_a_bad_checksum(converted: Path, capsys: pyt
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF  # in the end-of-archive padding: still a valid tar, only the checksum changes
     path.write_bytes(bytes(data))
-    assert verify(converted) == 1
+    assert run_verifier(converted) == 1
     error = capsys.readouterr().err
     assert "shard train-000002.tar: sha256 mismatch" in error
 
 
 def test_verifier_names_a_shard_with_a_wrong_count(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rewrite_manifest(converted, lambda manifest: manifest["shards"][0].update(num_samples=5))
-    assert verify(converted) == 1
+    assert run_verifier(converted) == 1
     error = capsys.readouterr().err
     assert "shard train-000000.tar: sample count 4, manifest says 5" in error
     assert "total_samples 9 but its shards add up to 10" in error
@@ -604,14 +604,14 @@ def test_verifier_names_an_undecodable_sample(converted: Path, capsys: pytest.Ca
                 tar.addfile(info, io.BytesIO(data))
     sha256 = hashlib.sha256(broken.read_bytes()).hexdigest()
     rewrite_manifest(converted, lambda manifest: manifest["shards"][0].update(sha256=sha256))
-    assert verify(converted) == 1
+    assert run_verifier(converted) == 1
     error = capsys.readouterr().err
     assert "shard train-000000.tar: sample 000000000: undecodable .jpg" in error
     assert f"shard train-000000.tar: sample {truncated_key}: undecodable .jpg" in error  # header fine, data cut
 
 
 def test_verifier_without_manifest_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert verify(tmp_path) == 2
+    assert run_verifier(tmp_path) == 2
     assert "no manifest" in capsys.readouterr().err
 
 
@@ -659,7 +659,7 @@ def test_fashion_mnist_conversion_is_lossless_with_a_manifest_per_split(tmp_path
                 assert np.array_equal(np.asarray(image), images[index])
             assert int(files["cls"]) == labels[index]
             assert json.loads(files["json"])["class_name"] == fashion_mnist.CLASS_NAMES[labels[index]]
-        assert verify(out / split) == 0
+        assert run_verifier(out / split) == 0
 
 
 def test_fashion_mnist_parallel_encoding_gives_the_same_shards(tmp_path: Path) -> None:
