@@ -115,9 +115,9 @@ def test_deepspeed_and_accelerate_configs_are_package_data(installed: Path, tmp_
 
 
 def test_console_scripts(installed: Path, tmp_path: Path) -> None:
-    declared = run([installed / "python", "-c", "from importlib.metadata import entry_points; "
-                    "print(' '.join(e.name for e in entry_points(group='console_scripts') if e.value.startswith('scale')))"],
-                   cwd=tmp_path).stdout.split()
+    code = ("from importlib.metadata import entry_points; print(' '.join(e.name for e in "
+            "entry_points(group='console_scripts') if e.value.startswith('scale')))")
+    declared = python_in(installed / "python", code, tmp_path).stdout.split()
     assert set(OWN_SCRIPTS) | {"scale-plot", "scale-demo"} <= set(declared)
     for name in declared:
         assert (installed / name).is_file(), name

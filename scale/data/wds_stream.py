@@ -443,7 +443,8 @@ class WebDatasetData(PretrainData):
                 yield sample
             if got == 0:
                 raise UserError(f"{self.shards.setting} {self.shards.root!r}: no readable sample in shards {urls[:3]}...; "
-                                "expected tar shards of samples (scale-verify-shards (python -m data_prep.verify_shards) checks them)")
+                                "expected tar shards of samples (scale-verify-shards (python -m data_prep.verify_shards) "
+                                "checks them)")
 
     def _read(self, shard_list: IterableDataset, buffer_seed: int) -> Iterator[Sample]:
         stages: List[Any] = [shard_list, wds.tarfile_to_samples(handler=self._on_read_error)]
