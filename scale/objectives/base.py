@@ -83,6 +83,9 @@ class Objective(nn.Module, abc.ABC):
     couples_batch: bool = False
     min_global_batch: int = 1  # images per step the loss needs (a contrastive loss: 2, for one negative)
     num_groups: int = 1  # visible groups per image the objective scores (MAE: 1, OCL: 2)
+    # (metric key, short label) of the metrics worth a glance on the console line, besides
+    # loss and lr (OCL: its temperature as "τ"); every metric still goes to metrics.jsonl.
+    console_metrics: Tuple[Tuple[str, str], ...] = ()
 
     @abc.abstractmethod
     def forward(self, batch: ObjectiveBatch, gather: FeatureGather = local_gather) -> ObjectiveOutput:

@@ -36,6 +36,7 @@ class OCLObjective(Objective):
     couples_batch = True  # every other image of the global batch is a negative
     min_global_batch = 2
     num_groups = 2
+    console_metrics = (("temperature", "τ"),)
 
     def __init__(self, embed_dim: int, kappa: float = 64.0, init_temperature: float = 0.07,
                  min_temperature: float = 0.001, max_temperature: float = 0.5,

@@ -358,7 +358,8 @@ class Trainer:
             except OSError as err:
                 raise ConfigError(f"train.output_dir {str(self.output_dir)!r}: cannot be written "
                                   f"({err.strerror or err}); choose a writable folder") from None
-        reporter = ProgressReporter(self.output_dir / "tensorboard", self.stop_step, self.step, enabled=main)
+        reporter = ProgressReporter(self.output_dir / "tensorboard", self.stop_step, self.step, enabled=main,
+                                    headline=self.pretrain_module.objective.console_metrics)
         reporter.message(
             f"scale: {cfg.model.name} ({sum(p.numel() for p in self.pretrain_module.encoder.parameters()) / 1e6:.1f}M "
             f"params, attention {self.pretrain_module.encoder.attn_backend}) | {cfg.objective.name} | "
