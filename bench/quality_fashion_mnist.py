@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO))
 
 from scale.config import ConfigError, RunConfig, load_config, to_dict  # noqa: E402
 from scale.eval.config import LinearProbeRecipe, load_recipe  # noqa: E402
-from scale.eval.features import Features, build_split, extract_features, iterate_split  # noqa: E402
+from scale.eval.baselines import PixelEncoder, random_init_encoder  # noqa: E402
+from scale.eval.features import Features, build_split, extract_features  # noqa: E402
 from scale.eval.knn import knn_accuracy  # noqa: E402
 from scale.eval.linear_probe import cached_batches, train_probe_head  # noqa: E402
 from scale.trainer.checkpoint import CheckpointManager  # noqa: E402
@@ -156,20 +157,6 @@ def pretrain(args: argparse.Namespace) -> Dict[str, Any]:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def pixel_features(split: Any, cfg: RunConfig, max_samples: int) -> Features:
-    """Flattened pixels in [0, 1] (the normalisation undone)."""
-    mean, std = torch.tensor(cfg.data.mean).view(1, -1, 1, 1), torch.tensor(cfg.data.std).view(1, -1, 1, 1)
-    xs, ys, seen = [], [], 0
-    for images, labels in iterate_split(split, 1000, num_workers=cfg.data.num_workers):
-        xs.append((images * std + mean).flatten(1))
-        ys.append(labels.long())
-        seen += images.shape[0]
-        if 0 < max_samples <= seen:
-            break
-    x, y = torch.cat(xs), torch.cat(ys)
-    return (x[:max_samples], y[:max_samples]) if max_samples > 0 else (x, y)
-
-
 def score(name: str, train: Features, test: Features, probe: LinearProbeRecipe, extra: Dict[str, Any]) -> Dict:
     started = time.perf_counter()
     knn = knn_accuracy(train, test, k=20, temperature=0.07)
@@ -185,14 +172,11 @@ def score(name: str, train: Features, test: Features, probe: LinearProbeRecipe, 
 
 def evaluate(args: argparse.Namespace, training: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
     from scale.eval.features import encoder_from_checkpoint
-    from scale.pretraining import build_pretrain_module
-
     cfg = run_config(args, Path(args.out_dir) / method_name(args))
     data = Path(args.data_dir).resolve()
     probe = load_recipe(LinearProbeRecipe, PROBE_RECIPE, [f"data.root={data / 'train'}",
                                                           f"data.val_root={data / 'test'}", *args.probe_overrides])
-    torch.manual_seed(cfg.train.seed)  # the Trainer's init: the random baseline is where the run starts
-    random_encoder = build_pretrain_module(cfg, attn_backend="sdpa").encoder
+    random_encoder = random_init_encoder(cfg)  # the Trainer's init: the random baseline is where the run starts
     spec = random_encoder.spec
     train_split, test_split = build_split(cfg.data, spec, train=True), build_split(cfg.data, spec, train=False)
     cpu = torch.device("cpu")
@@ -205,7 +189,7 @@ def evaluate(args: argparse.Namespace, training: Optional[Dict[str, Any]]) -> Li
 
     rows = []
     if not args.skip_baselines:
-        rows.append(score("raw pixels", pixel_features(train_split, cfg, n), pixel_features(test_split, cfg, 0),
+        rows.append(score("raw pixels", *encode(PixelEncoder(cfg.data.mean, cfg.data.std)),
                           probe, {"trained_min": None, "step": None}))
         rows.append(score("random init", *encode(random_encoder), probe, {"trained_min": 0.0, "step": 0}))
     for ckpt in (training or {}).get("checkpoints", []):
@@ -255,6 +239,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         method_name(args)
     except ConfigError as err:
         parser.error(f"--recipe {args.recipe}: {err}")
+    try:
+        load_recipe(LinearProbeRecipe, PROBE_RECIPE, args.probe_overrides)
+    except ConfigError as err:
+        parser.error(f"--probe {' '.join(args.probe_overrides)}: {err}")
     if args.skip_training and args.skip_baselines:
         parser.error("--skip-training and --skip-baselines together leave nothing to evaluate")
     if args.timing_steps <= TIMING_WARMUP_STEPS:

@@ -20,6 +20,7 @@ def quality_bench():
     (["--timing-steps", "2"], "--timing-steps 2"),
     (["--recipe", "no-such-recipe.yaml"], "no-such-recipe.yaml"),
     (["mask.ratio=2"], "mask.ratio"),
+    (["--probe", "probe.epochs=1"], "probe.warmup_epochs"),
 ])
 def test_bad_arguments_are_refused_before_any_work(quality_bench, tmp_path, capsys, argv, named):
     out = tmp_path / "out"
