@@ -361,12 +361,13 @@ class Trainer:
         reporter = ProgressReporter(self.output_dir / "tensorboard", self.stop_step, self.step, enabled=main,
                                     headline=self.pretrain_module.objective.console_metrics)
         reporter.message(
-            f"scale: {cfg.model.name} ({sum(p.numel() for p in self.pretrain_module.encoder.parameters()) / 1e6:.1f}M "
-            f"params, attention {self.pretrain_module.encoder.attn_backend}) | {cfg.objective.name} | "
-            f"engine {self.engine.name} x{self.engine.world_size} on {self.device.type}"
-            f"{' bf16' if self.amp_dtype else ' fp32'} | batch {self.effective_batch} | lr {self.base_lr:.3g} | "
-            f"{self.steps_per_epoch} steps/epoch, stopping at step {self.stop_step} of {self.total_steps}"
-            + (f" | resumed from {resumed}" if resumed else ""))
+            f"scale: {cfg.objective.name} | {cfg.model.name} "
+            f"({sum(p.numel() for p in self.pretrain_module.encoder.parameters()) / 1e6:.1f}M params, attention "
+            f"{self.pretrain_module.encoder.attn_backend}) | engine {self.engine.name} x{self.engine.world_size} "
+            f"on {self.device.type}{' bf16' if self.amp_dtype else ' fp32'}")
+        reporter.message(
+            f"scale: batch {self.effective_batch} | lr {self.base_lr:.3g} | {self.steps_per_epoch} steps/epoch, "
+            f"stopping at step {self.stop_step} of {self.total_steps}" + (f" | resumed from {resumed}" if resumed else ""))
         previous_handlers = self._install_signal_handlers()
         metrics_file = open(self.output_dir / "metrics.jsonl", "a") if main else None
         losses: List[torch.Tensor] = []
