@@ -1,0 +1,92 @@
+"""bench/gpu_check.py: every CUDA check's code path runs on the CPU (`--device cpu --smoke`), as it would
+on the GPU machine (webdataset hidden, so its stub is what scale imports); without CUDA it refuses in one
+line; a check that overruns its time is reported FAILED and the others' JSON is still written."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, python_env
+
+SCRIPT = REPO / "bench" / "gpu_check.py"
+CHECKS = ("attention", "parity", "flop_ratio", "fsdp", "memory")
+
+
+def _run(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env or python_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _without_webdataset(tmp_path):
+    """An environment where `import webdataset` fails, as on the GPU machine (its image lacks it)."""
+    hide = tmp_path / "hide"
+    (hide / "webdataset").mkdir(parents=True)
+    (hide / "webdataset" / "__init__.py").write_text("raise ImportError('hidden by tests/test_gpu_check.py')\n")
+    env = python_env({"CUDA_VISIBLE_DEVICES": ""})
+    env["PYTHONPATH"] = os.pathsep.join([str(hide), env["PYTHONPATH"]])
+    return env
+
+
+def test_smoke_runs_every_check_on_cpu(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    done = _run("--device", "cpu", "--smoke", "--json", str(out), env=_without_webdataset(tmp_path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["ok"]
+    assert report["env"]["torch"] and "xformers" in report["env"] and report["env"]["gpu"] is None
+    assert report["env"]["webdataset"].startswith("absent: stubbed")
+    assert set(report["checks"]) == set(CHECKS)
+    for name in CHECKS:
+        check = report["checks"][name]
+        assert check["status"] == "ok", (name, check["reason"])
+        assert check["rows"] and not check["over_tolerance"], (name, check)
+        for row in check["rows"]:
+            allowed = ("ok", "not installed", "skipped") if row.get("backend") == "xformers" else ("ok",)
+            assert row["status"] in allowed, (name, row)
+
+    rows = {name: report["checks"][name]["rows"] for name in CHECKS}
+    compared = [r for r in rows["attention"] if r["status"] == "ok" and "bf16" in r]
+    assert {r["backend"] for r in compared} >= {"math", "sdpa"}
+    assert {(r["shape"]["recipe"], r["shape"]["part"]) for r in compared} == {
+        ("ocl_vitb16", "encoder"), ("ocl_vitl16", "encoder"), ("mae_vitb16", "encoder"), ("mae_vitb16", "decoder"),
+        ("mae_vitl16", "encoder"), ("mae_vitl16", "decoder")}
+    for r in compared:
+        assert r["bf16"]["out_max_abs_err"] >= 0 and r["bf16"]["grad_max_abs_err"] >= 0
+    assert all(r["fp32"]["out_rel"] < 1e-4 for r in compared if r["backend"] == "sdpa")
+    assert [r["case"].split(":")[0] for r in rows["parity"]] == ["ocl_vitb16", "mae_vitb16"]
+    for r in rows["parity"]:
+        assert len(r["losses"]["fp32"]) == len(r["losses"]["bf16"]) == 3 and r["max_rel_diff"] < r["rtol"]
+    assert len(rows["flop_ratio"]) == 3 and all(r["ratio"] > 0 and r["flops_per_step"] > 0 for r in rows["flop_ratio"])
+    (fsdp,) = rows["fsdp"]
+    assert fsdp["backend"] == "gloo" and fsdp["checkpoint_saved"] and fsdp["resumed"]
+    assert fsdp["resume_max_rel_diff"] < 1e-5  # CPU: the resumed steps equal the uninterrupted ones
+    assert len(rows["memory"]) == 5 and all(r["peak_mem_bytes"] > 0 for r in rows["memory"])
+    assert all("estimate_bytes" in r for r in rows["memory"] if r["case"].startswith("ocl"))
+
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("# gpu_check SMOKE on cpu: torch") and "xformers" in lines[1]
+    assert any(line.split()[:2] == ["check", "case"] for line in lines)
+    for name in CHECKS:
+        assert any(line.startswith(name) and "== check" in line and " ok " in line for line in lines), name
+    assert (tmp_path / "gpu_check.log").is_file()
+
+
+@pytest.mark.parametrize("args,says", [((), "no CUDA device is present"), (("--device", "cpu"), "needs --smoke")])
+def test_refuses_in_one_line_without_cuda_or_smoke(args, says):
+    done = _run(*args, env=python_env({"CUDA_VISIBLE_DEVICES": ""}), timeout=120)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and says in lines[0], (done.returncode, lines)
+
+
+def test_a_check_that_runs_out_of_time_is_failed_and_reported(tmp_path):
+    out = tmp_path / "partial.json"
+    # fsdp alone takes > 8 s here (start-up + three short runs with checkpoints): 6 s kills its process group.
+    done = _run("--device", "cpu", "--smoke", "--only", "fsdp", "--budget-s", "6", "--json", str(out), timeout=120)
+    assert done.returncode == 1
+    report = json.loads(out.read_text())
+    fsdp = report["checks"]["fsdp"]
+    assert fsdp["status"] == "FAILED" and fsdp["reason"].startswith("timed out after"), fsdp
+    assert report["checks"]["attention"]["status"] == "not run" and report["complete"] and not report["ok"]
+    assert any(line.startswith("fsdp") and "FAILED" in line for line in done.stdout.splitlines())
