@@ -196,7 +196,8 @@ class Context:
         self.deadline = deadline
         self.result_path = result_path
         self.result: Dict[str, Any] = {"rows": [], "done": False}
-        self.tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+        self.tmp = result_path.parent / "work"  # inside the parent's temporary folder: removed even after a kill
+        self.tmp.mkdir(parents=True, exist_ok=True)
 
     def left(self) -> float:
         return self.deadline - time.time()
