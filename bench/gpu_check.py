@@ -148,7 +148,7 @@ from scale.data import LoaderSpec, build_dataset  # noqa: E402
 from scale.device import autocast_dtype  # noqa: E402
 from scale.masking import MaskContext, build_mask_generator  # noqa: E402
 from scale.models import MODELS  # noqa: E402
-from scale.models.attention import BackendAttention, xformers_available  # noqa: E402
+from scale.models.attention import BackendAttention, xformers_available, xformers_problem  # noqa: E402
 from scale.trainer import Trainer  # noqa: E402
 
 
@@ -320,6 +320,10 @@ def check_attention(ctx: Context) -> None:
             if backend == "xformers" and ctx.device.type != "cuda":
                 ctx.emit({"case": f"{label}: xformers", "status": "skipped", "backend": backend, "shape": shape,
                           "summary": "xFormers has no CPU kernels", "seconds": 0.0})
+                continue
+            if backend == "xformers" and xformers_problem(ctx.device):
+                ctx.emit({"case": f"{label}: xformers", "status": "unusable", "backend": backend, "shape": shape,
+                          "summary": xformers_problem(ctx.device), "seconds": 0.0})
                 continue
 
             def compare(backend=backend) -> Dict[str, Any]:

@@ -82,11 +82,13 @@ def test_refuses_in_one_line_without_cuda_or_smoke(args, says):
 
 def test_a_check_that_runs_out_of_time_is_failed_and_reported(tmp_path):
     out = tmp_path / "partial.json"
-    # fsdp alone takes > 8 s here (start-up + three short runs with checkpoints): 6 s kills its process group.
-    done = _run("--device", "cpu", "--smoke", "--only", "fsdp", "--budget-s", "6", "--json", str(out), timeout=120)
+    # fsdp takes 5-10 s here (start-up + three short runs with checkpoints): a 3 s budget cannot hold it.
+    # Depending on how long the parent took to start, the child is killed ("timed out") or never started.
+    done = _run("--device", "cpu", "--smoke", "--only", "fsdp", "--budget-s", "3", "--json", str(out), timeout=120)
     assert done.returncode == 1
     report = json.loads(out.read_text())
     fsdp = report["checks"]["fsdp"]
-    assert fsdp["status"] == "FAILED" and fsdp["reason"].startswith("timed out after"), fsdp
+    assert fsdp["status"] == "FAILED", fsdp
+    assert fsdp["reason"].startswith(("timed out after", "skipped: the budget ran out")), fsdp
     assert report["checks"]["attention"]["status"] == "not run" and report["complete"] and not report["ok"]
     assert any(line.startswith("fsdp") and "FAILED" in line for line in done.stdout.splitlines())

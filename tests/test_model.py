@@ -153,3 +153,59 @@ def test_backend_resolution():
 def test_unknown_model_lists_presets():
     with pytest.raises(ConfigError, match="model.name: unknown model"):
         build_encoder("vit_gigantic")
+
+
+@pytest.fixture
+def fake_xformers(monkeypatch):
+    """Installs an `xformers` package whose only op is the given function (the real one has no CPU
+    kernels); the availability caches are cleared before and after, so no other test sees the fake."""
+    import sys
+    import types
+
+    from scale.models import attention
+
+    def install(memory_efficient_attention):
+        package, ops = types.ModuleType("xformers"), types.ModuleType("xformers.ops")
+        ops.memory_efficient_attention = memory_efficient_attention
+        package.ops = ops
+        monkeypatch.setitem(sys.modules, "xformers", package)
+        monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+        attention.xformers_available.cache_clear()
+        attention.xformers_problem.cache_clear()
+        return attention
+
+    yield install
+    attention.xformers_available.cache_clear()
+    attention.xformers_problem.cache_clear()
+
+
+def test_an_xformers_that_imports_but_has_no_kernels_is_detected(fake_xformers):
+    """xformers 0.0.35 on torch 2.11 + CUDA 13 (the H200 machine): it imports, then finds no operator."""
+    def no_operator(q, k, v, scale=None):
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs:\n"
+                                  "     query       : shape=(1, 2, 8, 64) (torch.float32)")
+
+    attention = fake_xformers(no_operator)
+    problem = attention.xformers_problem(torch.device("cpu"))
+    assert problem is not None and "No operator found" in problem and "\n" not in problem
+
+
+def test_an_xformers_whose_kernel_runs_forward_and_backward_is_usable(fake_xformers):
+    def sdpa_as_xformers(q, k, v, scale=None):  # (B, N, H, D) in and out, as xformers
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                               v.transpose(1, 2), scale=scale)
+        return out.transpose(1, 2)
+
+    attention = fake_xformers(sdpa_as_xformers)
+    assert attention.xformers_problem(torch.device("cpu")) is None
+
+
+def test_auto_falls_back_to_sdpa_when_xformers_cannot_run_and_explicit_xformers_says_why(monkeypatch):
+    from scale.models import attention
+
+    monkeypatch.setattr(attention, "xformers_problem", lambda device: "xformers cannot run attention: No operator")
+    assert attention.resolve_backend("auto", torch.device("cuda")) == "sdpa"
+    with pytest.raises(ConfigError, match="model.attn_backend=xformers but xformers cannot run attention"):
+        attention.resolve_backend("xformers", torch.device("cuda"))
+    monkeypatch.setattr(attention, "xformers_problem", lambda device: None)
+    assert attention.resolve_backend("auto", torch.device("cuda")) == "xformers"

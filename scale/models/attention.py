@@ -17,11 +17,29 @@ BACKENDS = ("xformers", "sdpa", "math")
 
 @functools.lru_cache(maxsize=None)
 def xformers_available() -> bool:
+    """Whether xformers imports (it may still lack kernels for this torch: `xformers_problem`)."""
     try:
         import xformers.ops  # noqa: F401
-    except Exception:  # ImportError, or a broken CUDA build
+    except Exception:  # ImportError, or a broken build
         return False
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def xformers_problem(device: torch.device) -> str | None:
+    """None when xformers' memory-efficient attention runs forward and backward on `device` in fp32
+    and bf16; else why not, in one line. Importing is not enough: a wheel built for another torch or
+    CUDA imports fine and then finds no operator (seen with xformers 0.0.35 on torch 2.11 + CUDA 13)."""
+    if not xformers_available():
+        return "xformers does not import"
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(1, 8, 2, 64, device=device, dtype=dtype, requires_grad=True)
+        try:
+            attention_xformers(q, q, q, 0.125).sum().backward()
+        except Exception as err:  # NotImplementedError "No operator found ...", or a CUDA error
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return f"xformers cannot run {dtype} attention on {device}: {first_line}"
+    return None
 
 
 # On CPU, plain math attention beats SDPA's kernel on short sequences: 1.12x the whole OCL step of the
@@ -30,11 +48,11 @@ CPU_MATH_MAX_TOKENS = 64
 
 
 def resolve_backend(requested: str, device: torch.device, max_tokens: int | None = None) -> str:
-    """`auto` -> xformers on CUDA when it imports, else SDPA; on CPU, math when the longest sequence
-    the model attends over (`max_tokens`) is at most CPU_MATH_MAX_TOKENS. Explicit requests are checked."""
+    """`auto` -> xformers on CUDA when its kernels run there, else SDPA; on CPU, math when the longest
+    sequence the model attends over (`max_tokens`) is at most CPU_MATH_MAX_TOKENS. Explicit requests are checked."""
     if requested == "auto":
         if device.type == "cuda":
-            return "xformers" if xformers_available() else "sdpa"
+            return "sdpa" if xformers_problem(device) else "xformers"
         short = device.type == "cpu" and max_tokens is not None and max_tokens <= CPU_MATH_MAX_TOKENS
         return "math" if short else "sdpa"
     if requested not in BACKENDS:
@@ -42,9 +60,10 @@ def resolve_backend(requested: str, device: torch.device, max_tokens: int | None
     if requested == "xformers":
         if device.type != "cuda":
             raise ConfigError("model.attn_backend=xformers needs a CUDA device (xFormers has no CPU kernels)")
-        if not xformers_available():
-            raise ConfigError("model.attn_backend=xformers but xformers does not import; "
-                             "pip install 'scale[xformers]' or use attn_backend=sdpa")
+        problem = xformers_problem(device)
+        if problem:
+            raise ConfigError(f"model.attn_backend=xformers but {problem}; install the xformers build that "
+                              "matches this torch and CUDA, or use attn_backend=sdpa (or auto)")
     return requested
 
 
