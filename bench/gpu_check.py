@@ -1,8 +1,10 @@
 """Every check that needs CUDA, in one command: a fixed-width table on stdout and a JSON file.
 
-On the GPU machine (repo root; its python3 has torch, timm, pyyaml, tqdm, tensorboard, pillow; nothing to
-install, see "Packages" below), the one command is:
+On the GPU machine (repo root), the one command, as run on an H200 on 2026-11-30 (docs/throughput.md),
+with timm 1.0.31, webdataset 1.0.2 and braceexpand 0.1.7 carried as wheels in .whl/ (see "Packages"):
 
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+        .whl/webdataset*.whl .whl/braceexpand*.whl .whl/timm*.whl && export PYTHONPATH=/tmp/site
     PYTHONUNBUFFERED=1 python3 bench/gpu_check.py
 
 (JSON to $OUT/gpu_check.json when OUT is set, else ./gpu_check.json; the children's logs beside it as
