@@ -218,7 +218,7 @@ def test_global_batch_beats_the_recipe_global_batch(cluster, tmp_path):
     # What the trainer ran with: its saved config, its start-up line, every step's metrics.
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["global_batch"] == global_batch, saved["train"]
-    assert re.search(rf"\| batch {global_batch} \|", job_log(run)), info
+    assert re.search(rf"(scale:|\|) batch {global_batch} \|", job_log(run)), info
     assert [r["global_batch"] for r in read_metrics(run)] == [global_batch] * 2, info
     # What the launcher told the user before launching.
     boot = (tmp_path / f"slurm-ocl-vitb-{job}.out").read_text()
