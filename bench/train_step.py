@@ -229,9 +229,11 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
         spec = trainer.spec
         batch = cfg.train.batch_size
         images = torch.randn(batch, spec.in_chans, spec.img_size, spec.img_size, device=trainer.device)
-        if case["kind"] in ("ocl", "mae"):
+        if case["kind"] in ("ocl", "mae", "asl"):
             probe = trainer.masking(1, trainer._mask_context(images[:1])).group_ids
-            groups, visible = probe.shape[1], probe.shape[2]
+            # ASL's DLE runs the encoder twice over the same groups: count both passes.
+            groups = probe.shape[1] * trainer.pretrain_module.objective.needs.encoder_passes
+            visible = probe.shape[2]
             objective_flops = trainer.pretrain_module.objective.forward_flops(spec, batch, visible)
             flops = train_step_flops(spec, batch, groups, visible, cfg.model.train_patch_embed, objective_flops)
 
@@ -329,7 +331,7 @@ def fmt_bytes(n: float) -> str:
 
 
 def case_label(case: Dict[str, Any]) -> str:
-    parts = [{"ocl": "OCL 2 groups", "mae": "MAE"}.get(case["kind"], "full-token ViT step"), case["attn"]]
+    parts = [{"ocl": "OCL 2 groups", "mae": "MAE", "asl": "ASL"}.get(case["kind"], "full-token ViT step"), case["attn"]]
     if case["ac"] != "none":
         parts.append(f"AC {case['ac']}")
     if case["compile"]:
@@ -358,6 +360,19 @@ def print_table(results: List[Dict[str, Any]]) -> List[str]:
 
 
 # ----------------------------------------------------------------------------- modes
+
+def method_cases(base: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """MAE first (the baseline of "speed vs first"), then ASL's two branches on the same encoder,
+    mask, decoder and batch (recipes/mae_ and asl_fashion_mnist_cpu.yaml unless --recipe names a model)."""
+    common = dict(base, attn="auto", adamw="auto", mask_ratio=0.75)
+    mae = str(REPO / "recipes/mae_fashion_mnist_cpu.yaml")
+    asl = str(REPO / "recipes/asl_fashion_mnist_cpu.yaml")
+    return [dict(common, kind="mae", recipe=mae, label="MAE (baseline)"),
+            dict(common, kind="asl", recipe=asl, label="ASL AEE (extra block, 2 decoder passes)"),
+            dict(common, kind="asl", recipe=asl, extra=["objective.asl.branch=dle"],
+                 label="ASL DLE (2 encoder passes, 2 decoder passes)")]
+
+
 
 def compare_cases(base: Dict[str, Any]) -> List[Dict[str, Any]]:
     cuda = base["device"] == "cuda"
@@ -455,6 +470,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--gemm-size", type=int, default=0, help="reference GEMM size (default 2048 CPU, 4096 CUDA)")
     p.add_argument("--gemm-repeats", type=int, default=5)
     p.add_argument("--compare", action="store_true", help="attention backends, AC, compile, full-token step")
+    p.add_argument("--methods", action="store_true", help="MAE vs ASL (AEE, DLE): step cost and FLOP ratio")
     p.add_argument("--memory-sweep", action="store_true", help="largest micro-batch per small preset (CPU)")
     p.add_argument("--sweep-batches", default="64,256")
     p.add_argument("--sweep-ac", default="none,full")
@@ -514,7 +530,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             Path(args.out).write_text(json.dumps({"env": env, "memory_sweep": out}, indent=1))
         return 0
 
-    cases = compare_cases(base) if args.compare else [base]
+    cases = compare_cases(base) if args.compare else method_cases(base) if args.methods else [base]
     per_case: List[List[Dict[str, Any]]] = [[] for _ in cases]
     for round_ in range(args.rounds):  # interleaved: every case sees the same mix of quiet and busy moments
         for case, runs in zip(cases, per_case):
@@ -531,6 +547,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     lines = print_table(results)
     print("\n".join(lines))
     first = next((r for r in results if "error" not in r), None)
+    if args.methods and first is not None:
+        for r in results[1:]:
+            if "error" not in r:
+                print(f"{case_label(r)} / {case_label(first)}: step time {r['step_s_median'] / first['step_s_median']:.2f}x, "
+                      f"FLOPs {r['flops_per_step'] / first['flops_per_step']:.2f}x, ratio {r['ratio']:.3f} vs {first['ratio']:.3f}")
     if args.out:
         Path(args.out).write_text(json.dumps({"env": env, "results": results}, indent=1))
     if first is None:

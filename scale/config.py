@@ -52,8 +52,21 @@ class DecoderConfig:
 
 
 @dataclass
+class ASLConfig:
+    """ASL (papers/asl-arbitrary-scenarios.md): MAE plus a feature-augmented second branch whose pixel
+    predictions are aligned with the original's, patch by patch."""
+    branch: str = "aee"  # aee: one ViT block after the encoder | dle: embedding dropout, encoder run twice
+    dle_dropout: float = 0.1  # DLE: dropout on the patch embeddings (the paper gives no value; reading 0.1)
+    mae_weight: float = 1.0  # Eq. 11: L = mae_weight * L_MAE + align_weight * L_SEM, 1 : 1
+    align_weight: float = 1.0
+    mae_branches: str = "both"  # both: L_MAE is the mean of the two branches' MSE | original: first branch only
+    align_loss: str = "l1"  # l1 (Eq. 9) | cosine (the ablation)
+    align_cls: bool = False  # also align the decoder's [CLS] output (the ablation; off in the paper)
+
+
+@dataclass
 class ObjectiveConfig:
-    name: str = "ocl"  # ocl | mae
+    name: str = "ocl"  # ocl | mae | asl
     # OCL
     kappa: float = 64.0  # T-SP concentration; .inf gives (1 + c) / 2
     init_temperature: float = 0.07
@@ -64,6 +77,8 @@ class ObjectiveConfig:
     # MAE
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     norm_pix_loss: bool = True  # targets: each patch normalised by its mean and (unbiased) variance
+    # ASL (MAE's decoder and norm_pix_loss above, plus)
+    asl: ASLConfig = field(default_factory=ASLConfig)
 
 
 @dataclass
@@ -395,6 +410,13 @@ def validate(cfg: RunConfig) -> None:
             f"objective.decoder.dim must be divisible by 4 and by objective.decoder.num_heads, got "
             f"{o.decoder.dim} and {o.decoder.num_heads}")
     require_range("objective.decoder.mlp_ratio", o.decoder.mlp_ratio, 0.0, inf, low_open=True, high_open=True)
+    require(o.asl.branch in ("aee", "dle"), f"objective.asl.branch must be aee or dle, got {o.asl.branch!r}")
+    require(o.asl.mae_branches in ("both", "original"),
+            f"objective.asl.mae_branches must be both or original, got {o.asl.mae_branches!r}")
+    require(o.asl.align_loss in ("l1", "cosine"), f"objective.asl.align_loss must be l1 or cosine, got {o.asl.align_loss!r}")
+    require_range("objective.asl.dle_dropout", o.asl.dle_dropout, 0.0, 1.0, high_open=True)
+    require_range("objective.asl.mae_weight", o.asl.mae_weight, 0.0, 1000.0)
+    require_range("objective.asl.align_weight", o.asl.align_weight, 0.0, 1000.0)
     d = cfg.data
     require(d.transform in ("mae", "none"), f"data.transform must be 'mae' or 'none', got {d.transform!r}")
     require_range("data.num_samples", d.num_samples, 1)

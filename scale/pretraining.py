@@ -43,11 +43,14 @@ class PretrainModule(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.objective = objective
+        encoder.set_embed_dropout(objective.needs.embed_dropout)
 
     def encode(self, images: torch.Tensor, masks: Masks) -> ObjectiveBatch:
-        """One encoder pass over every group, with what the objective declared it needs."""
+        """One encoder pass over every group (repeated `needs.encoder_passes` times, as extra groups of
+        the same pass), with what the objective declared it needs."""
         needs = self.objective.needs
-        out = self.encoder.encode(images, masks.group_ids, with_tokens=needs.tokens)
+        group_ids = masks.group_ids.repeat(1, needs.encoder_passes, 1) if needs.encoder_passes > 1 else masks.group_ids
+        out = self.encoder.encode(images, group_ids, with_tokens=needs.tokens)
         return ObjectiveBatch(cls=out.cls, masks=masks, tokens=out.tokens, images=images if needs.images else None)
 
     def score(self, batch: ObjectiveBatch, gather: FeatureGather = local_gather) -> ObjectiveOutput:

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import PatchEmbed, build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
@@ -104,6 +105,7 @@ class VisibleTokenViT(nn.Module):
             for i in range(spec.depth)
         ])
         self.norm = nn.LayerNorm(spec.embed_dim, eps=1e-6)
+        self.embed_dropout = 0.0  # dropout on the visible patch embeddings in training (ASL's DLE)
         if init not in INITS:
             raise ConfigError(f"model.init must be one of {', '.join(INITS)}; got {init!r}")
         self.init_weights(train_patch_embed, init)
@@ -150,6 +152,13 @@ class VisibleTokenViT(nn.Module):
         self.attn_backend = resolved
         return resolved
 
+    def set_embed_dropout(self, rate: float) -> None:
+        """Dropout on each visible sequence's patch embeddings (after the positions are added), in
+        training only; every sequence draws its own (ASL's DLE: two passes, two augmentations)."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"embedding dropout must be in [0, 1), got {rate}")
+        self.embed_dropout = rate
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         return {"cls_token", "pos_embed"}
@@ -188,6 +197,8 @@ class VisibleTokenViT(nn.Module):
             B, G, n = group_ids.shape
             flat = group_ids.reshape(B, G * n, 1).expand(-1, -1, self.embed_dim)
             visible = torch.gather(tokens, 1, flat).reshape(B * G, n, self.embed_dim)
+        if self.embed_dropout > 0 and self.training:  # not drawn at all otherwise: other methods' RNG streams stay
+            visible = F.dropout(visible, self.embed_dropout, training=True)
         B, G, n = group_ids.shape
         if not with_tokens:
             return EncoderOutput(self.encode_tokens(visible).reshape(B, G, self.embed_dim))

@@ -48,6 +48,11 @@ class ObjectiveNeeds:
 
     tokens: bool = False  # the visible tokens after the final norm (MAE, ASL)
     images: bool = False  # the input images (pixel targets)
+    # Independent encoder passes over the same visible patches, as extra groups: the batch's groups are
+    # the mask's G groups once per pass, (B, passes * G, ...). ASL's DLE: 2, made different by
+    # dropout on the patch embeddings (`embed_dropout`, off in eval mode).
+    encoder_passes: int = 1
+    embed_dropout: float = 0.0
 
 
 @dataclass

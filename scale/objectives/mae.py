@@ -65,6 +65,17 @@ def mask_of(masked_ids: torch.Tensor, num_patches: int) -> torch.Tensor:
     return mask.scatter_(1, masked_ids, 1.0)
 
 
+def init_linear_and_norm(module: nn.Module) -> None:
+    """MAE's init of a module's layers: Xavier-uniform Linear with zero bias, LayerNorm (1, 0)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class MAEDecoder(nn.Module):
     """MAE's decoder: every patch position from the visible tokens and a shared mask token."""
 
@@ -91,23 +102,21 @@ class MAEDecoder(nn.Module):
             self.decoder_pos_embed[:, 1:].copy_(pos.unsqueeze(0))
             self.decoder_pos_embed[:, :1].zero_()
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm(self)
 
     def forward(self, cls: torch.Tensor, tokens: torch.Tensor, visible_ids: torch.Tensor) -> torch.Tensor:
         """cls (B, D), tokens (B, n, D) at patch positions visible_ids (B, n) -> (B, N, p*p*C)."""
+        return self.decode_all(cls, tokens, visible_ids)[:, 1:]
+
+    def decode_all(self, cls: torch.Tensor, tokens: torch.Tensor, visible_ids: torch.Tensor) -> torch.Tensor:
+        """As `forward`, with the [CLS] position's output first: (B, 1 + N, p*p*C) (ASL may align it)."""
         B, N = tokens.shape[0], self.spec.num_patches
         visible = self.decoder_embed(tokens)
         full = self.mask_token.to(visible.dtype).expand(B, N, self.dim)
         full = full.scatter(1, visible_ids.unsqueeze(-1).expand(-1, -1, self.dim), visible)
         x = torch.cat([self.decoder_embed(cls).unsqueeze(1), full], dim=1) + self.decoder_pos_embed
         x = self.decoder_norm(self.decoder_blocks(x))
-        return self.decoder_pred(x)[:, 1:]
+        return self.decoder_pred(x)
 
     def forward_flops(self, num_images: int, visible: int) -> int:
         seq = 1 + self.spec.num_patches

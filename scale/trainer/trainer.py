@@ -231,6 +231,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         batch, groups, visible = self._last_group_shape
         batch *= self.engine.world_size
+        groups *= self.pretrain_module.objective.needs.encoder_passes
         flops = train_step_flops(self.spec, batch, groups, visible, self.cfg.model.train_patch_embed,
                                  self.pretrain_module.objective.forward_flops(self.spec, batch, visible))
         record: Dict[str, Any] = {k: float(v) for k, v in step_metrics.items()}
