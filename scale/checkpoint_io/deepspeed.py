@@ -147,8 +147,14 @@ def read_model(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, 
         # weights_only off, which forced_weights_only overrides.
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
                 forced_weights_only(sorted(directory.glob("*.pt"))):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=directory.name)
-        return dict(state), extra
+            state = dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=directory.name))
+        # DeepSpeed records frozen parameters (OCL's patch embedding, fixed sin-cos positions) for
+        # zero_to_fp32 only from stage 2 on; at stage 1 they are only in the module states, which
+        # hold every parameter there (unpartitioned), frozen ones exact in their own dtype.
+        if module_file.is_file():
+            for name, tensor in client["module"].items():
+                state.setdefault(name, tensor)
+        return state, extra
     if module_file.is_file():
         return client["module"], extra
     raise CheckpointFormatError(f"checkpoint {str(path)!r}: a ZeRO-3 DeepSpeed checkpoint needs DeepSpeed "

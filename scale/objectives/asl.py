@@ -79,19 +79,35 @@ class ASLObjective(Objective):
             init_linear_and_norm(self.aug_block)  # the encoder's MAE init
         self.distance = ALIGN_DISTANCES[asl.align_loss]
 
-    def branches(self, batch: ObjectiveBatch) -> List[torch.Tensor]:
-        """The two branches' (B, 1 + N, p*p*C) decoder outputs ([CLS] row first), original first."""
-        ids = batch.masks.group_ids[:, 0]
+    def branch_features(self, batch: ObjectiveBatch) -> List[torch.Tensor]:
+        """The two branches' (B, 1 + n, D) features ([CLS] first), original first."""
         if self.aug_block is None:  # DLE: the encoder's two passes are the two groups
             if batch.cls.shape[1] != 2:
                 raise ValueError(f"ASL-DLE needs two encoder passes (two groups), got {batch.cls.shape[1]}")
-            return [self.decoder.decode_all(batch.cls[:, g], batch.tokens[:, g], ids) for g in (0, 1)]
+            return [torch.cat([batch.cls[:, g].unsqueeze(1), batch.tokens[:, g]], dim=1) for g in (0, 1)]
         if batch.cls.shape[1] != 1:
             raise ValueError(f"ASL-AEE decodes one visible group per image, got {batch.cls.shape[1]}")
         ori = torch.cat([batch.cls[:, 0].unsqueeze(1), batch.tokens[:, 0]], dim=1)
-        aug = self.aug_block(ori)
-        # Two decoder calls, not one over 2B: the original branch is then computed exactly as MAE's.
-        return [self.decoder.decode_all(f[:, 0], f[:, 1:], ids) for f in (ori, aug)]
+        return [ori, self.aug_block(ori)]
+
+    def aug_scored(self) -> bool:
+        """Whether any loss term reads the second branch's predictions."""
+        return self.cfg.align_weight > 0 or self.cfg.mae_branches == "both"
+
+    def branches(self, batch: ObjectiveBatch) -> List[torch.Tensor]:
+        """The two branches' (B, 1 + N, p*p*C) decoder outputs ([CLS] row first), original first.
+        One decoder call over both (2B rows): each decoder unit then runs, and under FSDP2
+        reduce-scatters, once per step. When no loss reads the second branch (the MAE-equivalent
+        ablation) it is decoded apart and without gradients, for its metric only."""
+        ori, aug = self.branch_features(batch)
+        ids = batch.masks.group_ids[:, 0]
+        decode = self.decoder.decode_all
+        if not self.aug_scored():
+            with torch.no_grad():
+                aug_pred = decode(aug[:, 0], aug[:, 1:], ids)
+            return [decode(ori[:, 0], ori[:, 1:], ids), aug_pred]
+        both = torch.cat([ori, aug], dim=0)
+        return list(decode(both[:, 0], both[:, 1:], torch.cat([ids, ids], dim=0)).chunk(2, dim=0))
 
     def forward(self, batch: ObjectiveBatch, gather: FeatureGather = local_gather) -> ObjectiveOutput:
         cfg = self.cfg
