@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scale.config import ConfigError, load_config  # noqa: E402
+from scale.errors import run_command  # noqa: E402
 from scale.eval.config import LinearProbeRecipe, load_recipe  # noqa: E402
 from scale.eval.features import build_split, extract_features  # noqa: E402
 from scale.trainer import Trainer  # noqa: E402
@@ -136,6 +137,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             load_config(recipe, list(overrides))
     except ConfigError as err:
         parser.error(str(err))
+    return run_command("seed_study.py", lambda: study(args, methods))
+
+
+def study(args: argparse.Namespace, methods: List[Method]) -> int:
+    """Every (seed, method) run not done yet, then the table over every finished run."""
     for seed in args.seeds:
         for name, recipe, overrides in methods:
             run_one(name, recipe, overrides, seed, args)

@@ -38,3 +38,19 @@ def test_markdown_table_has_one_row_per_encoder(quality_bench):
     assert table[0].startswith("| encoder |") and "60000 bank" in table[0]
     assert table[2] == "| raw pixels | - | - | 84.59% | 84.59% |"
     assert table[3] == "| OCL 5 min | 5.0 | 635 | 81.39% | 82.08% |"
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--epochs", "0"], "--epochs 0"),
+    (["--only", "nope"], "--only nope"),
+    (["--only", "MAE", "--seeds", "0", "--data-dir", "/nonexistent-shards"], "/nonexistent-shards/train"),
+])
+def test_seed_study_refuses_bad_input_in_one_line(tmp_path, argv, named):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(REPO / "bench/seed_study.py"), "--study", "asl", *argv,
+                           "--out-dir", str(tmp_path / "study")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert named in done.stderr and "Traceback" not in done.stderr
+    assert len([line for line in done.stderr.splitlines() if "error" in line]) == 1
