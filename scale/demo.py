@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 from .config import RunConfig, load_config
 from .errors import UserError, run_command
 from .eval.baselines import PixelEncoder, random_init_encoder
-from .plot import METRICS_FILE, plot_runs, read_run
+from .plot import METRICS_FILE, RunMetrics, plot_runs, read_run
 from .shards.fashion_mnist import main as convert_fashion_mnist
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -100,7 +100,9 @@ def _demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         summary = trainer.fit()
-        trained = last_knn_record(Path(cfg.train.output_dir), summary.final_step)
+        out = Path(cfg.train.output_dir).resolve()
+        run = read_run(out / METRICS_FILE, out.name)  # read once: the trained row and the curves
+        trained = last_knn_record(run, summary.final_step)
         if trained is None:  # stopped between evaluations: evaluate the weights it ended with
             encoder = trainer.encoder_for_eval()
             trained = knn.evaluate(encoder, trainer.device) if encoder is not None else None
@@ -109,7 +111,6 @@ def _demo(args: argparse.Namespace) -> int:
     minutes = (time.perf_counter() - started) / 60
     if trained is None:
         return 0
-    out = Path(cfg.train.output_dir).resolve()
     print("demo: scoring the baselines (the same kNN on raw pixels and on the untrained encoder) ...", flush=True)
     rows = [(f"{cfg.objective.name.upper()} {cfg.model.name}, {summary.final_step} steps ({minutes:.1f} min)",
              trained["knn_top1"]),
@@ -117,16 +118,15 @@ def _demo(args: argparse.Namespace) -> int:
             ("raw pixels", knn.evaluate(PixelEncoder(cfg.data.mean, cfg.data.std), trainer.device)["knn_top1"])]
     print(learnt_table(rows, data_name, cfg, trained))
     print(verdict(rows, synthetic=why_not is not None))
-    pictures = plot_runs([read_run(out / METRICS_FILE, out.name)], out)
+    pictures = plot_runs([run], out)
     print(f"demo: curves      {pictures[-1]}  (python -m scale.plot {out} redraws them)")
     print(f"demo: logs        {out / METRICS_FILE}  (tensorboard --logdir {out / 'tensorboard'})")
     print(f"demo: checkpoint  {summary.last_checkpoint}")
     return 0
 
 
-def last_knn_record(run_dir: Path, step: int) -> Optional[Dict[str, float]]:
+def last_knn_record(run: RunMetrics, step: int) -> Optional[Dict[str, float]]:
     """The kNN record the trainer logged at `step`, if it logged one."""
-    run = read_run(run_dir / METRICS_FILE, run_dir.name)
     by_step = run.points.get(("eval", "knn_top1"), {})
     return {"knn_top1": by_step[float(step)]} if float(step) in by_step else None
 
