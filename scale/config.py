@@ -30,9 +30,25 @@ class ModelConfig:
 
 
 @dataclass
+class EHMConfig:
+    """Evolved Hierarchical Masking (papers/evolved-hierarchical-masking.txt, METHODS.md): parts of a
+    patch tree built from the current model's attention, cut at a depth that rises with training."""
+    blocks: int = 6  # attention of the first k blocks (capped by depth), averaged over heads and blocks
+    signal_batch: int = 64  # images per attention forward: fixed, so masks never depend on micro-batching
+    tree: str = "rnn"  # rnn: reciprocal nearest neighbours, a few dozen rounds | greedy: one merge a round
+    depth: str = "evolved"  # evolved: d = max(1, floor(progress x H)) | fixed: d = max(1, floor(fixed_depth x H))
+    progress: str = "epoch"  # epoch: completed epochs / epochs (the paper) | step: step / total steps
+    fixed_depth: float = 0.2  # depth=fixed, as a fraction of each tree's height H (0.2 shallow, 0.8 deep)
+    max_depth: float = 1.0  # cap on d, as a fraction of H (two-group OCL: near the root only 2-5 parts remain)
+    source: str = "online"  # online: the current model (the paper) | ema: an EMA of it (Evolved Part Masking)
+    ema_decay: float = 0.999  # source=ema
+
+
+@dataclass
 class MaskConfig:
     name: str = "random_two_group"
     ratio: float = 0.3  # fraction of patches masked globally
+    ehm: EHMConfig = field(default_factory=EHMConfig)  # ehm, ehm_two_group, ehm_drop_two_group
 
 
 @dataclass
@@ -395,6 +411,16 @@ def validate(cfg: RunConfig) -> None:
     require(m.attn_backend in ("auto", "xformers", "sdpa", "math"),
             f"model.attn_backend must be one of auto, xformers, sdpa, math; got {m.attn_backend!r}")
     require_range("mask.ratio", cfg.mask.ratio, 0.0, 1.0, high_open=True)
+    e = cfg.mask.ehm
+    require_range("mask.ehm.blocks", e.blocks, 1)
+    require_range("mask.ehm.signal_batch", e.signal_batch, 1)
+    require(e.tree in ("rnn", "greedy"), f"mask.ehm.tree must be rnn or greedy, got {e.tree!r}")
+    require(e.depth in ("evolved", "fixed"), f"mask.ehm.depth must be evolved or fixed, got {e.depth!r}")
+    require(e.progress in ("epoch", "step"), f"mask.ehm.progress must be epoch or step, got {e.progress!r}")
+    require_range("mask.ehm.fixed_depth", e.fixed_depth, 0.0, 1.0)
+    require_range("mask.ehm.max_depth", e.max_depth, 0.0, 1.0, low_open=True)
+    require(e.source in ("online", "ema"), f"mask.ehm.source must be online or ema, got {e.source!r}")
+    require_range("mask.ehm.ema_decay", e.ema_decay, 0.0, 1.0, high_open=True)
     o = cfg.objective
     require(o.kappa > 0, f"objective.kappa must be > 0 (or .inf), got {o.kappa}")
     require(0 < o.min_temperature <= o.init_temperature <= o.max_temperature < inf,

@@ -12,21 +12,21 @@ stay fp32. `scale/engine/parallelize.py` applies it, per engine, from outside.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 
 from .config import RunConfig
-from .masking import Masks
+from .masking import Masks, SignalRequest, build_mask_generator
 from .models import VisibleTokenViT, build_encoder
+from .models.ema import WeightEMA
 from .models.attention import BackendAttention
 from .objectives import (FeatureGather, Objective, ObjectiveBatch, ObjectiveOutput, build_objective,
                          local_gather)
 
 ATTENTION_SIGNAL = "attention"
-# Blocks whose attention a mask generator's "attention" signal averages (EHM's k = 6, capped by depth).
-ATTENTION_SIGNAL_BLOCKS = 6
+ENCODER_PREFIX = "encoder."
 
 
 @dataclass
@@ -39,11 +39,15 @@ class ParallelPlan:
 
 
 class PretrainModule(nn.Module):
-    def __init__(self, encoder: VisibleTokenViT, objective: Objective):
+    def __init__(self, encoder: VisibleTokenViT, objective: Objective, signal: Optional[SignalRequest] = None):
         super().__init__()
         self.encoder = encoder
         self.objective = objective
         encoder.set_embed_dropout(objective.needs.embed_dropout)
+        # The mask generator's signal source when it asks for an EMA of the encoder (EHM's ablation).
+        self.signal_ema: Optional[WeightEMA] = None
+        if signal is not None and signal.ema_decay is not None:
+            self.signal_ema = WeightEMA(encoder, ENCODER_PREFIX, signal.ema_decay)
 
     def encode(self, images: torch.Tensor, masks: Masks) -> ObjectiveBatch:
         """One encoder pass over every group (repeated `needs.encoder_passes` times, as extra groups of
@@ -60,11 +64,20 @@ class PretrainModule(nn.Module):
         return self.score(self.encode(images, masks), gather)
 
     @torch.no_grad()
-    def model_signal(self, images: torch.Tensor, kind: str) -> torch.Tensor:
-        """A signal of the current model for mask generators (`MaskNeeds.model_signal`)."""
-        if kind != ATTENTION_SIGNAL:
-            raise ValueError(f"unknown model signal {kind!r}; available: {ATTENTION_SIGNAL}")
-        return self.encoder.attention_maps(images, ATTENTION_SIGNAL_BLOCKS)
+    def model_signal(self, images: torch.Tensor, request: SignalRequest) -> torch.Tensor:
+        """A signal of the current model (or of its EMA) for mask generators (`MaskNeeds.model_signal`)."""
+        if request.kind != ATTENTION_SIGNAL:
+            raise ValueError(f"unknown model signal {request.kind!r}; available: {ATTENTION_SIGNAL}")
+        source = self.encoder
+        if request.ema_decay is not None:
+            if self.signal_ema is None:
+                raise ValueError("an EMA signal was requested from a PretrainModule built without one")
+            source = self.signal_ema.model
+        return source.attention_maps(images, request.blocks)
+
+    def weight_followers(self) -> List[WeightEMA]:
+        """State that follows the weights after each optimizer step (`Engine.update_weight_followers`)."""
+        return [self.signal_ema] if self.signal_ema is not None else []
 
     def set_attn_backend(self, backend: str) -> str:
         """The attention kernel of the encoder and of the objective's blocks (a decoder's)."""
@@ -87,4 +100,5 @@ def build_pretrain_module(cfg: RunConfig, attn_backend: str = "sdpa") -> Pretrai
     encoder = build_encoder(cfg.model.name, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
                             train_patch_embed=cfg.model.train_patch_embed, attn_backend=attn_backend,
                             drop_path_rate=cfg.model.drop_path_rate, init=cfg.model.init)
-    return PretrainModule(encoder, build_objective(cfg.objective, encoder.spec))
+    signal = build_mask_generator(cfg.mask, encoder.spec.grid_size).needs.model_signal
+    return PretrainModule(encoder, build_objective(cfg.objective, encoder.spec), signal)

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from conftest import tiny_config
 from scale.config import MaskConfig, ObjectiveConfig
-from scale.masking import MASK_GENERATORS, MaskContext, MaskGenerator, MaskNeeds, Masks
+from scale.masking import MASK_GENERATORS, MaskContext, MaskGenerator, MaskNeeds, Masks, SignalRequest
 from scale.models import ViTSpec
 from scale.objectives import OBJECTIVES, Objective, ObjectiveBatch, ObjectiveNeeds, ObjectiveOutput
 from scale.trainer import Trainer
@@ -43,7 +43,7 @@ class ToyTokenRegression(Objective):
 class ToyAttentionMasking(MaskGenerator):
     """Keeps the patches the [CLS] attends to least (ties broken by the step's generator)."""
 
-    needs = MaskNeeds(model_signal="attention")
+    needs = MaskNeeds(model_signal=SignalRequest("attention", blocks=6))
     num_groups = 1
 
     def __init__(self, grid_size: int, ratio: float):

@@ -8,12 +8,12 @@ from __future__ import annotations
 import abc
 import contextlib
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from ..masking import Masks
+from ..masking import Masks, SignalRequest
 from ..objectives import FeatureGather, ObjectiveBatch, ObjectiveOutput, local_gather
 from ..registry import Registry
 from .batch_plan import BatchPlan
@@ -72,8 +72,8 @@ class Engine(abc.ABC):
     def score(self, batch: ObjectiveBatch) -> ObjectiveOutput:
         return self.invoke("score", batch, self.gather())
 
-    def model_signal(self, images: torch.Tensor, kind: str) -> torch.Tensor:
-        return self.invoke("model_signal", images, kind)
+    def model_signal(self, images: torch.Tensor, request: SignalRequest) -> torch.Tensor:
+        return self.invoke("model_signal", images, request)
 
     # ------------------------------------------------------------ gradients
     def grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
@@ -106,6 +106,21 @@ class Engine(abc.ABC):
         place is enough; an engine whose optimizer keeps its own master copy overrides this."""
         for param, low, high in self.bounded_parameters():
             param.clamp_(low, high)
+
+    @contextlib.contextmanager
+    def full_parameters(self, prefix: str) -> Iterator[Dict[str, torch.Tensor]]:
+        """The PretrainModule's parameters under `prefix` (names without it), whole, for reading
+        (collective where they are sharded: every rank enters)."""
+        yield {name[len(prefix):]: param.detach() for name, param in self.unwrapped().named_parameters()
+               if name.startswith(prefix)}
+
+    @torch.no_grad()
+    def update_weight_followers(self) -> None:
+        """After each optimizer step: update the state that follows the weights (an EMA of the
+        encoder, `PretrainModule.weight_followers`) from the full new weights."""
+        for follower in self.unwrapped().weight_followers():
+            with self.full_parameters(follower.source_prefix) as parameters:
+                follower.update(parameters)
 
     @abc.abstractmethod
     def save(self, directory: Path, extra: Dict[str, Any]) -> None:

@@ -32,7 +32,10 @@ class DDPEngine(DistributedEngine):
         grad_cache = plan.mode == GRAD_CACHE
         self.module = DistributedDataParallel(
             self._inner, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=self.cfg.engine.find_unused_parameters or grad_cache)
+            find_unused_parameters=self.cfg.engine.find_unused_parameters or grad_cache,
+            # Buffers are identical on every rank by construction (an EMA updated from the synchronised
+            # weights, fixed position tables): no broadcast of them before each forward.
+            broadcast_buffers=False)
         self.optimizer = build_optimizer(self._inner)
 
     def unwrapped(self) -> nn.Module:

@@ -180,6 +180,18 @@ class DeepSpeedEngine(DistributedEngine):
     def unwrapped(self) -> nn.Module:
         return self.ds.module
 
+    @contextlib.contextmanager
+    def full_parameters(self, prefix: str) -> Iterator[Dict[str, torch.Tensor]]:
+        """ZeRO-3: gathered for the duration (collective); ZeRO-0/1/2 hold them whole."""
+        import deepspeed
+
+        named = [(name[len(prefix):], param) for name, param in self.unwrapped().named_parameters()
+                 if name.startswith(prefix)]
+        gathered = (deepspeed.zero.GatheredParameters([p for _, p in named]) if self.zero_stage == 3
+                    else contextlib.nullcontext())
+        with gathered:
+            yield {name: param.detach() for name, param in named}
+
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss, scale_wrt_gas=False)
 

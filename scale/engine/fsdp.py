@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
 
 from ..checkpoint_io import dcp
 from ..config import RunConfig
@@ -61,6 +62,12 @@ class FSDPEngine(DistributedEngine):
 
     def step(self, clip_grad: Optional[float]) -> Optional[torch.Tensor]:
         return self.clip_and_step(self.module.parameters(), clip_grad)
+
+    @contextlib.contextmanager
+    def full_parameters(self, prefix: str) -> Iterator[Dict[str, torch.Tensor]]:
+        """Each DTensor shard all-gathered (collective: every rank, the same order)."""
+        yield {name[len(prefix):]: (param.full_tensor() if isinstance(param, DTensor) else param).detach()
+               for name, param in self.module.named_parameters() if name.startswith(prefix)}
 
     def save(self, directory: Path, extra: Dict[str, Any]) -> None:
         model_state, optim_state = get_state_dict(self.module, self.optimizer)

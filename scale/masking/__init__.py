@@ -1,8 +1,12 @@
 """Mask generators; each registers itself in MASK_GENERATORS on import."""
-from . import random_groups  # noqa: F401  (registration)
-from .base import (MASK_GENERATORS, MaskContext, MaskGenerator, MaskNeeds, Masks, ModelSignal, build_mask_generator,
-                   seed_global_rng, step_generator)
+from . import evolved, grid, random_groups  # noqa: F401  (registration)
+from .base import (MASK_GENERATORS, MaskContext, MaskGenerator, MaskNeeds, Masks, ModelSignal, SignalRequest,
+                   build_mask_generator, seed_global_rng, step_generator)
+from .evolved import EvolvedHierarchicalMasking
+from .grid import GridMasking
+from .hierarchy import PatchTree, patch_similarity
 from .random_groups import RandomGroupMasking
 
-__all__ = ["MASK_GENERATORS", "MaskContext", "MaskGenerator", "MaskNeeds", "ModelSignal", "Masks", "RandomGroupMasking", "build_mask_generator",
-           "seed_global_rng", "step_generator"]
+__all__ = ["MASK_GENERATORS", "EvolvedHierarchicalMasking", "GridMasking", "MaskContext", "MaskGenerator",
+           "MaskNeeds", "ModelSignal", "Masks", "PatchTree", "RandomGroupMasking", "SignalRequest",
+           "build_mask_generator", "patch_similarity", "seed_global_rng", "step_generator"]

@@ -8,8 +8,9 @@ device so that no host round-trip sits in the step.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import Callable, Optional
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Dict, Optional
 
 import torch
 
@@ -21,6 +22,7 @@ from ..registry import Registry
 class Masks:
     group_ids: torch.Tensor  # (B, G, n) visible patch indices of each group
     masked_ids: Optional[torch.Tensor] = None  # (B, m) patches no group sees
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)  # logged with the step, e.g. EHM's depth
 
     @property
     def num_groups(self) -> int:
@@ -32,7 +34,17 @@ class Masks:
 
     def rows(self, start: int, end: int) -> "Masks":
         """The masks of images start..end-1 (a micro-batch)."""
-        return Masks(self.group_ids[start:end], None if self.masked_ids is None else self.masked_ids[start:end])
+        return Masks(self.group_ids[start:end], None if self.masked_ids is None else self.masked_ids[start:end],
+                     self.metrics)
+
+
+@dataclass(frozen=True)
+class SignalRequest:
+    """A signal of the current model that a generator asks for, computed by the PretrainModule."""
+
+    kind: str = "attention"  # attention: (B, 1 + N, 1 + N) softmax attention, [CLS] first, fp32
+    blocks: int = 6  # of the first `blocks` blocks (capped by depth), averaged over heads and blocks
+    ema_decay: Optional[float] = None  # from an EMA of the encoder held as module state, not the live one
 
 
 @dataclass(frozen=True)
@@ -40,12 +52,16 @@ class MaskNeeds:
     """What a generator needs besides its random generator and the training progress."""
 
     images: bool = False  # this batch's images (on the step's device)
-    model_signal: str = ""  # a signal from the current model on this batch's images, e.g. "attention"
+    model_signal: Optional[SignalRequest] = None  # a signal from the current model on this batch's images
 
 
-# images -> the signal named by MaskNeeds.model_signal, computed by the current model through the
-# engine (so FSDP2 / ZeRO-3 gather their parameters), without gradients and in eval semantics.
+# images -> the signal of MaskNeeds.model_signal, computed by the current model through the engine
+# (so FSDP2 / ZeRO-3 gather their parameters), without gradients and in eval semantics.
 ModelSignal = Callable[[torch.Tensor], torch.Tensor]
+
+
+def untimed(_name: str) -> ContextManager[None]:
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -55,9 +71,11 @@ class MaskContext:
     generator: torch.Generator  # seeded by (seed, step, rank), on `device`
     device: torch.device
     step: int = 0
-    progress: float = 0.0  # epoch / total epochs (fractional), in [0, 1]
+    progress: float = 0.0  # step / total steps, in [0, 1]
+    epoch_progress: float = 0.0  # completed epochs / total epochs, in [0, 1]
     images: Optional[torch.Tensor] = None  # when needs.images or needs.model_signal
     model_signal: Optional[ModelSignal] = None  # when needs.model_signal
+    time_region: Callable[[str], ContextManager[None]] = untimed  # name -> a timed region, logged as time_<name>_s
 
 
 class MaskGenerator(abc.ABC):

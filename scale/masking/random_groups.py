@@ -7,23 +7,25 @@ from ..config import ConfigError, MaskConfig
 from .base import MASK_GENERATORS, MaskContext, MaskGenerator, Masks
 
 
-class RandomGroupMasking(MaskGenerator):
-    """MAE's argsort-of-noise masking at `ratio`, the kept patches split into equal groups.
+def visible_count(num_patches: int, ratio: float, num_groups: int) -> int:
+    """Patches left visible at `ratio`: int(N (1 - ratio)), rounded down to a multiple of the group
+    count (even, for OCL's two groups) so every group is the same length and the batch stays one tensor."""
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"mask.ratio must be in [0, 1), got {ratio}")
+    keep = int(num_patches * (1.0 - ratio))
+    keep -= keep % num_groups
+    if keep < num_groups:
+        raise ConfigError(f"mask.ratio {ratio} leaves {keep} of {num_patches} patches: fewer than one per group")
+    return keep
 
-    The kept count is rounded down to a multiple of the group count (even, for OCL's
-    two groups) so every group is the same length and the batch stays one tensor.
-    """
+
+class RandomGroupMasking(MaskGenerator):
+    """MAE's argsort-of-noise masking at `ratio`, the kept patches (`visible_count`) split into equal groups."""
 
     def __init__(self, grid_size: int, ratio: float, num_groups: int = 2):
         super().__init__(grid_size)
-        if not 0.0 <= ratio < 1.0:
-            raise ConfigError(f"mask.ratio must be in [0, 1), got {ratio}")
-        keep = int(self.num_patches * (1.0 - ratio))
-        keep -= keep % num_groups
-        if keep < num_groups:
-            raise ConfigError(f"mask.ratio {ratio} leaves {keep} of {self.num_patches} patches: "
-                             f"fewer than one per group")
-        self.ratio, self.num_groups, self.num_keep = ratio, num_groups, keep
+        self.ratio, self.num_groups = ratio, num_groups
+        self.num_keep = visible_count(self.num_patches, ratio, num_groups)
 
     def __call__(self, batch_size: int, context: MaskContext) -> Masks:
         noise = torch.rand(batch_size, self.num_patches, generator=context.generator, device=context.device)

@@ -252,12 +252,14 @@ class Trainer:
         needs = self.masking.needs
         context = MaskContext(generator=step_generator(self.cfg.train.seed, self.step, self.engine.rank, self.device),
                               device=self.device, step=self.step,
-                              progress=min(self.step / max(self.total_steps, 1), 1.0))
-        if needs.images or needs.model_signal:
+                              progress=min(self.step / max(self.total_steps, 1), 1.0),
+                              epoch_progress=min((self.step // self.steps_per_epoch) / max(self.cfg.train.epochs, 1), 1.0),
+                              time_region=self.timer.time)
+        if needs.images or needs.model_signal is not None:
             context.images = images.to(self.device, non_blocking=True)
-        if needs.model_signal:
-            kind = needs.model_signal
-            context.model_signal = lambda x: self.engine.model_signal(x, kind)
+        if needs.model_signal is not None:
+            request = needs.model_signal
+            context.model_signal = lambda x: self.engine.model_signal(x, request)
         return context
 
     def train_step(self, images: torch.Tensor) -> Dict[str, Any]:
@@ -288,7 +290,8 @@ class Trainer:
             self.engine.backward(out.loss)
         with self.timer.time("optimizer"):
             grad_norm = self.engine.step(self.cfg.optim.clip_grad)
-        metrics: Dict[str, Any] = {"loss": out.loss.detach(), **out.metrics}
+            self.engine.update_weight_followers()
+        metrics: Dict[str, Any] = {"loss": out.loss.detach(), **out.metrics, **masks.metrics}
         if self.engine.world_size > 1:  # log the global loss (mean of the ranks' local losses), not rank 0's
             names = list(metrics)
             reduced = self.engine.all_reduce_mean(torch.stack([metrics[n].float().reshape(()) for n in names]))
@@ -308,6 +311,9 @@ class Trainer:
             "time_optimizer_s": timings.get("optimizer", 0.0),
             "time_compute_s": max(total - allgather - timings.get("optimizer", 0.0), 0.0),
         })
+        # Other timed regions (e.g. the mask generator's: time_mask_signal_s, time_mask_tree_s), inside compute.
+        metrics.update({f"time_{name}_s": seconds for name, seconds in timings.items()
+                        if name not in ("allgather_fwd", "allgather_bwd", "optimizer")})
         return metrics
 
     def encoder_for_eval(self) -> Optional[nn.Module]:

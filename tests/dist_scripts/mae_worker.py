@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from worker import SyncCounter, compare_grads, counted_step, one_pass, tiny, zero_grads  # noqa: E402
 
 from scale.engine import ENGINES, GradientAccumulation, plan_batch  # noqa: E402
-from scale.masking import MaskContext, build_mask_generator  # noqa: E402
+from scale.masking import MaskContext, SignalRequest, build_mask_generator  # noqa: E402
 from scale.pretraining import build_pretrain_module  # noqa: E402
 from scale.trainer.optim import build_optimizer  # noqa: E402
 
@@ -62,7 +62,7 @@ def main() -> int:
                                                                                    contextlib.nullcontext))}
     results["syncs"] = count_syncs.counts
     # A mask generator's model signal goes through the engine (FSDP2 unshards each block for it).
-    signal = engine.model_signal(x, "attention")
+    signal = engine.model_signal(x, SignalRequest("attention", blocks=6))
     results["signal_shape"] = list(signal.shape)
     if rank == 0:
         torch.manual_seed(0)
@@ -71,7 +71,7 @@ def main() -> int:
         ref_out = ref(images, masks)
         ref_out.loss.backward()
         ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
-        results["signal_max_diff"] = (signal - ref.model_signal(x, "attention")).abs().max().item()
+        results["signal_max_diff"] = (signal - ref.model_signal(x, SignalRequest("attention", blocks=6))).abs().max().item()
         for mode, (loss, grads) in runs.items():
             results[mode] = compare_grads(loss, grads, ref_out.loss, ref_grads)
     engine.barrier()

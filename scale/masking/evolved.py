@@ -1,0 +1,91 @@
+"""Evolved Hierarchical Masking (EHM): masks cut from a patch tree of the current model's attention.
+
+At every step, per image: the attention of the model's first k blocks on the full image gives a
+patch similarity (`hierarchy.patch_similarity`); average-linkage merging turns it into a binary
+tree (`hierarchy`); the tree cut at depth d gives parts, d = max(1, floor(progress x H)) rising
+from textures (d = 1: single patches, MAE's random mask) to object parts. Parts are visited in a
+random order drawn from the step's generator, each in depth-first order, and the first r x N
+patches of that ordering are masked, so the last part visited is cut along the tree.
+
+Layouts of the one ordering:
+- `ehm`: masked | visible (MAE, ASL);
+- `ehm_two_group`: dropped | group A | group B (OCL): the two views hold different parts;
+- `ehm_drop_two_group`: EHM picks the dropped set, the visible patches are split at random.
+At d = 1 each is exactly its random counterpart in distribution (`random`, `random_two_group`).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import EHMConfig, MaskConfig
+from .base import MASK_GENERATORS, MaskContext, MaskGenerator, MaskNeeds, Masks, SignalRequest
+from .hierarchy import TREE_BUILDERS, PatchTree, patch_similarity
+from .random_groups import visible_count
+
+ONE_GROUP, TWO_GROUP, DROP_TWO_GROUP = "one_group", "two_group", "drop_two_group"
+
+
+def visit_order(tree: PatchTree, depth: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(B, N) patches in EHM's order: the parts of the tree cut at `depth` in a uniformly random
+    order, each part's patches in depth-first order."""
+    parts = tree.cut(depth)
+    batch, n = parts.shape
+    noise = torch.rand(batch, n, generator=generator, device=parts.device)
+    part_rank = noise.argsort(dim=1).argsort(dim=1)  # a random permutation of the slots naming parts
+    key = part_rank.gather(1, parts) * n + tree.leaf_positions()  # distinct: part first, then depth-first
+    return key.argsort(dim=1)
+
+
+class EvolvedHierarchicalMasking(MaskGenerator):
+    def __init__(self, grid_size: int, ratio: float, cfg: EHMConfig, layout: str):
+        super().__init__(grid_size)
+        self.cfg, self.layout, self.ratio = cfg, layout, ratio
+        self.num_groups = 1 if layout == ONE_GROUP else 2
+        self.num_keep = visible_count(self.num_patches, ratio, self.num_groups)
+        self.build_tree = TREE_BUILDERS[cfg.tree]
+        self.needs = MaskNeeds(images=True, model_signal=SignalRequest(
+            "attention", cfg.blocks, cfg.ema_decay if cfg.source == "ema" else None))
+
+    def similarity(self, context: MaskContext) -> torch.Tensor:
+        """(B, N, N) fp32, computed `signal_batch` images at a time whatever the batch's split."""
+        return torch.cat([patch_similarity(context.model_signal(chunk))
+                          for chunk in context.images.split(self.cfg.signal_batch)])
+
+    def depth(self, height: torch.Tensor, context: MaskContext) -> torch.Tensor:
+        """(B,) the cut level of each image's tree of height H."""
+        e = self.cfg
+        fraction = e.fixed_depth if e.depth == "fixed" else (
+            context.epoch_progress if e.progress == "epoch" else context.progress)
+        h = height.double()
+        cap = torch.floor(h * e.max_depth).clamp(min=1)
+        return torch.minimum(torch.floor(h * fraction), cap).clamp(min=1).long()
+
+    def __call__(self, batch_size: int, context: MaskContext) -> Masks:
+        with context.time_region("mask_signal"):
+            similarity = self.similarity(context)
+        with context.time_region("mask_tree"):
+            tree = self.build_tree(similarity)
+            height = tree.height
+            depth = self.depth(height, context)
+            order = visit_order(tree, depth, context.generator)
+        masked = self.num_patches - self.num_keep
+        visible = order[:, masked:]
+        if self.layout == DROP_TWO_GROUP:  # EHM drops, a random split of the rest
+            noise = torch.rand(batch_size, self.num_keep, generator=context.generator, device=order.device)
+            visible = visible.gather(1, noise.argsort(dim=1))
+        groups = visible.reshape(batch_size, self.num_groups, self.num_keep // self.num_groups)
+        parts = (tree.cut(depth) == torch.arange(self.num_patches, device=order.device)).sum(dim=1)
+        metrics = {"ehm_depth": depth.float().mean(), "ehm_height": height.float().mean(),
+                   "ehm_parts": parts.float().mean(), "ehm_tree_rounds": torch.tensor(float(tree.rounds), device=order.device)}
+        return Masks(group_ids=groups, masked_ids=order[:, :masked], metrics=metrics)
+
+
+def _register(name: str, layout: str) -> None:
+    @MASK_GENERATORS.register(name)
+    def build(cfg: MaskConfig, grid_size: int) -> MaskGenerator:
+        return EvolvedHierarchicalMasking(grid_size, cfg.ratio, cfg.ehm, layout)
+
+
+_register("ehm", ONE_GROUP)
+_register("ehm_two_group", TWO_GROUP)
+_register("ehm_drop_two_group", DROP_TWO_GROUP)

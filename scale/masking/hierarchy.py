@@ -1,0 +1,156 @@
+"""A binary tree of patches per image by average-linkage merging of a patch similarity (EHM).
+
+Exact greedy merging repeatedly joins the most similar pair of clusters, the similarity of
+two clusters being the mean of their leaf-to-leaf similarities. Two forms build it, batched
+over images:
+
+- `greedy`: one merge per image per round, N - 1 rounds (the definition; the reference);
+- `rnn`: every reciprocal-nearest-neighbour pair merges in the same round. Average linkage is
+  reducible, so this yields the identical tree in a few dozen rounds for N = 196 (the GPU form).
+
+Both must agree bit for bit, whatever the floating-point order of their sums, so the similarity
+is first quantized per image to integers (2^q steps of its maximum) and every cluster-to-cluster
+sum is an exact integer held in float64. A pair's mean is then one correctly rounded division,
+identical in both forms, and q is small enough that a merged cluster is never rounded above both
+of its parts (reducibility survives rounding). Ties go to the pair of smallest leaf indices: a
+cluster lives in the slot of its smallest leaf, so `argmax`'s first maximum is that pair.
+
+Encoding (one row per image, one column per slot = leaf index): slot `b > 0` is absorbed once, into
+`parent[b] < b`, creating a node of level `merge_level[b]` (leaves are level 1, a node is one more
+than its highest child); `left_size[b]` is the size of the cluster it joined (the node's child
+holding the smaller leaves). This is canonical: equal trees have equal encodings.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+import torch
+
+
+def patch_similarity(attention: torch.Tensor) -> torch.Tensor:
+    """(B, 1 + N, 1 + N) attention with [CLS] first -> (B, N, N) symmetric fp32 patch similarity,
+    zero diagonal (a patch is not merged with itself)."""
+    a = attention[:, 1:, 1:].float()
+    s = (a + a.transpose(1, 2)) / 2
+    return s * (1 - torch.eye(s.shape[-1], device=s.device, dtype=s.dtype))
+
+
+def quantization_bits(num_patches: int) -> int:
+    """q such that sums stay exact in float64 (N^2 2^q < 2^52) and a merged cluster's mean, whose
+    exact value differs from its parts' by at least 1 / N^3 steps, still rounds apart (2^q N^3 < 2^50)."""
+    return max(8, min(30, math.floor(50 - 3 * math.log2(max(num_patches, 2)))))
+
+
+def quantize_similarity(similarity: torch.Tensor) -> torch.Tensor:
+    """(B, N, N) similarity -> float64 integers in [0, 2^q], scaled per image by its maximum
+    (the tree does not depend on the scale)."""
+    s = similarity.double().clamp(min=0)
+    top = s.flatten(1).amax(dim=1).clamp(min=torch.finfo(torch.float64).tiny)
+    return torch.round(s / top[:, None, None] * 2.0 ** quantization_bits(s.shape[-1]))
+
+
+@dataclass
+class PatchTree:
+    parent: torch.Tensor  # (B, N) long: the slot each slot was absorbed into; -1 for slot 0 (the root's)
+    merge_level: torch.Tensor  # (B, N) long: level of the node created by that merge; 0 for slot 0
+    left_size: torch.Tensor  # (B, N) long: size of the cluster it joined
+    rounds: int  # merging rounds the builder took
+
+    @property
+    def height(self) -> torch.Tensor:
+        """(B,) level of each image's root."""
+        return self.merge_level.max(dim=1).values
+
+    def cut(self, depth: torch.Tensor) -> torch.Tensor:
+        """(B,) levels -> (B, N) part of each patch: its highest ancestor of level <= depth, named
+        by that node's smallest leaf. depth 1: every patch its own part; depth >= height: one part."""
+        labels = torch.arange(self.parent.shape[1], device=self.parent.device).expand_as(self.parent).clone()
+        parent = self.parent.clamp(min=0)
+        for _ in range(int(self.height.max())):  # each pass climbs one included merge
+            level = self.merge_level.gather(1, labels)
+            climb = (level > 0) & (level <= depth[:, None])
+            labels = torch.where(climb, parent.gather(1, labels), labels)
+        return labels
+
+    def leaf_positions(self) -> torch.Tensor:
+        """(B, N) each patch's position in the tree's depth-first leaf order (smaller leaves' child
+        first): every subtree, hence every part, is one contiguous run of positions."""
+        start = torch.zeros_like(self.parent)
+        parent = self.parent.clamp(min=0)
+        for level in range(int(self.height.max()), 1, -1):  # parents before children
+            absorbed = self.merge_level == level
+            start = torch.where(absorbed, start.gather(1, parent) + self.left_size, start)
+        return start
+
+
+def _initial_state(similarity: torch.Tensor):
+    sums = quantize_similarity(similarity)
+    batch, n = sums.shape[:2]
+    device = sums.device
+    return (sums, torch.ones(batch, n, dtype=torch.float64, device=device),
+            torch.ones(batch, n, dtype=torch.bool, device=device), torch.ones(batch, n, dtype=torch.long, device=device),
+            torch.full((batch, n), -1, dtype=torch.long, device=device),
+            torch.zeros(batch, n, dtype=torch.long, device=device), torch.zeros(batch, n, dtype=torch.long, device=device))
+
+
+def _mean_similarity(sums: torch.Tensor, sizes: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Cluster-to-cluster mean similarity; -inf on the diagonal and for absorbed slots."""
+    n = sizes.shape[1]
+    mean = sums / (sizes[:, :, None] * sizes[:, None, :])
+    valid = active[:, :, None] & active[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=sums.device)
+    return mean.masked_fill(~valid, float("-inf"))
+
+
+def greedy_average_linkage(similarity: torch.Tensor) -> PatchTree:
+    """The definition: per image, merge the single most similar pair, N - 1 times."""
+    sums, sizes, active, level, parent, merge_level, left_size = _initial_state(similarity)
+    batch, n = sizes.shape
+    rows = torch.arange(batch, device=sums.device)
+    upper = torch.ones(n, n, dtype=torch.bool, device=sums.device).triu(1)
+    for _ in range(n - 1):
+        mean = _mean_similarity(sums, sizes, active).masked_fill(~upper, float("-inf"))
+        flat = mean.flatten(1).argmax(dim=1)  # first maximum: the pair of smallest (a, b)
+        a, b = flat // n, flat % n
+        new_level = torch.maximum(level[rows, a], level[rows, b]) + 1
+        parent[rows, b], merge_level[rows, b], left_size[rows, b] = a, new_level, sizes[rows, a].long()
+        sums[rows, a, :] += sums[rows, b, :]
+        sums[rows, :, a] += sums[rows, :, b]
+        sizes[rows, a] += sizes[rows, b]
+        active[rows, b] = False
+        level[rows, a] = new_level
+    return PatchTree(parent, merge_level, left_size, rounds=n - 1)
+
+
+def reciprocal_nn_average_linkage(similarity: torch.Tensor) -> PatchTree:
+    """The same tree: each round merges every pair of clusters that are each other's nearest neighbour."""
+    sums, sizes, active, level, parent, merge_level, left_size = _initial_state(similarity)
+    batch, n = sizes.shape
+    slots = torch.arange(n, device=sums.device).expand(batch, n)
+    rounds = 0
+    while bool((active.sum(dim=1) > 1).any()):
+        rounds += 1
+        nearest = _mean_similarity(sums, sizes, active).argmax(dim=2)  # ties: the smallest slot
+        merging = active & (nearest.gather(1, nearest) == slots) & (slots < nearest)  # a of each pair (a, b)
+        # b -> a for each merging pair; non-merging slots write into a spare column
+        spare = torch.full((batch, n + 1), -1, dtype=torch.long, device=sums.device)
+        a_of_b = spare.scatter_(1, torch.where(merging, nearest, n), torch.where(merging, slots, -1))[:, :n]
+        absorbed = a_of_b >= 0
+        a = a_of_b.clamp(min=0)
+        parent = torch.where(absorbed, a, parent)
+        merge_level = torch.where(absorbed, torch.maximum(level.gather(1, a), level) + 1, merge_level)
+        left_size = torch.where(absorbed, sizes.gather(1, a).long(), left_size)
+        level = torch.where(merging, torch.maximum(level, level.gather(1, nearest)) + 1, level)
+        target = torch.where(absorbed, a, slots)
+        sums = torch.zeros_like(sums).scatter_add_(1, target[:, :, None].expand(-1, -1, n), sums)
+        sums = torch.zeros_like(sums).scatter_add_(2, target[:, None, :].expand(-1, n, -1), sums)
+        sizes = torch.zeros_like(sizes).scatter_add_(1, target, sizes).clamp(min=1)
+        active &= ~absorbed
+    return PatchTree(parent, merge_level, left_size, rounds=rounds)
+
+
+TREE_BUILDERS: Dict[str, Callable[[torch.Tensor], PatchTree]] = {
+    "rnn": reciprocal_nn_average_linkage,
+    "greedy": greedy_average_linkage,
+}
