@@ -57,6 +57,27 @@ STUDIES: Dict[str, List[Method]] = {
         ("AEE without alignment", "asl_fashion_mnist_cpu", ("objective.asl.align_weight=0",)),
         ("ASL (AEE, cosine)", "asl_fashion_mnist_cpu", ("objective.asl.align_loss=cosine",)),
     ],
+    # Issue 16: EHM vs static masks with MAE, and EHM's two OCL layouts vs OCL's random split. Patch 4
+    # (49 patches, a tree worth cutting); depth from the step fraction, as runs here are one or two epochs.
+    "ehm": [
+        ("MAE random r=0.75", "mae_fashion_mnist_cpu", ("mask.name=random",)),
+        ("MAE EHM r=0.75", "mae_fashion_mnist_cpu", ("mask.name=ehm", "mask.ehm.progress=step")),
+        ("MAE random r=0.25", "mae_fashion_mnist_cpu", ("mask.name=random", "mask.ratio=0.25")),
+        ("MAE EHM r=0.25", "mae_fashion_mnist_cpu", ("mask.name=ehm", "mask.ratio=0.25", "mask.ehm.progress=step")),
+        ("MAE EHM fixed shallow (0.2 H)", "mae_fashion_mnist_cpu",
+         ("mask.name=ehm", "mask.ehm.depth=fixed", "mask.ehm.fixed_depth=0.2")),
+        ("MAE grid-like", "mae_fashion_mnist_cpu", ("mask.name=grid",)),
+        ("OCL random", "ocl_fashion_mnist_cpu", ("mask.name=random_two_group",)),
+        ("OCL EHM two-group (cap 0.8 H)", "ocl_fashion_mnist_cpu",
+         ("mask.name=ehm_two_group", "mask.ehm.progress=step", "mask.ehm.max_depth=0.8")),
+        ("OCL EHM drop + random split (cap 0.8 H)", "ocl_fashion_mnist_cpu",
+         ("mask.name=ehm_drop_two_group", "mask.ehm.progress=step", "mask.ehm.max_depth=0.8")),
+    ],
+}
+# Overrides every run of a study shares (its protocol), before the method's own.
+STUDY_SETTINGS: Dict[str, Tuple[str, ...]] = {
+    "asl": (),
+    "ehm": ("model.name=vit_tiny_patch4_28", "optim.warmup_epochs=0.2"),
 }
 
 
@@ -70,7 +91,9 @@ def run_one(name: str, recipe: str, overrides: Sequence[str], seed: int, args: a
     if result.is_file():
         return json.loads(result.read_text())
     data = Path(args.data_dir).resolve()
-    cfg = load_config(recipe, [f"data.root={data / 'train'}", f"data.val_root={data / 'test'}",
+    train_root = data / "train" / args.train_shards if args.train_shards else data / "train"
+    overrides = [*STUDY_SETTINGS[args.study], *overrides]
+    cfg = load_config(recipe, [f"data.root={train_root}", f"data.val_root={data / 'test'}",
                                f"train.output_dir={out / 'run'}", "train.device=cpu", f"train.epochs={args.epochs}",
                                "train.log_every=50", "train.ckpt_every=1000000000", *overrides, f"train.seed={seed}"])
     print(f"# {name} seed {seed}: {recipe} {' '.join(overrides)}, {args.epochs} epochs", flush=True)
@@ -89,6 +112,7 @@ def run_one(name: str, recipe: str, overrides: Sequence[str], seed: int, args: a
     test = extract_features(encoder, build_split(cfg.data, encoder.spec, train=False), desc="test features", **common)
     row = quality.score(f"{name} seed {seed}", train, test, probe, {})
     record = {"method": name, "seed": seed, "recipe": recipe, "overrides": list(overrides), "epochs": args.epochs,
+              "train_shards": args.train_shards or "all",
               "step": summary.final_step, "trained_min": minutes, "final_loss": summary.losses[-1],
               "knn_top1": row["knn_top1"], "linear_top1": row["linear_top1"]}
     result.write_text(json.dumps(record, indent=1) + "\n")
@@ -121,6 +145,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--epochs", type=int, default=2, help="epochs of training per run (the equal budget)")
     parser.add_argument("--max-train-samples", type=int, default=20000, help="kNN bank / probe training set")
     parser.add_argument("--data-dir", default=str(REPO / "data/fashion-mnist-wds"))
+    parser.add_argument("--train-shards", default="", metavar="PATTERN",
+                        help="train on these shards of DATA_DIR/train only, e.g. 'train-{000000..000003}.tar' "
+                             "(20,000 images); default all")
     parser.add_argument("--out-dir", default=str(REPO / "runs/seed_study"))
     args = parser.parse_args(argv)
     methods = STUDIES[args.study]
@@ -134,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--epochs {args.epochs}: must be >= 1")
     try:  # every recipe and override, before any training
         for _, recipe, overrides in methods:
-            load_config(recipe, list(overrides))
+            load_config(recipe, [*STUDY_SETTINGS[args.study], *overrides])
     except ConfigError as err:
         parser.error(str(err))
     return run_command("seed_study.py", lambda: study(args, methods))
@@ -148,7 +175,7 @@ def study(args: argparse.Namespace, methods: List[Method]) -> int:
     order = {m[0]: i for i, m in enumerate(STUDIES[args.study])}
     rows = sorted((json.loads(p.read_text()) for p in Path(args.out_dir).glob("*_seed*/result.json")),
                   key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
-    rows = [r for r in rows if r["epochs"] == args.epochs]
+    rows = [r for r in rows if r["epochs"] == args.epochs and r.get("train_shards", "all") == (args.train_shards or "all")]
     text = table(rows, args.epochs, args.max_train_samples or 60000)
     (Path(args.out_dir) / "study.json").write_text(json.dumps({"epochs": args.epochs, "rows": rows,
                                                                "table": text}, indent=1) + "\n")
