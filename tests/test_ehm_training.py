@@ -80,3 +80,21 @@ def test_grad_cache_with_ehm_draws_the_same_masks_and_loss_as_one_pass(tmp_path)
     assert abs(loss1 - loss2) < 1e-5
     for name in p1:
         torch.testing.assert_close(p1[name], p2[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("overrides", [
+    ("objective.name=asl", "mask.name=ehm", "mask.ratio=0.75", "objective.decoder.dim=64",
+     "objective.decoder.depth=1", "objective.decoder.num_heads=4"),
+    ("mask.name=ehm_two_group", "mask.ehm.tree=greedy", "mask.ehm.progress=step"),
+], ids=["asl_ehm", "ocl_ehm_greedy_tree"])
+def test_every_objective_trains_with_its_ehm_generator(tmp_path, overrides):
+    summary = Trainer(tiny_config(tmp_path, *overrides, "train.max_steps=2")).fit()
+    assert summary.final_step == 2 and all(loss == loss for loss in summary.losses)
+    assert all("ehm_depth" in row for row in metrics(tmp_path / "run"))
+
+
+def test_a_generator_with_the_wrong_group_count_is_refused(tmp_path):
+    from scale.config import ConfigError
+
+    with pytest.raises(ConfigError, match="mask.name='ehm' draws 1 visible group"):
+        Trainer(tiny_config(tmp_path, "mask.name=ehm"))  # OCL scores two groups

@@ -82,7 +82,8 @@ class Trainer:
         if self.masking.num_groups != objective.num_groups:
             raise ConfigError(f"mask.name={cfg.mask.name!r} draws {self.masking.num_groups} visible group(s) per image, "
                               f"objective.name={cfg.objective.name!r} scores {objective.num_groups}; pick a matching "
-                              "generator (random: one group, random_two_group: two)")
+                              "generator (one group: random, grid, ehm; two groups: random_two_group, ehm_two_group, "
+                              "ehm_drop_two_group)")
         if self.batch_plan.mode == GRAD_CACHE and objective.needs.tokens:
             raise ConfigError(f"train.micro_batch: objective {cfg.objective.name!r} couples the batch and needs "
                               "tokens, which gradient caching does not carry; leave train.micro_batch unset")
