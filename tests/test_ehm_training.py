@@ -70,7 +70,7 @@ def test_grad_cache_with_ehm_draws_the_same_masks_and_loss_as_one_pass(tmp_path)
             drawn.append(masks)
             return masks
         trainer.masking = recording
-        trainer.masking.needs = masking.needs
+        trainer.masking.needs, trainer.masking.console_metrics = masking.needs, masking.console_metrics
         summary = trainer.fit()
         runs[label] = (drawn[0], summary.losses[0], {n: p.detach().clone()
                                                       for n, p in trainer.pretrain_module.named_parameters()})

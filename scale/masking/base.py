@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Dict, Optional
+from typing import Callable, ContextManager, Dict, Optional, Tuple
 
 import torch
 
@@ -83,6 +83,8 @@ class MaskGenerator(abc.ABC):
 
     needs: MaskNeeds = MaskNeeds()
     num_groups: int = 1  # visible groups per image it draws
+    # (Masks.metrics key, short label) worth a glance on the console line (EHM: its depth and tree height).
+    console_metrics: Tuple[Tuple[str, str], ...] = ()
 
     def __init__(self, grid_size: int):
         self.grid_size = grid_size

@@ -37,6 +37,8 @@ def visit_order(tree: PatchTree, depth: torch.Tensor, generator: torch.Generator
 
 
 class EvolvedHierarchicalMasking(MaskGenerator):
+    console_metrics = (("ehm_depth", "d"), ("ehm_height", "H"))
+
     def __init__(self, grid_size: int, ratio: float, cfg: EHMConfig, layout: str):
         super().__init__(grid_size)
         self.cfg, self.layout, self.ratio = cfg, layout, ratio

@@ -367,7 +367,7 @@ class Trainer:
                 raise ConfigError(f"train.output_dir {str(self.output_dir)!r}: cannot be written "
                                   f"({err.strerror or err}); choose a writable folder") from None
         reporter = ProgressReporter(self.output_dir / "tensorboard", self.stop_step, self.step, enabled=main,
-                                    headline=self.pretrain_module.objective.console_metrics)
+                                    headline=self.pretrain_module.objective.console_metrics + self.masking.console_metrics)
         reporter.message(
             f"scale: {cfg.objective.name} | {cfg.model.name} "
             f"({sum(p.numel() for p in self.pretrain_module.encoder.parameters()) / 1e6:.1f}M params, attention "
