@@ -224,3 +224,22 @@ def test_ehm_config_errors_name_the_key(tmp_path):
                        ("max_depth", "0"), ("source", "teacher"), ("ema_decay", "1.0"), ("blocks", "0")):
         with pytest.raises(ConfigError, match=f"mask.ehm.{key}"):
             load_config(None, [f"mask.ehm.{key}={value}"])
+
+
+def test_attention_signal_is_eval_semantics_and_leaves_the_global_rng_alone(tmp_path):
+    from scale.masking import SignalRequest
+    from scale.pretraining import build_pretrain_module
+
+    module = build_pretrain_module(tiny_config(tmp_path, "model.drop_path_rate=0.5", "mask.name=ehm_two_group"))
+    module.train()
+    images = torch.randn(5, 1, 28, 28)
+    state = torch.get_rng_state()
+    first = module.model_signal(images, SignalRequest("attention", blocks=6))
+    assert torch.equal(torch.get_rng_state(), state)  # no draw: masks never shift the step's drop path
+    second = module.model_signal(images, SignalRequest("attention", blocks=6))
+    assert torch.equal(first, second) and module.training  # no drop path, and train mode restored
+    assert first.shape == (5, 50, 50) and first.dtype == torch.float32
+    torch.testing.assert_close(first.sum(-1), torch.ones(5, 50))  # softmax rows, averaged
+    shallow = module.model_signal(images, SignalRequest("attention", blocks=2))
+    capped = module.model_signal(images, SignalRequest("attention", blocks=60))  # capped by depth
+    assert not torch.equal(shallow, first) and torch.equal(capped, first)
