@@ -11,7 +11,8 @@ from .errors import run_command
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="scale-train", description="Pre-train a ViT with masked-image self-supervised learning (OCL, MAE).",
+        prog="scale-train",
+        description="Pre-train a ViT with masked-image self-supervised learning (OCL, MAE, ASL; random, grid or EHM masks).",
         epilog="Overrides use dotted keys, e.g. optim.blr=1e-4 model.name=vit_small_patch16 train.max_steps=100")
     parser.add_argument("--config", metavar="RECIPE",
                         help="a recipe name (e.g. ocl_vitb16; `python -m scale.recipe_catalog` lists them) or a "
