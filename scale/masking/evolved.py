@@ -25,10 +25,9 @@ from .random_groups import visible_count
 ONE_GROUP, TWO_GROUP, DROP_TWO_GROUP = "one_group", "two_group", "drop_two_group"
 
 
-def visit_order(tree: PatchTree, depth: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """(B, N) patches in EHM's order: the parts of the tree cut at `depth` in a uniformly random
-    order, each part's patches in depth-first order."""
-    parts = tree.cut(depth)
+def visit_order(tree: PatchTree, parts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(B, N) patches in EHM's order: the parts (`tree.cut(depth)`) in a uniformly random order,
+    each part's patches in depth-first order."""
     batch, n = parts.shape
     noise = torch.rand(batch, n, generator=generator, device=parts.device)
     part_rank = noise.argsort(dim=1).argsort(dim=1)  # a random permutation of the slots naming parts
@@ -69,16 +68,18 @@ class EvolvedHierarchicalMasking(MaskGenerator):
             tree = self.build_tree(similarity)
             height = tree.height
             depth = self.depth(height, context)
-            order = visit_order(tree, depth, context.generator)
+            parts = tree.cut(depth)
+            order = visit_order(tree, parts, context.generator)
         masked = self.num_patches - self.num_keep
         visible = order[:, masked:]
         if self.layout == DROP_TWO_GROUP:  # EHM drops, a random split of the rest
             noise = torch.rand(batch_size, self.num_keep, generator=context.generator, device=order.device)
             visible = visible.gather(1, noise.argsort(dim=1))
         groups = visible.reshape(batch_size, self.num_groups, self.num_keep // self.num_groups)
-        parts = (tree.cut(depth) == torch.arange(self.num_patches, device=order.device)).sum(dim=1)
+        num_parts = (parts == torch.arange(self.num_patches, device=order.device)).sum(dim=1)
         metrics = {"ehm_depth": depth.float().mean(), "ehm_height": height.float().mean(),
-                   "ehm_parts": parts.float().mean(), "ehm_tree_rounds": torch.tensor(float(tree.rounds), device=order.device)}
+                   "ehm_parts": num_parts.float().mean(),
+                   "ehm_tree_rounds": torch.tensor(float(tree.rounds), device=order.device)}
         return Masks(group_ids=groups, masked_ids=order[:, :masked], metrics=metrics)
 
 
