@@ -8,7 +8,7 @@ with timm 1.0.31, webdataset 1.0.2 and braceexpand 0.1.7 carried as wheels in .w
     PYTHONUNBUFFERED=1 python3 bench/gpu_check.py
 
 (JSON to $OUT/gpu_check.json when OUT is set, else ./gpu_check.json; the children's logs beside it as
-gpu_check.log). Under 8 minutes: `--budget-s 450` is the default. Without CUDA it says so in one line and
+gpu_check.log). Under 9 minutes: `--budget-s 540` is the default. Without CUDA it says so in one line and
 exits 2; `--device cpu --smoke` runs every check with tiny shapes on the CPU (tests/test_gpu_check.py).
 
 Checks, in order, each in its own child process with its own time limit (a share of the budget plus what
@@ -34,10 +34,15 @@ the others still run; rows stream into the table and the JSON as they finish):
               (ocl_vitb16/l16/h16, mae_vitb16/l16), with the recipe's precision, activation checkpointing
               and compile settings, two micro-batches per step (gradient caching for OCL, accumulation for
               MAE), via bench/train_step.py's `run_child`; OCL rows also give train_step's estimate.
+  ehm         Evolved Hierarchical Masking's cost: bench/ehm_cost.py's `measure` (MAE ViT-B/16, batch 256, the
+              recipe's bf16, 3 warm-up + 10 timed steps of a random-mask and an EHM trainer, interleaved):
+              signal / step, tree / step, EHM step / random step, greedy / rnn tree time and rounds; the two
+              tree builders' trees must be identical. Last, with a 90 s share, so the others keep their time.
 
 `--device cpu --smoke` proves the code paths: vit_tiny_patch7_28 (28x28) for every model, micro-batch 4,
-a 64-d MAE decoder, 3 parity steps, gloo instead of nccl, memory as peak RSS, fp32 where the recipe's
-`precision: auto` resolves to it on CPU (parity still compares bf16 with fp32). OMP_WAIT_POLICY=PASSIVE is
+a 64-d MAE decoder, 3 parity steps, EHM cost at batch 4 over 1 warm-up + 2 steps, gloo instead of nccl,
+memory as peak RSS, fp32 where the recipe's `precision: auto` resolves to it on CPU (parity still compares
+bf16 with fp32). OMP_WAIT_POLICY=PASSIVE is
 set for --device cpu (on a shared CPU, spinning OpenMP threads made each step ~100x slower).
 
 Packages. The GPU image (/work/.library/device/KINDS.md) has torch, timm, pyyaml, tqdm, tensorboard,
@@ -79,9 +84,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-CHECKS = ("attention", "parity", "flop_ratio", "fsdp", "memory")
-# Seconds of the budget each check may use (plus whatever earlier checks left unused); they sum to 450.
-SHARES = {"attention": 45, "parity": 90, "flop_ratio": 100, "fsdp": 75, "memory": 140}
+CHECKS = ("attention", "parity", "flop_ratio", "fsdp", "memory", "ehm")
+# Seconds of the budget each check may use (plus whatever earlier checks left unused); they sum to 540.
+SHARES = {"attention": 45, "parity": 90, "flop_ratio": 100, "fsdp": 75, "memory": 140, "ehm": 90}
 ATTN_RECIPES = ("ocl_vitb16", "ocl_vitl16", "mae_vitb16", "mae_vitl16")
 RATIO_RECIPES = ("ocl_vitb16", "ocl_vitl16", "mae_vitb16")
 MEMORY_RECIPES = ("ocl_vitb16", "ocl_vitl16", "ocl_vith16", "mae_vitb16", "mae_vitl16")
@@ -93,6 +98,10 @@ PARITY_RTOL = 2e-2
 SMOKE_MODEL = ("model.name=vit_tiny_patch7_28", "objective.decoder.dim=64", "objective.decoder.depth=1",
                "objective.decoder.num_heads=2")
 SMOKE_MICRO = 4
+# bench/ehm_cost.py's measure(preset, batch, steps, device, warmup): MAE ViT-B/16 at mae_vitb16's micro-batch
+# (two trainers at batch 256 in bf16: ~30 GiB); in smoke mode the tiny model at SMOKE_MICRO.
+EHM_CASE = {"preset": "vit_base_patch16", "batch": 256, "steps": 10, "warmup": 3}
+EHM_SMOKE = {"preset": "vit_tiny_patch7_28", "batch": SMOKE_MICRO, "steps": 2, "warmup": 1}
 WEBDATASET_STUB = '''"""Stand-in written by bench/gpu_check.py: the real webdataset is not installed here."""
 __scale_stub__ = True
 
@@ -529,9 +538,37 @@ def check_fsdp(ctx: Context) -> None:
             engine.close()
 
 
+# ----------------------------------------------------------------------------- check: ehm
+
+def check_ehm(ctx: Context) -> None:
+    case = EHM_SMOKE if ctx.smoke else EHM_CASE
+
+    def run() -> Dict[str, Any]:
+        if ctx.left() < 5:
+            raise TimeoutError("no time left in this check's budget")
+        from bench.ehm_cost import PAPER, measure  # here: a broken import fails this check's row, not the script
+        r = measure(case["preset"], case["batch"], case["steps"], ctx.device.type, warmup=case["warmup"])
+        ratios = ("signal_per_step", "tree_per_step", "mask_per_step", "ehm_step_per_random_step",
+                  "signal_flops_per_random_step_flops", "greedy_per_rnn_tree")
+        problems = [f"{k} is {r[k]}" for k in ratios if not (math.isfinite(r[k]) and r[k] > 0)]
+        if not math.isfinite(r["ehm_rest_per_random_step"]):  # a difference of medians: ~1, finite is all it must be
+            problems.append(f"ehm_rest_per_random_step is {r['ehm_rest_per_random_step']}")
+        if not r["trees_identical"]:
+            problems.append("rnn and greedy trees differ")
+        return {**r, "paper": PAPER, "status": "FAILED" if problems else "ok", "reason": "; ".join(problems),
+                "summary": f"signal/step {r['signal_per_step']:.1%} (paper {PAPER['signal_share']:.1%}), "
+                           f"tree/step {r['tree_per_step']:.1%} ({PAPER['tree_share']:.1%}), "
+                           f"EHM/random step {r['ehm_step_per_random_step']:.2f}x (rest {r['ehm_rest_per_random_step']:.2f}), "
+                           f"signal FLOPs {r['signal_flops_per_random_step_flops']:.1%}; tree greedy/rnn "
+                           f"{r['greedy_per_rnn_tree']:.1f}x, rounds {r['rounds']['rnn']}/{r['rounds']['greedy']}, "
+                           f"identical {'yes' if r['trees_identical'] else 'NO'}; {r['precision']}"}
+
+    ctx.guarded(f"MAE {case['preset']} b{case['batch']}: EHM vs random step", run)
+
+
 CHECK_FUNCTIONS: Dict[str, Callable[[Context], None]] = {
     "attention": check_attention, "parity": check_parity, "flop_ratio": check_flop_ratio, "fsdp": check_fsdp,
-    "memory": check_memory,
+    "memory": check_memory, "ehm": check_ehm,
 }
 
 

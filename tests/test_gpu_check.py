@@ -2,6 +2,7 @@
 on the GPU machine (webdataset hidden, so its stub is what scale imports); without CUDA it refuses in one
 line; a check that overruns its time is reported FAILED and the others' JSON is still written."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from conftest import REPO, python_env
 
 SCRIPT = REPO / "bench" / "gpu_check.py"
-CHECKS = ("attention", "parity", "flop_ratio", "fsdp", "memory")
+CHECKS = ("attention", "parity", "flop_ratio", "fsdp", "memory", "ehm")  # ehm last: the others keep their time
 
 
 def _run(*args, env=None, timeout=300):
@@ -64,12 +65,22 @@ def test_smoke_runs_every_check_on_cpu(tmp_path):
     assert fsdp["resume_max_rel_diff"] < 1e-5  # CPU: the resumed steps equal the uninterrupted ones
     assert len(rows["memory"]) == 5 and all(r["peak_mem_bytes"] > 0 for r in rows["memory"])
     assert all("estimate_bytes" in r for r in rows["memory"] if r["case"].startswith("ocl"))
+    (ehm,) = rows["ehm"]  # bench/ehm_cost.py's measure, on the tiny model
+    assert (ehm["preset"], ehm["batch"], ehm["steps"], ehm["device"]) == ("vit_tiny_patch7_28", 4, 2, "cpu")
+    for key in ("signal_per_step", "tree_per_step", "mask_per_step", "ehm_step_per_random_step",
+                "signal_flops_per_random_step_flops", "greedy_per_rnn_tree"):
+        assert 0 < ehm[key] < float("inf"), (key, ehm[key])
+    assert math.isfinite(ehm["ehm_rest_per_random_step"])  # a difference of medians, ~1 on a quiet machine
+    assert ehm["signal_per_step"] + ehm["tree_per_step"] == pytest.approx(ehm["mask_per_step"])
+    assert ehm["trees_identical"] and ehm["rounds"]["rnn"] > 0 and ehm["rounds"]["greedy"] > 0
+    assert "identical yes" in ehm["summary"]
 
     lines = done.stdout.splitlines()
     assert lines[0].startswith("# gpu_check SMOKE on cpu: torch") and "xformers" in lines[1]
     assert any(line.split()[:2] == ["check", "case"] for line in lines)
     for name in CHECKS:
         assert any(line.startswith(name) and "== check" in line and " ok " in line for line in lines), name
+    assert [line.split()[0] for line in lines if "== check" in line] == list(CHECKS)  # the default order
     assert (tmp_path / "gpu_check.log").is_file()
 
 
