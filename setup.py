@@ -40,6 +40,7 @@ setup(
         "scale-export=scale.export:main",
         "scale-demo=scale.demo:main",
         "scale-plot=scale.plot:main",
+        "scale-mask-pictures=scale.mask_pictures:main",
         "scale-prep-imagefolder=scale.shards.imagefolder:main",
         "scale-prep-fashion-mnist=scale.shards.fashion_mnist:main",
         "scale-verify-shards=scale.shards.verify:main",
