@@ -118,7 +118,7 @@ def test_console_scripts(installed: Path, tmp_path: Path) -> None:
     code = ("from importlib.metadata import entry_points; print(' '.join(e.name for e in "
             "entry_points(group='console_scripts') if e.value.startswith('scale')))")
     declared = python_in(installed / "python", code, tmp_path).stdout.split()
-    assert set(OWN_SCRIPTS) | {"scale-plot", "scale-demo"} <= set(declared)
+    assert set(OWN_SCRIPTS) | {"scale-plot", "scale-demo", "scale-mask-pictures"} <= set(declared)
     for name in declared:
         assert (installed / name).is_file(), name
     for name in OWN_SCRIPTS[1:]:  # scale-train's --help is checked above
