@@ -72,6 +72,9 @@ STUDIES: Dict[str, List[Method]] = {
          ("mask.name=ehm_two_group", "mask.ehm.progress=step", "mask.ehm.max_depth=0.8")),
         ("OCL EHM drop + random split (cap 0.8 H)", "ocl_fashion_mnist_cpu",
          ("mask.name=ehm_drop_two_group", "mask.ehm.progress=step", "mask.ehm.max_depth=0.8")),
+        # Not in the paper: trees from attention-row similarity (symmetrised attention chains, README).
+        ("MAE EHM r=0.75, attention-row similarity", "mae_fashion_mnist_cpu",
+         ("mask.name=ehm", "mask.ehm.progress=step", "mask.ehm.similarity=attention_rows")),
     ],
 }
 # Overrides every run of a study shares (its protocol), before the method's own.

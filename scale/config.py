@@ -35,6 +35,7 @@ class EHMConfig:
     patch tree built from the current model's attention, cut at a depth that rises with training."""
     blocks: int = 6  # attention of the first k blocks (capped by depth), averaged over heads and blocks
     signal_batch: int = 64  # images per attention forward: fixed, so masks never depend on micro-batching
+    similarity: str = "attention"  # attention: (A + A^T) / 2 (the paper) | attention_rows: cosine of attention rows
     tree: str = "rnn"  # rnn: reciprocal nearest neighbours, a few dozen rounds | greedy: one merge a round
     depth: str = "evolved"  # evolved: d = max(1, floor(progress x H)) | fixed: d = max(1, floor(fixed_depth x H))
     progress: str = "epoch"  # epoch: completed epochs / epochs (the paper) | step: step / total steps
@@ -415,6 +416,8 @@ def validate(cfg: RunConfig) -> None:
     require_range("mask.ehm.blocks", e.blocks, 1)
     require_range("mask.ehm.signal_batch", e.signal_batch, 1)
     require(e.tree in ("rnn", "greedy"), f"mask.ehm.tree must be rnn or greedy, got {e.tree!r}")
+    require(e.similarity in ("attention", "attention_rows"),
+            f"mask.ehm.similarity must be attention or attention_rows, got {e.similarity!r}")
     require(e.depth in ("evolved", "fixed"), f"mask.ehm.depth must be evolved or fixed, got {e.depth!r}")
     require(e.progress in ("epoch", "step"), f"mask.ehm.progress must be epoch or step, got {e.progress!r}")
     require_range("mask.ehm.fixed_depth", e.fixed_depth, 0.0, 1.0)

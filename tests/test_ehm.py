@@ -220,7 +220,7 @@ def test_masks_do_not_depend_on_the_batch_split():
 
 
 def test_ehm_config_errors_name_the_key(tmp_path):
-    for key, value in (("tree", "kruskal"), ("depth", "random"), ("progress", "batch"), ("fixed_depth", "1.5"),
+    for key, value in (("tree", "kruskal"), ("similarity", "cosine"), ("depth", "random"), ("progress", "batch"), ("fixed_depth", "1.5"),
                        ("max_depth", "0"), ("source", "teacher"), ("ema_decay", "1.0"), ("blocks", "0")):
         with pytest.raises(ConfigError, match=f"mask.ehm.{key}"):
             load_config(None, [f"mask.ehm.{key}={value}"])
@@ -243,3 +243,19 @@ def test_attention_signal_is_eval_semantics_and_leaves_the_global_rng_alone(tmp_
     shallow = module.model_signal(images, SignalRequest("attention", blocks=2))
     capped = module.model_signal(images, SignalRequest("attention", blocks=60))  # capped by depth
     assert not torch.equal(shallow, first) and torch.equal(capped, first)
+
+
+def test_attention_row_similarity_compares_what_patches_attend_to():
+    from scale.masking.hierarchy import attention_row_similarity
+
+    # Patches 1 and 2 attend alike (to 3), patch 3 attends to 1: rows, not attention received, decide.
+    attention = torch.tensor([[[1.0, 0, 0, 0], [0, 0, 0.1, 0.9], [0, 0.1, 0, 0.9], [0, 0.9, 0.1, 0]]])
+    s = attention_row_similarity(attention)
+    assert torch.equal(s, s.transpose(1, 2)) and torch.all(torch.diagonal(s, dim1=1, dim2=2) == 0)
+    assert s[0, 0, 1] > 0.9 > s[0, 0, 2]
+    # Key-dominated attention (every query attends by key saliency) chains under symmetrised attention
+    saliency = torch.softmax(torch.randn(1, 17, generator=torch.Generator().manual_seed(0)) * 2, dim=-1)
+    keyed = (saliency.expand(17, 17) * 0.9 + 0.1 * torch.rand(17, 17, generator=torch.Generator().manual_seed(1)) / 17)
+    keyed = (keyed / keyed.sum(-1, keepdim=True))[None]
+    assert int(reciprocal_nn_average_linkage(patch_similarity(keyed)).height) == 16  # one chain: H = N
+    assert ehm_generator(similarity="attention_rows").patch_similarity is attention_row_similarity

@@ -19,7 +19,7 @@ import torch
 
 from ..config import EHMConfig, MaskConfig
 from .base import MASK_GENERATORS, MaskContext, MaskGenerator, MaskNeeds, Masks, SignalRequest
-from .hierarchy import TREE_BUILDERS, PatchTree, patch_similarity
+from .hierarchy import SIMILARITIES, TREE_BUILDERS, PatchTree
 from .random_groups import visible_count
 
 ONE_GROUP, TWO_GROUP, DROP_TWO_GROUP = "one_group", "two_group", "drop_two_group"
@@ -44,12 +44,13 @@ class EvolvedHierarchicalMasking(MaskGenerator):
         self.num_groups = 1 if layout == ONE_GROUP else 2
         self.num_keep = visible_count(self.num_patches, ratio, self.num_groups)
         self.build_tree = TREE_BUILDERS[cfg.tree]
+        self.patch_similarity = SIMILARITIES[cfg.similarity]
         self.needs = MaskNeeds(images=True, model_signal=SignalRequest(
             "attention", cfg.blocks, cfg.ema_decay if cfg.source == "ema" else None))
 
     def similarity(self, context: MaskContext) -> torch.Tensor:
         """(B, N, N) fp32, computed `signal_batch` images at a time whatever the batch's split."""
-        return torch.cat([patch_similarity(context.model_signal(chunk))
+        return torch.cat([self.patch_similarity(context.model_signal(chunk))
                           for chunk in context.images.split(self.cfg.signal_batch)])
 
     def depth(self, height: torch.Tensor, context: MaskContext) -> torch.Tensor:

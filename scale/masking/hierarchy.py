@@ -37,6 +37,23 @@ def patch_similarity(attention: torch.Tensor) -> torch.Tensor:
     return s * (1 - torch.eye(s.shape[-1], device=s.device, dtype=s.dtype))
 
 
+def attention_row_similarity(attention: torch.Tensor) -> torch.Tensor:
+    """(B, 1 + N, 1 + N) attention -> (B, N, N) cosine similarity of the patches' attention rows over
+    the patch keys (patches alike if they attend alike), zero diagonal. An ablation: symmetrised
+    attention is dominated by how much each key is attended overall, (p_i + p_j) / 2, under which
+    average linkage grows one chain; attention rows compare what each patch looks at."""
+    rows = torch.nn.functional.normalize(attention[:, 1:, 1:].float(), dim=-1)
+    s = rows @ rows.transpose(1, 2)
+    s = (s + s.transpose(1, 2)) / 2  # exactly symmetric despite the matmul's rounding
+    return s * (1 - torch.eye(s.shape[-1], device=s.device, dtype=s.dtype))
+
+
+SIMILARITIES: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "attention": patch_similarity,
+    "attention_rows": attention_row_similarity,
+}
+
+
 def quantization_bits(num_patches: int) -> int:
     """q such that sums stay exact in float64 (N^2 2^q < 2^52) and a merged cluster's mean, whose
     exact value differs from its parts' by at least 1 / N^3 steps, still rounds apart (2^q N^3 < 2^50)."""
