@@ -68,12 +68,12 @@ class PretrainModule(nn.Module):
         """A signal of the current model (or of its EMA) for mask generators (`MaskNeeds.model_signal`)."""
         if request.kind != ATTENTION_SIGNAL:
             raise ValueError(f"unknown model signal {request.kind!r}; available: {ATTENTION_SIGNAL}")
-        source = self.encoder
-        if request.ema_decay is not None:
-            if self.signal_ema is None:
-                raise ValueError("an EMA signal was requested from a PretrainModule built without one")
-            source = self.signal_ema.model
-        return source.attention_maps(images, request.blocks)
+        if request.ema_decay is None:
+            return self.encoder.attention_maps(images, request.blocks)
+        if self.signal_ema is None:
+            raise ValueError("an EMA signal was requested from a PretrainModule built without one")
+        # The EMA is fp32 buffers: FSDP2's mixed precision casts the inputs of every forward to bf16.
+        return self.signal_ema.model.attention_maps(images.float(), request.blocks)
 
     def weight_followers(self) -> List[WeightEMA]:
         """State that follows the weights after each optimizer step (`Engine.update_weight_followers`)."""

@@ -11,8 +11,9 @@ from conftest import tiny_config
 from scale.config import ConfigError, EHMConfig, MaskConfig, load_config
 from scale.masking import MaskContext, build_mask_generator
 from scale.masking.evolved import EvolvedHierarchicalMasking, visit_order
-from scale.masking.hierarchy import (TREE_BUILDERS, greedy_average_linkage, patch_similarity,
-                                     quantize_similarity, reciprocal_nn_average_linkage)
+from scale.masking.hierarchy import (TREE_BUILDERS, greedy_average_linkage, quantize_similarity,
+                                     reciprocal_nn_average_linkage)
+from scale.masking.similarity import attention_row_similarity, patch_similarity
 from scale.trainer import Trainer
 
 
@@ -48,7 +49,7 @@ def symmetric(batch, n, kind, seed=0):
 @pytest.mark.parametrize("n", [2, 7, 16])
 def test_both_tree_forms_equal_the_brute_force_definition(kind, n):
     similarity = symmetric(3, n, kind, seed=n)
-    q = quantize_similarity(patch_similarity(torch.nn.functional.pad(similarity, (1, 0, 1, 0))))
+    q = quantize_similarity(similarity)  # the builders' integers: the diagonal never counts
     trees = {name: build(similarity) for name, build in TREE_BUILDERS.items()}
     for b in range(3):
         expected = brute_force_tree(q[b].long().tolist())
@@ -205,12 +206,24 @@ def test_at_depth_one_each_generator_is_its_random_counterpart_in_distribution(n
     assert sum((counts.get(k, 0) - expected) ** 2 / expected for k in set(counts)) + expected * (cells - len(counts)) > df + 5 * math.sqrt(2 * df)
 
 
-def test_masks_do_not_depend_on_the_batch_split():
-    """Fixed-size signal sub-batches: an image's masks are the same whichever batch it sits in."""
+def test_signal_is_computed_in_fixed_size_sub_batches(tmp_path):
+    """Fixed-size signal sub-batches: an image's similarity is the same whichever batch it sits in."""
+    from scale.pretraining import build_pretrain_module
+
+    module = build_pretrain_module(tiny_config(tmp_path, "mask.name=ehm_two_group", "mask.ehm.signal_batch=4"))
+    gen = build_mask_generator(MaskConfig(name="ehm_two_group", ehm=EHMConfig(signal_batch=4)), 7)
+    request = gen.needs.model_signal
+    images = torch.randn(12, 1, 28, 28)
+
+    def similarity(x):
+        return gen.similarity(MaskContext(torch.Generator(), torch.device("cpu"), images=x,
+                                          model_signal=lambda chunk: module.model_signal(chunk, request)))
+    whole = similarity(images)
+    assert torch.equal(whole, torch.cat([similarity(images[:8]), similarity(images[8:])]))
     images = torch.rand(8, 1, 28, 28)
     calls = []
 
-    def signal(x):
+    def signal(x):  # a batch of 8 is asked for in two sub-batches of 4
         calls.append(len(x))
         return attention_of(len(x), 49, 0)(x)
     gen = ehm_generator(signal_batch=4)
@@ -246,8 +259,6 @@ def test_attention_signal_is_eval_semantics_and_leaves_the_global_rng_alone(tmp_
 
 
 def test_attention_row_similarity_compares_what_patches_attend_to():
-    from scale.masking.hierarchy import attention_row_similarity
-
     # Patches 1 and 2 attend alike (to 3), patch 3 attends to 1: rows, not attention received, decide.
     attention = torch.tensor([[[1.0, 0, 0, 0], [0, 0, 0.1, 0.9], [0, 0.1, 0, 0.9], [0, 0.9, 0.1, 0]]])
     s = attention_row_similarity(attention)
@@ -259,3 +270,17 @@ def test_attention_row_similarity_compares_what_patches_attend_to():
     keyed = (keyed / keyed.sum(-1, keepdim=True))[None]
     assert int(reciprocal_nn_average_linkage(patch_similarity(keyed)).height) == 16  # one chain: H = N
     assert ehm_generator(similarity="attention_rows").patch_similarity is attention_row_similarity
+
+
+def test_grid_masking_keeps_one_phase_of_the_2x2_lattice():
+    gen = build_mask_generator(MaskConfig(name="grid", ratio=0.75), 4)  # even grid: 4 phases of 4
+    masks = gen(400, MaskContext(torch.Generator().manual_seed(0), torch.device("cpu")))
+    visible = masks.group_ids[:, 0]
+    phase = (visible // 4 % 2) * 2 + visible % 4 % 2
+    assert visible.shape == (400, 4) and torch.all(phase == phase[:, :1])  # one phase, one per 2x2 cell
+    counts = Counter(phase[:, 0].tolist())
+    assert set(counts) == {0, 1, 2, 3} and min(counts.values()) > 60  # every phase drawn
+    odd = build_mask_generator(MaskConfig(name="grid", ratio=0.75), 7)(50, MaskContext(torch.Generator(), torch.device("cpu")))
+    v = odd.group_ids[:, 0]
+    spans = [len(set(((row // 7 % 2) * 2 + row % 7 % 2).tolist())) for row in v]
+    assert v.shape == (50, 12) and max(spans) <= 2 and min(spans) == 1

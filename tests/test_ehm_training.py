@@ -96,5 +96,5 @@ def test_every_objective_trains_with_its_ehm_generator(tmp_path, overrides):
 def test_a_generator_with_the_wrong_group_count_is_refused(tmp_path):
     from scale.config import ConfigError
 
-    with pytest.raises(ConfigError, match="mask.name='ehm' draws 1 visible group"):
+    with pytest.raises(ConfigError, match="mask.name=.ehm. draws 1 visible group.*generator: ehm_drop_two_group, ehm_two_group, random_two_group$"):
         Trainer(tiny_config(tmp_path, "mask.name=ehm"))  # OCL scores two groups

@@ -73,7 +73,8 @@ class Engine(abc.ABC):
         return self.invoke("score", batch, self.gather())
 
     def model_signal(self, images: torch.Tensor, request: SignalRequest) -> torch.Tensor:
-        return self.invoke("model_signal", images, request)
+        with torch.no_grad():  # outside the wrapper too: DDP then prepares no backward for it
+            return self.invoke("model_signal", images, request)
 
     # ------------------------------------------------------------ gradients
     def grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager:

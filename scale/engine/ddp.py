@@ -26,16 +26,19 @@ class DDPEngine(DistributedEngine):
 
     def setup(self, module: nn.Module, build_optimizer: OptimizerFactory, plan: BatchPlan) -> None:
         self._inner = enable_method_dispatch(module).to(self.device)
+        # State that follows the weights (an EMA of the encoder) is updated identically on every rank
+        # from the synchronised weights: DDP must not broadcast it (a whole encoder) before each forward.
+        followers = [f"{name}." for name, child in self._inner.named_children()
+                     if any(child is f for f in self._inner.weight_followers())]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self._inner, [name for name, _ in self._inner.named_buffers() if name.startswith(tuple(followers))])
         # Under gradient caching the last (synchronised) backward reaches only the encoder;
         # the objective's gradients were accumulated earlier under no_sync. DDP then has to
         # look for parameters unused in that backward and reduce their accumulated grads.
         grad_cache = plan.mode == GRAD_CACHE
         self.module = DistributedDataParallel(
             self._inner, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=self.cfg.engine.find_unused_parameters or grad_cache,
-            # Buffers are identical on every rank by construction (an EMA updated from the synchronised
-            # weights, fixed position tables): no broadcast of them before each forward.
-            broadcast_buffers=False)
+            find_unused_parameters=self.cfg.engine.find_unused_parameters or grad_cache)
         self.optimizer = build_optimizer(self._inner)
 
     def unwrapped(self) -> nn.Module:

@@ -4,7 +4,8 @@ from .base import (MASK_GENERATORS, MaskContext, MaskGenerator, MaskNeeds, Masks
                    build_mask_generator, seed_global_rng, step_generator)
 from .evolved import EvolvedHierarchicalMasking
 from .grid import GridMasking
-from .hierarchy import PatchTree, patch_similarity
+from .hierarchy import PatchTree
+from .similarity import patch_similarity
 from .random_groups import RandomGroupMasking
 
 __all__ = ["MASK_GENERATORS", "EvolvedHierarchicalMasking", "GridMasking", "MaskContext", "MaskGenerator",

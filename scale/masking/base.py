@@ -14,7 +14,7 @@ from typing import Callable, ContextManager, Dict, Optional, Tuple
 
 import torch
 
-from ..config import MaskConfig
+from ..config import ConfigError, MaskConfig
 from ..registry import Registry
 
 
@@ -93,6 +93,18 @@ class MaskGenerator(abc.ABC):
     @abc.abstractmethod
     def __call__(self, batch_size: int, context: MaskContext) -> Masks:
         """Masks for `batch_size` images drawn from `context.generator` (which lives on `context.device`)."""
+
+
+def visible_count(num_patches: int, ratio: float, num_groups: int) -> int:
+    """Patches left visible at `ratio`: int(N (1 - ratio)), rounded down to a multiple of the group
+    count (even, for OCL's two groups) so every group is the same length and the batch stays one tensor."""
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"mask.ratio must be in [0, 1), got {ratio}")
+    keep = int(num_patches * (1.0 - ratio))
+    keep -= keep % num_groups
+    if keep < num_groups:
+        raise ConfigError(f"mask.ratio {ratio} leaves {keep} of {num_patches} patches: fewer than one per group")
+    return keep
 
 
 MASK_GENERATORS: Registry[MaskGenerator] = Registry("mask generator", "mask.name")

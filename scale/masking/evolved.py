@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from ..config import EHMConfig, MaskConfig
-from .base import MASK_GENERATORS, MaskContext, MaskGenerator, MaskNeeds, Masks, SignalRequest
-from .hierarchy import SIMILARITIES, TREE_BUILDERS, PatchTree
-from .random_groups import visible_count
+from .base import MASK_GENERATORS, MaskContext, MaskGenerator, MaskNeeds, Masks, SignalRequest, visible_count
+from .hierarchy import TREE_BUILDERS, PatchTree
+from .similarity import SIMILARITIES
 
 ONE_GROUP, TWO_GROUP, DROP_TWO_GROUP = "one_group", "two_group", "drop_two_group"
 

@@ -1,17 +1,17 @@
 """Grid-like masking (the static "grid" pattern of the EHM paper's ablations, MAE's grid-wise sampling).
 
 Patches fall into the four phases of a 2 x 2 lattice, (row mod 2, column mod 2). Phases are visited
-in a random order, each in a random order within, and the first r x N patches are masked: at
-r = 0.75 the visible patches are one phase, one patch in every 2 x 2 cell, so every masked patch
-has a visible neighbour (the fine-grained, texture-level extreme).
+in a random order, each in a random order within, and the first r x N patches are masked. On an
+even grid at r = 0.75 the visible patches are exactly one phase, one patch in every 2 x 2 cell, so
+every masked patch has a visible neighbour (the fine-grained, texture-level extreme); on an odd grid
+the phases differ in size (7 x 7: 16, 12, 12, 9) and the visible set may spill into a second phase.
 """
 from __future__ import annotations
 
 import torch
 
 from ..config import MaskConfig
-from .base import MASK_GENERATORS, MaskContext, MaskGenerator, Masks
-from .random_groups import visible_count
+from .base import MASK_GENERATORS, MaskContext, MaskGenerator, Masks, visible_count
 
 
 class GridMasking(MaskGenerator):

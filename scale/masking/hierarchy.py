@@ -1,4 +1,5 @@
-"""A binary tree of patches per image by average-linkage merging of a patch similarity (EHM).
+"""A binary tree of patches per image by average-linkage merging of a patch similarity (EHM;
+the similarity comes from the model's attention, `similarity.py`).
 
 Exact greedy merging repeatedly joins the most similar pair of clusters, the similarity of
 two clusters being the mean of their leaf-to-leaf similarities. Two forms build it, batched
@@ -29,31 +30,6 @@ from typing import Callable, Dict
 import torch
 
 
-def patch_similarity(attention: torch.Tensor) -> torch.Tensor:
-    """(B, 1 + N, 1 + N) attention with [CLS] first -> (B, N, N) symmetric fp32 patch similarity,
-    zero diagonal (a patch is not merged with itself)."""
-    a = attention[:, 1:, 1:].float()
-    s = (a + a.transpose(1, 2)) / 2
-    return s * (1 - torch.eye(s.shape[-1], device=s.device, dtype=s.dtype))
-
-
-def attention_row_similarity(attention: torch.Tensor) -> torch.Tensor:
-    """(B, 1 + N, 1 + N) attention -> (B, N, N) cosine similarity of the patches' attention rows over
-    the patch keys (patches alike if they attend alike), zero diagonal. An ablation: symmetrised
-    attention is dominated by how much each key is attended overall, (p_i + p_j) / 2, under which
-    average linkage grows one chain; attention rows compare what each patch looks at."""
-    rows = torch.nn.functional.normalize(attention[:, 1:, 1:].float(), dim=-1)
-    s = rows @ rows.transpose(1, 2)
-    s = (s + s.transpose(1, 2)) / 2  # exactly symmetric despite the matmul's rounding
-    return s * (1 - torch.eye(s.shape[-1], device=s.device, dtype=s.dtype))
-
-
-SIMILARITIES: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "attention": patch_similarity,
-    "attention_rows": attention_row_similarity,
-}
-
-
 def quantization_bits(num_patches: int) -> int:
     """q such that sums stay exact in float64 (N^2 2^q < 2^52) and a merged cluster's mean, whose
     exact value differs from its parts' by at least 1 / N^3 steps, still rounds apart (2^q N^3 < 2^50)."""
@@ -61,9 +37,10 @@ def quantization_bits(num_patches: int) -> int:
 
 
 def quantize_similarity(similarity: torch.Tensor) -> torch.Tensor:
-    """(B, N, N) similarity -> float64 integers in [0, 2^q], scaled per image by its maximum
-    (the tree does not depend on the scale)."""
-    s = similarity.double().clamp(min=0)
+    """(B, N, N) similarity -> float64 integers in [0, 2^q], scaled per image by its largest
+    off-diagonal entry (the tree does not depend on the scale; the diagonal is never merged)."""
+    n = similarity.shape[-1]
+    s = similarity.double().clamp(min=0) * (1 - torch.eye(n, dtype=torch.float64, device=similarity.device))
     top = s.flatten(1).amax(dim=1).clamp(min=torch.finfo(torch.float64).tiny)
     return torch.round(s / top[:, None, None] * 2.0 ** quantization_bits(s.shape[-1]))
 
@@ -102,14 +79,26 @@ class PatchTree:
         return start
 
 
-def _initial_state(similarity: torch.Tensor):
-    sums = quantize_similarity(similarity)
-    batch, n = sums.shape[:2]
-    device = sums.device
-    return (sums, torch.ones(batch, n, dtype=torch.float64, device=device),
-            torch.ones(batch, n, dtype=torch.bool, device=device), torch.ones(batch, n, dtype=torch.long, device=device),
-            torch.full((batch, n), -1, dtype=torch.long, device=device),
-            torch.zeros(batch, n, dtype=torch.long, device=device), torch.zeros(batch, n, dtype=torch.long, device=device))
+@dataclass
+class _MergeState:
+    """Clusters while merging, one row per image, one column per slot."""
+    sums: torch.Tensor  # (B, N, N) float64 integers: leaf-to-leaf similarity summed over each pair of clusters
+    sizes: torch.Tensor  # (B, N) float64: leaves per cluster
+    active: torch.Tensor  # (B, N) bool: the slot still holds a cluster
+    level: torch.Tensor  # (B, N) long: the cluster's level
+    parent: torch.Tensor  # the PatchTree encoding being filled in
+    merge_level: torch.Tensor
+    left_size: torch.Tensor
+
+    @classmethod
+    def leaves(cls, similarity: torch.Tensor) -> "_MergeState":
+        sums = quantize_similarity(similarity)
+        batch, n = sums.shape[:2]
+
+        def filled(value, dtype):
+            return torch.full((batch, n), value, dtype=dtype, device=sums.device)
+        return cls(sums, filled(1.0, torch.float64), filled(True, torch.bool), filled(1, torch.long),
+                   filled(-1, torch.long), filled(0, torch.long), filled(0, torch.long))
 
 
 def _mean_similarity(sums: torch.Tensor, sizes: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -122,7 +111,9 @@ def _mean_similarity(sums: torch.Tensor, sizes: torch.Tensor, active: torch.Tens
 
 def greedy_average_linkage(similarity: torch.Tensor) -> PatchTree:
     """The definition: per image, merge the single most similar pair, N - 1 times."""
-    sums, sizes, active, level, parent, merge_level, left_size = _initial_state(similarity)
+    st = _MergeState.leaves(similarity)
+    sums, sizes, active, level, parent, merge_level, left_size = (st.sums, st.sizes, st.active, st.level, st.parent,
+                                                                  st.merge_level, st.left_size)
     batch, n = sizes.shape
     rows = torch.arange(batch, device=sums.device)
     upper = torch.ones(n, n, dtype=torch.bool, device=sums.device).triu(1)
@@ -142,7 +133,9 @@ def greedy_average_linkage(similarity: torch.Tensor) -> PatchTree:
 
 def reciprocal_nn_average_linkage(similarity: torch.Tensor) -> PatchTree:
     """The same tree: each round merges every pair of clusters that are each other's nearest neighbour."""
-    sums, sizes, active, level, parent, merge_level, left_size = _initial_state(similarity)
+    st = _MergeState.leaves(similarity)
+    sums, sizes, active, level, parent, merge_level, left_size = (st.sums, st.sizes, st.active, st.level, st.parent,
+                                                                  st.merge_level, st.left_size)
     batch, n = sizes.shape
     slots = torch.arange(n, device=sums.device).expand(batch, n)
     rounds = 0

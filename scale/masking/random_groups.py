@@ -3,20 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ConfigError, MaskConfig
-from .base import MASK_GENERATORS, MaskContext, MaskGenerator, Masks
-
-
-def visible_count(num_patches: int, ratio: float, num_groups: int) -> int:
-    """Patches left visible at `ratio`: int(N (1 - ratio)), rounded down to a multiple of the group
-    count (even, for OCL's two groups) so every group is the same length and the batch stays one tensor."""
-    if not 0.0 <= ratio < 1.0:
-        raise ConfigError(f"mask.ratio must be in [0, 1), got {ratio}")
-    keep = int(num_patches * (1.0 - ratio))
-    keep -= keep % num_groups
-    if keep < num_groups:
-        raise ConfigError(f"mask.ratio {ratio} leaves {keep} of {num_patches} patches: fewer than one per group")
-    return keep
+from ..config import MaskConfig
+from .base import MASK_GENERATORS, MaskContext, MaskGenerator, Masks, visible_count
 
 
 class RandomGroupMasking(MaskGenerator):

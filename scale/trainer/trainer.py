@@ -13,7 +13,7 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -29,7 +29,8 @@ from ..engine import (ACCUMULATE, ENGINES, GRAD_CACHE, Engine, GradCache, Gradie
                       plan_batch)
 from ..engine.distributed import launcher_engine_name
 from ..engine.parallelize import apply_block_wrappers
-from ..masking import MaskContext, MaskGenerator, build_mask_generator, seed_global_rng, step_generator
+from ..masking import (MASK_GENERATORS, MaskContext, MaskGenerator, build_mask_generator, seed_global_rng,
+                       step_generator)
 from ..models import build_encoder
 from ..pretraining import PretrainModule, build_pretrain_module
 from .checkpoint import CheckpointError, CheckpointManager, read_meta
@@ -80,10 +81,10 @@ class Trainer:
                               f"objective {cfg.objective.name!r} needs at least {objective.min_global_batch}")
         self.masking: MaskGenerator = build_mask_generator(cfg.mask, self.spec.grid_size)
         if self.masking.num_groups != objective.num_groups:
+            matching = [name for name in MASK_GENERATORS.names() if self._groups_of(name) == objective.num_groups]
             raise ConfigError(f"mask.name={cfg.mask.name!r} draws {self.masking.num_groups} visible group(s) per image, "
                               f"objective.name={cfg.objective.name!r} scores {objective.num_groups}; pick a matching "
-                              "generator (one group: random, grid, ehm; two groups: random_two_group, ehm_two_group, "
-                              "ehm_drop_two_group)")
+                              f"generator: {', '.join(matching)}")
         if self.batch_plan.mode == GRAD_CACHE and objective.needs.tokens:
             raise ConfigError(f"train.micro_batch: objective {cfg.objective.name!r} couples the batch and needs "
                               "tokens, which gradient caching does not carry; leave train.micro_batch unset")
@@ -113,6 +114,13 @@ class Trainer:
         passes = {GRAD_CACHE: GradCache, ACCUMULATE: GradientAccumulation}.get(self.batch_plan.mode)
         self.passes = passes(self.engine, self.batch_plan.chunk) if passes is not None else None
         self.timer: StepTimer = self.engine.timer  # per-step timings, shared with the engine's collectives
+
+    def _groups_of(self, generator_name: str) -> Optional[int]:
+        """Visible groups the generator `generator_name` draws under this run's mask config (None: it refuses it)."""
+        try:
+            return build_mask_generator(replace(self.cfg.mask, name=generator_name), self.spec.grid_size).num_groups
+        except ConfigError:
+            return None
 
     @property
     def pretrain_module(self) -> PretrainModule:
@@ -291,6 +299,7 @@ class Trainer:
             self.engine.backward(out.loss)
         with self.timer.time("optimizer"):
             grad_norm = self.engine.step(self.cfg.optim.clip_grad)
+        with self.timer.time("weight_followers"):  # e.g. an EMA of the encoder (FSDP2 / ZeRO-3: gathered)
             self.engine.update_weight_followers()
         metrics: Dict[str, Any] = {"loss": out.loss.detach(), **out.metrics, **masks.metrics}
         if self.engine.world_size > 1:  # log the global loss (mean of the ranks' local losses), not rank 0's
