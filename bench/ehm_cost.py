@@ -128,13 +128,13 @@ def measure(preset: str, batch: int, steps: int, device: str = "cpu", warmup: in
                 trainer.step += 1
                 if i >= warmup:
                     metrics[name].append({k: float(v) for k, v in out.items() if k.startswith(("time_", "ehm_"))})
-        groups, visible = ehm._last_group_shape[1:]
+        groups, visible = ehm.last_group_shape[1:]
         step_flops = train_step_flops(spec, batch, groups, visible, ehm.cfg.model.train_patch_embed,
                                       ehm.pretrain_module.objective.forward_flops(spec, batch, visible))
         blocks = ehm.cfg.mask.ehm.blocks
         # The tree builders on this batch's similarity from the EHM model, as its next step would see it.
         with torch.no_grad():
-            similarity = ehm.masking.similarity(ehm._mask_context(images))
+            similarity = ehm.masking.similarity(ehm.mask_context(images))
         trees = {name: build(similarity) for name, build in TREE_BUILDERS.items()}
         tree_s = {name: median_s(lambda b=build: b(similarity), dev, tree_repeats)
                   for name, build in TREE_BUILDERS.items()}

@@ -155,7 +155,7 @@ def test_objective_flops_are_two_decoder_passes_plus_the_aee_block(tmp_path):
 def test_trainer_counts_the_second_encoder_pass_of_dle(tmp_path, branch, passes):
     trainer = Trainer(tiny_config(tmp_path, *ASL_TINY, f"objective.asl.branch={branch}"))
     B, visible = 32, 12
-    trainer._last_group_shape = (B, 1, visible)  # what train_step leaves: the mask's one group
+    trainer.last_group_shape = (B, 1, visible)  # what train_step leaves: the mask's one group
     record = trainer._window_record({"loss": torch.tensor(1.0)}, elapsed=1.0, steps=1, data_wait=0.0)
     spec, objective = trainer.spec, trainer.pretrain_module.objective
     expected = train_step_flops(spec, B, passes, visible, True, objective.forward_flops(spec, B, visible))

@@ -110,7 +110,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", cfg.train.keep_last)
         self.step = 0
         self._stop_signal: Optional[int] = None
-        self._last_group_shape = (self.batch_plan.per_rank_batch, 2, self.spec.num_patches)
+        # (per-rank batch, groups, visible per group) of the last step's masks: what its FLOPs count.
+        self.last_group_shape = (self.batch_plan.per_rank_batch, 2, self.spec.num_patches)
         passes = {GRAD_CACHE: GradCache, ACCUMULATE: GradientAccumulation}.get(self.batch_plan.mode)
         self.passes = passes(self.engine, self.batch_plan.chunk) if passes is not None else None
         self.timer: StepTimer = self.engine.timer  # per-step timings, shared with the engine's collectives
@@ -238,7 +239,7 @@ class Trainer:
         """Metrics of the last step plus throughput over the steps since the last log."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        batch, groups, visible = self._last_group_shape
+        batch, groups, visible = self.last_group_shape
         batch *= self.engine.world_size
         groups *= self.pretrain_module.objective.needs.encoder_passes
         flops = train_step_flops(self.spec, batch, groups, visible, self.cfg.model.train_patch_embed,
@@ -256,7 +257,7 @@ class Trainer:
         })
         return record
 
-    def _mask_context(self, images: torch.Tensor) -> MaskContext:
+    def mask_context(self, images: torch.Tensor) -> MaskContext:
         """What the mask generator may draw from: (seed, step, rank), progress, and what it declared it needs."""
         needs = self.masking.needs
         context = MaskContext(generator=step_generator(self.cfg.train.seed, self.step, self.engine.rank, self.device),
@@ -283,7 +284,7 @@ class Trainer:
         # Drop path draws from the global RNG: seeded by (seed, step, rank) alone, a step never depends on
         # what drew before it (DataLoader start-up, monitors, a resume).
         seed_global_rng(self.cfg.train.seed, self.step, self.engine.rank, self.device)
-        masks = self.masking(images.shape[0], self._mask_context(images))
+        masks = self.masking(images.shape[0], self.mask_context(images))
         self.schedule.step_update(self.step)
 
         def autocast():
@@ -308,7 +309,7 @@ class Trainer:
             metrics = dict(zip(names, reduced.unbind()))
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm.detach()
-        self._last_group_shape = tuple(masks.group_ids.shape)
+        self.last_group_shape = tuple(masks.group_ids.shape)
         timings = self.timer.pop()
         total = time.perf_counter() - started
         allgather = timings.get("allgather_fwd", 0.0) + timings.get("allgather_bwd", 0.0)
