@@ -33,6 +33,11 @@ def test_zero3_gathers_for_the_signal_and_the_ema_and_resumes(tmp_path):
     _torchrun(*args, "train.max_steps=3", "train.resume=auto")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["ehm_depth"] > 1 for r in rows)
+    straight = tmp_path / "straight"  # the same 3 steps without the stop: the resumed step 3 is identical
+    _torchrun(*[a if not a.startswith("train.output_dir=") else f"train.output_dir={straight}" for a in args],
+              "train.max_steps=3")
+    reference = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in reference]
     from scale.checkpoint_io.deepspeed import read_model
 
     module, _ = read_model(out / "checkpoints/step_00000002")
