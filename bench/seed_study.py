@@ -13,6 +13,8 @@ cosine alignment. Seeds are the outer loop, so every method sees the machine's s
 
     python bench/seed_study.py --study asl --seeds 0 1 2 --epochs 2 --out-dir runs/study_asl
     python bench/seed_study.py --study asl --only "MAE" "ASL (AEE, L1)" --seeds 0   # a subset
+    python bench/seed_study.py --study ehm --seeds 0 1 2 --epochs 1 --train-shards 'train-{000000..000003}.tar' \
+        --out-dir runs/study_ehm   # issue 16: EHM vs random / grid / fixed-depth masks (MAE), EHM for OCL
 
 Runs already done (their result.json exists) are not repeated, so an interrupted study continues,
 and the table covers every finished run of the study in OUT_DIR. Prints a markdown table: per
@@ -128,8 +130,9 @@ def spread(values: List[float]) -> str:
     return f"{mean:.2f} +- {std:.2f} ({min(values):.2f}..{max(values):.2f})"
 
 
-def table(rows: List[Dict], budget: float, bank: int) -> str:
-    lines = [f"| method ({budget:g} epochs each) | seeds | kNN top-1 (k=20, {bank} bank) | "
+def table(rows: List[Dict], budget: float, bank: int, shards: str = "") -> str:
+    on = f" of {shards}" if shards else ""
+    lines = [f"| method ({budget:g} epochs{on} each) | seeds | kNN top-1 (k=20, {bank} bank) | "
              "linear probe top-1 | training min (mean) |", "|---|---|---|---|---|"]
     for name in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == name]
@@ -179,7 +182,7 @@ def study(args: argparse.Namespace, methods: List[Method]) -> int:
     rows = sorted((json.loads(p.read_text()) for p in Path(args.out_dir).glob("*_seed*/result.json")),
                   key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
     rows = [r for r in rows if r["epochs"] == args.epochs and r.get("train_shards", "all") == (args.train_shards or "all")]
-    text = table(rows, args.epochs, args.max_train_samples or 60000)
+    text = table(rows, args.epochs, args.max_train_samples or 60000, args.train_shards)
     (Path(args.out_dir) / "study.json").write_text(json.dumps({"epochs": args.epochs, "rows": rows,
                                                                "table": text}, indent=1) + "\n")
     print(text)
