@@ -112,52 +112,48 @@ def _mean_similarity(sums: torch.Tensor, sizes: torch.Tensor, active: torch.Tens
 def greedy_average_linkage(similarity: torch.Tensor) -> PatchTree:
     """The definition: per image, merge the single most similar pair, N - 1 times."""
     st = _MergeState.leaves(similarity)
-    sums, sizes, active, level, parent, merge_level, left_size = (st.sums, st.sizes, st.active, st.level, st.parent,
-                                                                  st.merge_level, st.left_size)
-    batch, n = sizes.shape
-    rows = torch.arange(batch, device=sums.device)
-    upper = torch.ones(n, n, dtype=torch.bool, device=sums.device).triu(1)
+    batch, n = st.sizes.shape
+    rows = torch.arange(batch, device=st.sums.device)
+    upper = torch.ones(n, n, dtype=torch.bool, device=st.sums.device).triu(1)
     for _ in range(n - 1):
-        mean = _mean_similarity(sums, sizes, active).masked_fill(~upper, float("-inf"))
+        mean = _mean_similarity(st.sums, st.sizes, st.active).masked_fill(~upper, float("-inf"))
         flat = mean.flatten(1).argmax(dim=1)  # first maximum: the pair of smallest (a, b)
         a, b = flat // n, flat % n
-        new_level = torch.maximum(level[rows, a], level[rows, b]) + 1
-        parent[rows, b], merge_level[rows, b], left_size[rows, b] = a, new_level, sizes[rows, a].long()
-        sums[rows, a, :] += sums[rows, b, :]
-        sums[rows, :, a] += sums[rows, :, b]
-        sizes[rows, a] += sizes[rows, b]
-        active[rows, b] = False
-        level[rows, a] = new_level
-    return PatchTree(parent, merge_level, left_size, rounds=n - 1)
+        new_level = torch.maximum(st.level[rows, a], st.level[rows, b]) + 1
+        st.parent[rows, b], st.merge_level[rows, b], st.left_size[rows, b] = a, new_level, st.sizes[rows, a].long()
+        st.sums[rows, a, :] += st.sums[rows, b, :]
+        st.sums[rows, :, a] += st.sums[rows, :, b]
+        st.sizes[rows, a] += st.sizes[rows, b]
+        st.active[rows, b] = False
+        st.level[rows, a] = new_level
+    return PatchTree(st.parent, st.merge_level, st.left_size, rounds=n - 1)
 
 
 def reciprocal_nn_average_linkage(similarity: torch.Tensor) -> PatchTree:
     """The same tree: each round merges every pair of clusters that are each other's nearest neighbour."""
     st = _MergeState.leaves(similarity)
-    sums, sizes, active, level, parent, merge_level, left_size = (st.sums, st.sizes, st.active, st.level, st.parent,
-                                                                  st.merge_level, st.left_size)
-    batch, n = sizes.shape
-    slots = torch.arange(n, device=sums.device).expand(batch, n)
+    batch, n = st.sizes.shape
+    slots = torch.arange(n, device=st.sums.device).expand(batch, n)
     rounds = 0
-    while bool((active.sum(dim=1) > 1).any()):
+    while bool((st.active.sum(dim=1) > 1).any()):
         rounds += 1
-        nearest = _mean_similarity(sums, sizes, active).argmax(dim=2)  # ties: the smallest slot
-        merging = active & (nearest.gather(1, nearest) == slots) & (slots < nearest)  # a of each pair (a, b)
+        nearest = _mean_similarity(st.sums, st.sizes, st.active).argmax(dim=2)  # ties: the smallest slot
+        merging = st.active & (nearest.gather(1, nearest) == slots) & (slots < nearest)  # a of each pair (a, b)
         # b -> a for each merging pair; non-merging slots write into a spare column
-        spare = torch.full((batch, n + 1), -1, dtype=torch.long, device=sums.device)
+        spare = torch.full((batch, n + 1), -1, dtype=torch.long, device=st.sums.device)
         a_of_b = spare.scatter_(1, torch.where(merging, nearest, n), torch.where(merging, slots, -1))[:, :n]
         absorbed = a_of_b >= 0
         a = a_of_b.clamp(min=0)
-        parent = torch.where(absorbed, a, parent)
-        merge_level = torch.where(absorbed, torch.maximum(level.gather(1, a), level) + 1, merge_level)
-        left_size = torch.where(absorbed, sizes.gather(1, a).long(), left_size)
-        level = torch.where(merging, torch.maximum(level, level.gather(1, nearest)) + 1, level)
+        st.parent = torch.where(absorbed, a, st.parent)
+        st.merge_level = torch.where(absorbed, torch.maximum(st.level.gather(1, a), st.level) + 1, st.merge_level)
+        st.left_size = torch.where(absorbed, st.sizes.gather(1, a).long(), st.left_size)
+        st.level = torch.where(merging, torch.maximum(st.level, st.level.gather(1, nearest)) + 1, st.level)
         target = torch.where(absorbed, a, slots)
-        sums = torch.zeros_like(sums).scatter_add_(1, target[:, :, None].expand(-1, -1, n), sums)
-        sums = torch.zeros_like(sums).scatter_add_(2, target[:, None, :].expand(-1, n, -1), sums)
-        sizes = torch.zeros_like(sizes).scatter_add_(1, target, sizes).clamp(min=1)
-        active &= ~absorbed
-    return PatchTree(parent, merge_level, left_size, rounds=rounds)
+        sums = torch.zeros_like(st.sums).scatter_add_(1, target[:, :, None].expand(-1, -1, n), st.sums)
+        st.sums = torch.zeros_like(sums).scatter_add_(2, target[:, None, :].expand(-1, n, -1), sums)
+        st.sizes = torch.zeros_like(st.sizes).scatter_add_(1, target, st.sizes).clamp(min=1)
+        st.active &= ~absorbed
+    return PatchTree(st.parent, st.merge_level, st.left_size, rounds=rounds)
 
 
 TREE_BUILDERS: Dict[str, Callable[[torch.Tensor], PatchTree]] = {
