@@ -45,14 +45,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.train_step import sync  # noqa: E402
+from bench.train_step import signal_flops, sync  # noqa: E402
 from scale.config import load_config  # noqa: E402
 from scale.errors import UserError, run_command  # noqa: E402
 from scale.masking.hierarchy import TREE_BUILDERS, PatchTree  # noqa: E402
 from scale.models import MODELS  # noqa: E402
-from scale.models.flops import blocks_forward_flops  # noqa: E402
 from scale.trainer import Trainer  # noqa: E402
-from scale.trainer.flops import patch_embed_flops, train_step_flops  # noqa: E402
+from scale.trainer.flops import train_step_flops  # noqa: E402
 
 DEFAULT_PRESETS = ("vit_tiny_patch4_28", "vit_tiny_patch4_32", "vit_base_patch16")
 FALLBACK_RECIPE = REPO / "recipes" / "mae_fashion_mnist_cpu.yaml"
@@ -100,13 +99,6 @@ def median_s(fn: Callable[[], Any], device: torch.device, repeats: int) -> float
 
 def same_tree(a: PatchTree, b: PatchTree) -> bool:
     return all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("parent", "merge_level", "left_size"))
-
-
-def signal_flops(spec, batch: int, blocks: int) -> int:
-    """EHM's signal: patch embedding + the first k blocks over all 1 + N tokens, forward only."""
-    k = max(1, min(blocks, spec.depth))
-    return blocks_forward_flops(spec.embed_dim, spec.mlp_ratio, k, batch, 1 + spec.num_patches) + \
-        patch_embed_flops(spec, batch)
 
 
 def measure(preset: str, batch: int, steps: int, device: str = "cpu", warmup: int = 1, tree_repeats: int = 3,

@@ -15,6 +15,8 @@ cosine alignment. Seeds are the outer loop, so every method sees the machine's s
     python bench/seed_study.py --study asl --only "MAE" "ASL (AEE, L1)" --seeds 0   # a subset
     python bench/seed_study.py --study ehm --seeds 0 1 2 --epochs 1 --train-shards 'train-{000000..000003}.tar' \
         --out-dir runs/study_ehm   # issue 16: EHM vs random / grid / fixed-depth masks (MAE), EHM for OCL
+    python bench/seed_study.py --study methods --epochs 2 --train-shards 'train-{000000..000003}.tar' \
+        --out-dir runs/study_methods   # issue 18's methods (bench/methods_fashion_mnist.py: + curves, fine-tunes, cost)
 
 Runs already done (their result.json exists) are not repeated, so an interrupted study continues,
 and the table covers every finished run of the study in OUT_DIR. Prints a markdown table: per
@@ -24,6 +26,7 @@ training; and writes OUT_DIR/study.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import statistics
@@ -37,13 +40,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scale.config import ConfigError, load_config  # noqa: E402
+from scale.config import ConfigError, RunConfig, load_config  # noqa: E402
 from scale.errors import run_command  # noqa: E402
 from scale.eval.config import LinearProbeRecipe, load_recipe  # noqa: E402
-from scale.eval.features import build_split, extract_features  # noqa: E402
+from scale.eval.features import Features, build_split, extract_features  # noqa: E402
+from scale.models import ViTSpec  # noqa: E402
 from scale.trainer import Trainer  # noqa: E402
 
 
+@functools.lru_cache(maxsize=None)
 def quality_bench():
     """bench/quality_fashion_mnist.py as a module: its `score` and `PROBE_RECIPE` are the protocol."""
     spec = importlib.util.spec_from_file_location("quality_fashion_mnist", REPO / "bench/quality_fashion_mnist.py")
@@ -52,6 +57,10 @@ def quality_bench():
     return module
 
 Method = Tuple[str, str, Tuple[str, ...]]  # (name, recipe, recipe overrides)
+# EHM's depth from the step fraction: runs here are one or two epochs, and with the paper's epoch
+# fraction d would stay 1. OCL's two views capped at 0.8 H (near the root only 2-5 parts remain).
+EHM_BY_STEP = "mask.ehm.progress=step"
+OCL_EHM = (EHM_BY_STEP, "mask.ehm.max_depth=0.8")
 STUDIES: Dict[str, List[Method]] = {
     "asl": [
         ("MAE", "mae_fashion_mnist_cpu", ()),
@@ -63,26 +72,37 @@ STUDIES: Dict[str, List[Method]] = {
     # (49 patches, a tree worth cutting); depth from the step fraction, as runs here are one or two epochs.
     "ehm": [
         ("MAE random r=0.75", "mae_fashion_mnist_cpu", ("mask.name=random",)),
-        ("MAE EHM r=0.75", "mae_fashion_mnist_cpu", ("mask.name=ehm", "mask.ehm.progress=step")),
+        ("MAE EHM r=0.75", "mae_fashion_mnist_cpu", ("mask.name=ehm", EHM_BY_STEP)),
         ("MAE random r=0.25", "mae_fashion_mnist_cpu", ("mask.name=random", "mask.ratio=0.25")),
-        ("MAE EHM r=0.25", "mae_fashion_mnist_cpu", ("mask.name=ehm", "mask.ratio=0.25", "mask.ehm.progress=step")),
+        ("MAE EHM r=0.25", "mae_fashion_mnist_cpu", ("mask.name=ehm", "mask.ratio=0.25", EHM_BY_STEP)),
         ("MAE EHM fixed shallow (0.2 H)", "mae_fashion_mnist_cpu",
          ("mask.name=ehm", "mask.ehm.depth=fixed", "mask.ehm.fixed_depth=0.2")),
         ("MAE grid-like", "mae_fashion_mnist_cpu", ("mask.name=grid",)),
         ("OCL random", "ocl_fashion_mnist_cpu", ("mask.name=random_two_group",)),
-        ("OCL EHM two-group (cap 0.8 H)", "ocl_fashion_mnist_cpu",
-         ("mask.name=ehm_two_group", "mask.ehm.progress=step", "mask.ehm.max_depth=0.8")),
+        ("OCL EHM two-group (cap 0.8 H)", "ocl_fashion_mnist_cpu", ("mask.name=ehm_two_group", *OCL_EHM)),
         ("OCL EHM drop + random split (cap 0.8 H)", "ocl_fashion_mnist_cpu",
-         ("mask.name=ehm_drop_two_group", "mask.ehm.progress=step", "mask.ehm.max_depth=0.8")),
+         ("mask.name=ehm_drop_two_group", *OCL_EHM)),
         # Not in the paper: trees from attention-row similarity (symmetrised attention chains, README).
         ("MAE EHM r=0.75, attention-row similarity", "mae_fashion_mnist_cpu",
-         ("mask.name=ehm", "mask.ehm.progress=step", "mask.ehm.similarity=attention_rows")),
+         ("mask.name=ehm", EHM_BY_STEP, "mask.ehm.similarity=attention_rows")),
+    ],
+    # Issue 18: every method at equal steps on one encoder (bench/methods_fashion_mnist.py runs it with
+    # intermediate kNN points, fine-tunes and costs; here it runs at equal epochs like the others).
+    "methods": [
+        ("OCL", "ocl_fashion_mnist_cpu", ("mask.name=random_two_group",)),
+        ("OCL + EHM two-group", "ocl_fashion_mnist_cpu", ("mask.name=ehm_two_group", *OCL_EHM)),
+        ("OCL + EHM drop + random split", "ocl_fashion_mnist_cpu", ("mask.name=ehm_drop_two_group", *OCL_EHM)),
+        ("MAE", "mae_fashion_mnist_cpu", ("mask.name=random",)),
+        ("MAE + EHM", "mae_fashion_mnist_cpu", ("mask.name=ehm", EHM_BY_STEP)),
+        ("ASL (AEE)", "asl_fashion_mnist_cpu", ("mask.name=random",)),
+        ("ASL (AEE) + EHM", "asl_fashion_mnist_cpu", ("mask.name=ehm", EHM_BY_STEP)),
     ],
 }
 # Overrides every run of a study shares (its protocol), before the method's own.
 STUDY_SETTINGS: Dict[str, Tuple[str, ...]] = {
     "asl": (),
     "ehm": ("model.name=vit_tiny_patch4_28", "optim.warmup_epochs=0.2"),
+    "methods": ("model.name=vit_tiny_patch4_28",),  # patch 4: 49 patches, a tree worth cutting
 }
 
 
@@ -90,17 +110,47 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
+def train_root(args: argparse.Namespace) -> Path:
+    """DATA_DIR/train, or the `--train-shards` pattern inside it."""
+    data = Path(args.data_dir).resolve()
+    return data / "train" / args.train_shards if args.train_shards else data / "train"
+
+
+def run_config(args: argparse.Namespace, recipe: str, output_dir: Path, *overrides: str) -> RunConfig:
+    """A study run's config: the training shards, the test split, CPU, no periodic checkpoints, then `overrides`."""
+    test_root = Path(args.data_dir).resolve() / "test"
+    return load_config(recipe, [f"data.root={train_root(args)}", f"data.val_root={test_root}",
+                                f"train.output_dir={output_dir}", "train.device=cpu", "train.log_every=50",
+                                "train.ckpt_every=1000000000", *overrides])
+
+
+def encode_splits(encoder: torch.nn.Module, cfg: RunConfig, bank: int, queries: int = 0,
+                  spec: Optional[ViTSpec] = None) -> Tuple[Features, Features]:
+    """Un-augmented CLS features of the first `bank` training images (the kNN bank / probe training
+    set; 0: all) and of the first `queries` test images (0: all), as the quality bench encodes them.
+    `spec`: the images' geometry, for an encoder without one (raw pixels); default the encoder's."""
+    spec = spec or encoder.spec
+    common = dict(device=torch.device("cpu"), batch_size=512, num_workers=cfg.data.num_workers, progress=False)
+    return (extract_features(encoder, build_split(cfg.data, spec, train=True), max_samples=bank,
+                             desc="train features", **common),
+            extract_features(encoder, build_split(cfg.data, spec, train=False), max_samples=queries,
+                             desc="test features", **common))
+
+
+def probe_recipe(args: argparse.Namespace) -> LinearProbeRecipe:
+    """The quality bench's linear probe on DATA_DIR, with `args.probe` overrides when a bench has them."""
+    data = Path(args.data_dir).resolve()
+    return load_recipe(LinearProbeRecipe, quality_bench().PROBE_RECIPE,
+                       [f"data.root={data / 'train'}", f"data.val_root={data / 'test'}", *getattr(args, "probe", ())])
+
+
 def run_one(name: str, recipe: str, overrides: Sequence[str], seed: int, args: argparse.Namespace) -> Dict:
     out = Path(args.out_dir) / f"{slug(name)}_seed{seed}"
     result = out / "result.json"
     if result.is_file():
         return json.loads(result.read_text())
-    data = Path(args.data_dir).resolve()
-    train_root = data / "train" / args.train_shards if args.train_shards else data / "train"
     overrides = [*STUDY_SETTINGS[args.study], *overrides]
-    cfg = load_config(recipe, [f"data.root={train_root}", f"data.val_root={data / 'test'}",
-                               f"train.output_dir={out / 'run'}", "train.device=cpu", f"train.epochs={args.epochs}",
-                               "train.log_every=50", "train.ckpt_every=1000000000", *overrides, f"train.seed={seed}"])
+    cfg = run_config(args, recipe, out / "run", f"train.epochs={args.epochs}", *overrides, f"train.seed={seed}")
     print(f"# {name} seed {seed}: {recipe} {' '.join(overrides)}, {args.epochs} epochs", flush=True)
     trainer = Trainer(cfg)
     started = time.perf_counter()
@@ -108,14 +158,8 @@ def run_one(name: str, recipe: str, overrides: Sequence[str], seed: int, args: a
     minutes = (time.perf_counter() - started) / 60
     encoder = trainer.encoder_for_eval()
     trainer.engine.close()
-    quality = quality_bench()
-    probe = load_recipe(LinearProbeRecipe, quality.PROBE_RECIPE,
-                        [f"data.root={data / 'train'}", f"data.val_root={data / 'test'}"])
-    common = dict(device=torch.device("cpu"), batch_size=512, num_workers=cfg.data.num_workers, progress=False)
-    train = extract_features(encoder, build_split(cfg.data, encoder.spec, train=True),
-                             max_samples=args.max_train_samples, desc="train features", **common)
-    test = extract_features(encoder, build_split(cfg.data, encoder.spec, train=False), desc="test features", **common)
-    row = quality.score(f"{name} seed {seed}", train, test, probe, {})
+    row = quality_bench().score(f"{name} seed {seed}", *encode_splits(encoder, cfg, args.max_train_samples),
+                                probe_recipe(args), {})
     record = {"method": name, "seed": seed, "recipe": recipe, "overrides": list(overrides), "epochs": args.epochs,
               "train_shards": args.train_shards or "all",
               "step": summary.final_step, "trained_min": minutes, "final_loss": summary.losses[-1],

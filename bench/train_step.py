@@ -4,12 +4,13 @@ ratio to a large matmul's FLOP/s measured in the same run on the same device, pe
 A step is the trainer's own `Trainer.train_step` (masks + forward + loss + backward + AdamW
 step, through the `single` engine), on a fixed batch of random images (data loading is not
 timed: see bench/loader_throughput.py). FLOPs are `train_step_flops` (exact matmul count from
-the shapes). The reference is a square GEMM (fp32 2048^3 on CPU, bf16 4096^3 on CUDA),
-repeated, best-of, measured in the same process before the model is built and after the timed
-steps. ratio = FLOPs / best step time / best reference: both best-of, so that load from other
-processes on a shared machine biases neither side (`ratio (median)` uses the median step).
-The FLOPs are the model's (activation-checkpointing recomputation is not counted), so the ratio
-is a model-FLOP utilisation relative to what this device's GEMM reaches. Each case runs in a
+the shapes), plus the signal forward of a mask generator that reads the model (EHM: `signal_flops`).
+The reference is a square GEMM (fp32 2048^3 on CPU, bf16 4096^3 on CUDA), repeated, best-of,
+measured in the same process before the model is built and after the timed steps.
+ratio = FLOPs / best step time / best reference: both best-of, so that load from other processes
+on a shared machine biases neither side (`ratio (median)` uses the median step). The FLOPs are
+the model's (activation-checkpointing recomputation is not counted), so the ratio is a model-FLOP
+utilisation relative to what this device's GEMM reaches. Each case runs in a
 fresh child process, so compile caches, allocator state and peak memory do not leak between
 cases; `--rounds N` repeats every case N times, interleaved, and pools the timings.
 
@@ -56,7 +57,8 @@ from scale.config import load_config  # noqa: E402
 from scale.models import MODELS, ViTSpec  # noqa: E402
 from scale.models.attention import xformers_problem  # noqa: E402
 from scale.trainer import Trainer  # noqa: E402
-from scale.trainer.flops import train_step_flops  # noqa: E402
+from scale.models.flops import blocks_forward_flops  # noqa: E402
+from scale.trainer.flops import patch_embed_flops, train_step_flops  # noqa: E402
 from scale.trainer.optim import build_optimizer  # noqa: E402
 
 DEFAULT_RECIPE = REPO / "recipes" / "ocl_cpu_tiny.yaml"
@@ -115,6 +117,13 @@ def matmul_flops_per_s(device: torch.device, size: int, dtype: torch.dtype, repe
 def full_token_flops(spec: ViTSpec, batch: int) -> int:
     """A plain ViT step over all 1 + N tokens, one sequence per image (the linear head is < 0.1%)."""
     return train_step_flops(spec, batch, 1, spec.num_patches)
+
+
+def signal_flops(spec: ViTSpec, batch: int, blocks: int) -> int:
+    """EHM's signal: patch embedding + the first k blocks over all 1 + N tokens, forward only."""
+    k = max(1, min(blocks, spec.depth))
+    return blocks_forward_flops(spec.embed_dim, spec.mlp_ratio, k, batch, 1 + spec.num_patches) + \
+        patch_embed_flops(spec, batch)
 
 
 # ----------------------------------------------------------------------------- activation memory
@@ -236,12 +245,16 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
             visible = probe.shape[2]
             objective_flops = trainer.pretrain_module.objective.forward_flops(spec, batch, visible)
             flops = train_step_flops(spec, batch, groups, visible, cfg.model.train_patch_embed, objective_flops)
+            # A mask generator that reads the model (EHM) runs its signal forward every step: count it.
+            signal = trainer.masking.needs.model_signal
+            mask_flops = signal_flops(spec, batch, signal.blocks) if signal is not None else 0
+            flops += mask_flops
 
             def step() -> None:
                 trainer.train_step(images)
                 trainer.step += 1
         else:
-            groups, visible = 1, spec.num_patches
+            groups, visible, mask_flops = 1, spec.num_patches, 0
             flops = full_token_flops(spec, batch)
             model = FullTokenClassifier(trainer.pretrain_module.encoder).to(trainer.device)
             optimizer = build_optimizer(model, cfg.optim, trainer.base_lr)
@@ -276,7 +289,8 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
         del trainer, images
     references.append(matmul_flops_per_s(device, *gemm))
     raw = {**case, "groups": groups, "visible_per_group": visible, "tokens_per_step": batch * groups * (1 + visible),
-           "flops_per_step": flops, "step_s_all": times, "warmup_s": warmup_s, "matmul_flops_per_s_all": references,
+           "flops_per_step": flops, "mask_signal_flops_per_step": mask_flops, "step_s_all": times,
+           "warmup_s": warmup_s, "matmul_flops_per_s_all": references,
            "peak_mem_bytes": peak, "step_mem_bytes": peak - mem_before, "mem_before_bytes": mem_before,
            "mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS (ru_maxrss)",
            "loadavg_end": [os.getloadavg()[0]]}
