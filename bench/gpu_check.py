@@ -37,7 +37,12 @@ the others still run; rows stream into the table and the JSON as they finish):
   ehm         Evolved Hierarchical Masking's cost: bench/ehm_cost.py's `measure` (MAE ViT-B/16, batch 256, the
               recipe's bf16, 3 warm-up + 10 timed steps of a random-mask and an EHM trainer, interleaved):
               signal / step, tree / step, EHM step / random step, greedy / rnn tree time and rounds; the two
-              tree builders' trees must be identical. Last, with a 90 s share, so the others keep their time.
+              tree builders' trees must be identical.
+  decode      the data path (bench/loader_throughput.py): 1024 full-size (500x375) JPEGs through one
+              DataLoader worker three ways: the previous float path, the uint8 crop-aware CPU path, and
+              data.decode=gpu (the worker reads headers, nvJPEG decodes, crops and flips on the GPU); img/s
+              per worker core, nvJPEG vs CPU pixels (mean and max levels of 255), and the cores per GPU
+              OCL / MAE need at ViT-B and ViT-L from this run's flop_ratio rows. Needs the webdataset wheel.
 
 `--device cpu --smoke` proves the code paths: vit_tiny_patch7_28 (28x28) for every model, micro-batch 4,
 a 64-d MAE decoder, 3 parity steps, EHM cost at batch 4 over 1 warm-up + 2 steps, gloo instead of nccl,
@@ -63,6 +68,7 @@ import argparse
 import atexit
 import datetime
 import importlib.metadata
+import io
 import json
 import math
 import os
@@ -84,9 +90,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-CHECKS = ("attention", "parity", "flop_ratio", "fsdp", "memory", "ehm")
+CHECKS = ("attention", "parity", "flop_ratio", "fsdp", "memory", "ehm", "decode")
 # Seconds of the budget each check may use (plus whatever earlier checks left unused); they sum to 540.
-SHARES = {"attention": 45, "parity": 90, "flop_ratio": 100, "fsdp": 75, "memory": 140, "ehm": 90}
+SHARES = {"attention": 45, "parity": 80, "flop_ratio": 100, "fsdp": 75, "memory": 100, "ehm": 85, "decode": 55}
 ATTN_RECIPES = ("ocl_vitb16", "ocl_vitl16", "mae_vitb16", "mae_vitl16")
 RATIO_RECIPES = ("ocl_vitb16", "ocl_vitl16", "mae_vitb16")
 MEMORY_RECIPES = ("ocl_vitb16", "ocl_vitl16", "ocl_vith16", "mae_vitb16", "mae_vitl16")
@@ -152,7 +158,7 @@ def ensure_webdataset() -> str:
 
 WEBDATASET = ensure_webdataset()  # before anything imports scale
 
-from bench.train_step import (GIB, activation_bytes_per_image, fmt_bytes, ocl_tokens_per_image,  # noqa: E402
+from bench.train_step import (GIB, activation_bytes_per_image, fmt_bytes, ocl_tokens_per_image, sync,  # noqa: E402
                               param_count, run_child)
 from scale.config import load_config  # noqa: E402
 from scale.data import LoaderSpec, build_dataset  # noqa: E402
@@ -209,6 +215,7 @@ class Context:
         self.result: Dict[str, Any] = {"rows": [], "done": False}
         self.tmp = result_path.parent / "work"  # inside the parent's temporary folder: removed even after a kill
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self.report = ""  # the parent's JSON so far (earlier checks' rows), when it passes one
 
     def left(self) -> float:
         return self.deadline - time.time()
@@ -566,14 +573,95 @@ def check_ehm(ctx: Context) -> None:
     ctx.guarded(f"MAE {case['preset']} b{case['batch']}: EHM vs random step", run)
 
 
+# ----------------------------------------------------------------------------- check: decode
+
+def check_decode(ctx: Context) -> None:
+    """data.decode=gpu: (1) a batch of full-size JPEGs decoded, cropped and flipped on the device vs the CPU
+    path's images, and per-image time of each; (2) with webdataset installed, bench/loader_throughput.py's
+    paths through one DataLoader worker, and the cores per GPU from this run's flop_ratio rows."""
+    import numpy as np
+
+    from bench import loader_throughput as lt
+    from scale.data.gpu_decode import DeviceJpegItems, gpu_decode_problem
+    from scale.data.transforms import PretrainTransform, open_image
+
+    count = 16 if ctx.smoke else 256
+
+    def batch_decode() -> Dict[str, Any]:
+        if ctx.device.type == "cuda" and gpu_decode_problem(ctx.device) is not None:
+            raise RuntimeError(gpu_decode_problem(ctx.device))
+        rng = np.random.default_rng(0)
+        jpegs = []
+        for _ in range(16):
+            buf = io.BytesIO()
+            lt.smooth_noise_image(rng, *lt.KINDS["full_size"]).save(buf, "JPEG", quality=90)
+            jpegs.append(buf.getvalue())
+        samples = [jpegs[i % len(jpegs)] for i in range(count)]
+        transform = PretrainTransform(lt.IMG_SIZE, 3)
+        items = DeviceJpegItems(transform)
+        torch.set_num_threads(1)  # a DataLoader worker's view
+        t = time.perf_counter()
+        cpu = torch.stack([transform(open_image(io.BytesIO(s)), seed) for seed, s in enumerate(samples)])
+        cpu_ms = 1e3 * (time.perf_counter() - t) / count
+        t = time.perf_counter()
+        batch = items.collate([items(s, seed) for seed, s in enumerate(samples)])
+        header_ms = 1e3 * (time.perf_counter() - t) / count
+        best = float("inf")
+        for _ in range(3):
+            sync(ctx.device)
+            t = time.perf_counter()
+            device = batch.decode(ctx.device)
+            sync(ctx.device)
+            best = min(best, time.perf_counter() - t)
+        levels = (device.float().cpu() - cpu.float()).abs()
+        mean = levels.mean().item()
+        return {"images": count, "cpu_path_ms_per_image": cpu_ms, "worker_ms_per_image_gpu_path": header_ms,
+                "device_decode_ms_per_image": 1e3 * best / count, "pixel_mean_abs_levels": mean,
+                "pixel_max_abs_levels": levels.max().item(),
+                "status": "FAILED" if mean > 3 else "ok", "reason": "" if mean <= 3 else
+                f"device and CPU pixels differ by {mean:.2f} levels of 255 on average (> 3)",
+                "summary": f"per image: CPU path {cpu_ms:.2f} ms on 1 core; device path: worker {header_ms:.3f} ms "
+                           f"(header + crop), decode {1e3 * best / count:.3f} ms on {ctx.device.type}; |device - "
+                           f"cpu| {mean:.2f} levels mean, {levels.max().item():.0f} max"}
+
+    ctx.guarded(f"{count} JPEGs 500x375 -> 224: device decode vs CPU path", batch_decode)
+
+    def loader_paths() -> Dict[str, Any]:
+        if WEBDATASET.startswith("absent"):
+            return {"status": "skipped", "reason": f"webdataset {WEBDATASET}", "summary": "install .whl/webdataset*.whl"}
+        from scale.data import LoaderSpec
+
+        root = ctx.tmp / "full_size"
+        lt.write_shards(root, 128 if ctx.smoke else 1024, lt.KINDS["full_size"], 64, 0)
+        paths = ("previous", "cpu", "gpu")
+        timed = {p: max((lt.time_path(p, root, 1, 64, ctx.device) for _ in range(1 if ctx.smoke else 2)),
+                        key=lambda r: r["img_per_s"]) for p in paths}
+        spec = LoaderSpec(batch_size=64, seed=0)
+        cpu_data, gpu_data = lt.scale_loader(root, "cpu"), lt.scale_loader(root, "gpu")
+        (a, _), (b, _) = next(iter(cpu_data.loader(spec, 0))), next(iter(gpu_data.loader(spec, 0)))
+        levels = (gpu_data.device_input.pixels(b, ctx.device).float().cpu() - a.float()).abs().mean().item()
+        speed = {p: r["img_per_s_per_core"] for p, r in timed.items()}
+        rows = lt.gpu_images_per_s(Path(ctx.report), measured_here=True) if ctx.report else []
+        table = lt.cores_per_gpu_table(rows, {"full_size": speed}) if rows else []
+        return {"img_per_s_per_core": speed, "pixel_mean_abs_levels": levels, "cores_per_gpu": rows, "table": table,
+                "status": "FAILED" if levels > 3 else "ok", "reason": "" if levels <= 3 else "pixels differ",
+                "summary": f"img/s per worker core: previous {speed['previous']:.0f}, cpu {speed['cpu']:.0f}, device "
+                           f"decode {speed['gpu']:.0f}; |gpu - cpu| {levels:.2f} levels; cores/GPU (cpu -> gpu): " +
+                           ", ".join(f"{r['method']} {r['model']} {r['cores_per_gpu']['full_size']['cpu']:.1f} -> "
+                                     f"{r['cores_per_gpu']['full_size']['gpu']:.1f}" for r in rows)}
+
+    ctx.guarded("loader paths: previous / cpu / gpu decode, one worker", loader_paths)
+
+
 CHECK_FUNCTIONS: Dict[str, Callable[[Context], None]] = {
     "attention": check_attention, "parity": check_parity, "flop_ratio": check_flop_ratio, "fsdp": check_fsdp,
-    "memory": check_memory, "ehm": check_ehm,
+    "memory": check_memory, "ehm": check_ehm, "decode": check_decode,
 }
 
 
 def child_main(args: argparse.Namespace) -> int:
     ctx = Context(args.device, args.smoke, args._deadline, Path(args._result))
+    ctx.report = args._report or ""
     write_json(ctx.result_path, ctx.result)
     try:
         CHECK_FUNCTIONS[args._check](ctx)
@@ -621,7 +709,8 @@ def run_check(name: str, args: argparse.Namespace, timeout: float, log, report: 
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_check", name, "--_result", str(result_path),
-               "--_deadline", str(started + timeout - 3), "--device", args.device] + (["--smoke"] if args.smoke else [])
+               "--_deadline", str(started + timeout - 3), "--device", args.device, "--_report", args._report] + \
+            (["--smoke"] if args.smoke else [])
         log.write(f"\n===== {name} (limit {timeout:.0f} s) =====\n")
         log.flush()
         # Its own process group (not a new session), so a timeout kills it with its bench/train_step.py children.
@@ -713,6 +802,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--_check", help=argparse.SUPPRESS)
     p.add_argument("--_result", help=argparse.SUPPRESS)
     p.add_argument("--_deadline", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--_report", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -738,6 +828,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still takes the running check's group down
     started = time.time()
     json_path = (args.json or default_json()).resolve()
+    args._report = str(json_path)
     log_path = json_path.with_suffix(".log")
     env = environment(args.device)
     env["webdataset"] = WEBDATASET

@@ -1,19 +1,44 @@
-"""Throughput of the webdataset pre-training pipeline, per DataLoader worker process.
+"""Throughput of the pre-training data path, per core, for every way of feeding the model.
 
-Writes two shard sets of natural-looking (smooth noise) JPEGs: pre-resized (short side
-256, like most ImageNet pre-processing) and full-size (500x375, about ImageNet's
-average), then times the real loader (`scale.data` "webdataset": tar reading, decode,
-RandomResizedCrop 224 + flip + normalise, batching in the workers) at 1 and 2 workers,
-and profiles one process to show where the time goes. Prints a table, writes JSON.
+Writes shard sets of natural-looking (smooth noise) JPEGs: pre-resized (short side 256,
+like most ImageNet pre-processing), full-size (500x375, about ImageNet's average) and, with
+`--kinds large`, phone photos (2048x1536). Then, in one run, it times one DataLoader
+worker (one core) reading each set through each path, RandomResizedCrop(224, (0.2, 1),
+bicubic) + flip in all of them:
 
-    python bench/loader_throughput.py --out bench_loader.json
+* `plain_webdataset`: the pipeline open_clip builds (`wds.DataPipeline`: shard list, split by
+  worker, tar reading, shuffle, `decode("pil")`, torchvision Compose(RandomResizedCrop,
+  RandomHorizontalFlip, ToTensor, Normalize), batched), in a `wds.WebLoader`;
+* `previous`: scale's loader as it was before uint8 batches: full decode (PIL draft only
+  when the smallest crop allowed it), crop + resize in PIL, float conversion and
+  normalisation in the worker, float batches;
+* `cpu`: scale's loader now: crop-aware decode (the smallest DCT scale that covers the crop
+  at 224), resize in uint8, uint8 batches; normalisation is on the device (its CPU cost in
+  the main process is reported apart, `device_input_ms`);
+* `gpu` (CUDA only): `data.decode: gpu`: the worker only reads headers and draws crops;
+  nvJPEG decodes, crops and flips on the device (img/s is then bounded by the worker, the
+  GPU or the copy, whichever is slowest: it is reported per worker core like the others).
+
+Images/s per core counts from the first batch on (worker start-up excluded); images per
+worker-CPU-second is what contention barely moves. Each path runs `--repeats` times
+interleaved, the best counts. It then turns img/s per core into the **cores per GPU** that
+OCL and MAE need at ViT-B/16 and ViT-L/16: the GPU's images/s is the train step's FLOP/s
+(a FLOP ratio to a bf16 GEMM times that GEMM's FLOP/s) over the model's FLOPs per image;
+these ratios come from `bench/gpu_check.py`'s flop_ratio check: on a GPU machine its
+`decode` check runs this bench with the ratios it measured minutes before in the same run;
+elsewhere the bench reads the ones measured on an H200 (docs/results/gpu_check_h200.json)
+and says so. A case not measured (MAE ViT-L) is estimated from the same method's ratio at
+the other size, and says so.
+
+    python bench/loader_throughput.py --out docs/results/loader_throughput_cpu.json
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
-import itertools
 import json
+import math
 import os
 import platform
 import resource
@@ -21,23 +46,33 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+from torchvision import transforms as tv1
 from torchvision.transforms import InterpolationMode, v2
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-from scale.config import DataConfig  # noqa: E402
+from scale.config import DataConfig, load_config  # noqa: E402
 from scale.data import LoaderSpec, build_dataset  # noqa: E402
-from scale.data.transforms import to_float_tensor  # noqa: E402
+from scale.data.crop import draw_crop, seeded_generator  # noqa: E402
+from scale.data.device_input import DeviceInput  # noqa: E402
+from scale.data.transforms import PretrainTransform, dct_scale, draft_request, open_image  # noqa: E402
 from scale.data.wds_stream import WebDatasetData  # noqa: E402
 
 IMG_SIZE = 224
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+KINDS = {"pre_resized": (341, 256), "full_size": (500, 375), "large": (2048, 1536)}
+GPU_RESULTS = REPO / "docs/results/gpu_check_h200.json"
+MODEL_CASES = (("OCL", "ocl_vitb16"), ("OCL", "ocl_vitl16"), ("MAE", "mae_vitb16"), ("MAE", "mae_vitl16"))
 
+
+# ----------------------------------------------------------------------------- shards
 
 def smooth_noise_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     """Blobs at a few scales plus fine grain: compresses like a photo, unlike white noise."""
@@ -80,10 +115,49 @@ def write_shards(directory: Path, count: int, size: Tuple[int, int], per_shard: 
     return total_bytes
 
 
-def build(root: Path, workers: int) -> WebDatasetData:
-    cfg = DataConfig(name="webdataset", root=str(root), num_workers=workers, shuffle_buffer=256)
+# ----------------------------------------------------------------------------- the paths
+
+def plain_webdataset(root: Path, workers: int, batch_size: int) -> Iterator[Any]:
+    """open_clip's training pipeline (open_clip/src/training/data.py, get_wds_dataset), finite."""
+    transform = tv1.Compose([tv1.RandomResizedCrop(IMG_SIZE, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+                             tv1.RandomHorizontalFlip(), tv1.ToTensor(), tv1.Normalize(MEAN, STD)])
+    urls = sorted(str(p) for p in root.glob("*.tar"))
+    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, wds.tarfile_to_samples(),
+                                wds.shuffle(1000, initial=100), wds.decode("pil"), wds.to_tuple("jpg", "cls"),
+                                wds.map_tuple(transform, lambda c: int(c)), wds.batched(batch_size, partial=False))
+    return iter(wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers))
+
+
+class PreviousItems:
+    """scale's worker transform before uint8 batches, for comparison: full-image decode (with
+    a draft only where the *smallest* allowed crop still had 224 pixels), crop + resize in PIL
+    (v2.RandomResizedCrop), float conversion and normalisation in the worker."""
+
+    def __init__(self) -> None:
+        self.draft = math.ceil(IMG_SIZE / math.sqrt(0.2 * 3 / 4))
+        self.spatial = v2.Compose([v2.RandomResizedCrop(IMG_SIZE, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC,
+                                                        antialias=True), v2.RandomHorizontalFlip()])
+        self.normalize = v2.Normalize(list(MEAN), list(STD))
+
+    def __call__(self, data: bytes, seed: int) -> torch.Tensor:
+        image = Image.open(io.BytesIO(data))
+        image.draft("RGB", (self.draft, self.draft))
+        image.load()
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            image = self.spatial(image.convert("RGB"))
+        return self.normalize(v2.functional.pil_to_tensor(image).float().div_(255.0))
+
+    def collate(self, items: List[torch.Tensor]) -> torch.Tensor:
+        return torch.utils.data.default_collate(items)
+
+
+def scale_loader(root: Path, decode: str, previous: bool = False) -> WebDatasetData:
+    cfg = DataConfig(name="webdataset", root=str(root), shuffle_buffer=1000, decode=decode)
     data = build_dataset(cfg, IMG_SIZE, 3, True)
     assert isinstance(data, WebDatasetData)
+    if previous:
+        data.items = PreviousItems()
     return data
 
 
@@ -92,137 +166,209 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def time_loader(root: Path, workers: int, batch_size: int) -> Dict[str, float]:
-    """One epoch through the real loader.
-
-    img_per_s counts from the first batch on (worker start-up excluded). Other jobs on a
-    shared machine slow the wall clock, so it also reports images per CPU second spent in
-    the worker processes (counted once they have exited), which contention barely moves.
-    """
-    data = build(root, workers)
-    spec = LoaderSpec(batch_size=batch_size, seed=0, num_workers=workers)
+def time_path(path: str, root: Path, workers: int, batch_size: int, device: torch.device) -> Dict[str, Any]:
+    """One epoch through one path: steady img/s (from the first batch on) and img per worker-CPU-second."""
+    if path == "plain_webdataset":
+        batches = plain_webdataset(root, workers, batch_size)
+        prepare: Callable[[Any], Any] = lambda x: x
+    else:
+        data = scale_loader(root, "gpu" if path == "gpu" else "cpu", previous=path == "previous")
+        batches = (x for x, _ in data.loader(LoaderSpec(batch_size=batch_size, seed=0, num_workers=workers,
+                                                        pin_memory=device.type == "cuda"), epoch=0))
+        prepare = (lambda x: data.prepare(x, device)) if path == "gpu" else (lambda x: x)
     cpu_before = children_cpu_s()
     start = time.perf_counter()
-    first_at, images, first_images = start, 0, 0
-    for x, _ in data.loader(spec, epoch=0):  # runs to the end, so the workers are joined
-        images += len(x)
+    first_at, images, first_images, nbytes = start, 0, 0, 0
+    for batch in batches:
+        if isinstance(batch, (list, tuple)):
+            batch = batch[0]
+        out = prepare(batch)
+        images += len(out)
+        nbytes += out.numel() * out.element_size() if path != "gpu" else 0
         if first_images == 0:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             first_at, first_images = time.perf_counter(), images
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     end = time.perf_counter()
     cpu = children_cpu_s() - cpu_before
-    steady = (images - first_images) / (end - first_at)
-    return {"workers": workers, "images": images, "wall_s": end - start, "img_per_s": steady,
-            "img_per_s_per_worker": steady / workers, "worker_cpu_s": cpu, "img_per_worker_cpu_s": images / cpu}
+    steady = (images - first_images) / max(end - first_at, 1e-9)
+    return {"path": path, "workers": workers, "images": images, "img_per_s": steady,
+            "img_per_s_per_core": steady / workers, "img_per_worker_cpu_s": images / max(cpu, 1e-9),
+            "host_bytes_per_image": nbytes / max(images, 1)}
 
 
-def best_of(repeats: int, fn: Callable[[], Dict[str, float]]) -> Dict[str, float]:
-    runs = [fn() for _ in range(repeats)]
-    best = max(runs, key=lambda r: r["img_per_s"])
-    return {**best, "img_per_worker_cpu_s": max(r["img_per_worker_cpu_s"] for r in runs),
-            "img_per_s_all_runs": [r["img_per_s"] for r in runs]}
+def decode_scales(root: Path, limit: int = 256) -> Dict[str, float]:
+    """How often the crop-aware decode could use each DCT scale (same crops as the loader draws)."""
+    data = scale_loader(root, "cpu")
+    transform: PretrainTransform = data.items.transform
+    counts: Dict[int, int] = {}
+    spec = LoaderSpec(batch_size=64, seed=0)
+    raw = data._raw_samples(spec, 0, 1, 0)
+    for i in range(limit):
+        image = open_image(io.BytesIO(next(raw)["jpg"]))
+        width, height = image.size
+        crop = transform.params(width, height, i)
+        image.draft("RGB", draft_request(width, height, crop, IMG_SIZE))
+        k = dct_scale(width, height, image.size)
+        counts[k] = counts.get(k, 0) + 1
+    return {f"1/{k}": counts.get(k, 0) / limit for k in (1, 2, 4, 8)}
 
 
-def profile_stages(root: Path, limit: int, batch_size: int, repeats: int = 3) -> Dict[str, float]:
-    """Milliseconds per image of each stage, one thread (like a worker), best of `repeats`."""
-    data = build(root, 0)
-    spec = LoaderSpec(batch_size=batch_size, seed=0)
-    cfg = DataConfig()
-    crop = v2.RandomResizedCrop(IMG_SIZE, scale=tuple(cfg.crop_scale), interpolation=InterpolationMode.BICUBIC,
-                                antialias=True)
-    flip_normalize = v2.Compose([v2.RandomHorizontalFlip(), v2.Normalize(list(cfg.mean), list(cfg.std))])
-
-    def per_image_ms(fn: Callable[[], Any]) -> Tuple[Any, float]:
-        best, out = float("inf"), None
-        for _ in range(repeats):
-            t = time.perf_counter()
-            out = fn()
-            best = min(best, time.perf_counter() - t)
-        return out, 1e3 * best / limit
-
-    def read_raw() -> List[Dict[str, Any]]:
-        raw = data._raw_samples(spec, 0, 1, 0)
-        return [next(raw) for _ in range(limit)]
-
-    samples, tar_ms = per_image_ms(read_raw)
-    images, decode_ms = per_image_ms(lambda: [data._decode(s)[0] for s in samples])
-    tensors, float_ms = per_image_ms(lambda: [to_float_tensor(im, 3) for im in images])
-    crops, crop_ms = per_image_ms(lambda: [crop(x) for x in tensors])
-    outs, flip_ms = per_image_ms(lambda: [flip_normalize(x) for x in crops])
-    _, collate_ms = per_image_ms(lambda: [torch.stack(outs[i:i + batch_size]) for i in range(0, limit, batch_size)])
-    batches = limit // batch_size
-    _, pipeline_ms = per_image_ms(lambda: list(itertools.islice(data.worker_batches(
-        spec, 0, data.plan(spec, 0), 0, 0), batches)))
-    pipeline_ms *= limit / (batches * batch_size)
-    result = {"tar_read": tar_ms, "decode": decode_ms, "to_float": float_ms, "resized_crop": crop_ms,
-              "flip_normalize": flip_ms, "collate": collate_ms}
-    result["sum_of_stages"] = sum(result.values())
-    result["whole_worker_pipeline"] = pipeline_ms  # the stages as the loader runs them, with seeding
-
-    # Alternatives (not used by the loader): crop + resize in PIL on uint8 before making a
-    # float tensor (replaces to_float + resized_crop + flip_normalize), and JPEG draft
-    # decoding at half size (replaces decode; only a win where the crop still has enough pixels).
-    def pil_crop_first() -> None:
-        for im in images:
-            top, left, h, w = v2.RandomResizedCrop.get_params(im, list(cfg.crop_scale), [3 / 4, 4 / 3])
-            small = im.resize((IMG_SIZE, IMG_SIZE), Image.BICUBIC, box=(left, top, left + w, top + h))
-            flip_normalize(to_float_tensor(small, 3))
-
-    def draft_decode() -> None:
-        for sample in samples:
-            im = Image.open(io.BytesIO(sample["jpg"]))
-            im.draft("RGB", (im.width // 2, im.height // 2))
-            im.load()
-
-    result["alt_pil_crop_first"] = per_image_ms(pil_crop_first)[1]
-    result["alt_draft_half_decode"] = per_image_ms(draft_decode)[1]
-    return result
+def device_input_ms(batch_size: int, repeats: int = 5) -> float:
+    """Milliseconds per image of uint8 -> normalised float on this CPU (on a GPU it is ~free)."""
+    x = torch.randint(0, 256, (batch_size, 3, IMG_SIZE, IMG_SIZE), dtype=torch.uint8)
+    convert = DeviceInput(MEAN, STD)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        convert(x, torch.device("cpu"))
+        best = min(best, time.perf_counter() - t)
+    return 1e3 * best / batch_size
 
 
-def main() -> None:
+# ----------------------------------------------------------------------------- cores per GPU
+
+def flops_per_image(recipe: str) -> Tuple[float, str]:
+    """(train-step FLOPs per image of the recipe's method, model name), from its real masks and objective."""
+    from scale.masking import MaskContext, build_mask_generator
+    from scale.pretraining import build_pretrain_module
+    from scale.trainer.flops import train_step_flops
+
+    cfg = load_config(recipe)
+    module = build_pretrain_module(cfg)
+    spec = module.encoder.spec
+    masks = build_mask_generator(cfg.mask, spec.grid_size)(
+        1, MaskContext(generator=seeded_generator(0), device=torch.device("cpu"), step=0))
+    _, groups, visible = masks.group_ids.shape
+    objective = module.objective.forward_flops(spec, 1, visible)
+    return float(train_step_flops(spec, 1, groups, visible, cfg.model.train_patch_embed, objective)), cfg.model.name
+
+
+def gpu_images_per_s(record_path: Path, measured_here: bool = False) -> List[Dict[str, Any]]:
+    """Images/s one GPU trains at, per (method, model), from the train-step FLOP ratios of a
+    bench/gpu_check.py report (its flop_ratio check); a case it did not measure is estimated
+    from the same method at the other size (FLOP ratios move little with width), and says so."""
+    if not record_path.is_file():
+        return []
+    record = json.loads(record_path.read_text())
+    measured = {row["case"].split(":")[0]: {"ratio": row["ratio"], "gemm_flops_per_s": row["matmul_flops_per_s"]}
+                for row in record.get("checks", {}).get("flop_ratio", {}).get("rows", [])
+                if row.get("status") == "ok" and "ratio" in row}
+    gpu = record.get("env", {}).get("gpu", "GPU")
+    source = (f"measured in this run on an {gpu}" if measured_here else
+              f"measured by bench/gpu_check.py on an {gpu} on {str(record.get('started', '?'))[:10]} "
+              f"({record_path.name}), not in this run")
+    rows = []
+    for method, recipe in MODEL_CASES:
+        got, how = measured.get(recipe), source
+        if got is None:
+            other = next((m for meth, m in MODEL_CASES if meth == method and m != recipe and m in measured), None)
+            if other is None:
+                continue
+            got, how = measured[other], f"estimated with {other}'s ratio, {source}"
+        flops, model = flops_per_image(recipe)
+        rows.append({"method": method, "recipe": recipe, "model": model, "train_flops_per_image": flops,
+                     "flop_ratio": got["ratio"], "gemm_flops_per_s": got["gemm_flops_per_s"],
+                     "gpu_img_per_s": got["ratio"] * got["gemm_flops_per_s"] / flops, "source": how})
+    return rows
+
+
+def cores_per_gpu_table(rows: List[Dict[str, Any]], per_core: Dict[str, Dict[str, float]]) -> List[str]:
+    """Markdown: per (method, model), the cores per GPU each CPU path needs; fills row["cores_per_gpu"]."""
+    columns = [(kind, path) for kind in per_core for path in ("previous", "cpu") if path in per_core[kind]]
+    lines = ["| method | model | train GFLOP / image | FLOP ratio | GPU img/s | " +
+             " | ".join(f"cores/GPU, {kind}, {path}" for kind, path in columns) + " | source |",
+             "|---|---|---|---|---|" + "---|" * len(columns) + "---|"]
+    for row in rows:
+        row["cores_per_gpu"] = {kind: {path: row["gpu_img_per_s"] / v for path, v in paths.items()}
+                                for kind, paths in per_core.items()}
+        lines.append(f"| {row['method']} | {row['model']} | {row['train_flops_per_image'] / 1e9:.1f} | "
+                     f"{row['flop_ratio']:.3f} | {row['gpu_img_per_s']:.0f} | " +
+                     " | ".join(f"{row['cores_per_gpu'][kind][path]:.1f}" for kind, path in columns) +
+                     f" | {row['source']} |")
+    return lines
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1024, help="images per shard set")
     parser.add_argument("--per-shard", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
-    parser.add_argument("--repeats", type=int, default=2, help="loader runs per setting; the best counts")
-    parser.add_argument("--profile-images", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers (cores) per path")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per path; the best counts")
+    parser.add_argument("--kinds", default="pre_resized,full_size", help=f"shard sets, from {','.join(KINDS)}")
+    parser.add_argument("--paths", default="plain_webdataset,previous,cpu,gpu")
+    parser.add_argument("--no-gpu-table", action="store_true", help="skip the cores-per-GPU table")
+    parser.add_argument("--gpu-results", type=Path, default=GPU_RESULTS,
+                        help="a bench/gpu_check.py JSON whose flop_ratio rows give the GPU's train-step speed")
+    parser.add_argument("--gpu-results-from-this-run", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dir", default="", help="where to write shards (default: a temporary directory)")
     parser.add_argument("--out", default="", help="write the results as JSON here")
-    args = parser.parse_args()
-    torch.set_num_threads(1)  # DataLoader workers run single-threaded; the profile should too
-
-    kinds = {"pre_resized_256": (341, 256), "full_size_500x375": (500, 375)}
-    results: Dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                               "cpus": os.cpu_count(), "batch_size": args.batch_size, "img_size": IMG_SIZE,
-                               "kinds": {}}
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # DataLoader workers run single-threaded; so does the main process here
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    paths = [p for p in args.paths.split(",") if p != "gpu" or device.type == "cuda"]
+    results: Dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+                               "batch_size": args.batch_size, "img_size": IMG_SIZE, "workers": args.workers,
+                               "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "kinds": {},
+                               "gpu_decode": "run" if "gpu" in paths else "skipped: no CUDA device",
+                               "device_input_ms_per_image_cpu": device_input_ms(args.batch_size)}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.dir or tmp)
-        for seed, (kind, size) in enumerate(kinds.items()):
+        for seed, kind in enumerate(args.kinds.split(",")):
+            size = KINDS[kind]
             root = base / kind
             t = time.perf_counter()
-            nbytes = write_shards(root, args.images, size, args.per_shard, seed)
-            print(f"{kind}: wrote {args.images} images {size[0]}x{size[1]} "
-                  f"({nbytes / args.images / 1024:.0f} KiB each) in {time.perf_counter() - t:.1f}s", flush=True)
-            runs = [best_of(args.repeats, lambda: time_loader(root, int(w), args.batch_size))
-                    for w in args.workers.split(",")]
-            profile = profile_stages(root, args.profile_images, args.batch_size)
-            results["kinds"][kind] = {"size": size, "kib_per_image": nbytes / args.images / 1024,
-                                      "runs": runs, "profile_ms_per_image": profile}
+            nbytes = write_shards(root, args.images, size, args.per_shard, seed, unique=16 if kind == "large" else 64)
+            print(f"{kind}: wrote {args.images} images {size[0]}x{size[1]} ({nbytes / args.images / 1024:.0f} KiB "
+                  f"each) in {time.perf_counter() - t:.1f}s", flush=True)
+            runs: Dict[str, List[Dict[str, Any]]] = {p: [] for p in paths}
+            for _ in range(args.repeats):
+                for path in paths:
+                    runs[path].append(time_path(path, root, args.workers, args.batch_size, device))
+            best = {}
+            for path, rs in runs.items():
+                top = max(rs, key=lambda r: r["img_per_s"])
+                best[path] = {**top, "img_per_worker_cpu_s": max(r["img_per_worker_cpu_s"] for r in rs),
+                              "img_per_s_all_runs": [r["img_per_s"] for r in rs]}
+            for path, r in best.items():
+                r["vs_previous"] = r["img_per_s"] / best["previous"]["img_per_s"] if "previous" in best else None
+                r["vs_plain_webdataset"] = (r["img_per_s"] / best["plain_webdataset"]["img_per_s"]
+                                            if "plain_webdataset" in best else None)
+            results["kinds"][kind] = {"size": size, "kib_per_image": nbytes / args.images / 1024, "paths": best,
+                                      "dct_scales": decode_scales(root)}
 
-    print(f"\n{'shards':<20}{'workers':>8}{'img/s':>10}{'img/s/worker':>14}{'img/worker-CPU-s':>18}")
+    lines = [f"\n| shards | path | img/s per core | img / worker-CPU-s | vs previous | vs plain webdataset | "
+             "host bytes / image |", "|---|---|---|---|---|---|---|"]
     for kind, r in results["kinds"].items():
-        for run in r["runs"]:
-            print(f"{kind:<20}{run['workers']:>8}{run['img_per_s']:>10.0f}{run['img_per_s_per_worker']:>14.0f}"
-                  f"{run['img_per_worker_cpu_s']:>18.0f}")
-    stages = list(next(iter(results["kinds"].values()))["profile_ms_per_image"])
-    print(f"\n{'ms per image (1 thread)':<32}" + "".join(f"{k[:20]:>22}" for k in results["kinds"]))
-    for stage in stages:
-        print(f"{stage:<32}" + "".join(f"{r['profile_ms_per_image'][stage]:>22.3f}"
-                                       for r in results["kinds"].values()))
+        for path, p in r["paths"].items():
+            vs = lambda v: "" if v is None else f"{v:.2f}x"  # noqa: E731
+            lines.append(f"| {kind} {r['size'][0]}x{r['size'][1]} | {path} | {p['img_per_s_per_core']:.0f} | "
+                         f"{p['img_per_worker_cpu_s']:.0f} | {vs(p['vs_previous'])} | {vs(p['vs_plain_webdataset'])} | "
+                         f"{p['host_bytes_per_image'] / 1024:.0f} KiB |")
+        lines.append(f"| {kind} | DCT scale used by `cpu` | " + ", ".join(
+            f"{k}: {v:.0%}" for k, v in r["dct_scales"].items()) + " | | | | |")
+    print("\n".join(lines))
+    print(f"\nuint8 -> normalised float on this CPU: {results['device_input_ms_per_image_cpu']:.3f} ms per image "
+          "(on the device inside the step; not in the worker numbers above)")
+
+    if not args.no_gpu_table:
+        rows = gpu_images_per_s(args.gpu_results, measured_here=args.gpu_results_from_this_run)
+        per_core = {kind: {path: p["img_per_s_per_core"] for path, p in r["paths"].items()}
+                    for kind, r in results["kinds"].items()}
+        print("\n" + "\n".join(cores_per_gpu_table(rows, per_core)) if rows else
+              f"\nno cores-per-GPU table: {args.gpu_results} holds no train-step FLOP ratios")
+        results["cores_per_gpu"] = rows
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
         print(f"\nwrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

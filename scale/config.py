@@ -114,6 +114,9 @@ class DataConfig:
     resampled: bool = False  # webdataset: infinite stream cut into fixed-size epochs
     manifest: str = ""  # webdataset: manifest path (default: next to the shards)
     shuffle_buffer: int = 1000  # webdataset: in-worker sample shuffle buffer (0: off)
+    # Where JPEGs are decoded: cpu (DataLoader workers, at the smallest DCT scale the crop allows) | gpu
+    # (webdataset only: nvJPEG on the device, crop + flip there; falls back to cpu, with a warning, where it cannot run)
+    decode: str = "cpu"
 
 
 @dataclass
@@ -448,6 +451,7 @@ def validate(cfg: RunConfig) -> None:
     require_range("objective.asl.align_weight", o.asl.align_weight, 0.0, 1000.0)
     d = cfg.data
     require(d.transform in ("mae", "none"), f"data.transform must be 'mae' or 'none', got {d.transform!r}")
+    require(d.decode in ("cpu", "gpu"), f"data.decode must be cpu or gpu, got {d.decode!r}")
     require_range("data.num_samples", d.num_samples, 1)
     require_range("data.num_classes", d.num_classes, 1)
     require_range("data.num_workers", d.num_workers, 0, 512)

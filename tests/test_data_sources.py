@@ -71,8 +71,10 @@ def test_mae_transform_is_seeded_per_sample_and_none_is_plain():
     plain = build_dataset(DataConfig(num_samples=16, num_classes=2, mean=(0.5,), std=(0.25,), transform="none"),
                           28, 1)
     idx = plain.rank_indices(spec, 0)[0]
-    expected = (plain.source[idx][0] - 0.5) / 0.25
-    torch.testing.assert_close(collect(plain, spec, 0)[0][0][0], expected)
+    batch = collect(plain, spec, 0)[0][0]
+    assert batch.dtype == torch.uint8  # the workers hand over pixels; prepare normalises
+    expected = (plain.source[idx][0].mul(255).round() / 255 - 0.5) / 0.25
+    torch.testing.assert_close(plain.prepare(batch, torch.device("cpu"))[0], expected)
 
 
 def test_image_folder(tmp_path):

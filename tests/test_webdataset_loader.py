@@ -307,7 +307,7 @@ def test_transform_none_resizes_without_augmenting(tmp_path: Path) -> None:
 def test_decoding_runs_in_the_workers(tmp_path: Path) -> None:
     write_shards(tmp_path, [4, 4])
     data = build(str(tmp_path))
-    data.transform = lambda image: torch.full((1,), float(os.getpid()))
+    data.items.transform = lambda image, seed: torch.full((1,), float(os.getpid()))
     pids = {int(x) for xs, _ in collect(data, LoaderSpec(batch_size=2, seed=0, num_workers=2), 0) for x in xs}
     assert len(pids) == 2 and os.getpid() not in pids
 

@@ -1,7 +1,9 @@
 """The dataset interface every pre-training source implements.
 
 A `PretrainData` hands the trainer an iterator of `(images, labels)` batches for one
-epoch on one rank. The order is a pure function of (seed, epoch, rank, world_size),
+epoch on one rank, and turns each `images` into the model's input on the device with
+`prepare` (inside the step): the built-in sources yield uint8 pixels, or encoded JPEGs
+with `data.decode: gpu`, and `prepare` decodes, converts and normalises them there. The order is a pure function of (seed, epoch, rank, world_size),
 so resuming mid-epoch is `loader(epoch, start_batch=k)`: it yields exactly the batches
 an uninterrupted run would have yielded after its first k. Labels are only used for
 monitoring (kNN, probes); pre-training ignores them.
@@ -16,8 +18,9 @@ import torch
 
 from ..config import DataConfig
 from ..registry import Registry
+from .device_input import DeviceInput, HostBatch
 
-Batch = Tuple[torch.Tensor, torch.Tensor]
+Batch = Tuple[HostBatch, torch.Tensor]  # (images for `PretrainData.prepare`, labels)
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,14 @@ class LoaderSpec:
 
 class PretrainData(abc.ABC):
     """A deterministic, exactly resumable source of image batches."""
+
+    def __init__(self, device_input: DeviceInput):
+        self.device_input = device_input
+
+    def prepare(self, images: HostBatch, device: torch.device) -> torch.Tensor:
+        """A loader batch -> normalised float (B, C, H, W) on `device`: decoded there if it is
+        encoded, converted and normalised there if it is uint8, taken as it is if it is float."""
+        return self.device_input(images, device)
 
     @property
     @abc.abstractmethod

@@ -24,11 +24,11 @@ becomes a zero image labelled -1 (logged as an error).
 """
 from __future__ import annotations
 
+import io
 import logging
 import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -36,24 +36,16 @@ from torch.utils.data import Dataset
 
 from ..config import ConfigError, DataConfig
 from ..shards.source_tree import walk_files
-from .base import DATASETS, Batch, LoaderSpec, PretrainData
-from .map_style import MapStyleData
-from .transforms import RateLimitedWarning, build_pretrain_transform, load_image
+from .base import DATASETS, PretrainData
+from .device_input import DeviceInput
+from .map_style import MapStyleData, Sample
+from .transforms import RateLimitedWarning, Transform, build_pretrain_transform, open_image
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 REPLACEMENT_TRIES = 16
 LAYOUT = "expected root/<class>/<image> files (or root/train/<class>/... and root/val/<class>/...)"
-
-
-@dataclass(frozen=True)
-class Decoded:
-    """What the source hands the transform: the image (None: nothing decodable) and whether
-    it stands in for a bad file."""
-
-    image: Optional[Image.Image]
-    replaced: bool
 
 
 def list_image_folder(root: Path, setting: str = "data.root") -> Tuple[List[str], List[int], List[str]]:
@@ -84,16 +76,17 @@ def list_image_folder(root: Path, setting: str = "data.root") -> Tuple[List[str]
 
 
 class ImageFiles(Dataset):
-    """Indexable image files; item i is (Decoded, label), a replacement when file i is bad."""
+    """Indexable image files; item i is (file i opened lazily, its label)."""
 
-    def __init__(self, root: Path, files: Sequence[str], labels: Sequence[int], classes: Sequence[str],
-                 in_chans: int):
+    def __init__(self, root: Path, files: Sequence[str], labels: Sequence[int], classes: Sequence[str]):
         self.root, self.files, self.labels, self.classes = root, list(files), list(labels), list(classes)
-        self.in_chans = in_chans
-        self._warn = RateLimitedWarning("skipping unreadable or corrupt image", log)
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def __getitem__(self, index: int) -> Tuple[Image.Image, int]:
+        # Read whole, then open: the header is parsed, decoding waits for the transform's crop.
+        return open_image(io.BytesIO((self.root / self.files[index]).read_bytes())), self.labels[index]
 
     def candidates(self, index: int) -> List[int]:
         """`index`, then the fixed stand-ins for it: a function of the index alone."""
@@ -101,42 +94,29 @@ class ImageFiles(Dataset):
         n = len(self.files)
         return [index] + [(index + 1 + rng.randrange(n - 1)) % n for _ in range(REPLACEMENT_TRIES if n > 1 else 0)]
 
-    def __getitem__(self, index: int) -> Tuple[Decoded, int]:
-        for candidate in self.candidates(index):
-            try:
-                with open(self.root / self.files[candidate], "rb") as stream:
-                    image = load_image(stream, self.in_chans)
-            except Exception as err:  # any unreadable or undecodable file; it must not end the run
-                self._warn(f"{self.root / self.files[candidate]}: {err!r}"[:300])
-                continue
-            return Decoded(image, replaced=candidate != index), self.labels[candidate]
-        log.error("%s and its %d stand-ins are all unreadable; yielding a zero image with label -1",
-                  self.root / self.files[index], REPLACEMENT_TRIES)
-        return Decoded(None, replaced=True), -1
-
 
 class ImageFolderData(MapStyleData):
-    """MapStyleData over ImageFiles; the transform also returns each sample's replaced flag,
-    which collates into the batch, so the count comes back from the worker processes."""
+    """MapStyleData over ImageFiles: a bad file is replaced by the first of its stand-ins that
+    decodes, under the bad one's augmentation seed."""
 
-    def __init__(self, source: ImageFiles, transform: Callable[[Any], torch.Tensor], img_size: int):
-        zeros = torch.zeros(source.in_chans, img_size, img_size)
+    source: ImageFiles
 
-        def transform_and_flag(item: Decoded) -> Tuple[torch.Tensor, int]:
-            return (zeros if item.image is None else transform(item.image)), int(item.replaced)
-        super().__init__(source, transform_and_flag)
-        self._skipped = 0
+    def __init__(self, source: ImageFiles, transform: Transform, device_input: DeviceInput, img_size: int,
+                 in_chans: int):
+        super().__init__(source, transform, device_input)
+        self.img_size, self.in_chans = img_size, in_chans
+        self._warn = RateLimitedWarning("skipping unreadable or corrupt image", log)
 
-    def loader(self, spec: LoaderSpec, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        return self._count_skips(super().loader(spec, epoch, start_batch))
-
-    def _count_skips(self, batches: Iterator[Any]) -> Iterator[Batch]:
-        for (images, replaced), labels in batches:
-            self._skipped += int(replaced.sum())
-            yield images, labels
-
-    def skipped_samples(self) -> int:
-        return self._skipped
+    def load_sample(self, index: int, seed: int) -> Sample:
+        for candidate in self.source.candidates(index):
+            try:
+                image, label = self.source[candidate]
+                return self.transform(image, seed), label, int(candidate != index)
+            except Exception as err:  # any unreadable or undecodable file; it must not end the run
+                self._warn(f"{self.source.root / self.source.files[candidate]}: {err!r}"[:300])
+        log.error("%s and its %d stand-ins are all unreadable; yielding a zero image with label -1",
+                  self.source.root / self.source.files[index], REPLACEMENT_TRIES)
+        return torch.zeros(self.in_chans, self.img_size, self.img_size, dtype=torch.uint8), -1, 1
 
 
 @DATASETS.register("image_folder")
@@ -151,5 +131,5 @@ def build_image_folder(cfg: DataConfig, img_size: int, in_chans: int, train: boo
     if split.is_dir():  # ImageNet layout: root/train/<class>/..., root/val/<class>/...
         root = split
     files, labels, classes = list_image_folder(root)
-    source = ImageFiles(root, files, labels, classes, in_chans)
-    return ImageFolderData(source, build_pretrain_transform(cfg, img_size, in_chans), img_size)
+    return ImageFolderData(ImageFiles(root, files, labels, classes), build_pretrain_transform(cfg, img_size, in_chans),
+                           DeviceInput(cfg.mean, cfg.std), img_size, in_chans)

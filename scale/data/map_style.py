@@ -3,46 +3,51 @@
 Each epoch is a seeded permutation split across ranks by striding; each sample's
 augmentation runs under its own seed, so the batches do not depend on how many
 DataLoader workers decode them, and a resume can skip straight to batch k.
+Workers yield uint8 batches; `prepare` normalises them on the device.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, List, Sequence, Tuple
+from typing import Any, Iterator, List, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .base import Batch, LoaderSpec, PretrainData, epoch_permutation, sample_seed
+from .device_input import DeviceInput
 from .loader_workers import ignore_stop_signals, loader_generator, start_workers
+from .transforms import Transform
+
+Sample = Tuple[torch.Tensor, int, int]  # uint8 image, label, 1 if it stands in for a bad one
 
 
 class _SeededView(Dataset):
-    """Items are (dataset index, augmentation seed) pairs resolved in the worker."""
+    """Item i is sample `indices[i]` under augmentation seed `seeds[i]`, resolved in the worker."""
 
-    def __init__(self, source: Dataset, transform: Callable[[Any], torch.Tensor],
-                 indices: Sequence[int], seeds: Sequence[int]):
-        self.source, self.transform = source, transform
-        self.indices, self.seeds = indices, seeds
+    def __init__(self, data: "MapStyleData", indices: Sequence[int], seeds: Sequence[int]):
+        self.data, self.indices, self.seeds = data, indices, seeds
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
-        image, label = self.source[self.indices[i]]
-        # fork_rng keeps the worker's global RNG untouched; torchvision draws from it.
-        # Seeding the CPU generator directly skips torch.manual_seed's accelerator set-up.
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(self.seeds[i])
-            return self.transform(image), int(label)
+    def __getitem__(self, i: int) -> Sample:
+        return self.data.load_sample(self.indices[i], self.seeds[i])
 
 
 class MapStyleData(PretrainData):
-    def __init__(self, source: Dataset, transform: Callable[[Any], torch.Tensor]):
+    def __init__(self, source: Dataset, transform: Transform, device_input: DeviceInput):
+        super().__init__(device_input)
         self.source = source
         self.transform = transform
+        self._skipped = 0  # main-process total, fed by the batches' replaced flags
 
     @property
     def num_samples(self) -> int:
         return len(self.source)
+
+    def load_sample(self, index: int, seed: int) -> Sample:
+        """Sample `index` augmented under `seed` (sources that can meet bad files override this)."""
+        image, label = self.source[index]
+        return self.transform(image, seed), int(label), 0
 
     def rank_indices(self, spec: LoaderSpec, epoch: int) -> List[int]:
         perm = epoch_permutation(self.num_samples, spec.seed, epoch)
@@ -57,9 +62,17 @@ class MapStyleData(PretrainData):
         end = n_batches * spec.batch_size if spec.drop_last else len(indices)
         indices = indices[start_batch * spec.batch_size:end]
         seeds = [sample_seed(spec.seed, epoch, i) for i in indices]
-        view = _SeededView(self.source, self.transform, indices, seeds)
-        return start_workers(DataLoader(view, batch_size=spec.batch_size, shuffle=False,
-                                        num_workers=spec.num_workers, pin_memory=spec.pin_memory,
-                                        drop_last=spec.drop_last, persistent_workers=False,
-                                        worker_init_fn=ignore_stop_signals,
-                                        generator=loader_generator(sample_seed(spec.seed, epoch, -2 - spec.rank))))
+        batches = start_workers(DataLoader(_SeededView(self, indices, seeds), batch_size=spec.batch_size,
+                                           shuffle=False, num_workers=spec.num_workers, pin_memory=spec.pin_memory,
+                                           drop_last=spec.drop_last, persistent_workers=False,
+                                           worker_init_fn=ignore_stop_signals,
+                                           generator=loader_generator(sample_seed(spec.seed, epoch, -2 - spec.rank))))
+        return self._count_skips(batches)
+
+    def _count_skips(self, batches: Iterator[Any]) -> Iterator[Batch]:
+        for images, labels, replaced in batches:
+            self._skipped += int(replaced.sum())
+            yield images, labels
+
+    def skipped_samples(self) -> int:
+        return self._skipped

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from ..config import ConfigError, DataConfig
 from .base import DATASETS, PretrainData
+from .device_input import DeviceInput
 from .map_style import MapStyleData
 from .transforms import build_pretrain_transform
 
@@ -65,4 +66,4 @@ def build_synthetic(cfg: DataConfig, img_size: int, in_chans: int, train: bool) 
     # The held-out split draws different samples from the same class prototypes.
     num_samples = cfg.num_samples if train else max(cfg.num_samples // 5, cfg.num_classes)
     source = SyntheticImages(num_samples, cfg.num_classes, img_size, in_chans, sample_seed=0 if train else 1)
-    return MapStyleData(source, build_pretrain_transform(cfg, img_size, in_chans))
+    return MapStyleData(source, build_pretrain_transform(cfg, img_size, in_chans), DeviceInput(cfg.mean, cfg.std))

@@ -1,37 +1,46 @@
-"""Decoding images, and the pre-training transforms (MAE's: RandomResizedCrop(0.2, 1) + flip + normalise).
+"""The pre-training transform on the CPU: decode, crop, resize and flip, all in uint8.
 
-The decoding helpers are what every source that reads image files shares: `load_image`
-decodes fully (so a truncated file fails there, where the source can skip it, and not in
-the transform) and `RateLimitedWarning` reports the skipped ones without flooding the log.
+MAE's augmentation is RandomResizedCrop(img_size, scale=crop_scale, bicubic) + horizontal
+flip + normalise. Workers do everything but the normalisation and hand over uint8 batches
+(a quarter of the bytes of float ones); `scale.data.device_input` converts and normalises
+on the device, inside the step.
+
+Crop-aware decoding (the CPU half of what FFCV and DALI do): the crop and flip are drawn
+first, on the size in the image's header (`scale.data.crop`), then a JPEG is decoded at the
+smallest DCT scale (1, 1/2, 1/4 or 1/8, libjpeg's) whose pixels still cover the crop at the
+output size on both sides, and only the crop box of that decode is resampled. No float work
+happens in the worker.
+
+Interpolation, the same on every path: bicubic with antialiasing, PIL's kernel (a = -0.5,
+support widened by the downscale factor). PIL images are resized by PIL; tensor images by
+torchvision / `F.interpolate(antialias=True)`, which implement the same kernel; the crop box
+is resampled at sub-pixel precision. The reduced-scale JPEG decode acts as an extra
+low-pass pre-filter before the bicubic step; it is only chosen when the crop keeps at least
+the output's resolution, so it never upsamples what a full decode would have downsampled.
 """
 from __future__ import annotations
 
 import logging
-from typing import IO, Any, Callable, Optional, Union
+import math
+from typing import IO, Any, Callable, Tuple, Union
 
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from ..config import ConfigError, DataConfig
+from .crop import CropParams, draw_crop, seeded_generator, whole_image
+
+DCT_SCALES = (8, 4, 2, 1)  # libjpeg's reductions that PIL's `draft` can ask for
 
 
 def pil_mode(in_chans: int) -> str:
     return "L" if in_chans == 1 else "RGB"
 
 
-def load_image(fp: Union[str, IO[bytes]], in_chans: int, draft_size: Optional[int] = None) -> Image.Image:
-    """Decode an image file (path or binary file object) in the mode the model takes.
-
-    Raises on anything undecodable. `draft_size`: let PIL decode a JPEG at a reduced scale
-    as long as both sides stay >= draft_size (None: always full size).
-    """
-    mode = pil_mode(in_chans)
-    image = Image.open(fp)
-    if draft_size is not None and image.format == "JPEG":
-        image.draft(mode, (draft_size, draft_size))
-    image.load()  # decode here, so that truncated data fails here and not in the transform
-    return image if image.mode == mode else image.convert(mode)
+def open_image(fp: Union[str, IO[bytes]]) -> Image.Image:
+    """Open an image file lazily: the header is parsed (size, format), pixels are not decoded yet."""
+    return Image.open(fp)
 
 
 class RateLimitedWarning:
@@ -48,49 +57,87 @@ class RateLimitedWarning:
                              detail)
 
 
-def to_float_tensor(image: Any, in_chans: int) -> torch.Tensor:
-    """PIL image or CHW tensor -> float CHW tensor in [0, 1] with `in_chans` channels."""
-    if isinstance(image, Image.Image):
-        image = v2.functional.pil_to_tensor(image.convert(pil_mode(in_chans)))
-    if not isinstance(image, torch.Tensor) or image.ndim != 3:
-        raise TypeError(f"expected a PIL image or a CHW tensor, got {type(image).__name__}")
-    if image.dtype == torch.uint8:
-        image = image.float().div_(255.0)
-    if image.shape[0] != in_chans:
-        if image.shape[0] == 1:
-            image = image.expand(in_chans, -1, -1)
-        elif in_chans == 1:
-            image = image.mean(0, keepdim=True)
-        else:
-            raise ValueError(f"image has {image.shape[0]} channels, model expects {in_chans}")
-    return image.contiguous()
+def draft_request(width: int, height: int, crop: CropParams, out_size: int) -> Tuple[int, int]:
+    """The decoded size to ask PIL's `draft` for: the crop keeps >= out_size pixels on both sides.
+
+    PIL reduces by the largest of 8, 4, 2, 1 that divides neither side below the request.
+    """
+    return (min(width, math.ceil(width * out_size / crop.width)),
+            min(height, math.ceil(height * out_size / crop.height)))
 
 
-def build_pretrain_transform(cfg: DataConfig, img_size: int, in_chans: int) -> Callable[[Any], torch.Tensor]:
+def dct_scale(width: int, height: int, decoded: Tuple[int, int]) -> int:
+    """The reduction libjpeg applied: decoded sides are ceil(side / k)."""
+    return next((k for k in DCT_SCALES if -(-width // k) == decoded[0] and -(-height // k) == decoded[1]), 1)
+
+
+def _channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    if x.shape[0] == in_chans:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(in_chans, -1, -1)
+    if in_chans == 1:
+        return x.float().mean(0, keepdim=True).round().to(x.dtype) if x.dtype == torch.uint8 else x.mean(0, keepdim=True)
+    raise ValueError(f"image has {x.shape[0]} channels, model expects {in_chans}")
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """A float image in [0, 1] -> uint8, rounded (what saving it as a PNG would store)."""
+    return x if x.dtype == torch.uint8 else x.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+class PretrainTransform:
+    """(image, sample seed) -> uint8 CHW tensor (in_chans, img_size, img_size).
+
+    `image`: a PIL image, ideally freshly opened and not yet decoded (then a JPEG is
+    decoded at a reduced DCT scale where the crop allows), or a CHW tensor (uint8, or
+    float in [0, 1]). `augment=False` (`transform: none`) resizes the whole image, unflipped.
+    """
+
+    def __init__(self, img_size: int, in_chans: int, augment: bool = True, crop_scale: Tuple[float, float] = (0.2, 1.0),
+                 hflip: bool = True, reduced_decode: bool = True):
+        self.img_size, self.in_chans, self.augment = img_size, in_chans, augment
+        self.crop_scale, self.hflip, self.reduced_decode = tuple(crop_scale), hflip, reduced_decode
+
+    def params(self, width: int, height: int, seed: int) -> CropParams:
+        if not self.augment:
+            return whole_image(width, height)
+        return draw_crop(width, height, seeded_generator(seed), self.crop_scale, hflip=self.hflip)
+
+    def __call__(self, image: Any, seed: int) -> torch.Tensor:
+        if isinstance(image, Image.Image):
+            return self.from_pil(image, self.params(*image.size, seed))
+        if not isinstance(image, torch.Tensor) or image.ndim != 3:
+            raise TypeError(f"expected a PIL image or a CHW tensor, got {type(image).__name__}")
+        return self.from_tensor(image, self.params(image.shape[-1], image.shape[-2], seed))
+
+    def from_pil(self, image: Image.Image, crop: CropParams) -> torch.Tensor:
+        mode, size = pil_mode(self.in_chans), self.img_size
+        width, height = image.size
+        if self.reduced_decode and image.format == "JPEG":
+            image.draft(mode, draft_request(width, height, crop, size))  # a no-op once decoded
+        image.load()  # decode here: undecodable data fails here, where the source can replace the sample
+        k = dct_scale(width, height, image.size)
+        if image.mode != mode:
+            image = image.convert(mode)
+        out = image.resize((size, size), Image.BICUBIC, box=crop.box(1 / k, 1 / k))
+        if crop.flip:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return v2.functional.pil_to_tensor(out)
+
+    def from_tensor(self, image: torch.Tensor, crop: CropParams) -> torch.Tensor:
+        x = _channels(to_uint8(image), self.in_chans)
+        x = v2.functional.resized_crop(x, crop.top, crop.left, crop.height, crop.width, [self.img_size] * 2,
+                                       interpolation=InterpolationMode.BICUBIC, antialias=True)
+        return x.flip(-1) if crop.flip else x
+
+
+def build_pretrain_transform(cfg: DataConfig, img_size: int, in_chans: int) -> PretrainTransform:
     if len(cfg.mean) != in_chans:
         raise ConfigError(f"data.mean/data.std have {len(cfg.mean)} values but the model takes "
-                         f"{in_chans} channels; set data.mean and data.std to {in_chans} values")
-    normalize = v2.Normalize(mean=list(cfg.mean), std=list(cfg.std))
-    if cfg.transform == "none":
-        resize = v2.Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC, antialias=True)
+                          f"{in_chans} channels; set data.mean and data.std to {in_chans} values")
+    return PretrainTransform(img_size, in_chans, augment=cfg.transform != "none", crop_scale=tuple(cfg.crop_scale),
+                             hflip=cfg.hflip)
 
-        def plain(image: Any) -> torch.Tensor:
-            x = to_float_tensor(image, in_chans)
-            if x.shape[-2:] != (img_size, img_size):
-                x = resize(x)
-            return normalize(x)
-        return plain
 
-    ops = [v2.RandomResizedCrop(img_size, scale=tuple(cfg.crop_scale),
-                                interpolation=InterpolationMode.BICUBIC, antialias=True)]
-    if cfg.hflip:
-        ops.append(v2.RandomHorizontalFlip())
-    spatial = v2.Compose(ops)
-
-    def augment(image: Any) -> torch.Tensor:
-        if isinstance(image, Image.Image):
-            # Crop and resize the uint8 PIL image before converting: ~1.5x faster than in float.
-            image = spatial(image.convert(pil_mode(in_chans)))
-            return normalize(to_float_tensor(image, in_chans))
-        return normalize(spatial(to_float_tensor(image, in_chans)))
-    return augment
+Transform = Callable[[Any, int], torch.Tensor]

@@ -27,9 +27,11 @@ How one rank's epoch is built (W = max(1, num_workers) DataLoader workers):
 * Resume. `loader(spec, epoch, start_batch=k)` lets DataLoader worker j play the part of
   worker (p + j) % W, p the worker of batch k, which replays its stream (tar reading
   and the shuffle buffer only, no decoding) past the samples its earlier batches used.
-* Augmentation. Each sample is transformed with the CPU generator seeded by
+* Augmentation. Each sample's crop and flip come from a generator seeded by
   sample_seed(seed, epoch, i), i unique per (rank, worker, position in the worker's
-  stream), inside fork_rng like map_style.
+  stream). Workers yield uint8 batches (crop-aware JPEG decoding, scale.data.transforms)
+  or, with `data.decode: gpu`, JPEG bytes and crops for nvJPEG (scale.data.gpu_decode);
+  `prepare` normalises (and decodes) on the device.
 * Corrupt samples (undecodable image, no image, missing or bad .cls) take their slot in
   the batch like any sample, so resuming needs no decoding; the worker fills the slot
   with another sample of the same batch under the corrupt one's augmentation seed,
@@ -55,25 +57,25 @@ from __future__ import annotations
 import io
 import itertools
 import logging
-import math
 import random
 import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from ..config import ConfigError, DataConfig
 from ..errors import UserError
 from ..shards.manifest import MANIFEST_FORMAT, MANIFEST_NAME, load_manifest
 from .base import DATASETS, Batch, LoaderSpec, PretrainData, sample_seed
+from .device_input import DeviceInput
+from .gpu_decode import DeviceJpegItems
 from .loader_workers import ignore_stop_signals, loader_generator, start_workers
-from .transforms import RateLimitedWarning, build_pretrain_transform, load_image
+from .transforms import RateLimitedWarning, Transform, build_pretrain_transform, open_image
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,8 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SHUFFLE_INITIAL = 100  # samples buffered before the shuffle starts yielding (webdataset's default)
 
 Sample = Dict[str, Any]
-WorkerBatch = Tuple[torch.Tensor, torch.Tensor, int]  # images, labels, corrupt samples replaced
+WorkerBatch = Tuple[Any, torch.Tensor, int]  # images (uint8 or EncodedBatch), labels, corrupt samples replaced
+SampleItems = Union["CpuItems", DeviceJpegItems]
 
 
 # ----------------------------------------------------------------------------- shard lists
@@ -323,18 +326,20 @@ class CorruptSample(ValueError):
 
 
 class WebDatasetData(PretrainData):
-    def __init__(self, shards: ShardSet, transform: Callable[[Any], torch.Tensor], *, img_size: int,
+    def __init__(self, shards: ShardSet, items: SampleItems, device_input: DeviceInput, *, img_size: int,
                  in_chans: int, resampled: bool = False, epoch_samples: Optional[int] = None,
-                 shuffle_buffer: int = 1000, draft_size: Optional[int] = None):
-        """`epoch_samples`: samples per resampled epoch (default: the manifest's count).
-        `draft_size`: let PIL decode JPEGs at a reduced scale as long as both sides stay
-        >= draft_size (None: always full size)."""
+                 shuffle_buffer: int = 1000):
+        """`items`: what a worker makes of a sample's image bytes and augmentation seed, and how
+        it batches them (`CpuItems`: finished uint8 images; `DeviceJpegItems`: JPEG bytes and
+        crops for the device). `epoch_samples`: samples per resampled epoch (default: the
+        manifest's count)."""
+        super().__init__(device_input)
         if not resampled and shards.counts is None:
             raise ConfigError(f"{shards.setting} {shards.root!r}: finite mode needs per-shard sample counts; write "
                              "a manifest.json next to the shards (or set data.manifest), or set data.resampled")
-        self.shards, self.transform = shards, transform
+        self.shards, self.items = shards, items
         self.img_size, self.in_chans = img_size, in_chans
-        self.resampled, self.shuffle_buffer, self.draft_size = resampled, shuffle_buffer, draft_size
+        self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
         if epoch_samples is None:
             if shards.counts is None:
                 raise ConfigError(f"{shards.setting} {shards.root!r}: no manifest, so resampled mode needs data.num_samples")
@@ -465,45 +470,55 @@ class WebDatasetData(PretrainData):
                             "scale-verify-shards (python -m data_prep.verify_shards))")
         return True  # go on with the next shard
 
-    def _decode(self, sample: Sample) -> Tuple[Image.Image, int]:
+    def _sample_item(self, sample: Sample, seed: int) -> Tuple[Any, int]:
+        """(what the batch holds for the sample, its label); raises on a corrupt sample."""
         key = next((k for k in IMAGE_KEYS if k in sample), None)
         if key is None:
             raise CorruptSample("no image (" + "/".join(IMAGE_KEYS) + ")")
         if "cls" not in sample:
             raise CorruptSample("missing .cls")
         label = int(bytes(sample["cls"]).decode("ascii").strip())
-        return load_image(io.BytesIO(sample[key]), self.in_chans, self.draft_size), label
+        return self.items(sample[key], seed), label
 
     def _decode_batch(self, chunk: List[Tuple[int, Sample]], spec: LoaderSpec, epoch: int,
                       workers: int, worker: int) -> WorkerBatch:
-        decoded: List[Optional[Tuple[Image.Image, int]]] = []
-        for _, sample in chunk:
+        # Unique per (rank, worker, position): the worker's stream is fixed, so is the seed.
+        seeds = [sample_seed(spec.seed, epoch, (position * spec.world_size + spec.rank) * workers + worker)
+                 for position, _ in chunk]
+        made: List[Optional[Tuple[Any, int]]] = []
+        for (_, sample), seed in zip(chunk, seeds):
             try:
-                decoded.append(self._decode(sample))
+                made.append(self._sample_item(sample, seed))
             except Exception as err:  # any undecodable sample; it must not end the run
                 self._warn_corrupt(f"{sample.get('__url__')} key {sample.get('__key__')}: {err!r}"[:300])
-                decoded.append(None)
-        good = [i for i, d in enumerate(decoded) if d is not None]
-        images, labels = [], []
-        for i, (position, _) in enumerate(chunk):
-            # Unique per (rank, worker, position): the worker's stream is fixed, so is the seed.
-            seed = sample_seed(spec.seed, epoch, (position * spec.world_size + spec.rank) * workers + worker)
-            if not good:
-                images.append(torch.zeros(self.in_chans, self.img_size, self.img_size))
-                labels.append(-1)
-                continue
-            source = decoded[i] or decoded[next((j for j in good if j > i), good[0])]
-            # Seeding only the CPU generator: torch.manual_seed also (lazily) seeds every
-            # accelerator and costs ~150 us a call; the transforms draw from the CPU one.
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(seed)
-                images.append(self.transform(source[0]))
-            labels.append(source[1])
+                made.append(None)
+        good = [i for i, m in enumerate(made) if m is not None]
         if not good:
             log.error("every sample of a batch of %d was corrupt; yielding zero images with label -1", len(chunk))
-        # default_collate stacks straight into shared memory inside a worker, which saves the
-        # copy that sending a plain tensor to the main process would make.
-        return default_collate(images), torch.tensor(labels, dtype=torch.long), len(chunk) - len(good)
+            zero = torch.zeros(self.in_chans, self.img_size, self.img_size, dtype=torch.uint8)
+            return self.items.collate([zero] * len(chunk)), torch.full((len(chunk),), -1), len(chunk)
+        items, labels = [], []
+        for i, (_, sample) in enumerate(chunk):
+            if made[i] is None:  # the next good sample of the batch (else the first) under the corrupt one's seed
+                made[i] = self._sample_item(chunk[next((j for j in good if j > i), good[0])][1], seeds[i])
+            items.append(made[i][0])
+            labels.append(made[i][1])
+        # Collating stacks straight into shared memory inside a worker, which saves the copy
+        # that sending a plain tensor to the main process would make.
+        return self.items.collate(items), torch.tensor(labels, dtype=torch.long), len(chunk) - len(good)
+
+
+class CpuItems:
+    """`data.decode: cpu`: sample bytes + seed -> the finished uint8 image (crop-aware decode)."""
+
+    def __init__(self, transform: Transform):
+        self.transform = transform
+
+    def __call__(self, data: bytes, seed: int) -> torch.Tensor:
+        return self.transform(open_image(io.BytesIO(data)), seed)
+
+    def collate(self, items: List[Any]) -> Any:
+        return default_collate(items)
 
 
 class _RankStream(IterableDataset):
@@ -522,18 +537,6 @@ class _RankStream(IterableDataset):
         return self.data.worker_batches(self.spec, self.epoch, self.plan, worker, self.start_batch)
 
 
-def jpeg_draft_size(cfg: DataConfig, img_size: int) -> int:
-    """Smallest decoded side that keeps every crop at >= img_size pixels on both sides.
-
-    RandomResizedCrop's smallest crop covers crop_scale[0] of the area at aspect 3/4, so
-    its short side is sqrt(crop_scale[0] * 3/4) of the image's side (for a square image);
-    `transform: none` resizes the whole image.
-    """
-    if cfg.transform == "none":
-        return img_size
-    return math.ceil(img_size / math.sqrt(cfg.crop_scale[0] * 3 / 4))
-
-
 @DATASETS.register("webdataset")
 def build_webdataset(cfg: DataConfig, img_size: int, in_chans: int, train: bool) -> PretrainData:
     # The held-out split is always read finitely, and uses the manifest next to its shards.
@@ -542,6 +545,7 @@ def build_webdataset(cfg: DataConfig, img_size: int, in_chans: int, train: bool)
     shards = resolve_shards(root, cfg.manifest if train else "", setting, scan=not resampled)
     # Resampled epochs: the manifest's sample count, else data.num_samples.
     epoch_samples = cfg.num_samples if resampled and shards.counts is None else None
-    return WebDatasetData(shards, build_pretrain_transform(cfg, img_size, in_chans), img_size=img_size,
-                          in_chans=in_chans, resampled=resampled, epoch_samples=epoch_samples,
-                          shuffle_buffer=cfg.shuffle_buffer, draft_size=jpeg_draft_size(cfg, img_size))
+    transform = build_pretrain_transform(cfg, img_size, in_chans)
+    items = DeviceJpegItems(transform) if cfg.decode == "gpu" else CpuItems(transform)
+    return WebDatasetData(shards, items, DeviceInput(cfg.mean, cfg.std), img_size=img_size, in_chans=in_chans,
+                          resampled=resampled, epoch_samples=epoch_samples, shuffle_buffer=cfg.shuffle_buffer)

@@ -41,7 +41,7 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 
 def plain_data_config(data: DataConfig, **changes: Any) -> DataConfig:
     """`data` without augmentation (for feature extraction)."""
-    return dataclasses.replace(data, transform="none", **changes)
+    return dataclasses.replace(data, transform="none", decode="cpu", **changes)
 
 
 def build_split(data: DataConfig, spec: ViTSpec, train: bool, augment: bool = False) -> PretrainData:
@@ -50,10 +50,13 @@ def build_split(data: DataConfig, spec: ViTSpec, train: bool, augment: bool = Fa
 
 
 def iterate_split(data: PretrainData, batch_size: int, *, seed: int = 0, epoch: int = 0, num_workers: int = 0,
-                  drop_last: bool = False, pin_memory: bool = False) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+                  drop_last: bool = False, device: torch.device = torch.device("cpu"),
+                  ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """(normalised float images on `device`, labels on the CPU) batches of one pass over `data`."""
     spec = LoaderSpec(batch_size=batch_size, seed=seed, rank=0, world_size=1, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=drop_last)
-    return data.loader(spec, epoch, 0)
+                      pin_memory=device.type == "cuda", drop_last=drop_last)
+    for images, labels in data.loader(spec, epoch, 0):
+        yield data.prepare(images, device), labels
 
 
 def split_size(data: PretrainData, batch_size: int, max_samples: int = 0) -> int:
@@ -76,12 +79,11 @@ def extract_features(encoder: nn.Module, data: PretrainData, *, device: torch.de
     feats, labels, seen = [], [], 0
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True)
     with eval_mode(encoder):
-        for images, targets in iterate_split(data, batch_size, seed=seed, num_workers=num_workers,
-                                             pin_memory=device.type == "cuda"):
+        for images, targets in iterate_split(data, batch_size, seed=seed, num_workers=num_workers, device=device):
             if max_samples > 0:
                 images, targets = images[:max_samples - seen], targets[:max_samples - seen]
             with autocast(device, amp_dtype):
-                out = encode_cls(encoder, images.to(device, non_blocking=True))
+                out = encode_cls(encoder, images)
             feats.append(out.float().cpu())
             labels.append(targets.long().cpu())
             seen += images.shape[0]

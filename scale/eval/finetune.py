@@ -85,10 +85,9 @@ def evaluate_classifier(model: nn.Module, split: Any, device: torch.device, amp:
     correct1 = correct5 = n = 0
     loss_sum = 0.0
     with eval_mode(model):
-        for images, targets in tqdm(iterate_split(split, batch_size, num_workers=num_workers,
-                                                  pin_memory=device.type == "cuda"),
+        for images, targets in tqdm(iterate_split(split, batch_size, num_workers=num_workers, device=device),
                                     desc="evaluate", leave=False, disable=not progress):
-            images, targets = images.to(device, non_blocking=True), targets.to(device)
+            targets = targets.to(device)
             with autocast(device, amp):
                 logits = model(images)
             logits = logits.float()
@@ -133,8 +132,8 @@ def finetune_model(model: nn.Module, recipe: FinetuneRecipe, spec: ViTSpec, devi
         model.train()
         micro = 0
         for images, targets in iterate_split(train_split, cfg.micro_batch, seed=cfg.seed, epoch=epoch,
-                                             num_workers=workers, drop_last=True, pin_memory=device.type == "cuda"):
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                                             num_workers=workers, drop_last=True, device=device):
+            targets = targets.to(device, non_blocking=True)
             if erasing is not None:
                 images = erasing(images)
             if mixup is not None:

@@ -208,10 +208,9 @@ def augmented_batches(encoder: nn.Module, split: Any, cfg: LinearProbeConfig, de
         feats, labels, done = [], [], 0
         with eval_mode(encoder):
             for images, targets in iterate_split(split, cfg.encode_chunk, seed=cfg.seed, epoch=epoch,
-                                                 num_workers=num_workers, drop_last=True,
-                                                 pin_memory=device.type == "cuda"):
+                                                 num_workers=num_workers, drop_last=True, device=device):
                 with autocast(device, amp):
-                    feats.append(encode_cls(encoder, images.to(device, non_blocking=True)).float())
+                    feats.append(encode_cls(encoder, images).float())
                 labels.append(targets.long())
                 if len(feats) == chunks_per_step:
                     yield torch.cat(feats), torch.cat(labels)

@@ -53,7 +53,8 @@ REFUSED: Tuple[Tuple[str, str], ...] = (
 # Changed on purpose to extend, shorten or re-tune a run: logged, not refused.
 WARNED: Tuple[str, ...] = ("train.epochs", "train.max_steps", "train.precision", "optim", "model.drop_path_rate",
                            "objective.kappa", "objective.min_temperature", "objective.max_temperature",
-                           "objective.init_temperature", "objective.norm_pix_loss")
+                           "objective.init_temperature", "objective.norm_pix_loss",
+                           "data.decode")  # same crops and flips; the decoders round pixels differently
 # Keys that are not config keys but are checked the same way.
 WORLD_SIZE = "world_size"
 ENGINE_FAMILY = "engine"

@@ -25,6 +25,7 @@ from ..config import ConfigError, RunConfig, to_dict, to_yaml
 from ..errors import UserError, one_line
 from ..device import autocast_dtype, resolve_device
 from ..data import LoaderSpec, PretrainData, build_dataset
+from ..data.gpu_decode import resolve_decode
 from ..engine import (ACCUMULATE, ENGINES, GRAD_CACHE, Engine, GradCache, GradientAccumulation, StepTimer,
                       plan_batch)
 from ..engine.distributed import launcher_engine_name
@@ -71,7 +72,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # parameter init; everything later is seeded by step
         module = build_pretrain_module(cfg)
         self.spec = module.encoder.spec
-        self.data = data or build_dataset(cfg.data, self.spec.img_size, self.spec.in_chans, train=True)
+        self.data = data or build_dataset(resolve_decode(cfg.data, self.device), self.spec.img_size,
+                                          self.spec.in_chans, train=True)
         objective = module.objective
         # Per-rank batch: train.batch_size, or train.global_batch / world_size; micro-batches by the
         # objective's kind: gradient caching for a loss that couples the batch, else accumulation.
@@ -266,7 +268,7 @@ class Trainer:
                               epoch_progress=min((self.step // self.steps_per_epoch) / max(self.cfg.train.epochs, 1), 1.0),
                               time_region=self.timer.time)
         if needs.images or needs.model_signal is not None:
-            context.images = images.to(self.device, non_blocking=True)
+            context.images = images
         if needs.model_signal is not None:
             request = needs.model_signal
             context.model_signal = lambda x: self.engine.model_signal(x, request)
@@ -281,6 +283,8 @@ class Trainer:
         """
         started = time.perf_counter()
         self.timer.pop()  # only this step's regions
+        with self.timer.time("input"):  # to the device (non-blocking), decoded there with data.decode=gpu, normalised
+            images = self.data.prepare(images, self.device)
         # Drop path draws from the global RNG: seeded by (seed, step, rank) alone, a step never depends on
         # what drew before it (DataLoader start-up, monitors, a resume).
         seed_global_rng(self.cfg.train.seed, self.step, self.engine.rank, self.device)
@@ -294,7 +298,6 @@ class Trainer:
         if self.passes is not None:  # micro-batches: gradient caching or accumulation, forwards and backwards
             out = self.passes(images, masks, autocast)
         else:
-            images = images.to(self.device, non_blocking=True)
             with autocast():
                 out = self.engine.forward(images, masks)
             self.engine.backward(out.loss)
