@@ -15,9 +15,12 @@ bicubic) + flip in all of them:
 * `cpu`: scale's loader now: crop-aware decode (the smallest DCT scale that covers the crop
   at 224), resize in uint8, uint8 batches; normalisation is on the device (its CPU cost in
   the main process is reported apart, `device_input_ms`);
-* `gpu` (CUDA only): `data.decode: gpu`: the worker only reads headers and draws crops;
-  nvJPEG decodes, crops and flips on the device (img/s is then bounded by the worker, the
-  GPU or the copy, whichever is slowest: it is reported per worker core like the others).
+* `gpu_workers`: `data.decode: gpu`'s workers alone (they read tar and headers, draw crops and
+  batch the JPEG bytes; nothing decodes them): the most a worker core can feed a GPU that
+  decodes, runs on any machine;
+* `gpu` (CUDA only): `data.decode: gpu` end to end: nvJPEG decodes, crops and flips on the
+  device (img/s is then bounded by the worker, the GPU or the copy, whichever is slowest:
+  it is reported per worker core like the others).
 
 Images/s per core counts from the first batch on (worker start-up excluded); images per
 worker-CPU-second is what contention barely moves. Each path runs `--repeats` times
@@ -62,6 +65,7 @@ from scale.config import DataConfig, load_config  # noqa: E402
 from scale.data import LoaderSpec, build_dataset  # noqa: E402
 from scale.data.crop import draw_crop, seeded_generator  # noqa: E402
 from scale.data.device_input import DeviceInput  # noqa: E402
+from scale.data.gpu_decode import EncodedBatch  # noqa: E402
 from scale.data.transforms import PretrainTransform, dct_scale, draft_request, open_image  # noqa: E402
 from scale.data.wds_stream import WebDatasetData  # noqa: E402
 
@@ -166,13 +170,20 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def host_bytes(batch: Any) -> int:
+    """Bytes a batch carries from the worker to the main process (and the device)."""
+    if isinstance(batch, EncodedBatch):
+        return batch.data.numel() + batch.pixels.numel() + batch.crops.numel() * 8
+    return batch.numel() * batch.element_size()
+
+
 def time_path(path: str, root: Path, workers: int, batch_size: int, device: torch.device) -> Dict[str, Any]:
     """One epoch through one path: steady img/s (from the first batch on) and img per worker-CPU-second."""
     if path == "plain_webdataset":
         batches = plain_webdataset(root, workers, batch_size)
         prepare: Callable[[Any], Any] = lambda x: x
     else:
-        data = scale_loader(root, "gpu" if path == "gpu" else "cpu", previous=path == "previous")
+        data = scale_loader(root, "gpu" if path.startswith("gpu") else "cpu", previous=path == "previous")
         batches = (x for x, _ in data.loader(LoaderSpec(batch_size=batch_size, seed=0, num_workers=workers,
                                                         pin_memory=device.type == "cuda"), epoch=0))
         prepare = (lambda x: data.prepare(x, device)) if path == "gpu" else (lambda x: x)
@@ -182,9 +193,8 @@ def time_path(path: str, root: Path, workers: int, batch_size: int, device: torc
     for batch in batches:
         if isinstance(batch, (list, tuple)):
             batch = batch[0]
-        out = prepare(batch)
-        images += len(out)
-        nbytes += out.numel() * out.element_size() if path != "gpu" else 0
+        nbytes += host_bytes(batch)
+        images += len(prepare(batch))
         if first_images == 0:
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -277,7 +287,8 @@ def gpu_images_per_s(record_path: Path, measured_here: bool = False) -> List[Dic
 
 def cores_per_gpu_table(rows: List[Dict[str, Any]], per_core: Dict[str, Dict[str, float]]) -> List[str]:
     """Markdown: per (method, model), the cores per GPU each CPU path needs; fills row["cores_per_gpu"]."""
-    columns = [(kind, path) for kind in per_core for path in ("previous", "cpu") if path in per_core[kind]]
+    columns = [(kind, path) for kind in per_core for path in ("previous", "cpu", "gpu_workers", "gpu")
+               if path in per_core[kind]]
     lines = ["| method | model | train GFLOP / image | FLOP ratio | GPU img/s | " +
              " | ".join(f"cores/GPU, {kind}, {path}" for kind, path in columns) + " | source |",
              "|---|---|---|---|---|" + "---|" * len(columns) + "---|"]
@@ -301,7 +312,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers (cores) per path")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per path; the best counts")
     parser.add_argument("--kinds", default="pre_resized,full_size", help=f"shard sets, from {','.join(KINDS)}")
-    parser.add_argument("--paths", default="plain_webdataset,previous,cpu,gpu")
+    parser.add_argument("--paths", default="plain_webdataset,previous,cpu,gpu_workers,gpu")
     parser.add_argument("--no-gpu-table", action="store_true", help="skip the cores-per-GPU table")
     parser.add_argument("--gpu-results", type=Path, default=GPU_RESULTS,
                         help="a bench/gpu_check.py JSON whose flop_ratio rows give the GPU's train-step speed")
