@@ -126,7 +126,7 @@ def measure(preset: str, batch: int, steps: int, device: str = "cpu", warmup: in
         blocks = ehm.cfg.mask.ehm.blocks
         # The tree builders on this batch's similarity from the EHM model, as its next step would see it.
         with torch.no_grad():
-            similarity = ehm.masking.similarity(ehm.mask_context(images))
+            similarity = ehm.masking.similarity(ehm.mask_context(ehm.data.to_device(images, ehm.device)))
         trees = {name: build(similarity) for name, build in TREE_BUILDERS.items()}
         tree_s = {name: median_s(lambda b=build: b(similarity), dev, tree_repeats)
                   for name, build in TREE_BUILDERS.items()}

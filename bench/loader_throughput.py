@@ -27,10 +27,10 @@ worker-CPU-second is what contention barely moves. Each path runs `--repeats` ti
 interleaved, the best counts. It then turns img/s per core into the **cores per GPU** that
 OCL and MAE need at ViT-B/16 and ViT-L/16: the GPU's images/s is the train step's FLOP/s
 (a FLOP ratio to a bf16 GEMM times that GEMM's FLOP/s) over the model's FLOPs per image;
-these ratios come from `bench/gpu_check.py`'s flop_ratio check: on a GPU machine its
-`decode` check runs this bench with the ratios it measured minutes before in the same run;
-elsewhere the bench reads the ones measured on an H200 (docs/results/gpu_check_h200.json)
-and says so. A case not measured (MAE ViT-L) is estimated from the same method's ratio at
+these ratios come from `bench/gpu_check.py`'s flop_ratio check: on a GPU machine this bench
+runs that check first (~2 minutes; gpu_check's own `decode` check uses the ratios its run
+measured minutes before); elsewhere it reads the ones measured on an H200
+(docs/results/gpu_check_h200.json) and says so. A case not measured (MAE ViT-L) is estimated from the same method's ratio at
 the other size, and says so.
 
     python bench/loader_throughput.py --out docs/results/loader_throughput_cpu.json
@@ -45,6 +45,7 @@ import math
 import os
 import platform
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,7 +66,7 @@ from scale.config import DataConfig, load_config  # noqa: E402
 from scale.data import LoaderSpec, build_dataset  # noqa: E402
 from scale.data.crop import draw_crop, seeded_generator  # noqa: E402
 from scale.data.device_input import DeviceInput  # noqa: E402
-from scale.data.gpu_decode import EncodedBatch  # noqa: E402
+from scale.data.gpu_decode import EncodedBatch, gpu_decode_problem  # noqa: E402
 from scale.data.transforms import PretrainTransform, dct_scale, draft_request, open_image  # noqa: E402
 from scale.data.wds_stream import WebDatasetData  # noqa: E402
 
@@ -285,6 +286,14 @@ def gpu_images_per_s(record_path: Path, measured_here: bool = False) -> List[Dic
     return rows
 
 
+def measure_flop_ratios() -> Path:
+    """bench/gpu_check.py's flop_ratio check on this GPU (OCL ViT-B/L, MAE ViT-B); its JSON's path."""
+    out = Path(tempfile.mkdtemp()) / "flop_ratio.json"
+    subprocess.run([sys.executable, str(REPO / "bench/gpu_check.py"), "--only", "flop_ratio", "--budget-s", "240",
+                    "--json", str(out)], cwd=REPO, check=False)
+    return out
+
+
 def cores_per_gpu_table(rows: List[Dict[str, Any]], per_core: Dict[str, Dict[str, float]]) -> List[str]:
     """Markdown: per (method, model), the cores per GPU each CPU path needs; fills row["cores_per_gpu"]."""
     columns = [(kind, path) for kind in per_core for path in ("previous", "cpu", "gpu_workers", "gpu")
@@ -322,11 +331,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # DataLoader workers run single-threaded; so does the main process here
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    paths = [p for p in args.paths.split(",") if p != "gpu" or device.type == "cuda"]
+    problem = gpu_decode_problem(device)
+    paths = [p for p in args.paths.split(",") if p != "gpu" or problem is None]
     results: Dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                                "batch_size": args.batch_size, "img_size": IMG_SIZE, "workers": args.workers,
                                "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "kinds": {},
-                               "gpu_decode": "run" if "gpu" in paths else "skipped: no CUDA device",
+                               "gpu_decode": "run" if "gpu" in paths else f"skipped: {problem}",
                                "device_input_ms_per_image_cpu": device_input_ms(args.batch_size)}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.dir or tmp)
@@ -368,7 +378,10 @@ def main(argv: Optional[List[str]] = None) -> int:
           "(on the device inside the step; not in the worker numbers above)")
 
     if not args.no_gpu_table:
-        rows = gpu_images_per_s(args.gpu_results, measured_here=args.gpu_results_from_this_run)
+        record, measured_here = args.gpu_results, args.gpu_results_from_this_run
+        if device.type == "cuda" and not measured_here:  # measure the train-step FLOP ratios on this GPU
+            record, measured_here = measure_flop_ratios(), True
+        rows = gpu_images_per_s(record, measured_here=measured_here)
         per_core = {kind: {path: p["img_per_s_per_core"] for path, p in r["paths"].items()}
                     for kind, r in results["kinds"].items()}
         print("\n" + "\n".join(cores_per_gpu_table(rows, per_core)) if rows else

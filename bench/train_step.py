@@ -239,7 +239,7 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
         batch = cfg.train.batch_size
         images = torch.randn(batch, spec.in_chans, spec.img_size, spec.img_size, device=trainer.device)
         if case["kind"] in ("ocl", "mae", "asl"):
-            probe = trainer.masking(1, trainer.mask_context(images[:1])).group_ids
+            probe = trainer.masking(1, trainer.mask_context(trainer.data.to_device(images[:1], trainer.device))).group_ids
             # ASL's DLE runs the encoder twice over the same groups: count both passes.
             groups = probe.shape[1] * trainer.pretrain_module.objective.needs.encoder_passes
             visible = probe.shape[2]

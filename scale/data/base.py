@@ -18,7 +18,7 @@ import torch
 
 from ..config import DataConfig
 from ..registry import Registry
-from .device_input import DeviceInput, HostBatch
+from .device_input import DeviceImages, DeviceInput, HostBatch
 
 Batch = Tuple[HostBatch, torch.Tensor]  # (images for `PretrainData.prepare`, labels)
 
@@ -46,6 +46,11 @@ class PretrainData(abc.ABC):
         """A loader batch -> normalised float (B, C, H, W) on `device`: decoded there if it is
         encoded, converted and normalised there if it is uint8, taken as it is if it is float."""
         return self.device_input(images, device)
+
+    def to_device(self, images: HostBatch, device: torch.device) -> DeviceImages:
+        """Like `prepare`, but the batch stays uint8 on `device` and is normalised a slice at a
+        time (`DeviceImages[i:j]`, `.all()`): a step in micro-batches holds one in float."""
+        return self.device_input.images(images, device)
 
     @property
     @abc.abstractmethod

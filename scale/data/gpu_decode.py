@@ -8,11 +8,15 @@ the CPU in the worker and travel as pixels. On the device, `EncodedBatch.decode`
 `torchvision.io.decode_jpeg` on the whole batch, then crops each image and resizes it with
 `F.interpolate(bicubic, antialias=True)` (PIL's kernel, as on the CPU path), flips, rounds
 to uint8. Should the device reject an image the header did not give away, that image is
-decoded on the CPU instead (warned); the batch stays the same size.
+decoded on the CPU instead (warned); one that PIL rejects too is replaced and counted as on the
+CPU path. nvJPEG runs on its own CUDA streams, which do not wait for work queued on the
+training stream (pytorch/vision#9606), so the device is synchronised around the decode: one
+host sync per step.
 
 Crop and flip are a function of (seed, epoch, sample index) and the batches' bytes of the
 sample stream, so exact resume holds as on the CPU path; pixels differ from the CPU path's
-by the decoders' rounding (a few levels of 255).
+full-scale decode by the decoders' rounding (0.2 levels of 255 on average, measured on the CPU),
+and more where the CPU path decodes a large JPEG at a reduced DCT scale.
 """
 from __future__ import annotations
 
@@ -40,20 +44,22 @@ class EncodedBatch:
 
     `data` holds every JPEG's bytes back to back (`offsets[i]:offsets[i+1]` is sample i's;
     empty for samples decoded on the CPU), `crops` is (B, 5) int64 (top, left, height,
-    width, flip), `pixels` the CPU-decoded samples (N, C, S, S) uint8 in order of `on_cpu`.
+    width, flip), `sizes` (B, 2) the images' (width, height), `seeds` (B,) their augmentation
+    seeds, `pixels` the CPU-decoded samples (N, C, S, S) uint8 in order of `on_cpu`.
     """
 
     data: torch.Tensor
     offsets: torch.Tensor
     crops: torch.Tensor
+    sizes: torch.Tensor
+    seeds: torch.Tensor
     pixels: torch.Tensor
     on_cpu: torch.Tensor  # (N,) int64 sample positions that `pixels` fills
-    img_size: int
-    in_chans: int
+    transform: PretrainTransform  # the CPU path's, for its crop draws and for fallbacks
 
     @property
     def shape(self) -> Tuple[int, ...]:
-        return (len(self.crops), self.in_chans, self.img_size, self.img_size)
+        return (len(self.crops), self.transform.in_chans, self.transform.img_size, self.transform.img_size)
 
     def __len__(self) -> int:
         return len(self.crops)
@@ -62,60 +68,104 @@ class EncodedBatch:
         return dataclasses.replace(self, data=self.data.pin_memory(), pixels=self.pixels.pin_memory())
 
     @classmethod
-    def collate(cls, items: Sequence[Union[Tuple[bytes, CropParams], torch.Tensor]], img_size: int,
-                in_chans: int) -> "EncodedBatch":
-        """From per-sample items: (JPEG bytes, crop) for the device, or a uint8 crop made on the CPU."""
-        chunks, offsets, crops, pixels, on_cpu, at = [], [0], [], [], [], 0
+    def collate(cls, items: Sequence["EncodedItem"], transform: PretrainTransform) -> "EncodedBatch":
+        """From per-sample items: a JPEG for the device, or a uint8 crop made on the CPU."""
+        size, chans = transform.img_size, transform.in_chans
+        chunks, offsets, crops, sizes, seeds, pixels, on_cpu, at = [], [0], [], [], [], [], [], 0
         for i, item in enumerate(items):
             if isinstance(item, torch.Tensor):
                 pixels.append(item)
                 on_cpu.append(i)
-                crops.append([0, 0, img_size, img_size, 0])
+                crops.append([0, 0, size, size, 0])
+                sizes.append([size, size])
+                seeds.append(0)
             else:
-                data, crop = item
-                chunks.append(data)
-                at += len(data)
-                crops.append(crop.as_list())
+                chunks.append(item.data)
+                at += len(item.data)
+                crops.append(item.crop.as_list())
+                sizes.append(list(item.size))
+                seeds.append(item.seed)
             offsets.append(at)
         data = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8) if at else torch.empty(0, dtype=torch.uint8)
-        stacked = torch.stack(pixels) if pixels else torch.empty(0, in_chans, img_size, img_size, dtype=torch.uint8)
-        return cls(data, torch.tensor(offsets, dtype=torch.int64), torch.tensor(crops, dtype=torch.int64).view(-1, 5),
-                   stacked, torch.tensor(on_cpu, dtype=torch.int64), img_size, in_chans)
+        stacked = torch.stack(pixels) if pixels else torch.empty(0, chans, size, size, dtype=torch.uint8)
 
-    def decode(self, device: torch.device) -> torch.Tensor:
-        """(B, C, S, S) uint8 on `device`: nvJPEG on CUDA (torchvision's CPU decoder elsewhere)."""
+        def table(rows: List[List[int]], width: int) -> torch.Tensor:
+            return torch.tensor(rows, dtype=torch.int64).view(-1, width)
+        return cls(data, torch.tensor(offsets, dtype=torch.int64), table(crops, 5), table(sizes, 2),
+                   torch.tensor(seeds, dtype=torch.int64), stacked, torch.tensor(on_cpu, dtype=torch.int64), transform)
+
+    def jpeg(self, row: int) -> bytes:
+        return self.data[int(self.offsets[row]):int(self.offsets[row + 1])].numpy().tobytes()
+
+    def decode(self, device: torch.device) -> Tuple[torch.Tensor, int]:
+        """((B, C, S, S) uint8 on `device`, samples replaced): nvJPEG on CUDA (torchvision's CPU
+        decoder elsewhere). A JPEG the device rejects is decoded on the CPU; one that PIL rejects
+        too (a corrupt body behind a valid header) is replaced by the next decodable JPEG of the
+        batch (else the first), cropped under the bad one's seed, as on the CPU path, and counted.
+        Its label stays the bad sample's (labels left the worker with the batch)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        size, batch = self.img_size, len(self)
+        size = self.transform.img_size
         out = torch.empty(self.shape, dtype=torch.uint8, device=device)
         if len(self.on_cpu):
             out[self.on_cpu.to(device)] = self.pixels.to(device, non_blocking=True)
         cpu_rows = set(self.on_cpu.tolist())
-        rows = [i for i in range(batch) if i not in cpu_rows]
+        rows = [i for i in range(len(self)) if i not in cpu_rows]
         if not rows:
-            return out
+            return out, 0
         offsets = self.offsets.tolist()
         jpegs = [self.data[offsets[i]:offsets[i + 1]] for i in rows]
-        mode = ImageReadMode.GRAY if self.in_chans == 1 else ImageReadMode.RGB
+        mode = ImageReadMode.GRAY if self.transform.in_chans == 1 else ImageReadMode.RGB
+        cuda = device.type == "cuda"
+        if cuda:  # nvJPEG decodes on its own streams, which do not wait for the kernels still queued here
+            torch.cuda.synchronize(device)
         try:
             images: List[Optional[torch.Tensor]] = list(decode_jpeg(jpegs, mode=mode, device=device))
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError:  # one image the device cannot take fails the whole call: find it
             images = [_decode_one(j, mode, device) for j in jpegs]
+        if cuda:  # ... nor do the kernels that will read their output
+            torch.cuda.synchronize(device)
         crops = self.crops.tolist()
-        for row, jpeg, image in zip(rows, jpegs, images):
+        bad: List[int] = []
+        for row, image in zip(rows, images):
             top, left, height, width, flip = crops[row]
-            crop = CropParams(top, left, height, width, bool(flip))
             if image is None:
-                out[row] = _cpu_fallback(jpeg, crop, size, self.in_chans).to(device)
+                pixels = self._cpu_decode(row, CropParams(top, left, height, width, bool(flip)))
+                if pixels is None:
+                    bad.append(row)
+                else:
+                    out[row] = pixels.to(device)
                 continue
             region = image[:, top:top + height, left:left + width].unsqueeze(0).float()
             resized = F.interpolate(region, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
             resized = resized.round_().clamp_(0, 255).to(torch.uint8)[0]
             out[row] = resized.flip(-1) if flip else resized
-        return out
+        good = [row for row in rows if row not in bad]
+        for row in bad:
+            out[row] = self._replacement(row, good).to(device)
+        return out, len(bad)
+
+    def _cpu_decode(self, row: int, crop: CropParams) -> Optional[torch.Tensor]:
+        try:
+            return self.transform.from_pil(open_image(io.BytesIO(self.jpeg(row))), crop)
+        except Exception as err:  # a corrupt body behind a valid header: the caller replaces it
+            _warn_corrupt(f"row {row}: {err!r}"[:200])
+            return None
+
+    def _replacement(self, row: int, good: Sequence[int]) -> torch.Tensor:
+        for stand_in in [r for r in good if r > row] + [r for r in good if r < row]:
+            width, height = self.sizes[stand_in].tolist()
+            pixels = self._cpu_decode(stand_in, self.transform.params(width, height, int(self.seeds[row])))
+            if pixels is not None:
+                return pixels
+        log.error("no JPEG of a batch of %d decodes; a zero image stands in", len(self))
+        return torch.zeros(self.shape[1:], dtype=torch.uint8)
 
 
 _warn_fallback = RateLimitedWarning("the device could not decode a JPEG; decoding it on the CPU", log)
+_warn_corrupt = RateLimitedWarning("replacing a corrupt JPEG that the device and PIL both reject", log)
 
 
 def _decode_one(jpeg: torch.Tensor, mode, device: torch.device) -> Optional[torch.Tensor]:
@@ -123,18 +173,24 @@ def _decode_one(jpeg: torch.Tensor, mode, device: torch.device) -> Optional[torc
 
     try:
         return decode_jpeg(jpeg, mode=mode, device=device)
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError as err:
         _warn_fallback(repr(err)[:200])
         return None
 
 
-def _cpu_fallback(jpeg: torch.Tensor, crop: CropParams, size: int, in_chans: int) -> torch.Tensor:
-    try:
-        image = open_image(io.BytesIO(jpeg.numpy().tobytes()))
-        return PretrainTransform(size, in_chans).from_pil(image, crop)
-    except Exception as err:  # corrupt past its header: a zero image, like a batch without any good sample
-        log.error("a JPEG that neither the device nor PIL can decode (%r); using a zero image", err)
-        return torch.zeros(in_chans, size, size, dtype=torch.uint8)
+@dataclass(frozen=True)
+class DeviceJpeg:
+    """A sample for the device: its JPEG bytes, original (width, height), crop and seed."""
+
+    data: bytes
+    size: Tuple[int, int]
+    crop: CropParams
+    seed: int
+
+
+EncodedItem = Union[DeviceJpeg, torch.Tensor]
 
 
 class DeviceJpegItems:
@@ -143,15 +199,15 @@ class DeviceJpegItems:
     def __init__(self, transform: PretrainTransform):
         self.transform = transform
 
-    def __call__(self, data: bytes, seed: int) -> Union[Tuple[bytes, CropParams], torch.Tensor]:
+    def __call__(self, data: bytes, seed: int) -> EncodedItem:
         image = open_image(io.BytesIO(data))  # header only; raises on data that is no image
         crop = self.transform.params(*image.size, seed)
         if image.format == "JPEG" and image.mode in NVJPEG_MODES:
-            return bytes(data), crop
+            return DeviceJpeg(bytes(data), image.size, crop, seed)
         return self.transform.from_pil(image, crop)
 
-    def collate(self, items: Sequence[Union[Tuple[bytes, CropParams], torch.Tensor]]) -> EncodedBatch:
-        return EncodedBatch.collate(items, self.transform.img_size, self.transform.in_chans)
+    def collate(self, items: Sequence[EncodedItem]) -> EncodedBatch:
+        return EncodedBatch.collate(items, self.transform)
 
 
 def gpu_decode_problem(device: torch.device) -> Optional[str]:

@@ -114,16 +114,16 @@ class PretrainTransform:
     def from_pil(self, image: Image.Image, crop: CropParams) -> torch.Tensor:
         mode, size = pil_mode(self.in_chans), self.img_size
         width, height = image.size
-        if self.reduced_decode and image.format == "JPEG":
-            image.draft(mode, draft_request(width, height, crop, size))  # a no-op once decoded
+        drafted = self.reduced_decode and image.format == "JPEG" and \
+            image.draft(mode, draft_request(width, height, crop, size)) is not None  # None once decoded
         image.load()  # decode here: undecodable data fails here, where the source can replace the sample
-        k = dct_scale(width, height, image.size)
+        k = dct_scale(width, height, image.size) if drafted else 1
         if image.mode != mode:
             image = image.convert(mode)
         out = image.resize((size, size), Image.BICUBIC, box=crop.box(1 / k, 1 / k))
         if crop.flip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        return v2.functional.pil_to_tensor(out)
+        return _channels(v2.functional.pil_to_tensor(out), self.in_chans)
 
     def from_tensor(self, image: torch.Tensor, crop: CropParams) -> torch.Tensor:
         x = _channels(to_uint8(image), self.in_chans)

@@ -390,7 +390,7 @@ class WebDatasetData(PretrainData):
         return self.plan(spec).num_batches
 
     def skipped_samples(self) -> int:
-        return self._skipped
+        return self._skipped + self.device_input.replaced
 
     # -- iteration (main process)
 

@@ -50,7 +50,8 @@ class GradCache:
         self.engine, self.chunk = engine, chunk
 
     def __call__(self, images: torch.Tensor, masks: Masks, autocast: Callable[[], ContextManager]) -> ObjectiveOutput:
-        """images: (B, C, H, W), on any device (moved chunk by chunk); masks drawn once for the
+        """images: (B, C, H, W), on any device (moved chunk by chunk), or scale.data's DeviceImages (normalised
+        chunk by chunk); masks drawn once for the
         whole local batch. Returns the loss (detached) and metrics."""
         if images.shape[0] != masks.group_ids.shape[0]:
             raise ValueError(f"{images.shape[0]} images but masks for {masks.group_ids.shape[0]}")

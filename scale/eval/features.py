@@ -45,8 +45,10 @@ def plain_data_config(data: DataConfig, **changes: Any) -> DataConfig:
 
 
 def build_split(data: DataConfig, spec: ViTSpec, train: bool, augment: bool = False) -> PretrainData:
-    """The labelled split `data.root` (train) or `data.val_root` (held out), un-augmented unless asked."""
-    return build_dataset(data if augment else plain_data_config(data), spec.img_size, spec.in_chans, train=train)
+    """The labelled split `data.root` (train) or `data.val_root` (held out), un-augmented unless asked.
+    Evaluation decodes in the CPU workers (`data.decode: gpu` is a pre-training setting)."""
+    data = dataclasses.replace(data, decode="cpu") if augment else plain_data_config(data)
+    return build_dataset(data, spec.img_size, spec.in_chans, train=train)
 
 
 def iterate_split(data: PretrainData, batch_size: int, *, seed: int = 0, epoch: int = 0, num_workers: int = 0,

@@ -25,6 +25,7 @@ from ..config import ConfigError, RunConfig, to_dict, to_yaml
 from ..errors import UserError, one_line
 from ..device import autocast_dtype, resolve_device
 from ..data import LoaderSpec, PretrainData, build_dataset
+from ..data.device_input import DeviceImages
 from ..data.gpu_decode import resolve_decode
 from ..engine import (ACCUMULATE, ENGINES, GRAD_CACHE, Engine, GradCache, GradientAccumulation, StepTimer,
                       plan_batch)
@@ -259,7 +260,7 @@ class Trainer:
         })
         return record
 
-    def mask_context(self, images: torch.Tensor) -> MaskContext:
+    def mask_context(self, batch: DeviceImages) -> MaskContext:
         """What the mask generator may draw from: (seed, step, rank), progress, and what it declared it needs."""
         needs = self.masking.needs
         context = MaskContext(generator=step_generator(self.cfg.train.seed, self.step, self.engine.rank, self.device),
@@ -268,7 +269,7 @@ class Trainer:
                               epoch_progress=min((self.step // self.steps_per_epoch) / max(self.cfg.train.epochs, 1), 1.0),
                               time_region=self.timer.time)
         if needs.images or needs.model_signal is not None:
-            context.images = images
+            context.images = batch.all()
         if needs.model_signal is not None:
             request = needs.model_signal
             context.model_signal = lambda x: self.engine.model_signal(x, request)
@@ -283,23 +284,23 @@ class Trainer:
         """
         started = time.perf_counter()
         self.timer.pop()  # only this step's regions
-        with self.timer.time("input"):  # to the device (non-blocking), decoded there with data.decode=gpu, normalised
-            images = self.data.prepare(images, self.device)
+        with self.timer.time("input"):  # uint8 to the device (non-blocking), decoded there with data.decode=gpu
+            batch = self.data.to_device(images, self.device)
         # Drop path draws from the global RNG: seeded by (seed, step, rank) alone, a step never depends on
         # what drew before it (DataLoader start-up, monitors, a resume).
         seed_global_rng(self.cfg.train.seed, self.step, self.engine.rank, self.device)
-        masks = self.masking(images.shape[0], self.mask_context(images))
+        masks = self.masking(len(batch), self.mask_context(batch))
         self.schedule.step_update(self.step)
 
         def autocast():
             return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                   enabled=self.amp_dtype is not None)
 
-        if self.passes is not None:  # micro-batches: gradient caching or accumulation, forwards and backwards
-            out = self.passes(images, masks, autocast)
+        if self.passes is not None:  # micro-batches: gradient caching or accumulation, normalised one at a time
+            out = self.passes(batch, masks, autocast)
         else:
             with autocast():
-                out = self.engine.forward(images, masks)
+                out = self.engine.forward(batch.all(), masks)
             self.engine.backward(out.loss)
         with self.timer.time("optimizer"):
             grad_norm = self.engine.step(self.cfg.optim.clip_grad)
@@ -317,7 +318,7 @@ class Trainer:
         total = time.perf_counter() - started
         allgather = timings.get("allgather_fwd", 0.0) + timings.get("allgather_bwd", 0.0)
         metrics.update({
-            "global_batch": float(images.shape[0] * self.engine.world_size),
+            "global_batch": float(len(batch) * self.engine.world_size),
             "world_size": float(self.engine.world_size),
             "micro_batches": float(self.batch_plan.num_chunks),
             "time_step_s": total,
