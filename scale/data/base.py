@@ -2,11 +2,18 @@
 
 A `PretrainData` hands the trainer an iterator of `(images, labels)` batches for one
 epoch on one rank, and turns each `images` into the model's input on the device with
-`prepare` (inside the step): the built-in sources yield uint8 pixels, or encoded JPEGs
-with `data.decode: gpu`, and `prepare` decodes, converts and normalises them there. The order is a pure function of (seed, epoch, rank, world_size),
-so resuming mid-epoch is `loader(epoch, start_batch=k)`: it yields exactly the batches
-an uninterrupted run would have yielded after its first k. Labels are only used for
+`prepare` / `to_device` (inside the step): the built-in sources yield uint8 pixels, or
+encoded JPEGs with `data.decode: gpu`, and the device decodes, converts and normalises
+them there. The order is a pure function of (seed, epoch, rank, world_size), so resuming
+mid-epoch is `loader(epoch, start_batch=k)`: it yields exactly the batches an
+uninterrupted run would have yielded after its first k. Labels are only used for
 monitoring (kNN, probes); pre-training ignores them.
+
+A new source registers its builder (`@DATASETS.register("name")`, called with the data
+config, image size, channels and split), passes `DeviceInput(cfg.mean, cfg.std)` to
+`PretrainData.__init__`, and yields uint8 (B, C, H, W) batches (a float batch is taken as
+already normalised), augmenting each sample under its own seed (`sample_seed`, and
+`PretrainTransform` for MAE's crop and flip).
 """
 from __future__ import annotations
 
