@@ -74,6 +74,7 @@ IMG_SIZE = 224
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 KINDS = {"pre_resized": (341, 256), "full_size": (500, 375), "large": (2048, 1536)}
 GPU_RESULTS = REPO / "docs/results/gpu_check_h200.json"
+PATHS = ("plain_webdataset", "previous", "cpu", "gpu_workers", "gpu")
 MODEL_CASES = (("OCL", "ocl_vitb16"), ("OCL", "ocl_vitl16"), ("MAE", "mae_vitb16"), ("MAE", "mae_vitl16"))
 
 
@@ -321,7 +322,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers (cores) per path")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per path; the best counts")
     parser.add_argument("--kinds", default="pre_resized,full_size", help=f"shard sets, from {','.join(KINDS)}")
-    parser.add_argument("--paths", default="plain_webdataset,previous,cpu,gpu_workers,gpu")
+    parser.add_argument("--paths", default=",".join(PATHS))
     parser.add_argument("--no-gpu-table", action="store_true", help="skip the cores-per-GPU table")
     parser.add_argument("--gpu-results", type=Path, default=GPU_RESULTS,
                         help="a bench/gpu_check.py JSON whose flop_ratio rows give the GPU's train-step speed")
@@ -329,6 +330,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--dir", default="", help="where to write shards (default: a temporary directory)")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args(argv)
+    unknown = [k for k in args.kinds.split(",") if k not in KINDS] + \
+        [p for p in args.paths.split(",") if p not in PATHS]
+    if unknown:
+        parser.error(f"unknown --kinds / --paths value(s) {', '.join(unknown)}; kinds: {', '.join(KINDS)}; "
+                     f"paths: {', '.join(PATHS)}")
+    if not args.no_gpu_table and not args.gpu_results.is_file():
+        parser.error(f"--gpu-results {args.gpu_results}: no such file; expected a bench/gpu_check.py JSON "
+                     "(or --no-gpu-table)")
     torch.set_num_threads(1)  # DataLoader workers run single-threaded; so does the main process here
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     problem = gpu_decode_problem(device)

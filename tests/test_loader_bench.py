@@ -37,3 +37,11 @@ def test_one_run_reports_every_path_per_core_and_the_cores_per_gpu(tmp_path):
     assert rows[("MAE", "vit_large_patch16")]["source"].startswith("estimated")  # not measured: said so
     assert "not in this run" in rows[("OCL", "vit_base_patch16")]["source"]
     assert "cores/GPU" in done.stdout and "| cpu |" in done.stdout
+
+
+def test_unknown_kind_or_missing_results_file_is_one_line_exit_2(tmp_path):
+    for args, says in ((["--kinds", "huge"], "unknown --kinds / --paths value(s) huge"),
+                       (["--gpu-results", str(tmp_path / "none.json")], "no such file")):
+        done = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=python_env(), capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr
