@@ -9,7 +9,8 @@ seed; the cosine schedule spans whole epochs of the training shards, so a budget
 default: 2 epochs of 20,000 images, `--train-shards`) ends at lr 0 and at EHM's full depth. Equal steps,
 not equal time: a step costs 1x (MAE) to ~2.7x (OCL, EHM) another here, so each run's training minutes are
 measured and the figure plots accuracy against them (a wall-clock budget on a shared 2-core machine would
-measure the neighbours' load as much as the method: bench/seed_study.py).
+measure the neighbours' load as much as the method: bench/seed_study.py). The equal-time table reads
+every method off its own curve at the cheapest method's training minutes (linear between curve points).
 
 Per (method, seed), in this process: training in `--curve-points` segments (thirds by default) that
 resume exactly (`train.resume=auto`), and after each segment, not timed as training, a kNN point for the
@@ -335,6 +336,42 @@ def cost_table(runs: List[Dict], cost: Dict[str, Dict]) -> str:
     return "\n".join(lines)
 
 
+def at_minutes(curve: List[Dict[str, float]], minutes: float) -> Tuple[float, float]:
+    """(step, curve kNN) a run had reached after `minutes` of training, linear between its curve points
+    (a run that finished earlier keeps its last point)."""
+    times = [p["trained_min"] for p in curve]
+    for (t0, p0), (t1, p1) in zip(zip(times, curve), zip(times[1:], curve[1:])):
+        if t0 <= minutes <= t1:
+            w = (minutes - t0) / (t1 - t0) if t1 > t0 else 1.0
+            return p0["step"] + w * (p1["step"] - p0["step"]), p0["knn_top1"] + w * (p1["knn_top1"] - p0["knn_top1"])
+    return curve[-1]["step"], curve[-1]["knn_top1"]
+
+
+def equal_time(runs: List[Dict]) -> Dict[str, Any]:
+    """Every method read off its curves at one wall-clock budget: the training minutes of the
+    cheapest method (mean over its seeds). Mid-schedule points: the slower methods' lr has not
+    decayed there, as it would in a run scheduled for that budget, so this favours the cheap method."""
+    names = list(dict.fromkeys(r["method"] for r in runs))
+    budget = min(statistics.fmean(r["trained_min"] for r in runs if r["method"] == n) for n in names)
+    rows = {}
+    for name in names:
+        read = [at_minutes(r["curve"], budget) for r in runs if r["method"] == name]
+        knn = [k for _, k in read]
+        rows[name] = {"steps": statistics.fmean(s for s, _ in read), "knn_mean": statistics.fmean(knn),
+                      "knn_std": statistics.stdev(knn) if len(knn) > 1 else 0.0, "knn": knn}
+    return {"minutes": budget, "methods": rows}
+
+
+def equal_time_table(args: argparse.Namespace, runs: List[Dict]) -> str:
+    same = equal_time(runs)
+    lines = [f"| method | steps reached in {same['minutes']:.1f} training min | curve kNN top-1 at "
+             f"{same['minutes']:.1f} min | curve kNN top-1 after {args.steps} steps |", "|---|---|---|---|"]
+    for name, row in same["methods"].items():
+        final = [r["curve"][-1]["knn_top1"] for r in runs if r["method"] == name]
+        lines.append(f"| {name} | {row['steps']:.0f} | {spread(row['knn'])} | {spread(final)} |")
+    return "\n".join(lines)
+
+
 def curve_summary(runs: List[Dict]) -> Dict[str, List[Dict[str, float]]]:
     """Per method and curve point: mean minutes, kNN mean / std / min / max over the seeds."""
     out = {}
@@ -420,17 +457,18 @@ def study(args: argparse.Namespace, methods: List[Method]) -> int:
     refs = [] if args.skip_references else references(args, methods)
     tuned = {} if args.skip_finetune else best_seed_finetunes(args, runs)
     cost = {} if args.skip_cost else costs(args, methods)
-    tables = {"accuracy": accuracy_table(args, runs, refs, tuned), "cost": cost_table(runs, cost)}
+    tables = {"accuracy": accuracy_table(args, runs, refs, tuned), "equal_time": equal_time_table(args, runs),
+              "cost": cost_table(runs, cost)}
     figure(Path(args.figure), args, runs, refs)
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                           "threads": torch.get_num_threads(), "load_average_before": load_before},
               "plan": {k: getattr(args, k) for k in PLAN_KEYS}, "seeds": sorted({r["seed"] for r in runs}),
               "methods": [{"name": n, "recipe": r, "overrides": method_overrides(o, args)} for n, r, o in methods],
               "finetune_recipe": str(FINETUNE_RECIPE.relative_to(REPO)), "finetune_overrides": args.finetune,
-              "runs": runs, "curves": curve_summary(runs), "references": refs, "finetune": tuned, "cost": cost,
+              "runs": runs, "curves": curve_summary(runs), "equal_time": equal_time(runs), "references": refs, "finetune": tuned, "cost": cost,
               "tables": tables, "this_invocation_seconds": time.perf_counter() - started}
     write_json(Path(args.out), result)
-    print("\n" + tables["accuracy"] + "\n\n" + tables["cost"] + "\n")
+    print("\n\n".join(["", tables["accuracy"], tables["equal_time"], tables["cost"], ""]))
     print(f"results: {args.out}; figure: {args.figure}")
     return 0
 

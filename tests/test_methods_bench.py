@@ -7,6 +7,8 @@ import io
 import json
 import os
 import signal
+import statistics
+import argparse
 import tarfile
 from pathlib import Path
 
@@ -108,6 +110,7 @@ def test_tiny_study_writes_json_figure_tables_and_resumes_without_redoing(bench,
     assert accuracy[4].startswith("| raw pixels | - |") and "(from scratch)" in accuracy[5]
     assert cost[0].startswith("| method | img/s") and "ratio to GEMM" in cost[0] and len(cost) == 2 + 2
     assert result["tables"]["accuracy"] in printed and result["tables"]["cost"] in printed
+    assert result["tables"]["equal_time"] in printed and set(result["equal_time"]["methods"]) == {"OCL", "MAE + EHM"}
 
     # Again: nothing is trained, scored, fine-tuned or measured a second time; the outputs are rewritten.
     done = {p: p.stat().st_mtime_ns for p in (tmp_path / "study").rglob("*.json")}
@@ -175,3 +178,23 @@ def test_the_curve_protocol_is_a_prefix_of_the_final_features(bench, tmp_path, d
     assert (full_y[:32] == y).all() and (full_qy[:40] == qy).all()
     assert (full_x[:32] - x).abs().max() < 1e-5 and (full_qx[:40] - qx).abs().max() < 1e-5
     assert bench.knn_point((full_x, full_y), (full_qx, full_qy), 32, 40) == bench.knn_point((x, y), (qx, qy), 0, 0)
+
+
+def test_equal_time_reads_every_method_at_the_cheapest_methods_minutes(bench):
+    """The budget is the cheapest method's mean minutes; each run is read linearly between the curve
+    points around it (a 2x slower method is halfway through its steps there)."""
+    def run(method, seed, minutes, knn):
+        curve = [{"step": s, "trained_min": m, "knn_top1": k} for s, m, k in zip((0, 50, 100), minutes, knn)]
+        return {"method": method, "seed": seed, "trained_min": minutes[-1], "curve": curve}
+
+    runs = [run("MAE", 0, (0, 5, 10), (20, 60, 70)), run("MAE", 1, (0, 6, 12), (20, 62, 74)),
+            run("OCL", 0, (0, 11, 22), (30, 70, 80)), run("OCL", 1, (0, 10, 20), (30, 66, 84))]
+    same = bench.equal_time(runs)
+    assert same["minutes"] == pytest.approx(11.0)
+    mae, ocl = same["methods"]["MAE"], same["methods"]["OCL"]
+    # MAE seed 0 finished at 10 min: its last point; seed 1 is 5/6 of the way from its 6-min point to its 12-min one
+    assert mae["knn"] == pytest.approx([70, 72]) and mae["steps"] == pytest.approx((100 + 50 + 50 * 5 / 6) / 2)
+    assert ocl["knn"] == pytest.approx([70, 67.8]) and ocl["steps"] == pytest.approx((50 + 55) / 2)
+    assert ocl["knn_std"] == pytest.approx(statistics.stdev([70, 67.8]))
+    table = bench.equal_time_table(argparse.Namespace(steps=100), runs).splitlines()
+    assert "11.0 training min" in table[0] and table[3].startswith("| OCL | 52 | 68.90 +- 1.56")
