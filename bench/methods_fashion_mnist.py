@@ -398,7 +398,7 @@ def figure(path: Path, args: argparse.Namespace, runs: List[Dict], refs: List[Di
     curves = curve_summary(runs)
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
     for i, (name, points) in enumerate(curves.items()):
-        color = next((c for f, c in families.items() if name.startswith(f)), f"C{i}")
+        color = "tab:red" if "r=0.25" in name else next((c for f, c in families.items() if name.startswith(f)), f"C{i}")
         style = ":" if "drop" in name else "--" if "EHM" in name else "-"
         x = [p["trained_min"] for p in points]
         left.plot(x, [p["knn_mean"] for p in points], style, marker="o", ms=3, color=color, label=name)

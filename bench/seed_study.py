@@ -96,6 +96,9 @@ STUDIES: Dict[str, List[Method]] = {
         ("MAE + EHM", "mae_fashion_mnist_cpu", ("mask.name=ehm", EHM_BY_STEP)),
         ("ASL (AEE)", "asl_fashion_mnist_cpu", ("mask.name=random",)),
         ("ASL (AEE) + EHM", "asl_fashion_mnist_cpu", ("mask.name=ehm", EHM_BY_STEP)),
+        # The EHM paper's largest gain is at low mask ratios (Table 3: 77.19 -> 78.96 at r = 0.25).
+        ("MAE r=0.25", "mae_fashion_mnist_cpu", ("mask.name=random", "mask.ratio=0.25")),
+        ("MAE + EHM r=0.25", "mae_fashion_mnist_cpu", ("mask.name=ehm", "mask.ratio=0.25", EHM_BY_STEP)),
     ],
 }
 # Overrides every run of a study shares (its protocol), before the method's own.

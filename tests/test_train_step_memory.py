@@ -1,0 +1,28 @@
+"""bench/train_step.py's CPU peak memory is the child's own: the kernel carries a parent's resident
+high-water mark across execve into ru_maxrss, which made every method of the methods bench read
+the bench's own 2.27 GiB."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PARENT_BYTES = 1 << 30
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
+def test_a_child_of_a_large_process_reports_its_own_peak():
+    held = bytearray(PARENT_BYTES)  # resident: bytearray zero-fills every page
+    held[::4096] = b"\x01" * len(held[::4096])
+    probe = ("import json, resource, sys; sys.path.insert(0, %r); from bench.train_step import peak_rss_bytes; "
+             "print(json.dumps([peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))"
+             % str(REPO))
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    peak, inherited = json.loads(out)
+    del held
+    assert inherited >= PARENT_BYTES  # the kernel's carry-over that ru_maxrss shows
+    assert 0 < peak < PARENT_BYTES * 0.75  # the child's own: python + torch, well under the parent's 1 GiB
