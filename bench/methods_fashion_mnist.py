@@ -372,6 +372,29 @@ def equal_time_table(args: argparse.Namespace, runs: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+# The comparisons the conclusion reads, paired by seed (same initial weights and data order).
+PAIRS: Tuple[Tuple[str, str], ...] = (
+    ("OCL", "MAE"), ("ASL (AEE)", "MAE"), ("MAE + EHM", "MAE"), ("MAE + EHM r=0.25", "MAE r=0.25"),
+    ("ASL (AEE) + EHM", "ASL (AEE)"), ("OCL + EHM two-group", "OCL"), ("OCL + EHM drop + random split", "OCL"))
+
+
+def paired_table(runs: List[Dict]) -> str:
+    """Per pair of PAIRS whose methods both ran: the per-seed differences, mean +- std."""
+    by = {(r["method"], r["seed"]): r for r in runs}
+    lines = ["| paired by seed | seeds | kNN difference | linear probe difference |", "|---|---|---|---|"]
+    for a, b in PAIRS:
+        seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
+        if not seeds:
+            continue
+        cells = []
+        for key in ("knn_top1", "linear_top1"):
+            d = [by[a, s][key] - by[b, s][key] for s in seeds]
+            std = statistics.stdev(d) if len(d) > 1 else 0.0
+            cells.append(f"{statistics.fmean(d):+.2f} +- {std:.2f} ({', '.join(f'{x:+.2f}' for x in d)})")
+        lines.append(f"| {a} - {b} | {len(seeds)} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def curve_summary(runs: List[Dict]) -> Dict[str, List[Dict[str, float]]]:
     """Per method and curve point: mean minutes, kNN mean / std / min / max over the seeds."""
     out = {}
@@ -419,7 +442,7 @@ def figure(path: Path, args: argparse.Namespace, runs: List[Dict], refs: List[Di
               title=f"after {args.steps} steps: linear probe, mean +- std")
     left.grid(alpha=0.3)
     right.grid(alpha=0.3)
-    left.legend(fontsize=7, loc="lower right")
+    left.legend(fontsize=7, loc="upper left", ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -458,7 +481,7 @@ def study(args: argparse.Namespace, methods: List[Method]) -> int:
     tuned = {} if args.skip_finetune else best_seed_finetunes(args, runs)
     cost = {} if args.skip_cost else costs(args, methods)
     tables = {"accuracy": accuracy_table(args, runs, refs, tuned), "equal_time": equal_time_table(args, runs),
-              "cost": cost_table(runs, cost)}
+              "paired": paired_table(runs), "cost": cost_table(runs, cost)}
     figure(Path(args.figure), args, runs, refs)
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                           "threads": torch.get_num_threads(), "load_average_before": load_before},
@@ -468,7 +491,7 @@ def study(args: argparse.Namespace, methods: List[Method]) -> int:
               "runs": runs, "curves": curve_summary(runs), "equal_time": equal_time(runs), "references": refs, "finetune": tuned, "cost": cost,
               "tables": tables, "this_invocation_seconds": time.perf_counter() - started}
     write_json(Path(args.out), result)
-    print("\n\n".join(["", tables["accuracy"], tables["equal_time"], tables["cost"], ""]))
+    print("\n\n".join(["", tables["accuracy"], tables["paired"], tables["equal_time"], tables["cost"], ""]))
     print(f"results: {args.out}; figure: {args.figure}")
     return 0
 

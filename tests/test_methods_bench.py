@@ -198,3 +198,11 @@ def test_equal_time_reads_every_method_at_the_cheapest_methods_minutes(bench):
     assert ocl["knn_std"] == pytest.approx(statistics.stdev([70, 67.8]))
     table = bench.equal_time_table(argparse.Namespace(steps=100), runs).splitlines()
     assert "11.0 training min" in table[0] and table[3].startswith("| OCL | 52 | 68.90 +- 1.56")
+
+
+def test_paired_table_subtracts_seed_by_seed_and_skips_absent_pairs(bench):
+    runs = [{"method": m, "seed": s, "knn_top1": k, "linear_top1": k + 5}
+            for m, s, k in (("OCL", 0, 70.0), ("OCL", 1, 72.0), ("MAE", 0, 66.0), ("MAE", 1, 71.0), ("MAE", 2, 60.0))]
+    lines = bench.paired_table(runs).splitlines()
+    assert len(lines) == 3  # only OCL - MAE has both methods; seed 2 has no OCL run to pair with
+    assert lines[2] == "| OCL - MAE | 2 | +2.50 +- 2.12 (+4.00, +1.00) | +2.50 +- 2.12 (+4.00, +1.00) |"
