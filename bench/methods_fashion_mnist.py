@@ -40,7 +40,7 @@ Writes `--out` (JSON: every run with its curve, the references, fine-tunes, cost
 `--figure` (PNG: kNN top-1 against training minutes per method, mean over seeds with the min..max band,
 and the final linear probe, mean +- std) and prints the markdown tables for the README.
 
-    python bench/methods_fashion_mnist.py                                   # the study: ~2.75 h on 2 cores
+    python bench/methods_fashion_mnist.py                                   # the study: ~3 h on 2 cores
     python bench/methods_fashion_mnist.py --only MAE "MAE + EHM" --seeds 0  # a subset, same OUT_DIR
     python bench/methods_fashion_mnist.py --steps 12 --seeds 0 --skip-finetune --out-dir runs/methods_smoke \
         --out runs/methods_smoke/methods.json --figure runs/methods_smoke/methods.png   # a smoke run
@@ -52,9 +52,11 @@ ASL + EHM 3.2 s: 18.5 s for one step of every method, ~10.5 s on 2 cores. A real
 (`--steps 8 --curve-points 2`) took ~200 s of evaluation per run at 1 thread (step 0: ~40 s, a curve
 point: ~35 s, the final 30k-image encode + probe: ~130 s). Default run on 2 cores: training 156 steps x
 10.5 s x 3 seeds ~ 82 min + segment starts ~5 min; evaluation 21 x ~140 s ~ 48 min; references ~4 min;
-9 fine-tunes (7 best seeds, 2 from scratch) x ~2.5 min ~ 23 min; cost ~3 min: ~2.75 h on an idle
-machine, more on a busy one (`--steps 116 --train-shards 'train-{000000..000002}.tar'`, two epochs of
-15k images, saves ~25 min).
+9 fine-tunes (7 best seeds, 2 from scratch) x ~2.5 min ~ 23 min; cost ~3 min: ~2.75 h for the first
+seven methods on an idle machine, more on a busy one (`--steps 116 --train-shards 'train-{000000..000002}.tar'`,
+two epochs of 15k images, saves ~25 min). Measured 2026-11-30 with the two r = 0.25 rows added (9
+methods, 27 runs): 101 min of training (74 for the first seven), about 3 h in all with evaluation,
+fine-tunes and cost.
 """
 from __future__ import annotations
 
@@ -273,8 +275,26 @@ def best_seed_finetunes(args: argparse.Namespace, runs: List[Dict[str, Any]]) ->
 
         result = cached(Path(args.out_dir) / f"finetune_{slug(name)}.json",
                         {"checkpoint": best["checkpoint"], "finetune": args.finetune}, compute)
-        tuned[name] = {"seed": best["seed"], **result}
+        spread_of = cached(Path(args.out_dir) / f"cls_std_{slug(name)}.json", {"checkpoint": best["checkpoint"]},
+                           lambda best=best: {"cls_std": cls_spread(best, args)})
+        tuned[name] = {"seed": best["seed"], **result, **spread_of}
     return tuned
+
+
+def cls_spread(run: Dict[str, Any], args: argparse.Namespace, images: int = 512) -> float:
+    """How much the fine-tune's input, the [CLS] after the final norm, varies across images: its std
+    over the first `images` test images, averaged over the channels. A near-constant [CLS] gives a
+    freshly initialised head almost no signal, whatever the features hold."""
+    from scale.checkpoint_io import encoder_state_dict, load_checkpoint
+    from scale.models.vit import build_encoder
+
+    loaded = load_checkpoint(run["checkpoint"])
+    cfg = run_config(args, run["recipe"], Path(args.out_dir) / "unused", *run["overrides"])
+    encoder = build_encoder(cfg.model.name, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
+                            attn_backend="math")
+    encoder.load_state_dict(encoder_state_dict(loaded.model_state, str(loaded.path)))
+    _, (features, _) = encode_splits(encoder.eval(), cfg, 1, images)
+    return features.float().std(0).mean().item()
 
 
 def costs(args: argparse.Namespace, methods: List[Method]) -> Dict[str, Dict[str, Any]]:
@@ -313,7 +333,7 @@ def accuracy_table(args: argparse.Namespace, runs: List[Dict], refs: List[Dict],
     for name in dict.fromkeys(r["method"] for r in runs):
         mine = [r for r in runs if r["method"] == name]
         ft = tuned.get(name)
-        finetuned = f"{ft['top1']:.2f} (seed {ft['seed']})" if ft else "-"
+        finetuned = f"{ft['top1']:.2f} (seed {ft['seed']}; [CLS] std {ft['cls_std']:.3f})" if ft else "-"
         lines.append(f"| {name} | {len(mine)} | {spread([r['knn_top1'] for r in mine])} | "
                      f"{spread([r['linear_top1'] for r in mine])} | {finetuned} | "
                      f"{statistics.fmean(r['trained_min'] for r in mine):.1f} |")

@@ -106,7 +106,8 @@ def test_tiny_study_writes_json_figure_tables_and_resumes_without_redoing(bench,
     assert (tmp_path / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     accuracy, cost = result["tables"]["accuracy"].splitlines(), result["tables"]["cost"].splitlines()
     assert accuracy[0].startswith("| method (4 steps of 16) | seeds |") and len(accuracy) == 2 + 2 + 3
-    assert accuracy[2].startswith("| OCL | 1 |") and "(seed 0) |" in accuracy[2]
+    assert accuracy[2].startswith("| OCL | 1 |") and "(seed 0; [CLS] std " in accuracy[2]
+    assert result["finetune"]["OCL"]["cls_std"] > 0
     assert accuracy[4].startswith("| raw pixels | - |") and "(from scratch)" in accuracy[5]
     assert cost[0].startswith("| method | img/s") and "ratio to GEMM" in cost[0] and len(cost) == 2 + 2
     assert result["tables"]["accuracy"] in printed and result["tables"]["cost"] in printed
