@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PARENT_BYTES = 1 << 30
+PARENT_BYTES = 2 << 30
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
@@ -25,4 +25,5 @@ def test_a_child_of_a_large_process_reports_its_own_peak():
     peak, inherited = json.loads(out)
     del held
     assert inherited >= PARENT_BYTES  # the kernel's carry-over that ru_maxrss shows
-    assert 0 < peak < PARENT_BYTES * 0.75  # the child's own: python + torch, well under the parent's 1 GiB
+    # The child's own (python, torch, the bench: ~0.6-1 GiB) sits far below what it inherited.
+    assert 0 < peak < inherited - PARENT_BYTES // 2
