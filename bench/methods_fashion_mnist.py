@@ -285,14 +285,10 @@ def cls_spread(run: Dict[str, Any], args: argparse.Namespace, images: int = 512)
     """How much the fine-tune's input, the [CLS] after the final norm, varies across images: its std
     over the first `images` test images, averaged over the channels. A near-constant [CLS] gives a
     freshly initialised head almost no signal, whatever the features hold."""
-    from scale.checkpoint_io import encoder_state_dict, load_checkpoint
-    from scale.models.vit import build_encoder
+    from scale.eval.features import encoder_from_checkpoint
 
-    loaded = load_checkpoint(run["checkpoint"])
     cfg = run_config(args, run["recipe"], Path(args.out_dir) / "unused", *run["overrides"])
-    encoder = build_encoder(cfg.model.name, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
-                            attn_backend="math")
-    encoder.load_state_dict(encoder_state_dict(loaded.model_state, str(loaded.path)))
+    encoder, _ = encoder_from_checkpoint(run["checkpoint"], cfg.model, torch.device("cpu"))
     _, (features, _) = encode_splits(encoder.eval(), cfg, 1, images)
     return features.float().std(0).mean().item()
 
