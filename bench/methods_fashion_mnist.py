@@ -7,7 +7,7 @@ depth from the step fraction (OCL's two views capped at 0.8 H), as the issue-16 
 budget is `--steps` optimizer steps of `train.batch_size` (256) images, the same for every method and
 seed; the cosine schedule spans whole epochs of the training shards, so a budget of whole epochs (the
 default: 2 epochs of 20,000 images, `--train-shards`) ends at lr 0 and at EHM's full depth. Equal steps,
-not equal time: a step costs 1x (MAE) to ~2.7x (OCL, EHM) another here, so each run's training minutes are
+not equal time: a step costs 1x (MAE) to ~3x (MAE + EHM at r = 0.25) another here, so each run's training minutes are
 measured and the figure plots accuracy against them (a wall-clock budget on a shared 2-core machine would
 measure the neighbours' load as much as the method: bench/seed_study.py). The equal-time table reads
 every method off its own curve at the cheapest method's training minutes (linear between curve points).
@@ -111,7 +111,14 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path) -> Optional[Any]:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The study's own state file, None when absent; a damaged one is a user error naming it."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not a JSON file this study wrote ({err.__class__.__name__}); delete it to redo "
+                        f"that part, or use another --out-dir") from None
 
 
 # ----------------------------------------------------------------------------- one run
@@ -156,7 +163,7 @@ def train_run(name: str, recipe: str, overrides: Sequence[str], seed: int, args:
     out = Path(args.out_dir) / f"{slug(name)}_seed{seed}"
     result = out / "result.json"
     if result.is_file():
-        return json.loads(result.read_text())
+        return read_json(result)
     overrides = method_overrides(overrides, args)
     fixed = (*schedule(args, recipe, overrides, out / "run"), *overrides, f"train.seed={seed}",
              "train.resume=auto", "train.keep_last=1")
@@ -355,8 +362,8 @@ def cost_table(runs: List[Dict], cost: Dict[str, Dict]) -> str:
 def at_minutes(curve: List[Dict[str, float]], minutes: float) -> Tuple[float, float]:
     """(step, curve kNN) a run had reached after `minutes` of training, linear between its curve points
     (a run that finished earlier keeps its last point)."""
-    times = [p["trained_min"] for p in curve]
-    for (t0, p0), (t1, p1) in zip(zip(times, curve), zip(times[1:], curve[1:])):
+    for p0, p1 in zip(curve, curve[1:]):
+        t0, t1 = p0["trained_min"], p1["trained_min"]
         if t0 <= minutes <= t1:
             w = (minutes - t0) / (t1 - t0) if t1 > t0 else 1.0
             return p0["step"] + w * (p1["step"] - p0["step"]), p0["knn_top1"] + w * (p1["knn_top1"] - p0["knn_top1"])
@@ -378,8 +385,8 @@ def equal_time(runs: List[Dict]) -> Dict[str, Any]:
     return {"minutes": budget, "methods": rows}
 
 
-def equal_time_table(args: argparse.Namespace, runs: List[Dict]) -> str:
-    same = equal_time(runs)
+def equal_time_table(args: argparse.Namespace, runs: List[Dict], same: Dict[str, Any]) -> str:
+    """`same`: equal_time(runs)."""
     lines = [f"| method | steps reached in {same['minutes']:.1f} training min | curve kNN top-1 at "
              f"{same['minutes']:.1f} min | curve kNN top-1 after {args.steps} steps |", "|---|---|---|---|"]
     for name, row in same["methods"].items():
@@ -491,12 +498,13 @@ def study(args: argparse.Namespace, methods: List[Method]) -> int:
             train_run(name, recipe, overrides, seed, args)
     order = {m[0]: i for i, m in enumerate(METHODS)}
     wanted = {m[0] for m in methods}
-    runs = sorted((r for r in (json.loads(p.read_text()) for p in Path(args.out_dir).glob("*_seed*/result.json"))
+    runs = sorted((r for r in (read_json(p) for p in Path(args.out_dir).glob("*_seed*/result.json"))
                    if r["method"] in wanted), key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
     refs = [] if args.skip_references else references(args, methods)
     tuned = {} if args.skip_finetune else best_seed_finetunes(args, runs)
     cost = {} if args.skip_cost else costs(args, methods)
-    tables = {"accuracy": accuracy_table(args, runs, refs, tuned), "equal_time": equal_time_table(args, runs),
+    same_time = equal_time(runs)
+    tables = {"accuracy": accuracy_table(args, runs, refs, tuned), "equal_time": equal_time_table(args, runs, same_time),
               "paired": paired_table(runs), "cost": cost_table(runs, cost)}
     figure(Path(args.figure), args, runs, refs)
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -504,7 +512,8 @@ def study(args: argparse.Namespace, methods: List[Method]) -> int:
               "plan": {k: getattr(args, k) for k in PLAN_KEYS}, "seeds": sorted({r["seed"] for r in runs}),
               "methods": [{"name": n, "recipe": r, "overrides": method_overrides(o, args)} for n, r, o in methods],
               "finetune_recipe": str(FINETUNE_RECIPE.relative_to(REPO)), "finetune_overrides": args.finetune,
-              "runs": runs, "curves": curve_summary(runs), "equal_time": equal_time(runs), "references": refs, "finetune": tuned, "cost": cost,
+              "runs": runs, "curves": curve_summary(runs), "equal_time": same_time, "references": refs,
+              "finetune": tuned, "cost": cost,
               "tables": tables, "this_invocation_seconds": time.perf_counter() - started}
     write_json(Path(args.out), result)
     print("\n\n".join(["", tables["accuracy"], tables["paired"], tables["equal_time"], tables["cost"], ""]))

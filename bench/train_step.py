@@ -17,9 +17,9 @@ cases; `--rounds N` repeats every case N times, interleaved, and pools the timin
 Peak memory. CUDA: torch.cuda.max_memory_allocated over warm-up + timed steps (tensors only,
 no CUDA context / allocator slack); `step mem` is that minus what was allocated before the
 first step. CPU: the child's peak resident set (/proc/self/status VmHWM, the kernel's high-water
-mark of the child's own address space, read before the reference GEMM runs); `step mem` is that minus the resident set just
-before the first step (activations, gradients, AdamW state, allocator slack). No tracemalloc:
-it sees Python objects, not torch's allocations.
+mark of the child's own address space, read before the reference GEMM runs); `step mem` is that
+minus the resident set just before the first step (activations, gradients, AdamW state, allocator
+slack). No tracemalloc: it sees Python objects, not torch's allocations.
 
     python bench/train_step.py                       # the CPU recipe's model and batch
     python bench/train_step.py --compare --out bench_train_step.json

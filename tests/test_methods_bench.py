@@ -2,13 +2,13 @@
 finished work, an interrupted run continuing from its checkpoint, and a bad --only as one line."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import io
 import json
 import os
 import signal
 import statistics
-import argparse
 import tarfile
 from pathlib import Path
 
@@ -197,7 +197,7 @@ def test_equal_time_reads_every_method_at_the_cheapest_methods_minutes(bench):
     assert mae["knn"] == pytest.approx([70, 72]) and mae["steps"] == pytest.approx((100 + 50 + 50 * 5 / 6) / 2)
     assert ocl["knn"] == pytest.approx([70, 67.8]) and ocl["steps"] == pytest.approx((50 + 55) / 2)
     assert ocl["knn_std"] == pytest.approx(statistics.stdev([70, 67.8]))
-    table = bench.equal_time_table(argparse.Namespace(steps=100), runs).splitlines()
+    table = bench.equal_time_table(argparse.Namespace(steps=100), runs, same).splitlines()
     assert "11.0 training min" in table[0] and table[3].startswith("| OCL | 52 | 68.90 +- 1.56")
 
 
@@ -207,3 +207,13 @@ def test_paired_table_subtracts_seed_by_seed_and_skips_absent_pairs(bench):
     lines = bench.paired_table(runs).splitlines()
     assert len(lines) == 3  # only OCL - MAE has both methods; seed 2 has no OCL run to pair with
     assert lines[2] == "| OCL - MAE | 2 | +2.50 +- 2.12 (+4.00, +1.00) | +2.50 +- 2.12 (+4.00, +1.00) |"
+
+
+def test_a_damaged_state_file_is_one_line_exit_2(bench, tmp_path, data, capsys):
+    argv = tiny_argv(tmp_path, data, "--only", "MAE")
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study/plan.json").write_text("{half a plan")
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "plan.json: not a JSON file this study wrote" in err[0] and "Traceback" not in err[0]
+    assert (tmp_path / "study/plan.json").read_text() == "{half a plan"  # nothing written over

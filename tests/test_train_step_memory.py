@@ -16,8 +16,8 @@ PARENT_BYTES = 2 << 30
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
 def test_a_child_of_a_large_process_reports_its_own_peak():
-    held = bytearray(PARENT_BYTES)  # resident: bytearray zero-fills every page
-    held[::4096] = b"\x01" * len(held[::4096])
+    held = bytearray(PARENT_BYTES)
+    held[::4096] = b"\x01" * len(held[::4096])  # one write per page makes the (lazily mapped) pages resident
     probe = ("import json, resource, sys; sys.path.insert(0, %r); from bench.train_step import peak_rss_bytes; "
              "print(json.dumps([peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))"
              % str(REPO))

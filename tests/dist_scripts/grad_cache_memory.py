@@ -1,13 +1,13 @@
 """Peak resident memory of one gradient-cached training step (single process, CPU).
 
 python grad_cache_memory.py OUT_DIR GLOBAL_BATCH [MICRO_BATCH]  ->  prints JSON with the rise
-of the process's RSS high-water mark (ru_maxrss) over the step. One process per size, so
+of the process's own RSS high-water mark over the step (bench/train_step.py's peak_rss_bytes:
+ru_maxrss would start at the launcher's resident set, which it inherits across execve). One process per size, so
 no allocator cache from a previous size hides or inflates the next one.
 """
 from __future__ import annotations
 
 import json
-import resource
 import sys
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from bench.train_step import peak_rss_bytes  # noqa: E402
 from scale.config import load_config  # noqa: E402
 from scale.trainer import Trainer  # noqa: E402
 from tests.conftest import TINY_OVERRIDES  # noqa: E402
@@ -30,9 +31,9 @@ def main() -> int:
                              f"train.micro_batch={chunk}"])
     trainer = Trainer(cfg)
     images = torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss_bytes() // 1024
     metrics = trainer.train_step(images)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = peak_rss_bytes() // 1024
     print(json.dumps({"batch": batch, "chunk": chunk, "rise_kb": after - before, "peak_kb": after,
                       "loss": float(metrics["loss"]), "chunks": float(metrics["micro_batches"])}))
     return 0
