@@ -2,8 +2,9 @@
 
 Layouts:
   * ImageNet train (default): SRC/<class>/**/<image>; classes are the sorted class folder names.
-    Symlinked folders are followed, but every real folder and file is read once: symlink loops,
-    repeated links and links to files already listed are left out and listed as skipped.
+    Symlinked folders are followed, but every real folder and file is read once: symlink loops
+    (of folders, or of file links such as a.jpg -> b.jpg -> a.jpg), repeated links and links to
+    files already listed are left out and listed as skipped.
   * ImageNet val: a flat SRC plus `--val-labels FILE`, one class name per line for SRC's files in
     sorted file-name order.
   * `--labels CSV`: rows of `filename,label` (a `filename,label` header row is allowed), file names
@@ -51,7 +52,7 @@ from ..errors import run_command
 from . import DataPrepError, positive_int
 from .manifest import SPLIT_NAME_PATTERN, build_manifest, write_manifest
 from .shard_writing import ResumableShardWriter, SkippedItem, prepare_output_dir
-from .source_tree import walk_files
+from .source_tree import unresolvable_reason, walk_files
 
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_QUALITY = 90
@@ -169,12 +170,22 @@ def list_train_layout(src: Path) -> tuple[list[SourceImage], list[str], list[Ski
         top = sorted(os.scandir(src), key=lambda entry: entry.name)
     except OSError as err:
         raise DataPrepError(f"--src {src}: cannot list: {err.strerror or err}") from None
-    class_names = [entry.name for entry in top if entry.is_dir() and not entry.name.startswith(".")]
+    class_names: list[str] = []
+    stray: list[SkippedItem] = []
+    for entry in top:
+        try:
+            is_folder = entry.is_dir()
+        except OSError as err:  # a top-level symlink loop (ELOOP): neither a class nor a file
+            stray.append(SkippedItem(-1, entry.name, unresolvable_reason(err)))
+            continue
+        if not is_folder:
+            stray.append(SkippedItem(-1, entry.name, "not inside a class folder"))
+        elif not entry.name.startswith("."):
+            class_names.append(entry.name)
     if not class_names:
         raise DataPrepError(f"--src {src}: no class folders found (expected SRC/<class>/<image> files)")
     files, left_out = walk_files(src, class_names)
     sources = [SourceImage(rel_path, rel_path.split("/", 1)[0]) for rel_path in files]
-    stray = [SkippedItem(-1, entry.name, "not inside a class folder") for entry in top if not entry.is_dir()]
     return sources, class_names, stray + [SkippedItem(-1, path, reason) for path, reason in left_out]
 
 

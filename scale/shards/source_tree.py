@@ -10,18 +10,27 @@ often built from symlinked class folders), but:
 * of several paths to one folder or file, the one reached without symlinks wins (real folders
   are walked before any symlinked one), then the one found first; walking is in sorted order,
   so the result depends only on the tree;
-* every path it leaves out comes back with the reason, for the caller to report.
+* every path it leaves out comes back with the reason, for the caller to report, including a
+  symlink that cannot be resolved at all (a loop of file links, a.jpg -> b.jpg -> a.jpg: ELOOP).
 
 It imports nothing heavy, so both the converter (scale.shards.imagefolder) and the training loader
 (scale.data.image_folder) list image folders with it.
 """
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 LeftOut = tuple[str, str]  # (path relative to the root, why it is left out)
+
+
+def unresolvable_reason(err: OSError) -> str:
+    """Why an entry whose type cannot be read (`DirEntry.is_dir()` raised) is left out."""
+    if err.errno == errno.ELOOP:
+        return "a symlink loop (too many levels of symbolic links)"
+    return f"unreadable: {err.strerror or err}"
 
 
 def _folder_id(path: Path) -> tuple[int, int]:
@@ -55,7 +64,12 @@ def walk_files(root: Path, folders: Sequence[str]) -> tuple[list[str], list[Left
             subfolders = []
             for entry in entries:
                 child = f"{rel}/{entry.name}"
-                if entry.is_dir():  # follows symlinks; False for a dangling or looping one
+                try:
+                    is_folder = entry.is_dir()  # follows symlinks; False for a dangling one
+                except OSError as err:  # a loop of links (ELOOP), which no stat can resolve
+                    left_out.append((child, unresolvable_reason(err)))
+                    continue
+                if is_folder:
                     (pending_links.append if entry.is_symlink() else subfolders.append)(child)
                 elif entry.is_symlink():
                     try:

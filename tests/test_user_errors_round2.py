@@ -1,0 +1,53 @@
+"""Issue 25, point 7 (the last tracebacks) and point 8 (untrusted model kwargs): each a one-line
+user error, or a skipped-and-recorded file, where a traceback used to be."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scale.data.image_folder import list_image_folder
+from scale.shards import imagefolder
+
+
+def save_jpeg(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="JPEG")
+
+
+# ----------------------------------------------------------------------------- symlink loops of files
+
+def tree_with_a_file_link_loop(root: Path) -> Path:
+    """cat/ and dog/ with one real image each, cat/a.jpg -> b.jpg -> a.jpg, and a top-level loop."""
+    save_jpeg(root / "cat" / "0.jpg", 1)
+    save_jpeg(root / "dog" / "0.jpg", 2)
+    (root / "cat" / "a.jpg").symlink_to("b.jpg")
+    (root / "cat" / "b.jpg").symlink_to("a.jpg")
+    (root / "loop").symlink_to("loop")  # a class-level entry that resolves to nothing
+    return root
+
+
+def test_converter_skips_and_records_a_symlink_loop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tree_with_a_file_link_loop(tmp_path / "src")
+    out = tmp_path / "out"
+    assert imagefolder.main(["--src", str(src), "--out", str(out), "--workers", "1"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["total_samples"] == 2 and manifest["classes"] == {"cat": 0, "dog": 1}
+    skipped = {entry["path"]: entry["reason"] for entry in manifest["skipped"]}
+    assert set(skipped) == {"cat/a.jpg", "cat/b.jpg", "loop"}
+    assert all("symlink loop" in reason for reason in skipped.values())
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_image_folder_loader_skips_and_logs_a_symlink_loop(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tree_with_a_file_link_loop(tmp_path / "src")
+    with caplog.at_level(logging.WARNING, logger="scale.data.image_folder"):
+        files, labels, classes = list_image_folder(root)
+    assert files == ["cat/0.jpg", "dog/0.jpg"] and labels == [0, 1] and classes == ["cat", "dog"]
+    logged = caplog.text
+    assert "cat/a.jpg: a symlink loop" in logged and "cat/b.jpg: a symlink loop" in logged
