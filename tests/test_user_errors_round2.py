@@ -51,3 +51,44 @@ def test_image_folder_loader_skips_and_logs_a_symlink_loop(tmp_path: Path, caplo
     assert files == ["cat/0.jpg", "dog/0.jpg"] and labels == [0, 1] and classes == ["cat", "dog"]
     logged = caplog.text
     assert "cat/a.jpg: a symlink loop" in logged and "cat/b.jpg: a symlink loop" in logged
+
+
+# ----------------------------------------------------------------------------- eval outputs, checked first
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-step OCL run's final checkpoint."""
+    from scale.trainer import Trainer
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path_factory.mktemp("eval_out"), "model.name=vit_tiny_patch7_28", "data.num_samples=64",
+                      "train.epochs=1", "train.ckpt_every=100")
+    return Trainer(cfg).fit().last_checkpoint
+
+
+def no_evaluation(*args, **kwargs):
+    raise AssertionError("the evaluation ran before its outputs were checked")
+
+
+@pytest.mark.parametrize("command,option,target", [
+    ("knn", "--out", "a folder"),
+    ("linprobe", "--out", "below a file"),
+    ("finetune", "--save-model", "a folder"),
+])
+def test_eval_checks_its_outputs_before_evaluating(tiny_checkpoint: str, tmp_path: Path, command: str, option: str,
+                                                   target: str, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import scale.eval.__main__ as cli
+    from scale.eval import finetune, linear_probe
+
+    monkeypatch.setattr(cli, "run_knn", no_evaluation)
+    monkeypatch.setattr(linear_probe, "run_linear_probe", no_evaluation)
+    monkeypatch.setattr(finetune, "run_finetune", no_evaluation)
+    (tmp_path / "a_file").write_text("")
+    path = tmp_path if target == "a folder" else tmp_path / "a_file" / "result.json"
+    recipe = {"knn": [], "linprobe": ["--config", "linprobe_fashion_mnist_cpu"],
+              "finetune": ["--config", "finetune_vitb16"]}[command]
+    assert cli.main([command, "--checkpoint", tiny_checkpoint, *recipe, option, str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"scale.eval {command}: error: {option} {path}: ")
+    assert ("is a directory" if target == "a folder" else "is not a directory") in err

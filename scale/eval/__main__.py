@@ -73,9 +73,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ..checkpoint_io import load_checkpoint, resolve_checkpoint
     from ..trainer.checkpoint import META, read_meta
     from .features import check_architecture_overrides
-    from .results import results_path, write_results
+    from .results import check_output_file, results_path, write_results
 
     checkpoint = resolve_checkpoint(args.checkpoint)
+    out = Path(args.out) if args.out else results_path(checkpoint, args.command)
+    # The outputs are written only after the evaluation, which can take hours: check them first.
+    check_output_file(out, "--out", f"{args.command}.json")
+    if args.command == "finetune" and args.save_model:
+        check_output_file(Path(args.save_model), "--save-model", "classifier.safetensors")
     saved = read_meta(checkpoint).get("config") if (checkpoint / META).is_file() else None
     if saved is None and any(o.strip().startswith("model.") for o in args.overrides):
         saved = load_checkpoint(checkpoint).config  # older checkpoints: the config is inside the state
@@ -94,7 +99,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         results = run_finetune(str(checkpoint), load_recipe(FinetuneRecipe, args.config, args.overrides),
                                progress, args.save_model)
-    out = Path(args.out) if args.out else results_path(checkpoint, args.command)
     write_results(out, results)
     extra = {"knn": f" (k={results.get('k')}, T={results.get('temperature')}, {results.get('bank')} bank / "
                     f"{results.get('queries')} queries)",

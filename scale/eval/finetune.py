@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -197,6 +198,7 @@ def run_finetune(checkpoint: str, recipe: FinetuneRecipe, progress: bool = True,
 
         from safetensors.torch import save_file
 
+        Path(save_path).parent.mkdir(parents=True, exist_ok=True)  # checked writable before the training
         kwargs = {**timm_kwargs(spec), "num_classes": recipe.finetune.num_classes,
                   "global_pool": recipe.finetune.global_pool}
         save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}, save_path,
