@@ -449,6 +449,14 @@ def validate(cfg: RunConfig) -> None:
     require_range("objective.asl.dle_dropout", o.asl.dle_dropout, 0.0, 1.0, high_open=True)
     require_range("objective.asl.mae_weight", o.asl.mae_weight, 0.0, 1000.0)
     require_range("objective.asl.align_weight", o.asl.align_weight, 0.0, 1000.0)
+    # Both 0: the loss is 0 with zero gradients, and the run trains nothing without a word.
+    require(o.name != "asl" or o.asl.mae_weight > 0 or o.asl.align_weight > 0,
+            "objective.asl.mae_weight and objective.asl.align_weight must not both be 0 (the loss would be 0 and "
+            "nothing would train); give at least one of them a value in (0, 1000]")
+    # MAE and ASL score the pixels of the masked patches: with none masked the loss is 0 / 0 (NaN).
+    require(o.name not in ("mae", "asl") or cfg.mask.ratio > 0,
+            f"mask.ratio must be in (0, 1) for objective.name={o.name}, whose loss is computed on the masked "
+            f"patches; got {cfg.mask.ratio}")
     d = cfg.data
     require(d.transform in ("mae", "none"), f"data.transform must be 'mae' or 'none', got {d.transform!r}")
     require(d.decode in ("cpu", "gpu"), f"data.decode must be cpu or gpu, got {d.decode!r}")

@@ -92,3 +92,32 @@ def test_eval_checks_its_outputs_before_evaluating(tiny_checkpoint: str, tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"scale.eval {command}: error: {option} {path}: ")
     assert ("is a directory" if target == "a folder" else "is not a directory") in err
+
+
+# ----------------------------------------------------------------------------- values that cannot train
+
+@pytest.mark.parametrize("overrides,keys", [
+    # ASL's loss is mae_weight * L_MAE + align_weight * L_SEM: both 0 trained nothing, silently.
+    (["objective.name=asl", "objective.asl.mae_weight=0", "objective.asl.align_weight=0"],
+     "objective.asl.mae_weight and objective.asl.align_weight must not both be 0"),
+    # MAE and ASL average their loss over the masked patches: none masked was a NaN at step 1.
+    (["objective.name=mae", "mask.name=random", "mask.ratio=0"], "mask.ratio must be in (0, 1) for objective.name=mae"),
+    (["objective.name=asl", "mask.name=ehm", "mask.ratio=0"], "mask.ratio must be in (0, 1) for objective.name=asl"),
+])
+def test_values_that_cannot_train_are_refused(overrides: list, keys: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from scale import train
+
+    assert train.main(["--print-config", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"scale-train: error: {keys}")
+
+
+@pytest.mark.parametrize("overrides", [
+    ["objective.name=asl", "objective.asl.mae_weight=0"],  # alignment alone still trains
+    ["objective.name=asl", "objective.asl.align_weight=0"],  # MAE inside ASL
+    ["objective.name=ocl", "mask.ratio=0"],  # OCL's two groups need no masked patch
+])
+def test_values_that_still_train_are_accepted(overrides: list) -> None:
+    from scale.config import load_config
+
+    load_config(None, overrides)
