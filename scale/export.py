@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -49,6 +50,49 @@ def timm_kwargs(spec: ViTSpec) -> Dict[str, Any]:
         "in_chans": spec.in_chans, "embed_dim": spec.embed_dim, "depth": spec.depth, "num_heads": spec.num_heads,
         "mlp_ratio": spec.mlp_ratio,
     }
+
+
+def _integer_from(low: int) -> Callable[[Any], bool]:
+    return lambda value: type(value) is int and value >= low  # bool is an int subclass: not allowed
+
+
+def _positive_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and value > 0
+
+
+def _vit_architecture(value: Any) -> bool:
+    from timm.models import is_model_in_modules
+
+    return isinstance(value, str) and is_model_in_modules(value, ["vision_transformer"])
+
+
+# The `timm.create_model` arguments an export may carry: timm_kwargs' architecture keys (a fine-tuned
+# classifier's num_classes and global_pool included), each with what its value may be. An export is an
+# untrusted file, and create_model also takes arguments that read or fetch other files (checkpoint_path,
+# pretrained, pretrained_cfg_overlay, an "hf-hub:" model name): nothing but these keys ever reaches it.
+EXPORT_KWARGS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "model_name": (_vit_architecture, "a timm VisionTransformer architecture such as vit_base_patch16_224"),
+    "num_classes": (_integer_from(0), "an integer >= 0"),
+    "global_pool": (lambda value: value in ("token", "avg"), "token or avg"),
+    **{key: (_integer_from(1), "an integer >= 1")
+       for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")},
+    "mlp_ratio": (_positive_number, "a finite number > 0"),
+}
+
+
+def check_export_kwargs(path: str | Path, kwargs: Any) -> Dict[str, Any]:
+    """`kwargs`, the decoded timm_kwargs of export `path`, if it names a model and holds only
+    EXPORT_KWARGS keys with allowed values; a CheckpointFormatError naming the key otherwise."""
+    if not isinstance(kwargs, dict) or "model_name" not in kwargs:
+        raise CheckpointFormatError(f"{path}: timm_kwargs must be a JSON object with a model_name")
+    for key, value in kwargs.items():
+        if key not in EXPORT_KWARGS:
+            raise CheckpointFormatError(f"{path}: timm_kwargs key {key[:60]!r} is not allowed; allowed: "
+                                        + ", ".join(EXPORT_KWARGS))
+        allowed, what = EXPORT_KWARGS[key]
+        if not allowed(value):
+            raise CheckpointFormatError(f"{path}: timm_kwargs {key} must be {what}, got {str(value)[:60]!r}")
+    return kwargs
 
 
 def create_timm_model(kwargs: Dict[str, Any], **overrides: Any) -> torch.nn.Module:
@@ -98,7 +142,7 @@ def export_encoder(checkpoint: str | Path, out: str | Path, fallback_model: str 
 
 
 def read_export(path: str | Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """(state dict, timm kwargs) of an export."""
+    """(state dict, timm kwargs) of an export; the kwargs checked against EXPORT_KWARGS."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -106,7 +150,11 @@ def read_export(path: str | Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, An
         metadata = f.metadata() or {}
     if "timm_kwargs" not in metadata:
         raise CheckpointFormatError(f"{path}: no timm_kwargs in the safetensors metadata (not a scale export)")
-    return load_file(str(path)), json.loads(metadata["timm_kwargs"])
+    try:
+        kwargs = json.loads(metadata["timm_kwargs"])
+    except ValueError as err:
+        raise CheckpointFormatError(f"{path}: timm_kwargs in the safetensors metadata is not JSON ({err})") from None
+    return load_file(str(path)), check_export_kwargs(path, kwargs)
 
 
 def timm_model_from_export(path: str | Path, **overrides: Any) -> torch.nn.Module:

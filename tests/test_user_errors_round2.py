@@ -121,3 +121,53 @@ def test_values_that_still_train_are_accepted(overrides: list) -> None:
     from scale.config import load_config
 
     load_config(None, overrides)
+
+
+# ----------------------------------------------------------------------------- untrusted model kwargs (point 8)
+
+def crafted_export(path: Path, kwargs) -> Path:
+    """A safetensors file whose metadata carries `kwargs` as its timm_kwargs."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"cls_token": torch.zeros(1, 1, 8)}, str(path), metadata={"format": "pt", "timm_kwargs": json.dumps(kwargs)})
+    return path
+
+
+VIT = {"model_name": "vit_tiny_patch16_224", "num_classes": 0, "global_pool": "token", "img_size": 28,
+       "patch_size": 7, "in_chans": 1, "embed_dim": 192, "depth": 1, "num_heads": 3, "mlp_ratio": 4.0}
+
+
+@pytest.mark.parametrize("kwargs,named", [
+    ({**VIT, "checkpoint_path": "/etc/passwd"}, "timm_kwargs key 'checkpoint_path' is not allowed"),
+    ({**VIT, "pretrained": True}, "timm_kwargs key 'pretrained' is not allowed"),
+    ({**VIT, "pretrained_cfg_overlay": {"file": "/x"}}, "timm_kwargs key 'pretrained_cfg_overlay' is not allowed"),
+    ({**VIT, "model_name": "hf-hub:someone/evil"}, "timm_kwargs model_name must be a timm VisionTransformer"),
+    ({**VIT, "model_name": "resnet50"}, "timm_kwargs model_name must be a timm VisionTransformer"),
+    ({**VIT, "depth": True}, "timm_kwargs depth must be an integer >= 1"),
+    ({**VIT, "global_pool": "map"}, "timm_kwargs global_pool must be token or avg"),
+    ([1, 2], "timm_kwargs must be a JSON object"),
+])
+def test_export_timm_kwargs_are_an_allow_list(tmp_path: Path, kwargs, named: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm
+
+    from scale.errors import UserError
+    from scale.export import timm_model_from_export
+
+    def no_model(*args, **kw):
+        raise AssertionError(f"timm.create_model was called with {args} {kw}")
+    monkeypatch.setattr(timm, "create_model", no_model)
+    path = crafted_export(tmp_path / "crafted.safetensors", kwargs)
+    with pytest.raises(UserError) as err:
+        timm_model_from_export(path)
+    assert str(err.value).startswith(f"{path}: {named}") and "\n" not in str(err.value)
+
+
+def test_export_timm_kwargs_of_our_own_exports_are_allowed(tmp_path: Path) -> None:
+    from scale.export import read_export, timm_kwargs
+    from scale.models import model_spec
+
+    for name in ("vit_tiny_patch7_28", "vit_base_patch16"):
+        kwargs = {**timm_kwargs(model_spec(name)), "num_classes": 10, "global_pool": "avg"}  # a fine-tuned head
+        assert read_export(crafted_export(tmp_path / f"{name}.safetensors", kwargs))[1] == kwargs
