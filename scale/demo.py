@@ -8,13 +8,16 @@ or can be installed; otherwise the built-in synthetic dataset, and it says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from .config import RunConfig, load_config
 from .errors import UserError, run_command
@@ -24,6 +27,7 @@ from .shards.fashion_mnist import main as convert_fashion_mnist
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 KNN_BANK = 20000  # training images in the kNN bank: the three-way comparison stays a few seconds each
+STOPPED_EXIT = 3  # as scale-train: stopped early on request, a checkpoint was written, the run continues later
 
 
 def ensure_fashion_mnist() -> Optional[str]:
@@ -50,15 +54,72 @@ def ensure_shards(data_dir: Path) -> None:
         raise UserError(f"--data-dir {data_dir}: converting Fashion-MNIST failed (exit {status}, above)")
 
 
-def fresh_output_dir(wanted: Path) -> Path:
-    """`wanted`, or `wanted-2`, `wanted-3`, ... when an earlier demo run is there: never overwrite a run."""
+DEMO_STATE = "demo.json"  # in the run directory: what the demo ran there, and whether it got to the end
+
+
+class DemoStopped(Exception):
+    """SIGTERM or Ctrl-C outside training (while evaluating): stop now, the checkpoint is already written."""
+
+
+def output_dir_for(wanted: Path, plan: Dict[str, object]) -> Tuple[Path, bool]:
+    """(run directory, whether to continue it): the first of `wanted`, `wanted-2`, ... that is empty, or that
+    holds an unfinished demo run of the same plan (continued). A finished run, or another run, is never
+    overwritten."""
     candidate, n = wanted, 1
-    while (candidate / "checkpoints").is_dir() and any((candidate / "checkpoints").iterdir()):
+    while True:
+        state = read_demo_state(candidate)
+        if state is not None and not state.get("finished") and state.get("plan") == plan:
+            print(f"demo: continuing the unfinished run in {candidate}", flush=True)
+            return candidate, True
+        has_run = (candidate / "checkpoints").is_dir() and any((candidate / "checkpoints").iterdir())
+        if state is None and not has_run:
+            if candidate != wanted:
+                print(f"demo: {wanted} holds an earlier run; this one goes to {candidate}", flush=True)
+            return candidate, False
         n += 1
         candidate = wanted.with_name(f"{wanted.name}-{n}")
-    if candidate != wanted:
-        print(f"demo: {wanted} holds an earlier run; this one goes to {candidate}", flush=True)
-    return candidate
+
+
+def read_demo_state(run: Path) -> Optional[Dict[str, object]]:
+    """The demo's record of `run`, or None where there is none (or it is not one of ours)."""
+    try:
+        state = json.loads((run / DEMO_STATE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def write_demo_state(run: Path, plan: Dict[str, object], finished: bool) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    tmp = run / (DEMO_STATE + ".tmp")
+    tmp.write_text(json.dumps({"plan": plan, "finished": finished}, indent=2))
+    os.replace(tmp, run / DEMO_STATE)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM stops the demo: inside training the trainer's own handler takes over (finish the step,
+    checkpoint, stop); outside it, DemoStopped. Ctrl-C (SIGINT) means the same as SIGTERM."""
+    def outside_training(_signum: int, _frame: object) -> None:
+        raise DemoStopped()
+
+    def interrupt(_signum: int, frame: object) -> None:
+        handler = signal.getsignal(signal.SIGTERM)  # the trainer's while it trains, ours otherwise
+        if callable(handler):
+            handler(signal.SIGTERM, frame)
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, outside_training),
+                signal.SIGINT: signal.signal(signal.SIGINT, interrupt)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def stopped_message(run: Path, step: Optional[int], checkpoint: Optional[str]) -> str:
+    where = f" at step {step} (checkpoint {checkpoint})" if checkpoint else ""
+    return f"demo: stopped{where}; run `make demo` again (same arguments) to continue the run in {run}"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -68,7 +129,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    return run_command("scale.demo", lambda: _demo(args))
+    with stop_on_signals():
+        try:
+            return run_command("scale.demo", lambda: _demo(args))
+        except DemoStopped:  # before the run directory was chosen (installing, converting)
+            print("demo: stopped; run `make demo` again to go on", flush=True)
+            return STOPPED_EXIT
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -86,10 +152,14 @@ def _demo(args: argparse.Namespace) -> int:
         overrides = ["train.epochs=6"]
         data_name = "the SYNTHETIC held-out split"
         print(f"demo: Fashion-MNIST is not available ({why_not}); using the built-in SYNTHETIC dataset", flush=True)
-    overrides += ["eval.knn_every_epochs=1", f"train.output_dir={fresh_output_dir(Path(args.output_dir))}"]
+    overrides.append("eval.knn_every_epochs=1")
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
-    cfg = load_config(recipe, [*overrides, *args.overrides])
+    plan = {"recipe": recipe, "overrides": [*overrides, *args.overrides]}
+    run_dir, resume = output_dir_for(Path(args.output_dir), plan)
+    run_dir = run_dir.resolve()
+    cfg = load_config(recipe, [*plan["overrides"], f"train.output_dir={run_dir}",
+                               *(["train.resume=auto"] if resume else [])])
 
     from .eval.knn import KnnMonitor
     from .models import model_spec
@@ -97,32 +167,42 @@ def _demo(args: argparse.Namespace) -> int:
 
     knn = KnnMonitor(cfg, model_spec(cfg.model.name, cfg.model.img_size, cfg.model.in_chans))
     trainer = Trainer(cfg, monitors=[knn])
+    write_demo_state(run_dir, plan, finished=False)
     started = time.perf_counter()
+    summary = None
     try:
         summary = trainer.fit()
+        if summary.preempted and summary.final_step < trainer.stop_step:
+            print(stopped_message(run_dir, summary.final_step, summary.last_checkpoint), flush=True)
+            return STOPPED_EXIT
         out = Path(cfg.train.output_dir).resolve()
         run = read_run(out / METRICS_FILE, out.name)  # read once: the trained row and the curves
         trained = last_knn_record(run, summary.final_step)
         if trained is None:  # stopped between evaluations: evaluate the weights it ended with
             encoder = trainer.encoder_for_eval()
             trained = knn.evaluate(encoder, trainer.device) if encoder is not None else None
+        minutes = (time.perf_counter() - started) / 60
+        if trained is None:
+            return 0
+        print("demo: scoring the baselines (the same kNN on raw pixels and on the untrained encoder) ...", flush=True)
+        rows = [(f"{cfg.objective.name.upper()} {cfg.model.name}, {summary.final_step} steps ({minutes:.1f} min)",
+                 trained["knn_top1"]),
+                ("same encoder at random init", knn.evaluate(random_init_encoder(cfg), trainer.device)["knn_top1"]),
+                ("raw pixels", knn.evaluate(PixelEncoder(cfg.data.mean, cfg.data.std), trainer.device)["knn_top1"])]
+        print(learnt_table(rows, data_name, cfg, trained))
+        print(verdict(rows, synthetic=why_not is not None))
+        pictures = plot_runs([run], out)
+        print(f"demo: curves      {pictures[-1]}  (python -m scale.plot {out} redraws them)")
+        print(f"demo: logs        {out / METRICS_FILE}  (tensorboard --logdir {out / 'tensorboard'})")
+        print(f"demo: checkpoint  {summary.last_checkpoint}")
+        write_demo_state(run_dir, plan, finished=True)
+        return 0
+    except DemoStopped:
+        step = summary.final_step if summary else None
+        print(stopped_message(run_dir, step, summary.last_checkpoint if summary else None), flush=True)
+        return STOPPED_EXIT
     finally:
         trainer.engine.close()
-    minutes = (time.perf_counter() - started) / 60
-    if trained is None:
-        return 0
-    print("demo: scoring the baselines (the same kNN on raw pixels and on the untrained encoder) ...", flush=True)
-    rows = [(f"{cfg.objective.name.upper()} {cfg.model.name}, {summary.final_step} steps ({minutes:.1f} min)",
-             trained["knn_top1"]),
-            ("same encoder at random init", knn.evaluate(random_init_encoder(cfg), trainer.device)["knn_top1"]),
-            ("raw pixels", knn.evaluate(PixelEncoder(cfg.data.mean, cfg.data.std), trainer.device)["knn_top1"])]
-    print(learnt_table(rows, data_name, cfg, trained))
-    print(verdict(rows, synthetic=why_not is not None))
-    pictures = plot_runs([run], out)
-    print(f"demo: curves      {pictures[-1]}  (python -m scale.plot {out} redraws them)")
-    print(f"demo: logs        {out / METRICS_FILE}  (tensorboard --logdir {out / 'tensorboard'})")
-    print(f"demo: checkpoint  {summary.last_checkpoint}")
-    return 0
 
 
 def last_knn_record(run: RunMetrics, step: int) -> Optional[Dict[str, float]]:
