@@ -1,28 +1,54 @@
-"""Starting DataLoader worker processes that survive the signals meant for the trainer.
+"""Starting DataLoader worker processes that survive the signals meant for the trainer,
+and never outlive the process that started them.
 
 SLURM (scancel, the time limit, slurmstepd) signals every process of a job step, so the
 DataLoader workers receive the SIGTERM / SIGUSR1 meant for the trainer. Their default
 action kills them, and the trainer then dies on its next fetch without a checkpoint.
-Workers therefore ignore these signals: the trainer alone decides when to stop, and it
-ends its workers itself. The signals are blocked while the workers are forked, so none
-can reach a worker before it has set SIG_IGN; the trainer receives any that came in
-meanwhile as soon as they are unblocked.
+Workers therefore do not act on these signals: the trainer alone decides when to stop,
+and it ends its workers itself.
+
+But a SIGTERM from the worker's own parent is the parent ending it: torch's shutdown of
+an iterator, and multiprocessing's exit handler, which at interpreter exit terminates
+the workers of any iterator still alive (a global in a script, an exception's traceback)
+and then joins them. A worker that ignored that signal would hang its parent forever.
+So workers keep the stop signals blocked and a thread takes them with `sigtimedwait`,
+which tells who sent each one: one from the parent ends the worker, any other is
+dropped. The same thread ends a worker whose parent has died (it is then reparented),
+even while the worker is stuck in a read that torch's own parent check never gets to.
+The signals are blocked while the workers are forked, so none can reach a worker
+before its thread takes them.
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 import signal
+import threading
 from typing import Any, Iterable, Iterator
 
 import torch
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PARENT_CHECK_S = 1.0  # how often a worker looks whether its parent is still there
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader `worker_init_fn`: the trainer's stop signals are not for the workers."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    """DataLoader `worker_init_fn`: the trainer's stop signals are not for the workers,
+    but the parent's SIGTERM, or the parent's death, ends the worker."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # the watcher below inherits the mask
+    parent = multiprocessing.parent_process()  # the process that started the worker, whatever the start method
+    threading.Thread(target=_watch_stop_signals, args=(parent.pid if parent else os.getppid(), os.getppid()),
+                     name="scale-worker-stop-signals", daemon=True).start()
+
+
+def _watch_stop_signals(parent_pid: int, forked_by: int) -> None:
+    """Drop the stop signals that others send; exit on the parent's SIGTERM or when the
+    process that forked the worker is gone."""
+    while True:
+        received = signal.sigtimedwait(STOP_SIGNALS, PARENT_CHECK_S)
+        parent_ends_us = received is not None and received.si_signo == signal.SIGTERM and received.si_pid == parent_pid
+        if parent_ends_us or os.getppid() != forked_by:
+            os._exit(0)  # what the parent asked for (or no one is left to ask): no cleanup to wait on
 
 
 def start_workers(loader: Iterable[Any]) -> Iterator[Any]:
