@@ -38,7 +38,7 @@ seeds or methods later run only the new runs (and redo a fine-tune whose best se
 
 Writes `--out` (JSON: every run with its curve, the references, fine-tunes, costs, the tables),
 `--figure` (PNG: kNN top-1 against training minutes per method, mean over seeds with the min..max band,
-and the final linear probe, mean +- std) and prints the markdown tables for the README.
+and the final linear probe, mean +- std) and prints the markdown tables for docs/results.md.
 
     python bench/methods_fashion_mnist.py                                   # the study: ~3 h on 2 cores
     python bench/methods_fashion_mnist.py --only MAE "MAE + EHM" --seeds 0  # a subset, same OUT_DIR

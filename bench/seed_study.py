@@ -82,7 +82,7 @@ STUDIES: Dict[str, List[Method]] = {
         ("OCL EHM two-group (cap 0.8 H)", "ocl_fashion_mnist_cpu", ("mask.name=ehm_two_group", *OCL_EHM)),
         ("OCL EHM drop + random split (cap 0.8 H)", "ocl_fashion_mnist_cpu",
          ("mask.name=ehm_drop_two_group", *OCL_EHM)),
-        # Not in the paper: trees from attention-row similarity (symmetrised attention chains, README).
+        # Not in the paper: trees from attention-row similarity (symmetrised attention chains, docs/methods.md).
         ("MAE EHM r=0.75, attention-row similarity", "mae_fashion_mnist_cpu",
          ("mask.name=ehm", EHM_BY_STEP, "mask.ehm.similarity=attention_rows")),
     ],

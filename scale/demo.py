@@ -229,8 +229,8 @@ def verdict(rows: List[Tuple[str, float]], synthetic: bool) -> str:
         text += ("\ndemo: SYNTHETIC data: classes are generated grating patterns (scale/data/synthetic.py); the "
                  "numbers show that the pipeline learns, not how good the encoder is on real images")
     elif trained <= pixels:
-        text += (" (a few minutes is short: bench/quality_fashion_mnist.py trains 30 minutes; README's "
-                 "quality table)")
+        text += (" (a few minutes is short: bench/quality_fashion_mnist.py trains 30 minutes; "
+                 "docs/results.md's quality table)")
     return text
 
 
