@@ -239,16 +239,6 @@ def test_bad_images_log_a_rate_limited_warning_naming_the_file(tmp_path: Path, c
     assert all(rel in caplog.text for rel in BAD)
 
 
-def test_a_folder_of_only_bad_images_yields_zero_images_labelled_minus_one(tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    for i in range(4):
-        (root / "cls").mkdir(parents=True, exist_ok=True)
-        (root / "cls" / f"{i}.jpg").write_bytes(b"junk")
-    data = folder(root)
-    (x, y), = collect(data, LoaderSpec(batch_size=4, seed=0), 0)
-    assert y.tolist() == [-1] * 4 and not x.any() and data.skipped_samples() == 4
-
-
 # ----------------------------------------------------------------------------- 3. symlinks in source trees
 
 def looping_tree(root: Path) -> Tuple[Path, List[str]]:

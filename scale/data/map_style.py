@@ -4,6 +4,10 @@ Each epoch is a seeded permutation split across ranks by striding; each sample's
 augmentation runs under its own seed, so the batches do not depend on how many
 DataLoader workers decode them, and a resume can skip straight to batch k.
 Workers yield uint8 batches; `prepare` normalises them on the device.
+
+A source that meets bad files replaces them and flags the replacement; a sample for which
+no stand-in decoded either comes as label UNREADABLE. A batch of nothing but those stops
+the run with a UserError: training on blank images would only hide that the data is gone.
 """
 from __future__ import annotations
 
@@ -12,12 +16,14 @@ from typing import Any, Iterator, List, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import UserError
 from .base import Batch, LoaderSpec, PretrainData, epoch_permutation, sample_seed
 from .device_input import DeviceInput
 from .loader_workers import ignore_stop_signals, loader_generator, start_workers
 from .transforms import Transform
 
 Sample = Tuple[torch.Tensor, int, int]  # uint8 image, label, 1 if it stands in for a bad one
+UNREADABLE = -1  # the label of a sample that neither it nor any stand-in could give (a zero image)
 
 
 class _SeededView(Dataset):
@@ -67,10 +73,14 @@ class MapStyleData(PretrainData):
                                            drop_last=spec.drop_last, persistent_workers=False,
                                            worker_init_fn=ignore_stop_signals,
                                            generator=loader_generator(sample_seed(spec.seed, epoch, -2 - spec.rank))))
-        return self._count_skips(batches)
+        return self._count_skips(batches, epoch, start_batch)
 
-    def _count_skips(self, batches: Iterator[Any]) -> Iterator[Batch]:
-        for images, labels, replaced in batches:
+    def _count_skips(self, batches: Iterator[Any], epoch: int, start_batch: int) -> Iterator[Batch]:
+        for batch, (images, labels, replaced) in enumerate(batches, start_batch):
+            if bool((labels == UNREADABLE).all()):
+                raise UserError(f"data.root: every sample of batch {batch} of epoch {epoch} ({len(labels)} samples) is "
+                                "unreadable, and so is every stand-in tried for each; expected decodable images (the "
+                                "warnings above name the files)")
             self._skipped += int(replaced.sum())
             yield images, labels
 

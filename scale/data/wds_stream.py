@@ -36,10 +36,18 @@ How one rank's epoch is built (W = max(1, num_workers) DataLoader workers):
   the batch like any sample, so resuming needs no decoding; the worker fills the slot
   with another sample of the same batch under the corrupt one's augmentation seed,
   warns (rate limited) and reports the count with the batch. The main process adds the
-  counts up for `skipped_samples()`. (A batch with no decodable sample at all becomes
-  zero images labelled -1, logged as an error.) Unreadable tar data ends that shard with
-  a warning; if a worker's shards give fewer samples than the manifest promised, it
-  reads them again (reshuffled) to fill its batches.
+  counts up for `skipped_samples()`. A batch with no decodable sample at all stops the
+  run (a UserError naming the first bad sample): training on blank images would only
+  hide that the data is gone. Unreadable tar data ends that shard with a warning; if a
+  worker's shards give fewer samples than the manifest promised, it reads them again
+  (reshuffled) to fill its batches. A resampled stream whose reads fail 2 x shards + 10
+  times in a row (an unreachable URL, a pipe that fails) is a UserError too, so a dead
+  source ends the run instead of spinning; its workers end with the trainer
+  (scale.data.loader_workers).
+* Roots. A shard is a local file when its URL has no scheme (or `file:`); anything with a
+  scheme (`pipe:cat /d/x.tar`, `https://...`, `s3://...`) is left to webdataset to open, as
+  webdataset itself decides. Such shards are never counted by scanning: finite mode then
+  needs a manifest (data.manifest), resampled mode data.num_samples.
 * Mistakes in the settings are UserErrors (one line, exit 2) naming data.root,
   data.val_root or data.manifest, or the shard: no such root, a directory without
   shards, a first shard that is no tar, an invalid manifest (not JSON, another format,
@@ -63,6 +71,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import torch
 import webdataset as wds
@@ -80,7 +90,8 @@ from .transforms import RateLimitedWarning, Transform, build_pretrain_transform,
 log = logging.getLogger(__name__)
 
 SHARD_FORMS = ("expected a directory of .tar shards (with its manifest.json), a brace pattern such as "
-               "/data/train-{000000..000099}.tar, or one .tar file")
+               "/data/train-{000000..000099}.tar, one .tar file, or a URL pattern webdataset opens "
+               "(pipe:cat /data/train-{000000..000099}.tar, https://...)")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SHUFFLE_INITIAL = 100  # samples buffered before the shuffle starts yielding (webdataset's default)
 
@@ -103,9 +114,13 @@ class ShardSet:
 
 
 def _local_path(url: str) -> Optional[Path]:
-    if url.startswith("file:"):
-        return Path(url[len("file:"):])
-    return None if "://" in url else Path(url)
+    """The local file `url` names, or None for what webdataset opens by its scheme (`pipe:`,
+    `http:`, `s3:` ...). Decided as webdataset's gopen decides, by the URL's scheme, so that
+    `pipe:cat /d/x.tar` is a command whether or not it contains `://`."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path))
+    return Path(url) if parsed.scheme == "" else None
 
 
 def _scan_tar(path: str) -> Tuple[int, Optional[str]]:
@@ -325,10 +340,16 @@ class CorruptSample(ValueError):
     pass
 
 
+def _read_error_text(exn: Exception) -> str:
+    """A shard read error for a message: webdataset appends the stream object and the URL to
+    its arguments; the object's repr is an address, so only the cause and the URL are kept."""
+    words = [str(arg) for arg in exn.args if isinstance(arg, (str, int))]
+    return " ".join(f"{type(exn).__name__}: {', '.join(words)}".split())
+
+
 class WebDatasetData(PretrainData):
-    def __init__(self, shards: ShardSet, items: SampleItems, device_input: DeviceInput, *, img_size: int,
-                 in_chans: int, resampled: bool = False, epoch_samples: Optional[int] = None,
-                 shuffle_buffer: int = 1000):
+    def __init__(self, shards: ShardSet, items: SampleItems, device_input: DeviceInput, *,
+                 resampled: bool = False, epoch_samples: Optional[int] = None, shuffle_buffer: int = 1000):
         """`items`: what a worker makes of a sample's image bytes and augmentation seed, and how
         it batches them (`CpuItems`: finished uint8 images; `DeviceJpegItems`: JPEG bytes and
         crops for the device). `epoch_samples`: samples per resampled epoch (default: the
@@ -338,7 +359,6 @@ class WebDatasetData(PretrainData):
             raise ConfigError(f"{shards.setting} {shards.root!r}: finite mode needs per-shard sample counts; write "
                              "a manifest.json next to the shards (or set data.manifest), or set data.resampled")
         self.shards, self.items = shards, items
-        self.img_size, self.in_chans = img_size, in_chans
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
         if epoch_samples is None:
             if shards.counts is None:
@@ -466,8 +486,8 @@ class WebDatasetData(PretrainData):
         # A resampled stream would otherwise spin forever on a split whose shards all fail.
         if self._read_errors_in_a_row > 2 * len(self.shards.urls) + 10:
             raise UserError(f"{self.shards.setting} {self.shards.root!r}: {self._read_errors_in_a_row} shard read "
-                            f"errors in a row, last: {exn!r}; expected readable tar shards (check them with "
-                            "scale-verify-shards (python -m data_prep.verify_shards))")
+                            f"errors in a row, last: {_read_error_text(exn)}; expected readable tar shards (check "
+                            "them with scale-verify-shards (python -m data_prep.verify_shards))")
         return True  # go on with the next shard
 
     def _sample_item(self, sample: Sample, seed: int) -> Tuple[Any, int]:
@@ -486,17 +506,21 @@ class WebDatasetData(PretrainData):
         seeds = [sample_seed(spec.seed, epoch, (position * spec.world_size + spec.rank) * workers + worker)
                  for position, _ in chunk]
         made: List[Optional[Tuple[Any, int]]] = []
+        first_problem = ""
         for (_, sample), seed in zip(chunk, seeds):
             try:
                 made.append(self._sample_item(sample, seed))
             except Exception as err:  # any undecodable sample; it must not end the run
-                self._warn_corrupt(f"{sample.get('__url__')} key {sample.get('__key__')}: {err!r}"[:300])
+                problem = f"{sample.get('__url__')} key {sample.get('__key__')}: {err!r}"[:300]
+                first_problem = first_problem or problem
+                self._warn_corrupt(problem)
                 made.append(None)
         good = [i for i, m in enumerate(made) if m is not None]
-        if not good:
-            log.error("every sample of a batch of %d was corrupt; yielding zero images with label -1", len(chunk))
-            zero = torch.zeros(self.in_chans, self.img_size, self.img_size, dtype=torch.uint8)
-            return self.items.collate([zero] * len(chunk)), torch.full((len(chunk),), -1), len(chunk)
+        if not good:  # nothing to stand in: training on blank images would go on silently
+            raise UserError(f"{self.shards.setting} {self.shards.root!r}: every sample of a batch of {len(chunk)} is "
+                            f"corrupt (first: {' '.join(first_problem.split())}); expected samples with a decodable "
+                            f"image ({'/'.join(IMAGE_KEYS)}) and a .cls label (check the shards with "
+                            "scale-verify-shards (python -m data_prep.verify_shards))")
         items, labels = [], []
         for i, (_, sample) in enumerate(chunk):
             if made[i] is None:  # the next good sample of the batch (else the first) under the corrupt one's seed
@@ -547,5 +571,5 @@ def build_webdataset(cfg: DataConfig, img_size: int, in_chans: int, train: bool)
     epoch_samples = cfg.num_samples if resampled and shards.counts is None else None
     transform = build_pretrain_transform(cfg, img_size, in_chans)
     items = DeviceJpegItems(transform) if cfg.decode == "gpu" else CpuItems(transform)
-    return WebDatasetData(shards, items, DeviceInput(cfg.mean, cfg.std), img_size=img_size, in_chans=in_chans,
-                          resampled=resampled, epoch_samples=epoch_samples, shuffle_buffer=cfg.shuffle_buffer)
+    return WebDatasetData(shards, items, DeviceInput(cfg.mean, cfg.std), resampled=resampled,
+                          epoch_samples=epoch_samples, shuffle_buffer=cfg.shuffle_buffer)
