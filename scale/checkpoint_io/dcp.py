@@ -7,19 +7,28 @@
 The engine turns its sharded module and optimizer into state dicts and back
 (torch.distributed.checkpoint.state_dict); this module writes and reads them. `read_model`
 reads the `model.*` tensors alone, in one process without a process group (export, eval).
+
+Reading trusts nothing in the directory: `.metadata` is rebuilt without pickle semantics
+(dcp_metadata.py), every data file it names must lie inside the directory (confined.py)
+and be long enough for its entries, and whatever still fails is one CheckpointFileError
+naming the file, on every rank, with none of DCP's per-rank tracebacks.
 """
 from __future__ import annotations
 
-import pickle
+import contextlib
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed.checkpoint as dist_cp
+from torch.distributed.checkpoint.api import CheckpointException
 
+from ..errors import UserError
+from .confined import confined_path
+from .dcp_metadata import MetadataRefused, read_dcp_metadata
 from .errors import CheckpointFileError, CheckpointFormatError
-from .safe_load import load_torch_file, weights_only_forced
+from .safe_load import describe_load_error, load_torch_file, weights_only_forced
 
 FORMAT = "dcp"
 DCP_DIR = "dcp"
@@ -36,43 +45,86 @@ def save(directory: Path, model_state: Dict[str, Any], optimizer_state: Dict[str
         torch.save(extra, directory / EXTRA_FILE)
 
 
-# What a DCP `.metadata` pickle may name: DCP's own metadata classes, shapes, dtypes, layouts, paths.
-# torch's reader unpickles it with plain `pickle.load`; ours refuses anything else (it could run code).
-_METADATA_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
-} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
-     ("collections", "OrderedDict")} | {("torch", str(dtype).split(".")[1]) for dtype in (
-         torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-         torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _METADATA_GLOBALS:
-            raise pickle.UnpicklingError(f"Unsupported global: {module}.{name}")
-        return super().find_class(module, name)
-
-
 class PlainDataReader(dist_cp.FileSystemReader):
-    """A FileSystemReader whose metadata is unpickled with an allow-list (DCP's classes only)."""
+    """A FileSystemReader that reads the metadata without pickle semantics (dcp_metadata.py), follows
+    only the data files it names inside its directory, and names the file when one cannot be read."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         path = Path(self.path) / DCP_METADATA
         try:
-            with open(path, "rb") as stream:
-                metadata = _MetadataUnpickler(stream).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError) as err:
+            metadata = read_dcp_metadata(path.read_bytes())
+        except OSError as err:
+            raise CheckpointFileError(f"checkpoint file {path}: unreadable ({err.strerror or err})") from None
+        except (MetadataRefused, EOFError, AttributeError, TypeError, ValueError, IndexError, KeyError,
+                RuntimeError) as err:
             raise CheckpointFileError(f"checkpoint file {path}: refused or damaged: it is not plain DCP metadata "
                                       f"({type(err).__name__}: {str(err)[:120]})") from None
-        if getattr(metadata, "storage_meta", None) is None:
+        self._check_records(metadata, path)
+        if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+    def _check_records(self, metadata: Any, metadata_file: Path) -> None:
+        """Before anything is read: the records have DCP's types, every data file an entry names is
+        inside this directory, and long enough for the entries that read it (a truncated file is named
+        here, not by a zip reader)."""
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+        items = metadata.state_dict_metadata
+        if not isinstance(items, dict) or not all(
+                isinstance(key, str) and isinstance(item, (TensorStorageMetadata, BytesStorageMetadata))
+                for key, item in items.items()):
+            raise CheckpointFileError(f"checkpoint file {metadata_file}: refused or damaged: its state_dict_metadata "
+                                      "is not a mapping of names to DCP storage records")
+        storage = metadata.storage_data
+        if not isinstance(storage, dict) or not all(isinstance(key, MetadataIndex) and isinstance(info, _StorageInfo)
+                                                    for key, info in storage.items()):
+            raise CheckpointFileError(f"checkpoint file {metadata_file}: refused or damaged: its storage_data is "
+                                      "not a mapping of DCP storage entries")
+        needed: Dict[Path, int] = {}
+        for info in storage.values():
+            if type(info.offset) is not int or type(info.length) is not int or info.offset < 0 or info.length < 0:
+                raise CheckpointFileError(f"checkpoint file {metadata_file}: refused or damaged: an entry of "
+                                          f"{str(info.relative_path)[:200]!r} has offset {info.offset!r:.40}, "
+                                          f"length {info.length!r:.40}")
+            data_file = confined_path(Path(self.path), info.relative_path, metadata_file)
+            needed[data_file] = max(needed.get(data_file, 0), info.offset + info.length)
+        for data_file, size in sorted(needed.items()):
+            if not data_file.is_file():
+                raise CheckpointFileError(f"checkpoint file {data_file} does not exist ({metadata_file.name} "
+                                          "names it)")
+            if data_file.stat().st_size < size:
+                raise CheckpointFileError(f"checkpoint file {data_file}: truncated ({data_file.stat().st_size} "
+                                          f"bytes, {metadata_file.name} records data up to byte {size})")
+
+    def read_data(self, plan: Any, planner: Any) -> Any:
+        try:
+            return super().read_data(plan, planner)
+        except UserError:
+            raise
+        except Exception as err:  # a damaged data file: the zip reader's error names no file
+            names = sorted({self.storage_data[item.storage_index].relative_path for item in plan.items})
+            raise CheckpointFileError(f"checkpoint file {Path(self.path) / names[0] if len(names) == 1 else names} "
+                                      f"in {self.path}: {describe_load_error(err)}") from None
+
+
+@contextlib.contextmanager
+def _one_error(directory: Path) -> Iterator[None]:
+    """DCP gathers what failed on each rank into a CheckpointException (a BaseException whose message
+    is every rank's traceback): re-raise the first rank's UserError as it is, or one CheckpointFileError."""
+    try:
+        yield
+    except CheckpointException as err:
+        failures = [failure for _rank, (failure, _trace) in sorted(err.failures.items())]
+        raise next((failure for failure in failures if isinstance(failure, UserError)), None) or CheckpointFileError(
+            f"checkpoint {directory} cannot be read: {describe_load_error(failures[0]) if failures else err}") \
+            from None
 
 
 def load(directory: Path, model_state: Dict[str, Any],
@@ -80,8 +132,12 @@ def load(directory: Path, model_state: Dict[str, Any],
     """Collective: (model state, optimizer state, trainer state), the first two read into the given
     (sharded) state dicts."""
     state = {"model": model_state, "optimizer": optimizer_state}
-    with weights_only_forced():  # DCP's planner rebuilds non-tensor items with torch.load, weights_only off
-        dist_cp.load(state, storage_reader=PlainDataReader(str(directory / DCP_DIR)))
+    reader = PlainDataReader(str(directory / DCP_DIR))
+    # Checked on every rank before the collective: a refused or damaged .metadata is one error here,
+    # not a failure DCP logs as a traceback and retries as rank-local metadata.
+    reader.read_metadata()
+    with _one_error(directory), weights_only_forced():  # DCP's planner rebuilds non-tensor items with torch.load
+        dist_cp.load(state, storage_reader=reader)
     return state["model"], state["optimizer"], load_torch_file(directory / EXTRA_FILE)
 
 
@@ -115,6 +171,7 @@ def read_model(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, 
     with warnings.catch_warnings():  # "torch.distributed is disabled ...": reading alone is the intent
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         with weights_only_forced():
-            dist_cp.load({"model": model}, storage_reader=reader, no_dist=True)
+            with _one_error(path):
+                dist_cp.load({"model": model}, storage_reader=reader, no_dist=True)
     extra_file = path / EXTRA_FILE
     return model, load_torch_file(extra_file) if extra_file.is_file() else None

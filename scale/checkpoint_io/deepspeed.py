@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from .confined import confined_path
 from .errors import CheckpointFormatError
 from .safe_load import FORCE_WEIGHTS_ONLY, load_torch_file, weights_only_forced  # noqa: F401 (re-exported)
 
@@ -111,10 +112,10 @@ def load(ds_engine: Any, directory: Path) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------- reading without the engine
 
 def tag_dir(path: Path) -> Optional[Path]:
-    """The DeepSpeed tag directory under `path` (`latest` names it when present)."""
+    """The DeepSpeed tag directory under `path` (`latest` names it when present, inside `path` only)."""
     latest = path / LATEST_FILE
-    candidates = [path / latest.read_text().strip()] if latest.is_file() else sorted(p for p in path.iterdir()
-                                                                                        if p.is_dir())
+    candidates = [confined_path(path, latest.read_text(errors="replace").strip(), latest)] if latest.is_file() \
+        else sorted(p for p in path.iterdir() if p.is_dir())
     for tag in candidates:
         if tag.is_dir() and any(tag.glob(MODEL_STATES)):
             return tag

@@ -8,16 +8,16 @@ its `encoder.*` entries are a timm VisionTransformer state dict (`encoder_state_
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
-from ..errors import UserError, one_line
+from ..errors import UserError
 from . import dcp, deepspeed, torch_file
 from .errors import CheckpointFormatError
+from .safe_load import describe_load_error
 
 FORMATS = (torch_file, dcp, deepspeed)  # detection order
 CONFIG_KEY = "config"  # the trainer state's run config (to_dict form), saved by scale.trainer
@@ -77,18 +77,22 @@ def _strip_wrappers(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     """Read the model state (and the run config) of a checkpoint written by any engine."""
-    from ..trainer.checkpoint import META
+    from ..trainer.checkpoint import META, read_meta
 
     path = resolve_checkpoint(path)
     fmt = detect_format(path)
+    meta = read_meta(path) if (path / META).is_file() else {}  # its schema checked before any weights are read
     try:
         model_state, extra = {m.FORMAT: m for m in FORMATS}[fmt].read_model(path)
-        config = (extra or {}).get(CONFIG_KEY)
+        config = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
     except UserError:
         raise
     except Exception as err:  # damaged files surface as many types (RuntimeError, EOFError, KeyError, ...)
         raise CheckpointFormatError(f"checkpoint {str(path)!r} ({fmt} format) cannot be read: "
-                                    f"{type(err).__name__}: {one_line(err)[:200]}") from err
+                                    f"{describe_load_error(err)}") from err
+    if config is not None and not isinstance(config, dict):
+        raise CheckpointFormatError(f"checkpoint {str(path)!r} ({fmt} format): its saved run config is a "
+                                    f"{type(config).__name__}, not a mapping; damaged or edited")
     model_state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
                    for k, v in _strip_wrappers(model_state).items()}
     if config is None:  # older or foreign checkpoints: the run's config.yaml two levels up
@@ -97,7 +101,6 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
             from ..config import read_yaml_file
 
             config = read_yaml_file(run_config, "run config")
-    meta = json.loads((path / META).read_text()) if (path / META).is_file() else {}
     return LoadedCheckpoint(path=path, format=fmt, model_state=model_state, config=config, meta=meta)
 
 

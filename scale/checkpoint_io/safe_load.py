@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -40,10 +39,11 @@ def weights_only_forced() -> Iterator[None]:
             os.environ[FORCE_WEIGHTS_ONLY] = previous
 
 
-def _reason(err: BaseException) -> str:
+def describe_load_error(err: BaseException) -> str:
+    """Why a checkpoint file could not be loaded, in words for the user: never torch's advice to
+    load with weights_only off, which is exactly what must not happen."""
     text = str(err)
-    if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in text:
-        # torch's message suggests loading with weights_only off, which is exactly what must not happen.
+    if "weights_only" in text:  # torch's refusal, or any message carrying its advice
         detail = next((line.strip() for line in text.splitlines() if "Unsupported global" in line
                        or "Unsupported operand" in line), "")
         return ("refused: it holds Python objects other than tensors and plain containers, and unpickling them "
@@ -65,4 +65,4 @@ def load_torch_file(path: Path | str, map_location: Any = "cpu", safe_globals: O
                 return torch.load(path, map_location=map_location, weights_only=True)
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for damaged files (RuntimeError, EOFError, UnpicklingError)
-        raise CheckpointFileError(f"checkpoint file {path}: {_reason(err)}") from err
+        raise CheckpointFileError(f"checkpoint file {path}: {describe_load_error(err)}") from err

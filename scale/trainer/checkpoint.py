@@ -10,8 +10,15 @@ rules.
 
 `--resume auto` verifies the newest checkpoint against its recorded sizes and checksums
 before loading it; a truncated or corrupt one is named in a warning and the previous one
-is used. A disk that fills up while saving is one clear error: the partial `.tmp` is
+is used, and when the run reaches that step again the damaged checkpoint is replaced by a
+good one. A disk that fills up while saving is one clear error: the partial `.tmp` is
 removed and the previous checkpoint stays usable.
+
+meta.json is data from whoever wrote the checkpoint: every reader (resume, export, eval)
+takes it through `read_meta`, which checks its schema, and the file names it records are
+followed only inside the checkpoint (scale/checkpoint_io/confined.py). Rotation renames an
+old checkpoint to `step_*.deleting` before removing it, so a kill mid-removal leaves
+nothing that looks like a checkpoint, and later saves clear such leftovers.
 """
 from __future__ import annotations
 
@@ -23,12 +30,17 @@ import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+from ..checkpoint_io.confined import confined_path
 from ..errors import UserError
 from ..shards.manifest import sha256_of_file as _sha256
 
 _COMPLETE = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
 FILES_KEY = "files"  # meta.json: {relative path: {"bytes": n, "sha256": hex}}
+CONFIG_KEY = "config"  # meta.json: the run config (to_dict form) a resume is checked against
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Directories rotation and re-saving leave behind while they work (cleared by later saves).
+_LEFTOVER_SUFFIXES = (".tmp", ".deleting", ".replaced")
 # Below this much free space a failed write is reported as a full disk: torch.save's zip
 # writer turns ENOSPC into a RuntimeError without an errno.
 _FULL_DISK_BYTES = 16 << 20
@@ -59,9 +71,16 @@ def seal_directory(directory: Path) -> Dict[str, Dict[str, object]]:
 
 
 def verify_directory(directory: Path, files: Dict[str, Dict[str, object]]) -> Optional[str]:
-    """None when every recorded file is there with its size and checksum; else what is wrong."""
+    """None when every recorded file is there with its size and checksum; else what is wrong.
+
+    Every name is confined to `directory` before any file is looked at: a name leading out is
+    refused without opening, stat'ing or hashing anything outside (no oracle on other files)."""
+    try:
+        paths = {name: confined_path(directory, name, directory / META) for name in files}
+    except UserError as err:
+        return str(err)
     for name, record in sorted(files.items()):
-        path = directory / name
+        path = paths[name]
         if not path.is_file():
             return f"{path} is missing"
         size = path.stat().st_size
@@ -109,10 +128,11 @@ class CheckpointManager:
              barrier: Callable[[], None] = lambda: None) -> Path:
         """Write checkpoint `step`: `write(tmp_dir)` fills it (on every rank, for sharded
         engines), then the writer rank seals it (fsync + checksums in meta.json) and renames
-        it into place."""
+        it into place.
+
+        A checkpoint already there for `step` is replaced: a run only reaches a step it saved
+        before after `--resume auto` fell back over it, because it was damaged."""
         final = self.path_for(step)
-        if (final / META).is_file():  # the same step is already saved: its state is this state
-            return final
         tmp = self.directory / f"{final.name}.tmp"
         try:
             if is_writer:
@@ -130,8 +150,7 @@ class CheckpointManager:
                     f.flush()
                     os.fsync(f.fileno())
                 _fsync_path(tmp)
-                os.rename(tmp, final)
-                _fsync_path(self.directory)
+                self._publish(tmp, final)
                 self._prune()
         except Exception as err:
             if not is_disk_full(err, self.directory):
@@ -146,25 +165,46 @@ class CheckpointManager:
         barrier()
         return final
 
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Rename the sealed `tmp` to `final`; one already there (damaged, fallen back over) is first
+        renamed aside to `<final>.replaced`, so a kill in between leaves the earlier checkpoints."""
+        if final.exists():
+            replaced = final.with_name(final.name + ".replaced")
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.rename(final, replaced)
+        os.rename(tmp, final)
+        _fsync_path(self.directory)
+
     def _prune(self) -> None:
-        for old in self.complete()[:-self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in self.directory.glob("step_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+        """Remove checkpoints beyond keep_last, and what earlier saves left half done."""
+        done = self.complete()
+        for old in done[:-self.keep_last]:
+            self._remove(old)
+        # A `step_*` without meta.json older than the newest complete one is a removal a kill
+        # interrupted (before rotation renamed first); a newer one may still be being written.
+        newest = int(_COMPLETE.match(done[-1].name).group(1)) if done else -1
+        for path in self.directory.glob("step_*"):
+            match = _COMPLETE.match(path.name)
+            if path.name.endswith(_LEFTOVER_SUFFIXES) or (match and int(match.group(1)) < newest
+                                                         and not (path / META).is_file()):
+                self._remove(path)
+
+    def _remove(self, path: Path) -> None:
+        """Rename out of the `step_XXXXXXXX` namespace, then delete: a kill mid-way leaves a `.deleting`
+        directory that the next save clears, never a checkpoint-looking one."""
+        doomed = path if path.name.endswith(_LEFTOVER_SUFFIXES) else path.with_name(path.name + ".deleting")
+        if doomed != path:
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.rename(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def verify(self, path: Path) -> Optional[str]:
         """None when `path` is complete and intact; else why it is not."""
-        meta_file = path / META
         try:
-            meta = json.loads(meta_file.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as err:
-            return f"{meta_file} is unreadable ({err.__class__.__name__})"
-        files = meta.get(FILES_KEY) if isinstance(meta, dict) else None
-        if files is None:
-            return None  # written before checksums were recorded: nothing to check against
-        if not isinstance(files, dict):
-            return f"{meta_file}: '{FILES_KEY}' is not a mapping"
-        return verify_directory(path, files)
+            meta = read_meta(path)
+        except CheckpointError as err:
+            return str(err)
+        return verify_directory(path, meta[FILES_KEY])
 
     def newest_usable(self, warn: Callable[[str], None]) -> Optional[Path]:
         """The newest complete checkpoint that verifies, warning about each one skipped.
@@ -201,12 +241,43 @@ class CheckpointManager:
         return path
 
 
+def _is_count(value: object, least: int = 0) -> bool:
+    return type(value) is int and value >= least
+
+
+# meta.json's keys: whether each must be there, what it must hold (in words), and the check.
+_META_SCHEMA: Tuple[Tuple[str, bool, str, Callable[[object], bool]], ...] = (
+    ("step", True, "an integer >= 0", _is_count),
+    (FILES_KEY, True, "a mapping of relative file names to {\"bytes\": integer >= 0, \"sha256\": 64 hex digits}",
+     lambda files: isinstance(files, dict) and all(
+         isinstance(name, str) and isinstance(record, dict) and _is_count(record.get("bytes"))
+         and isinstance(record.get("sha256"), str) and _SHA256.match(record["sha256"]) is not None
+         for name, record in files.items())),
+    (CONFIG_KEY, False, "a mapping (the run config)", lambda config: isinstance(config, dict)),
+    ("epoch", False, "an integer >= 0", _is_count),
+    ("world_size", False, "an integer >= 1", lambda n: _is_count(n, 1)),
+    ("engine", False, "a string", lambda name: isinstance(name, str)),
+    ("checkpoint_format", False, "a string", lambda name: isinstance(name, str)),
+    ("model", False, "a string", lambda name: isinstance(name, str)),
+)
+
+
 def read_meta(path: Path) -> dict:
-    """A checkpoint's meta.json, or one CheckpointError naming it."""
+    """A checkpoint's meta.json, checked against its schema (_META_SCHEMA), or one CheckpointError naming it.
+
+    What every reader takes meta.json through: resume, verification, export and eval."""
+    meta_file = path / META
     try:
-        meta = json.loads((path / META).read_text())
+        meta = json.loads(meta_file.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"{path / META} is unreadable ({type(err).__name__}); not a scale checkpoint?") from None
+        raise CheckpointError(f"{meta_file} is unreadable ({type(err).__name__}); not a scale checkpoint?") from None
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{path / META} is not a JSON object; not a scale checkpoint?")
+        raise CheckpointError(f"{meta_file} is not a JSON object; not a scale checkpoint?")
+    for key, required, allowed, fits in _META_SCHEMA:
+        if key not in meta and not required:
+            continue
+        if key not in meta or not fits(meta[key]):
+            found = "missing" if key not in meta else f"{type(meta[key]).__name__} {json.dumps(meta[key])[:80]}"
+            raise CheckpointError(f"{meta_file}: '{key}' must be {allowed} (found: {found}); damaged or edited, "
+                                  "not a checkpoint this code wrote")
     return meta

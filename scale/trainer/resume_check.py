@@ -13,13 +13,15 @@ key with the checkpoint's:
   timeouts, monitors), which does not change what a step computes.
 
 `train.resume_allow_changes` is the expert escape hatch: the keys it names may differ.
+Nothing in the checkpoint switches the check off: a meta.json without the config, the
+engine family or the world size it was written with is refused (`resume_meta`).
 """
 from __future__ import annotations
 
 from typing import Any, Dict, Iterator, List, Tuple
 
 from ..config import RENAMED_KEYS, RunConfig, to_dict
-from .checkpoint import CheckpointError
+from .checkpoint import CONFIG_KEY, META, CheckpointError
 
 # Prefixes (a section, or one key) whose change is refused, with the reason shown.
 REFUSED: Tuple[Tuple[str, str], ...] = (
@@ -58,6 +60,20 @@ WARNED: Tuple[str, ...] = ("train.epochs", "train.max_steps", "train.precision",
 # Keys that are not config keys but are checked the same way.
 WORLD_SIZE = "world_size"
 ENGINE_FAMILY = "engine"
+# What meta.json must record for a resume to be checked (read_meta has checked their types).
+RESUME_META_KEYS = (CONFIG_KEY, "checkpoint_format", WORLD_SIZE)
+
+
+def resume_meta(meta: Dict[str, Any], checkpoint: str) -> Dict[str, Any]:
+    """`meta` when it records what check_resume_config compares; else a CheckpointError: a resume
+    that cannot be checked is refused, never let through with a warning."""
+    missing = [key for key in RESUME_META_KEYS if key not in meta]
+    if missing:
+        raise CheckpointError(
+            f"cannot resume {checkpoint}: its {META} does not record {', '.join(repr(k) for k in missing)}, so the "
+            "config of this run cannot be checked against the checkpoint's; restore the checkpoint's own "
+            f"{META}, or start a new run in another train.output_dir")
+    return meta
 
 
 def _flatten(tree: Dict[str, Any], prefix: str = "") -> Iterator[Tuple[str, Any]]:

@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint_io import encoder_state_dict
+from ..checkpoint_io.safe_load import describe_load_error
 from ..config import ConfigError, RunConfig, to_dict, to_yaml
-from ..errors import UserError, one_line
+from ..errors import UserError
 from ..device import autocast_dtype, resolve_device
 from ..data import LoaderSpec, PretrainData, build_dataset
 from ..data.device_input import DeviceImages
@@ -35,9 +36,9 @@ from ..masking import (MASK_GENERATORS, MaskContext, MaskGenerator, build_mask_g
                        step_generator)
 from ..models import build_encoder
 from ..pretraining import PretrainModule, build_pretrain_module
-from .checkpoint import CheckpointError, CheckpointManager, read_meta
+from .checkpoint import CONFIG_KEY, CheckpointError, CheckpointManager, read_meta
 from .monitors import Monitor
-from .resume_check import check_resume_config
+from .resume_check import check_resume_config, resume_meta
 from .flops import train_step_flops
 from .optim import build_optimizer, build_schedule, learning_rate
 from .progress import ProgressReporter
@@ -190,21 +191,16 @@ class Trainer:
         path = self._resume_path()
         if path is None:
             return None
-        meta = read_meta(path)
-        saved_config = meta.get("config")
-        if isinstance(saved_config, dict):
-            for warning in check_resume_config(saved_config, self.cfg, meta, self.engine.checkpoint_format,
-                                               self.engine.world_size, str(path)):
-                self._warn(warning)
-        else:
-            self._warn(f"{path} was written without its config: the resumed config cannot be checked against it")
+        meta = resume_meta(read_meta(path), str(path))
+        for warning in check_resume_config(meta[CONFIG_KEY], self.cfg, meta, self.engine.checkpoint_format,
+                                           self.engine.world_size, str(path)):
+            self._warn(warning)
         try:
             extra = self.engine.load(path)
         except UserError:
             raise
         except Exception as err:  # state-dict mismatches, damaged shards: a user-facing file problem
-            raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(err).__name__}: "
-                                  f"{one_line(err)[:300]}") from err
+            raise CheckpointError(f"checkpoint {path} cannot be loaded: {describe_load_error(err)}") from err
         self.step = int(extra["step"])
         torch.set_rng_state(extra["rng_cpu"])
         if self.device.type == "cuda" and "rng_cuda" in extra:
