@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Callable, ContextManager, Dict, Optional, Tuple
 
 import torch
@@ -71,8 +72,10 @@ class MaskContext:
     generator: torch.Generator  # seeded by (seed, step, rank), on `device`
     device: torch.device
     step: int = 0
-    progress: float = 0.0  # step / total steps, in [0, 1]
-    epoch_progress: float = 0.0  # completed epochs / total epochs, in [0, 1]
+    # step / total steps and completed epochs / total epochs, in [0, 1]; the trainer passes exact
+    # Fractions (EHM's depth is floor(progress x H): a float can round it one level low)
+    progress: float | Fraction = 0.0
+    epoch_progress: float | Fraction = 0.0
     images: Optional[torch.Tensor] = None  # when needs.images or needs.model_signal
     model_signal: Optional[ModelSignal] = None  # when needs.model_signal
     time_region: Callable[[str], ContextManager[None]] = untimed  # name -> a timed region, logged as time_<name>_s

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -68,15 +68,35 @@ class PatchTree:
             labels = torch.where(climb, parent.gather(1, labels), labels)
         return labels
 
-    def leaf_positions(self) -> torch.Tensor:
-        """(B, N) each patch's position in the tree's depth-first leaf order (smaller leaves' child
-        first): every subtree, hence every part, is one contiguous run of positions."""
-        start = torch.zeros_like(self.parent)
+    def cluster_sizes(self) -> torch.Tensor:
+        """(B, N) leaves in the cluster each slot held when it was absorbed (slot 0: all N)."""
+        size = torch.ones_like(self.parent)
         parent = self.parent.clamp(min=0)
+        for level in range(2, int(self.height.max()) + 1):  # children before parents
+            absorbed = self.merge_level == level
+            size = size.scatter_add(1, parent, torch.where(absorbed, size, 0))
+        return size
+
+    def leaf_positions(self, swapped: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, N) each patch's position in a depth-first leaf order of the tree: every subtree, hence
+        every part, is one contiguous run of positions. At each merge the child holding the smaller
+        leaves comes first, unless `swapped` (B, N) bool is True at the slot that merge absorbed: then
+        the absorbed child does (EHM draws these per merge, so that neither child is favoured)."""
+        if swapped is None:
+            swapped = torch.zeros_like(self.parent, dtype=torch.bool)
+        parent = self.parent.clamp(min=0)
+        absorbed_first = torch.where(swapped, self.cluster_sizes(), 0)  # how far a swap moves the absorbing child
+        after_left = torch.where(swapped, 0, self.left_size)  # the absorbed child's offset in its merge's node
+        start = torch.zeros_like(self.parent)  # where a slot's cluster starts, once the merge absorbing it is placed
+        # How far a slot's own sub-cluster sits from its cluster's start, from the swapped merges placed so far:
+        # merges go top-down, so at level L it holds the shifts of the merges above L.
+        shift = torch.zeros_like(self.parent)
         for level in range(int(self.height.max()), 1, -1):  # parents before children
             absorbed = self.merge_level == level
-            start = torch.where(absorbed, start.gather(1, parent) + self.left_size, start)
-        return start
+            node_start = (start + shift).gather(1, parent)  # where the node this merge creates starts
+            start = torch.where(absorbed, node_start + after_left, start)
+            shift = shift.scatter_add(1, parent, torch.where(absorbed, absorbed_first, 0))
+        return start + shift
 
 
 @dataclass

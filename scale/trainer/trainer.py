@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -261,8 +262,10 @@ class Trainer:
         needs = self.masking.needs
         context = MaskContext(generator=step_generator(self.cfg.train.seed, self.step, self.engine.rank, self.device),
                               device=self.device, step=self.step,
-                              progress=min(self.step / max(self.total_steps, 1), 1.0),
-                              epoch_progress=min((self.step // self.steps_per_epoch) / max(self.cfg.train.epochs, 1), 1.0),
+                              # Exact fractions: EHM's depth floor(progress x H) must not round one level low.
+                              progress=min(Fraction(self.step, max(self.total_steps, 1)), Fraction(1)),
+                              epoch_progress=min(Fraction(self.step // self.steps_per_epoch,
+                                                          max(self.cfg.train.epochs, 1)), Fraction(1)),
                               time_region=self.timer.time)
         if needs.images or needs.model_signal is not None:
             context.images = batch.all()
