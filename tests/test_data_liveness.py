@@ -16,11 +16,15 @@ import pytest
 import torch
 
 from conftest import TINY_OVERRIDES, python_env
+from test_data_path import jpeg, photo
 from test_data_prep import make_tiny_fashion_mnist
 from test_data_reliability import collect, folder
 from test_webdataset_loader import write_shards
 from scale.config import DataConfig
 from scale.data import LoaderSpec, build_dataset
+from scale.data.device_input import DeviceInput
+from scale.data.gpu_decode import DeviceJpegItems
+from scale.data.transforms import PretrainTransform
 from scale.errors import UserError
 from scale.shards import fashion_mnist
 
@@ -180,6 +184,15 @@ def test_an_image_folder_batch_of_only_unreadable_images_is_a_user_error(tmp_pat
         with pytest.raises(UserError, match="every sample of batch 0 of epoch 0 .4 samples. is unreadable") as err:
             collect(folder(tmp_path / "root"), LoaderSpec(batch_size=4, seed=0, num_workers=workers), 0)
         assert str(err.value).startswith("data.root: ") and "\n" not in str(err.value)
+
+
+def test_a_device_decoded_batch_of_only_corrupt_jpegs_is_a_user_error() -> None:
+    # Cut JPEGs: their headers parse, so the worker ships them; the device (and PIL) reject every one.
+    items = DeviceJpegItems(PretrainTransform(32, 3))
+    cut = [data[: len(data) // 2] for data in (jpeg(photo(80 + 8 * i, 60, seed=i)) for i in range(3))]
+    batch = items.collate([items(data, seed) for seed, data in enumerate(cut)])
+    with pytest.raises(UserError, match="^data.root: every image of a batch of 3 is a corrupt JPEG"):
+        DeviceInput([0.5] * 3, [0.25] * 3).pixels(batch, torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- 5. pipe: roots

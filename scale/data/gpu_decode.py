@@ -9,9 +9,9 @@ the CPU in the worker and travel as pixels. On the device, `EncodedBatch.decode`
 `F.interpolate(bicubic, antialias=True)` (PIL's kernel, as on the CPU path), flips, rounds
 to uint8. Should the device reject an image the header did not give away, that image is
 decoded on the CPU instead (warned); one that PIL rejects too is replaced and counted as on the
-CPU path. nvJPEG runs on its own CUDA streams, which do not wait for work queued on the
-training stream (pytorch/vision#9606), so the device is synchronised around the decode: one
-host sync per step.
+CPU path, and a batch in which no image decodes stops the run. nvJPEG runs on its own CUDA
+streams, which do not wait for work queued on the training stream (pytorch/vision#9606), so the
+device is synchronised around the decode: one host sync per step.
 
 Crop and flip are a function of (seed, epoch, sample index) and the batches' bytes of the
 sample stream, so exact resume holds as on the CPU path; pixels differ from the CPU path's
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DataConfig
+from ..errors import UserError
 from .crop import CropParams
 from .transforms import PretrainTransform, RateLimitedWarning, open_image
 
@@ -142,6 +143,10 @@ class EncodedBatch:
             resized = F.interpolate(region, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
             resized = resized.round_().clamp_(0, 255).to(torch.uint8)[0]
             out[row] = resized.flip(-1) if flip else resized
+        if len(bad) == len(self):  # nothing to stand in: training on blank images would go on silently
+            raise UserError(f"data.root: every image of a batch of {len(self)} is a corrupt JPEG that the device and "
+                            "PIL both reject; expected decodable images (check the shards with scale-verify-shards "
+                            "(python -m data_prep.verify_shards))")
         good = [row for row in rows if row not in bad]
         for row in bad:
             out[row] = self._replacement(row, good).to(device)
