@@ -220,3 +220,13 @@ def test_a_pipe_root_without_a_url_in_it_reads_the_same_batches_as_the_directory
         assert torch.equal(y, y_expected) and torch.equal(x, x_expected)
     resampled = _batches(root=piped, resampled=True, num_samples=8)  # no manifest needed
     assert [len(y) for _, y in resampled] == [2, 2, 2, 2]
+
+
+def test_pipe_roots_without_counts_say_how_to_give_them(tmp_path: Path) -> None:
+    train = _fashion_mnist_shards(tmp_path)
+    piped = f"pipe:cat {train}/train-{{000000..000002}}.tar"
+    for fields, expected in ((dict(root=piped), "expected a manifest.json next to the shards (or set data.manifest)"),
+                             (dict(val_root=piped), "expected local shards with their manifest.json next to them")):
+        with pytest.raises(UserError, match="finite mode needs per-shard sample counts") as err:
+            build_dataset(DataConfig(name="webdataset", mean=[0.5], std=[0.25], **fields), 28, 1, train="root" in fields)
+        assert expected in str(err.value)

@@ -356,8 +356,11 @@ class WebDatasetData(PretrainData):
         manifest's count)."""
         super().__init__(device_input)
         if not resampled and shards.counts is None:
-            raise ConfigError(f"{shards.setting} {shards.root!r}: finite mode needs per-shard sample counts; write "
-                             "a manifest.json next to the shards (or set data.manifest), or set data.resampled")
+            ways = ("a manifest.json next to the shards (or set data.manifest), or set data.resampled"
+                    if shards.setting == "data.root" else  # the held-out split is always read finitely
+                    f"local shards with their {MANIFEST_NAME} next to them (a URL or pipe: split is not counted)")
+            raise ConfigError(f"{shards.setting} {shards.root!r}: finite mode needs per-shard sample counts; "
+                              f"expected {ways}")
         self.shards, self.items = shards, items
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
         if epoch_samples is None:
