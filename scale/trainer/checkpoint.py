@@ -195,7 +195,10 @@ class CheckpointManager:
         doomed = path if path.name.endswith(_LEFTOVER_SUFFIXES) else path.with_name(path.name + ".deleting")
         if doomed != path:
             shutil.rmtree(doomed, ignore_errors=True)
-            os.rename(path, doomed)
+            try:
+                os.rename(path, doomed)
+            except OSError:  # cannot rename (permissions): remove in place, as rotation always did
+                doomed = path
         shutil.rmtree(doomed, ignore_errors=True)
 
     def verify(self, path: Path) -> Optional[str]:
