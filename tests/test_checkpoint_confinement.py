@@ -339,3 +339,32 @@ def test_fsdp_resume_over_a_crafted_data_item_never_advises_weights_only_false(f
     _one_line_error(proc, "refused", ".distcp")
     assert "weights_only" not in proc.stderr + proc.stdout
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("fixed_name", ["state.pt", "meta.json"])
+def test_a_fixed_file_name_that_is_a_symlink_leading_out_is_refused_without_reading_it(trained_run, tmp_path, capsys,
+                                                                                      fixed_name):
+    """The readers open state.pt and meta.json by name, not from a list the checkpoint gives: a link out is
+    refused too (with state.pt left out of meta.json's `files`, nothing else would notice)."""
+    run = _copy_run(trained_run[0], tmp_path / "run")
+    ckpt = run / "checkpoints/step_00000004"
+    meta = json.loads((ckpt / META).read_text())
+    assert fixed_name == META or fixed_name in meta[FILES_KEY]
+    if fixed_name != META:
+        del meta[FILES_KEY][fixed_name]
+        (ckpt / META).write_text(json.dumps(meta))
+    outside = tmp_path / f"outside_{fixed_name}"
+    shutil.move(str(ckpt / fixed_name), outside)
+    (ckpt / fixed_name).symlink_to(outside)
+    with opened_files() as opened:
+        problem = CheckpointManager(run / "checkpoints").verify(ckpt)
+        with pytest.raises(UserError, match="symlink leading out"):
+            load_checkpoint(ckpt)
+    assert str(outside) not in opened, opened
+    assert problem is not None and "symlink leading out" in problem and fixed_name in problem
+    from scale.export import main as export_main
+
+    capsys.readouterr()
+    assert export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "enc.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "symlink leading out" in err, err

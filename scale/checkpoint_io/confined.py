@@ -34,3 +34,20 @@ def confined_path(checkpoint: Path, name: object, named_by: Path) -> Path:
     if real == root or os.path.commonpath([root, real]) != root:
         raise refusal
     return checkpoint / relative
+
+
+def refuse_links_leading_out(checkpoint: Path) -> None:
+    """Every symlink inside `checkpoint` must resolve inside it, whatever names it: the readers also open
+    fixed names (meta.json, state.pt, extra.pt, dcp/), which a crafted checkpoint could make links out.
+    The walk follows no link, so nothing outside is opened or listed."""
+    for root, dirs, names in os.walk(checkpoint):
+        for name in dirs + names:
+            path = Path(root) / name
+            if path.is_symlink():
+                relative = str(path.relative_to(checkpoint))
+                try:
+                    confined_path(checkpoint, relative, path)
+                except CheckpointFileError:
+                    raise CheckpointFileError(
+                        f"checkpoint {checkpoint}: {relative[:_SHOWN_CHARS]!r} is a symlink leading out of the "
+                        "checkpoint, which is refused: a checkpoint may hold only its own files") from None

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import UserError
 from . import dcp, deepspeed, torch_file
+from .confined import refuse_links_leading_out
 from .errors import CheckpointFormatError
 from .safe_load import describe_load_error
 
@@ -80,6 +81,7 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     from ..trainer.checkpoint import META, read_meta
 
     path = resolve_checkpoint(path)
+    refuse_links_leading_out(path)  # also where there is no meta.json to check names against
     fmt = detect_format(path)
     meta = read_meta(path) if (path / META).is_file() else {}  # its schema checked before any weights are read
     try:

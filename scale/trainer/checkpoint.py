@@ -30,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from ..checkpoint_io.confined import confined_path
+from ..checkpoint_io.confined import confined_path, refuse_links_leading_out
 from ..errors import UserError
 from ..shards.manifest import sha256_of_file as _sha256
 
@@ -270,6 +270,10 @@ def read_meta(path: Path) -> dict:
 
     What every reader takes meta.json through: resume, verification, export and eval."""
     meta_file = path / META
+    try:
+        refuse_links_leading_out(path)
+    except UserError as err:
+        raise CheckpointError(str(err)) from None
     try:
         meta = json.loads(meta_file.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
