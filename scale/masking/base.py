@@ -16,6 +16,8 @@ from typing import Callable, ContextManager, Dict, Optional, Tuple
 import torch
 
 from ..config import ConfigError, MaskConfig
+from ..models import ViTSpec
+from ..models.flops import blocks_forward_flops, patch_embed_flops
 from ..registry import Registry
 
 
@@ -46,6 +48,15 @@ class SignalRequest:
     kind: str = "attention"  # attention: (B, 1 + N, 1 + N) softmax attention, [CLS] first, fp32
     blocks: int = 6  # of the first `blocks` blocks (capped by depth), averaged over heads and blocks
     ema_decay: Optional[float] = None  # from an EMA of the encoder held as module state, not the live one
+
+    def forward_flops(self, spec: ViTSpec, num_images: int) -> int:
+        """Matmul FLOPs of the signal of `num_images` images: the patch embedding and the first `blocks`
+        blocks over all 1 + N tokens, forward only (no gradient), as the EHM paper counts it. Not counted:
+        the attention probabilities read from each block (`Attention.attention_probs` computes its qkv
+        projection and q k^T once more: a quarter more for 6 blocks of ViT-B/16)."""
+        blocks = max(1, min(self.blocks, spec.depth))
+        return patch_embed_flops(spec, num_images) + blocks_forward_flops(
+            spec.embed_dim, spec.mlp_ratio, blocks, num_images, 1 + spec.num_patches)
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,13 @@ class MaskGenerator(abc.ABC):
     @abc.abstractmethod
     def __call__(self, batch_size: int, context: MaskContext) -> Masks:
         """Masks for `batch_size` images drawn from `context.generator` (which lives on `context.device`)."""
+
+    def forward_flops(self, spec: ViTSpec, num_images: int) -> int:
+        """Matmul FLOPs the generator spends on the masks of `num_images` images, counted in the step's
+        FLOPs (the trainer's logged FLOP/s, the run's plan): the model signal it asks for (EHM's
+        attention forward), else nothing. A generator with costly computation of its own adds it here."""
+        signal = self.needs.model_signal
+        return signal.forward_flops(spec, num_images) if signal is not None else 0
 
 
 def visible_count(num_patches: int, ratio: float, num_groups: int) -> int:

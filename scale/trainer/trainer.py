@@ -40,8 +40,9 @@ from ..pretraining import PretrainModule, build_pretrain_module
 from .checkpoint import CONFIG_KEY, CheckpointError, CheckpointManager, read_meta
 from .monitors import Monitor
 from .resume_check import check_resume_config, resume_meta
-from .flops import train_step_flops
+from .flops import method_step_flops
 from .optim import build_optimizer, build_schedule, learning_rate
+from .plan import run_length
 from .progress import ProgressReporter
 
 
@@ -96,12 +97,9 @@ class Trainer:
         self.loader_spec = LoaderSpec(batch_size=self.batch_plan.per_rank_batch, seed=cfg.train.seed,
                                       rank=self.engine.rank, world_size=self.engine.world_size,
                                       num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
-        self.steps_per_epoch = self.data.batches_per_epoch(self.loader_spec)
-        if self.steps_per_epoch < 1:
-            raise ConfigError(f"data has {self.data.num_samples} samples: not one batch of "
-                             f"{self.batch_plan.per_rank_batch} per rank on {self.engine.world_size} rank(s)")
-        self.total_steps = cfg.train.epochs * self.steps_per_epoch
-        self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
+        length = run_length(cfg.train, self.data, self.loader_spec)
+        self.steps_per_epoch, self.total_steps = length.steps_per_epoch, length.total_steps
+        self.stop_step = length.stop_step
         self.effective_batch = self.batch_plan.global_batch  # images of one optimizer step
         self.base_lr = learning_rate(cfg.optim, self.effective_batch)
 
@@ -241,9 +239,10 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         batch, groups, visible = self.last_group_shape
         batch *= self.engine.world_size
-        groups *= self.pretrain_module.objective.needs.encoder_passes
-        flops = train_step_flops(self.spec, batch, groups, visible, self.cfg.model.train_patch_embed,
-                                 self.pretrain_module.objective.forward_flops(self.spec, batch, visible))
+        objective = self.pretrain_module.objective
+        flops = method_step_flops(self.spec, objective, self.masking, batch, groups, visible,
+                                  self.cfg.model.train_patch_embed)
+        groups *= objective.needs.encoder_passes
         record: Dict[str, Any] = {k: float(v) for k, v in step_metrics.items()}
         record.update({
             "engine": self.engine.name,  # text: in the log line and metrics.jsonl, not TensorBoard
