@@ -18,9 +18,9 @@ the patch similarity) and `time_mask_tree_s` (tree, cut, visit order). Reported:
 
 Ratios only: absolute seconds depend on the machine and its load; the raw medians are in the JSON.
 
-    python bench/ehm_cost.py                                  # CPU presets + ViT-B/16 (196 patches)
-    python bench/ehm_cost.py --presets vit_base_patch16 --batch 8 --steps 4
-    python bench/ehm_cost.py --device cuda --presets vit_base_patch16 --out $OUT/ehm_cost_gpu.json
+    python -m bench.ehm_cost                                  # CPU presets + ViT-B/16 (196 patches)
+    python -m bench.ehm_cost --presets vit_base_patch16 --batch 8 --steps 4
+    python -m bench.ehm_cost --device cuda --presets vit_base_patch16 --out $OUT/ehm_cost_gpu.json
 
 A GPU script calls `measure(preset, batch, steps, device)` (one preset, one dict, no files written), e.g.
 `measure("vit_base_patch16", 256, 10, "cuda", warmup=3)`. The GPU image lacks webdataset, which scale.data
@@ -42,16 +42,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.train_step import signal_flops, sync  # noqa: E402
-from scale.config import load_config  # noqa: E402
-from scale.errors import UserError, run_command  # noqa: E402
-from scale.masking.hierarchy import TREE_BUILDERS, PatchTree  # noqa: E402
-from scale.models import MODELS  # noqa: E402
-from scale.trainer import Trainer  # noqa: E402
-from scale.trainer.flops import train_step_flops  # noqa: E402
+from bench.common import REPO, sync
+from scale.config import load_config
+from scale.errors import UserError, run_command
+from scale.masking.hierarchy import TREE_BUILDERS, PatchTree
+from scale.models import MODELS
+from scale.trainer import Trainer, step_plan
 
 DEFAULT_PRESETS = ("vit_tiny_patch4_28", "vit_tiny_patch4_32", "vit_base_patch16")
 FALLBACK_RECIPE = REPO / "recipes" / "mae_fashion_mnist_cpu.yaml"
@@ -120,9 +116,10 @@ def measure(preset: str, batch: int, steps: int, device: str = "cpu", warmup: in
                 trainer.step += 1
                 if i >= warmup:
                     metrics[name].append({k: float(v) for k, v in out.items() if k.startswith(("time_", "ehm_"))})
-        groups, visible = ehm.last_group_shape[1:]
-        step_flops = train_step_flops(spec, batch, groups, visible, ehm.cfg.model.train_patch_embed,
-                                      ehm.pretrain_module.objective.forward_flops(spec, batch, visible))
+        # EHM's step counts its signal forward (the mask generator's own FLOPs); the random step is the rest.
+        plan = step_plan(ehm.cfg)
+        visible, signal_flops = plan.visible_per_group, plan.mask_flops
+        step_flops = plan.flops - signal_flops
         blocks = ehm.cfg.mask.ehm.blocks
         # The tree builders on this batch's similarity from the EHM model, as its next step would see it.
         with torch.no_grad():
@@ -146,7 +143,7 @@ def measure(preset: str, batch: int, steps: int, device: str = "cpu", warmup: in
         "mask_per_step": (signal + tree) / step_ehm, "ehm_step_per_random_step": step_ehm / step_random,
         # a consistency check: EHM's step without its mask regions against the random step (1 when quiet)
         "ehm_rest_per_random_step": (step_ehm - signal - tree) / step_random,
-        "signal_flops_per_random_step_flops": signal_flops(spec, batch, blocks) / step_flops,
+        "signal_flops_per_random_step_flops": signal_flops / step_flops,
         "greedy_per_rnn_tree": tree_s["greedy"] / tree_s["rnn"],
         "rounds": {name: t.rounds for name, t in trees.items()}, "trees_identical": same_tree(*trees.values()),
         "tree_height_mean": float(trees["rnn"].height.float().mean()),
@@ -229,7 +226,7 @@ def run(argv: Optional[Sequence[str]]) -> int:
     env["loadavg_end"] = os.getloadavg()
     lines = table(rows)
     print("\n".join(lines))
-    command = " ".join(["python bench/ehm_cost.py", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m bench.ehm_cost", *(sys.argv[1:] if argv is None else argv)])
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"env": env, "paper": PAPER, "command": command, "table": lines, "results": rows},

@@ -5,7 +5,7 @@ with timm 1.0.31, webdataset 1.0.2 and braceexpand 0.1.7 carried as wheels in .w
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
         .whl/webdataset*.whl .whl/braceexpand*.whl .whl/timm*.whl && export PYTHONPATH=/tmp/site
-    PYTHONUNBUFFERED=1 python3 bench/gpu_check.py
+    PYTHONUNBUFFERED=1 python3 -m bench.gpu_check
 
 (JSON to $OUT/gpu_check.json when OUT is set, else ./gpu_check.json; the children's logs beside it as
 gpu_check.log). Under 9 minutes: `--budget-s 540` is the default. Without CUDA it says so in one line and
@@ -86,10 +86,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 CHECKS = ("attention", "parity", "flop_ratio", "fsdp", "memory", "ehm", "decode")
 # Seconds of the budget each check may use (plus whatever earlier checks left unused); they sum to 540.
 SHARES = {"attention": 45, "parity": 80, "flop_ratio": 100, "fsdp": 75, "memory": 100, "ehm": 85, "decode": 55}
@@ -129,14 +125,6 @@ def flops(x: float) -> str:
     return f"{x / 1e12:.1f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:.1f} GFLOP/s"
 
 
-def write_json(path: Path, data: Dict[str, Any]) -> None:
-    """Atomically: a reader (or a kill) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def ensure_webdataset() -> str:
     """scale.data imports webdataset at module level, even for synthetic data: when it does not import,
     put a stub package first on sys.path and PYTHONPATH (the children inherit it; removed at exit).
@@ -158,8 +146,9 @@ def ensure_webdataset() -> str:
 
 WEBDATASET = ensure_webdataset()  # before anything imports scale
 
-from bench.train_step import (GIB, activation_bytes_per_image, fmt_bytes, ocl_tokens_per_image, sync,  # noqa: E402
-                              param_count, run_child)
+from bench.common import GIB, REPO, fmt_bytes, sync, write_json  # noqa: E402
+from bench.train_step import (activation_bytes_per_image, ocl_tokens_per_image, param_count,  # noqa: E402
+                              run_child)
 from scale.config import load_config  # noqa: E402
 from scale.data import LoaderSpec, build_dataset  # noqa: E402
 from scale.device import autocast_dtype  # noqa: E402
@@ -708,7 +697,7 @@ def run_check(name: str, args: argparse.Namespace, timeout: float, log, report: 
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_check", name, "--_result", str(result_path),
+        cmd = [sys.executable, "-m", "bench.gpu_check", "--_check", name, "--_result", str(result_path),
                "--_deadline", str(started + timeout - 3), "--device", args.device, "--_report", args._report] + \
             (["--smoke"] if args.smoke else [])
         log.write(f"\n===== {name} (limit {timeout:.0f} s) =====\n")

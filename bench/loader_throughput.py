@@ -33,12 +33,11 @@ measured minutes before); elsewhere it reads the ones measured on an H200
 (docs/results/gpu_check_h200.json) and says so. A case not measured (MAE ViT-L) is estimated from the same method's ratio at
 the other size, and says so.
 
-    python bench/loader_throughput.py --out docs/results/loader_throughput_cpu.json
+    python -m bench.loader_throughput --out docs/results/loader_throughput_cpu.json
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import math
@@ -59,16 +58,14 @@ from PIL import Image
 from torchvision import transforms as tv1
 from torchvision.transforms import InterpolationMode, v2
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from scale.config import DataConfig, load_config  # noqa: E402
-from scale.data import LoaderSpec, build_dataset  # noqa: E402
-from scale.data.crop import draw_crop, seeded_generator  # noqa: E402
-from scale.data.device_input import DeviceInput  # noqa: E402
-from scale.data.gpu_decode import EncodedBatch, gpu_decode_problem  # noqa: E402
-from scale.data.transforms import PretrainTransform, dct_scale, draft_request, open_image  # noqa: E402
-from scale.data.wds_stream import WebDatasetData  # noqa: E402
+from bench.common import REPO
+from scale.config import DataConfig, load_config
+from scale.data import LoaderSpec, build_dataset
+from scale.data.device_input import DeviceInput
+from scale.data.gpu_decode import EncodedBatch, gpu_decode_problem
+from scale.data.transforms import PretrainTransform, dct_scale, draft_request, open_image
+from scale.data.wds_stream import WebDatasetData
+from scale.trainer import step_plan
 
 IMG_SIZE = 224
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -243,19 +240,9 @@ def device_input_ms(batch_size: int, repeats: int = 5) -> float:
 # ----------------------------------------------------------------------------- cores per GPU
 
 def flops_per_image(recipe: str) -> Tuple[float, str]:
-    """(train-step FLOPs per image of the recipe's method, model name), from its real masks and objective."""
-    from scale.masking import MaskContext, build_mask_generator
-    from scale.pretraining import build_pretrain_module
-    from scale.trainer.flops import train_step_flops
-
+    """(train-step FLOPs per image of the recipe's method, model name), from the library's step plan."""
     cfg = load_config(recipe)
-    module = build_pretrain_module(cfg)
-    spec = module.encoder.spec
-    masks = build_mask_generator(cfg.mask, spec.grid_size)(
-        1, MaskContext(generator=seeded_generator(0), device=torch.device("cpu"), step=0))
-    _, groups, visible = masks.group_ids.shape
-    objective = module.objective.forward_flops(spec, 1, visible)
-    return float(train_step_flops(spec, 1, groups, visible, cfg.model.train_patch_embed, objective)), cfg.model.name
+    return step_plan(cfg).flops_per_image, cfg.model.name
 
 
 def gpu_images_per_s(record_path: Path, measured_here: bool = False) -> List[Dict[str, Any]]:
@@ -290,7 +277,7 @@ def gpu_images_per_s(record_path: Path, measured_here: bool = False) -> List[Dic
 def measure_flop_ratios() -> Path:
     """bench/gpu_check.py's flop_ratio check on this GPU (OCL ViT-B/L, MAE ViT-B); its JSON's path."""
     out = Path(tempfile.mkdtemp()) / "flop_ratio.json"
-    subprocess.run([sys.executable, str(REPO / "bench/gpu_check.py"), "--only", "flop_ratio", "--budget-s", "240",
+    subprocess.run([sys.executable, "-m", "bench.gpu_check", "--only", "flop_ratio", "--budget-s", "240",
                     "--json", str(out)], cwd=REPO, check=False)
     return out
 

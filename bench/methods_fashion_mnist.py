@@ -40,9 +40,9 @@ Writes `--out` (JSON: every run with its curve, the references, fine-tunes, cost
 `--figure` (PNG: kNN top-1 against training minutes per method, mean over seeds with the min..max band,
 and the final linear probe, mean +- std) and prints the markdown tables for docs/results.md.
 
-    python bench/methods_fashion_mnist.py                                   # the study: ~3 h on 2 cores
-    python bench/methods_fashion_mnist.py --only MAE "MAE + EHM" --seeds 0  # a subset, same OUT_DIR
-    python bench/methods_fashion_mnist.py --steps 12 --seeds 0 --skip-finetune --out-dir runs/methods_smoke \
+    python -m bench.methods_fashion_mnist                                   # the study: ~3 h on 2 cores
+    python -m bench.methods_fashion_mnist --only MAE "MAE + EHM" --seeds 0  # a subset, same OUT_DIR
+    python -m bench.methods_fashion_mnist --steps 12 --seeds 0 --skip-finetune --out-dir runs/methods_smoke \
         --out runs/methods_smoke/methods.json --figure runs/methods_smoke/methods.png   # a smoke run
 
 Time, estimated from 1-thread measurements on this machine (2026-11-30, under another job's load, load
@@ -73,21 +73,18 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench import seed_study  # noqa: E402
-from bench.seed_study import (Method, encode_splits, probe_recipe, quality_bench, run_config,  # noqa: E402
-                              slug, spread, train_root)
-from bench.train_step import fmt_bytes, run_child  # noqa: E402
-from scale.config import ConfigError, RunConfig, load_config  # noqa: E402
-from scale.errors import UserError, report_user_error, run_command  # noqa: E402
-from scale.eval.baselines import PixelEncoder, random_init_encoder  # noqa: E402
-from scale.eval.config import FinetuneRecipe, load_recipe  # noqa: E402
-from scale.eval.features import Features  # noqa: E402
-from scale.eval.finetune import build_classifier, finetune_model, run_finetune  # noqa: E402
-from scale.eval.knn import knn_accuracy  # noqa: E402
-from scale.trainer import Trainer  # noqa: E402
+from bench import quality_fashion_mnist, seed_study
+from bench.common import REPO, fmt_bytes, log, write_json
+from bench.seed_study import Method, encode_splits, probe_recipe, run_config, slug, spread, train_root
+from bench.train_step import run_child
+from scale.config import ConfigError, RunConfig, load_config
+from scale.errors import UserError, report_user_error, run_command
+from scale.eval.baselines import PixelEncoder, random_init_encoder
+from scale.eval.config import FinetuneRecipe, load_recipe
+from scale.eval.features import Features, encoder_from_checkpoint
+from scale.eval.finetune import build_classifier, finetune_model, run_finetune
+from scale.eval.knn import knn_accuracy
+from scale.trainer import plan_run, train_until
 
 PROG = "methods_fashion_mnist.py"
 METHODS: List[Method] = seed_study.STUDIES["methods"]
@@ -96,18 +93,6 @@ FINETUNE_RECIPE = REPO / "recipes/finetune_fashion_mnist_cpu.yaml"
 DEFAULT_SHARDS = "train-{000000..000003}.tar"  # 20,000 images: 78 steps of 256 per epoch
 PLAN_KEYS = ("steps", "curve_points", "train_shards", "max_train_samples", "max_test_samples", "curve_bank",
              "curve_test", "warmup_frac", "overrides", "probe")
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Whole or not at all: a kill mid-write leaves the previous file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def read_json(path: Path) -> Optional[Any]:
@@ -135,10 +120,8 @@ def method_overrides(overrides: Sequence[str], args: argparse.Namespace) -> List
 
 def schedule(args: argparse.Namespace, recipe: str, overrides: Sequence[str], run_dir: Path) -> Tuple[str, ...]:
     """The overrides that fit the schedule to `--steps`: whole epochs of the training shards (the
-    trainer's own count) and a warm-up of `--warmup-frac` of the steps."""
-    trainer = Trainer(run_config(args, recipe, run_dir, *overrides))  # builds the model, reads the manifest
-    per_epoch = trainer.steps_per_epoch
-    trainer.engine.close()
+    run's own count, from its plan) and a warm-up of `--warmup-frac` of the steps."""
+    per_epoch = plan_run(run_config(args, recipe, run_dir, *overrides)).length.steps_per_epoch
     if args.steps % per_epoch:
         log(f"note: --steps {args.steps} is not whole epochs of {per_epoch} steps: the cosine schedule (and EHM's "
             f"depth) spans {math.ceil(args.steps / per_epoch) * per_epoch} steps and is cut at {args.steps}")
@@ -165,8 +148,7 @@ def train_run(name: str, recipe: str, overrides: Sequence[str], seed: int, args:
     if result.is_file():
         return read_json(result)
     overrides = method_overrides(overrides, args)
-    fixed = (*schedule(args, recipe, overrides, out / "run"), *overrides, f"train.seed={seed}",
-             "train.resume=auto", "train.keep_last=1")
+    fixed = (*schedule(args, recipe, overrides, out / "run"), *overrides, f"train.seed={seed}", "train.keep_last=1")
     progress = read_json(out / "progress.json") or {"trained_s": 0.0, "segments": 0, "curve": []}
     log(f"# {name} seed {seed}: {recipe} {' '.join(overrides)}, {args.steps} steps"
         + (f" (continuing: {len(progress['curve'])} curve points done)" if progress["curve"] else ""))
@@ -174,28 +156,29 @@ def train_run(name: str, recipe: str, overrides: Sequence[str], seed: int, args:
     for target in curve_steps(args.steps, args.curve_points):
         if target in done:
             continue
-        cfg = run_config(args, recipe, out / "run", *fixed, f"train.max_steps={max(target, 1)}")
-        trainer = Trainer(cfg)
-        if target > 0:
-            started = time.perf_counter()
-            summary = trainer.fit()
-            if summary.steps_done:  # a resume that found the segment done ran no step: no time to add
-                progress["trained_s"] += time.perf_counter() - started
+        cfg = run_config(args, recipe, out / "run", *fixed)
+        if target == 0:  # the untrained encoder, as the trainer initialises it
+            segment, encoder = None, random_init_encoder(cfg)
+        else:
+            segment = train_until(cfg, target)
+            if segment.summary.steps_done:  # a resume that found the segment done ran no step: no time to add
+                progress["trained_s"] += segment.seconds
                 progress["segments"] += 1
-                progress["final_loss"] = summary.losses[-1]
+                progress["final_loss"] = segment.summary.losses[-1]
             write_json(out / "progress.json", progress)
-            if summary.preempted:
-                trainer.engine.close()
-                raise Interrupted(f"{name} seed {seed} stopped at step {summary.final_step} (checkpoint saved); "
-                                  f"run the same command to continue")
-        encoder = trainer.encoder_for_eval()
+            if segment.summary.preempted:
+                segment.trainer.engine.close()
+                raise Interrupted(f"{name} seed {seed} stopped at step {segment.summary.final_step} (checkpoint "
+                                  f"saved); run the same command to continue")
+            encoder = segment.trainer.encoder_for_eval()
         if target == args.steps:
             train, test = encode_splits(encoder, cfg, args.max_train_samples, args.max_test_samples)
-            row = quality_bench().score(f"{name} seed {seed}", train, test, probe_recipe(args), {})
+            row = quality_fashion_mnist.score(f"{name} seed {seed}", train, test, probe_recipe(args), {})
             progress["final"] = {k: row[k] for k in ("knn_top1", "knn_top5", "linear_top1", "linear_top5")}
         else:
             train, test = encode_splits(encoder, cfg, args.curve_bank, args.curve_test)
-        trainer.engine.close()
+        if segment is not None:
+            segment.trainer.engine.close()
         progress["curve"].append({"step": target, "trained_min": progress["trained_s"] / 60,
                                   "knn_top1": knn_point(train, test, args.curve_bank, args.curve_test)})
         write_json(out / "progress.json", progress)
@@ -243,7 +226,7 @@ def references(args: argparse.Namespace, methods: List[Method]) -> List[Dict[str
 
     def score(name: str, encoder: torch.nn.Module, cfg: RunConfig, spec: Any) -> Dict[str, Any]:
         train, test = encode_splits(encoder, cfg, args.max_train_samples, args.max_test_samples, spec)
-        row = quality_bench().score(name, train, test, probe_recipe(args), {})
+        row = quality_fashion_mnist.score(name, train, test, probe_recipe(args), {})
         return {"name": name, "knn_top1": row["knn_top1"], "linear_top1": row["linear_top1"],
                 "curve_knn_top1": knn_point(train, test, args.curve_bank, args.curve_test)}
 
@@ -292,8 +275,6 @@ def cls_spread(run: Dict[str, Any], args: argparse.Namespace, images: int = 512)
     """How much the fine-tune's input, the [CLS] after the final norm, varies across images: its std
     over the first `images` test images, averaged over the channels. A near-constant [CLS] gives a
     freshly initialised head almost no signal, whatever the features hold."""
-    from scale.eval.features import encoder_from_checkpoint
-
     cfg = run_config(args, run["recipe"], Path(args.out_dir) / "unused", *run["overrides"])
     encoder, _ = encoder_from_checkpoint(run["checkpoint"], cfg.model, torch.device("cpu"))
     _, (features, _) = encode_splits(encoder.eval(), cfg, 1, images)
@@ -489,7 +470,7 @@ def check_plan(args: argparse.Namespace) -> None:
 
 
 def study(args: argparse.Namespace, methods: List[Method]) -> int:
-    quality_bench().ensure_shards(Path(args.data_dir))
+    quality_fashion_mnist.ensure_shards(Path(args.data_dir))
     check_plan(args)
     started = time.perf_counter()
     load_before = os.getloadavg()[0]

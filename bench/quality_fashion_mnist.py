@@ -17,9 +17,9 @@ split (60k) as bank / probe training set, all un-augmented:
 
 Prints a markdown table and writes JSON.
 
-    python bench/quality_fashion_mnist.py                        # 5 / 15 / 30 min: ~35 min in all
-    python bench/quality_fashion_mnist.py --budgets 0.5 1 --max-train-samples 10000   # a smoke run
-    python bench/quality_fashion_mnist.py mask.ratio=0.5 optim.blr=3e-3               # recipe overrides
+    python -m bench.quality_fashion_mnist                        # 5 / 15 / 30 min: ~35 min in all
+    python -m bench.quality_fashion_mnist --budgets 0.5 1 --max-train-samples 10000   # a smoke run
+    python -m bench.quality_fashion_mnist mask.ratio=0.5 optim.blr=3e-3               # recipe overrides
 """
 from __future__ import annotations
 
@@ -38,25 +38,20 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from scale.config import ConfigError, RunConfig, load_config, to_dict  # noqa: E402
-from scale.eval.config import LinearProbeRecipe, load_recipe  # noqa: E402
-from scale.eval.baselines import PixelEncoder, random_init_encoder  # noqa: E402
-from scale.eval.features import Features, build_split, extract_features  # noqa: E402
-from scale.eval.knn import knn_accuracy  # noqa: E402
-from scale.eval.linear_probe import cached_batches, train_probe_head  # noqa: E402
-from scale.trainer.checkpoint import CheckpointManager  # noqa: E402
+from bench.common import REPO, log
+from scale.config import ConfigError, RunConfig, load_config, to_dict
+from scale.eval.baselines import PixelEncoder, random_init_encoder
+from scale.eval.config import LinearProbeRecipe, load_recipe
+from scale.eval.features import Features, build_split, encoder_from_checkpoint, extract_features
+from scale.eval.knn import build_monitors, knn_accuracy
+from scale.eval.linear_probe import cached_batches, train_probe_head
+from scale.models import model_spec
+from scale.trainer import Trainer, plan_run, train_until
 
 RECIPE = REPO / "recipes/ocl_fashion_mnist_cpu.yaml"
 PROBE_RECIPE = REPO / "recipes/linprobe_fashion_mnist_cpu.yaml"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 TIMING_WARMUP_STEPS = 2  # the timing run's first steps start the loader and allocate: not the pace
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def ensure_shards(data_dir: Path) -> None:
@@ -84,15 +79,10 @@ def run_config(args: argparse.Namespace, output_dir: Path, *extra: str) -> RunCo
                                 *args.overrides, *extra])
 
 
-def build_trainer(cfg: RunConfig):
-    """The trainer as `python -m scale.train` builds it: with the monitors the config asks for
-    (eval.knn_every_epochs, e.g. from an override; the recipe sets none)."""
-    from scale.eval.knn import build_monitors
-    from scale.models import model_spec
-    from scale.trainer import Trainer
-
-    return Trainer(cfg, monitors=build_monitors(cfg, model_spec(cfg.model.name, cfg.model.img_size,
-                                                                cfg.model.in_chans)))
+def monitors(cfg: RunConfig) -> list:
+    """The monitors `python -m scale.train` gives the trainer (eval.knn_every_epochs, e.g. from an
+    override; the recipe sets none)."""
+    return build_monitors(cfg, model_spec(cfg.model.name, cfg.model.img_size, cfg.model.in_chans))
 
 
 def seconds_per_step(args: argparse.Namespace) -> float:
@@ -100,7 +90,7 @@ def seconds_per_step(args: argparse.Namespace) -> float:
     out = Path(args.out_dir) / "timing"
     shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl appends: start clean
     cfg = run_config(args, out, f"train.max_steps={args.timing_steps}", "train.log_every=1")
-    build_trainer(cfg).fit()
+    Trainer(cfg, monitors=monitors(cfg)).fit()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     per_step = [cfg.train.batch_size / r["img_per_s"] for r in records if "img_per_s" in r][TIMING_WARMUP_STEPS:]
     if not per_step:
@@ -114,12 +104,12 @@ def pretrain(args: argparse.Namespace) -> Dict[str, Any]:
     log(f"load average before training: {load_before:.2f} on {os.cpu_count()} cores")
     sec = timing_sec = seconds_per_step(args)
     probe = run_config(args, run_dir)
-    steps_per_epoch = build_trainer(probe).steps_per_epoch  # cheap: builds the model, reads the manifest
+    steps_per_epoch = plan_run(probe).length.steps_per_epoch
     planned_steps = max(args.budgets) * 60 / sec
     epochs = max(1, math.ceil(planned_steps / steps_per_epoch))
     log(f"timing: {sec:.2f} s/step -> {max(args.budgets)} min is ~{planned_steps:.0f} steps; schedule: "
         f"{epochs} epochs of {steps_per_epoch} steps")
-    trained_s, step, checkpoints = 0.0, 0, []
+    trained_s, step, checkpoints, latest = 0.0, 0, [], None
     total_steps = epochs * steps_per_epoch
     for budget in sorted(args.budgets):
         # Segments of at most --replan-min minutes, each planned from the speed the last one measured,
@@ -131,18 +121,15 @@ def pretrain(args: argparse.Namespace) -> Dict[str, Any]:
             if remaining < 0.5 * sec and step > 0:
                 break
             steps = max(1, round(min(remaining, args.replan_min * 60) / sec))
-            cfg = run_config(args, run_dir, f"train.epochs={epochs}", f"train.max_steps={step + steps}",
-                             "train.resume=auto", "train.log_every=20", "train.keep_last=2")
-            trainer = build_trainer(cfg)  # set-up is not training time; fit() (loading, steps, checkpoint) is
-            started = time.perf_counter()
-            summary = trainer.fit()
-            elapsed = time.perf_counter() - started
+            cfg = run_config(args, run_dir, f"train.epochs={epochs}", "train.log_every=20", "train.keep_last=2")
+            segment = train_until(cfg, step + steps, monitors(cfg))  # its set-up is not training time
+            segment.trainer.engine.close()
+            summary = segment.summary
             if summary.steps_done:
-                sec = elapsed / summary.steps_done
-            trained_s += elapsed
-            step = summary.final_step
+                sec = segment.seconds / summary.steps_done
+            trained_s += segment.seconds
+            step, latest = summary.final_step, summary.last_checkpoint
         # Keep the budget's checkpoint out of the rotating checkpoints/ directory.
-        latest = CheckpointManager(run_dir / "checkpoints").latest()
         kept = run_dir / f"budget_{budget:g}min"
         shutil.copytree(latest, kept)
         checkpoints.append({"budget_min": budget, "trained_min": trained_s / 60, "step": step,
@@ -171,7 +158,6 @@ def score(name: str, train: Features, test: Features, probe: LinearProbeRecipe, 
 
 
 def evaluate(args: argparse.Namespace, training: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    from scale.eval.features import encoder_from_checkpoint
     cfg = run_config(args, Path(args.out_dir) / method_name(args))
     data = Path(args.data_dir).resolve()
     probe = load_recipe(LinearProbeRecipe, PROBE_RECIPE, [f"data.root={data / 'train'}",

@@ -11,11 +11,11 @@ encoder is scored exactly as bench/quality_fashion_mnist.py scores a checkpoint:
 overrides); `--study asl` is issue 15's: MAE vs ASL, plus the ablations AEE without alignment and
 cosine alignment. Seeds are the outer loop, so every method sees the machine's same moods.
 
-    python bench/seed_study.py --study asl --seeds 0 1 2 --epochs 2 --out-dir runs/study_asl
-    python bench/seed_study.py --study asl --only "MAE" "ASL (AEE, L1)" --seeds 0   # a subset
-    python bench/seed_study.py --study ehm --seeds 0 1 2 --epochs 1 --train-shards 'train-{000000..000003}.tar' \
+    python -m bench.seed_study --study asl --seeds 0 1 2 --epochs 2 --out-dir runs/study_asl
+    python -m bench.seed_study --study asl --only "MAE" "ASL (AEE, L1)" --seeds 0   # a subset
+    python -m bench.seed_study --study ehm --seeds 0 1 2 --epochs 1 --train-shards 'train-{000000..000003}.tar' \
         --out-dir runs/study_ehm   # issue 16: EHM vs random / grid / fixed-depth masks (MAE), EHM for OCL
-    python bench/seed_study.py --study methods --epochs 2 --train-shards 'train-{000000..000003}.tar' \
+    python -m bench.seed_study --study methods --epochs 2 --train-shards 'train-{000000..000003}.tar' \
         --out-dir runs/study_methods   # issue 18's methods (bench/methods_fashion_mnist.py: + curves, fine-tunes, cost)
 
 Runs already done (their result.json exists) are not repeated, so an interrupted study continues,
@@ -26,8 +26,6 @@ training; and writes OUT_DIR/study.json.
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
 import json
 import statistics
 import sys
@@ -37,24 +35,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from scale.config import ConfigError, RunConfig, load_config  # noqa: E402
-from scale.errors import run_command  # noqa: E402
-from scale.eval.config import LinearProbeRecipe, load_recipe  # noqa: E402
-from scale.eval.features import Features, build_split, extract_features  # noqa: E402
-from scale.models import ViTSpec  # noqa: E402
-from scale.trainer import Trainer  # noqa: E402
-
-
-@functools.lru_cache(maxsize=None)
-def quality_bench():
-    """bench/quality_fashion_mnist.py as a module: its `score` and `PROBE_RECIPE` are the protocol."""
-    spec = importlib.util.spec_from_file_location("quality_fashion_mnist", REPO / "bench/quality_fashion_mnist.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench import quality_fashion_mnist
+from bench.common import REPO
+from scale.config import ConfigError, RunConfig, load_config
+from scale.errors import run_command
+from scale.eval.config import LinearProbeRecipe, load_recipe
+from scale.eval.features import Features, build_split, extract_features
+from scale.models import ViTSpec
+from scale.trainer import Trainer
 
 Method = Tuple[str, str, Tuple[str, ...]]  # (name, recipe, recipe overrides)
 # EHM's depth from the step fraction: runs here are one or two epochs, and with the paper's epoch
@@ -143,7 +131,7 @@ def encode_splits(encoder: torch.nn.Module, cfg: RunConfig, bank: int, queries: 
 def probe_recipe(args: argparse.Namespace) -> LinearProbeRecipe:
     """The quality bench's linear probe on DATA_DIR, with `args.probe` overrides when a bench has them."""
     data = Path(args.data_dir).resolve()
-    return load_recipe(LinearProbeRecipe, quality_bench().PROBE_RECIPE,
+    return load_recipe(LinearProbeRecipe, quality_fashion_mnist.PROBE_RECIPE,
                        [f"data.root={data / 'train'}", f"data.val_root={data / 'test'}", *getattr(args, "probe", ())])
 
 
@@ -161,7 +149,7 @@ def run_one(name: str, recipe: str, overrides: Sequence[str], seed: int, args: a
     minutes = (time.perf_counter() - started) / 60
     encoder = trainer.encoder_for_eval()
     trainer.engine.close()
-    row = quality_bench().score(f"{name} seed {seed}", *encode_splits(encoder, cfg, args.max_train_samples),
+    row = quality_fashion_mnist.score(f"{name} seed {seed}", *encode_splits(encoder, cfg, args.max_train_samples),
                                 probe_recipe(args), {})
     record = {"method": name, "seed": seed, "recipe": recipe, "overrides": list(overrides), "epochs": args.epochs,
               "train_shards": args.train_shards or "all",

@@ -3,8 +3,9 @@ ratio to a large matmul's FLOP/s measured in the same run on the same device, pe
 
 A step is the trainer's own `Trainer.train_step` (masks + forward + loss + backward + AdamW
 step, through the `single` engine), on a fixed batch of random images (data loading is not
-timed: see bench/loader_throughput.py). FLOPs are `train_step_flops` (exact matmul count from
-the shapes), plus the signal forward of a mask generator that reads the model (EHM: `signal_flops`).
+timed: see bench/loader_throughput.py). FLOPs are the run's plan (`scale.trainer.step_plan`: the exact
+matmul count from the shapes, a mask generator's own forward such as EHM's signal included), as the
+trainer logs them.
 The reference is a square GEMM (fp32 2048^3 on CPU, bf16 4096^3 on CUDA), repeated, best-of,
 measured in the same process before the model is built and after the timed steps.
 ratio = FLOPs / best step time / best reference: both best-of, so that load from other processes
@@ -21,11 +22,11 @@ mark of the child's own address space, read before the reference GEMM runs); `st
 minus the resident set just before the first step (activations, gradients, AdamW state, allocator
 slack). No tracemalloc: it sees Python objects, not torch's allocations.
 
-    python bench/train_step.py                       # the CPU recipe's model and batch
-    python bench/train_step.py --compare --out bench_train_step.json
-    python bench/train_step.py --memory-sweep        # largest micro-batch per small preset (CPU)
-    python bench/train_step.py --estimate            # activation-memory estimate, ViT-B/L/H on 80 GB
-    python bench/train_step.py --device cuda --model vit_large_patch16 --batch 64 --precision bf16
+    python -m bench.train_step                       # the CPU recipe's model and batch
+    python -m bench.train_step --compare --out bench_train_step.json
+    python -m bench.train_step --memory-sweep        # largest micro-batch per small preset (CPU)
+    python -m bench.train_step --estimate            # activation-memory estimate, ViT-B/L/H on 80 GB
+    python -m bench.train_step --device cuda --model vit_large_patch16 --batch 64 --precision bf16
 
 The table's last line carries `ratio=<achieved / matmul>` of the first (baseline) case.
 """
@@ -36,7 +37,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -50,20 +50,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from scale.config import load_config  # noqa: E402
-from scale.models import MODELS, ViTSpec  # noqa: E402
-from scale.models.attention import xformers_problem  # noqa: E402
-from scale.trainer import Trainer  # noqa: E402
-from scale.models.flops import blocks_forward_flops  # noqa: E402
-from scale.trainer.flops import patch_embed_flops, train_step_flops  # noqa: E402
-from scale.trainer.optim import build_optimizer  # noqa: E402
+from bench.common import GIB, REPO, fmt_bytes, peak_rss_bytes, rss_bytes, sync
+from scale.config import load_config
+from scale.models import MODELS, ViTSpec
+from scale.models.attention import xformers_problem
+from scale.trainer import Trainer, step_plan
+from scale.trainer.flops import train_step_flops
+from scale.trainer.optim import build_optimizer
 
 DEFAULT_RECIPE = REPO / "recipes" / "ocl_cpu_tiny.yaml"
 SMALL_PRESETS = ("vit_tiny_patch4_28", "vit_tiny_patch7_28", "vit_small_patch4_28", "vit_tiny_patch4_32")
-GIB = 1024 ** 3
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -80,32 +76,6 @@ def recipe_defaults(model: Optional[str]) -> Dict[str, Any]:
                 return {"recipe": str(path), "batch": train.get("micro_batch") or train.get("batch_size"),
                         "mask_ratio": (data.get("mask") or {}).get("ratio")}
     return {}
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    """This process's own resident high-water mark. Linux: VmHWM, the address space's own. Not
-    ru_maxrss there: the kernel carries the pre-exec high-water mark across execve, so a child
-    started from a large parent reports the parent's resident set (every method the same 2.27 GiB
-    under the 2.3 GiB methods bench). Elsewhere ru_maxrss (KiB on Linux, bytes on macOS)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def matmul_flops_per_s(device: torch.device, size: int, dtype: torch.dtype, repeats: int) -> float:
@@ -130,12 +100,6 @@ def full_token_flops(spec: ViTSpec, batch: int) -> int:
     """A plain ViT step over all 1 + N tokens, one sequence per image (the linear head is < 0.1%)."""
     return train_step_flops(spec, batch, 1, spec.num_patches)
 
-
-def signal_flops(spec: ViTSpec, batch: int, blocks: int) -> int:
-    """EHM's signal: patch embedding + the first k blocks over all 1 + N tokens, forward only."""
-    k = max(1, min(blocks, spec.depth))
-    return blocks_forward_flops(spec.embed_dim, spec.mlp_ratio, k, batch, 1 + spec.num_patches) + \
-        patch_embed_flops(spec, batch)
 
 
 # ----------------------------------------------------------------------------- activation memory
@@ -251,16 +215,11 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
         batch = cfg.train.batch_size
         images = torch.randn(batch, spec.in_chans, spec.img_size, spec.img_size, device=trainer.device)
         if case["kind"] in ("ocl", "mae", "asl"):
-            probe = trainer.masking(1, trainer.mask_context(trainer.data.to_device(images[:1], trainer.device))).group_ids
-            # ASL's DLE runs the encoder twice over the same groups: count both passes.
-            groups = probe.shape[1] * trainer.pretrain_module.objective.needs.encoder_passes
-            visible = probe.shape[2]
-            objective_flops = trainer.pretrain_module.objective.forward_flops(spec, batch, visible)
-            flops = train_step_flops(spec, batch, groups, visible, cfg.model.train_patch_embed, objective_flops)
-            # A mask generator that reads the model (EHM) runs its signal forward every step: count it.
-            signal = trainer.masking.needs.model_signal
-            mask_flops = signal_flops(spec, batch, signal.blocks) if signal is not None else 0
-            flops += mask_flops
+            # The library's plan of this run: the encoder over the masks' groups (ASL's DLE: twice), the
+            # objective's layers, and a mask generator's own forward (EHM's signal), as the trainer logs them.
+            plan = step_plan(cfg)
+            groups = plan.num_groups * trainer.pretrain_module.objective.needs.encoder_passes
+            visible, flops, mask_flops = plan.visible_per_group, plan.flops, plan.mask_flops
 
             def step() -> None:
                 trainer.train_step(images)
@@ -337,10 +296,10 @@ def merge_rounds(results: List[Dict[str, Any]]) -> Dict[str, Any]:
 def run_child(case: Dict[str, Any], timeout: float) -> Dict[str, Any]:
     """`case` in a fresh interpreter; returns its result (or the error it died with)."""
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_case", json.dumps(case), "--_result", out.name]
+        cmd = [sys.executable, "-m", "bench.train_step", "--_case", json.dumps(case), "--_result", out.name]
         try:
             env = {**os.environ, **case.get("env", {})}
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
         except subprocess.TimeoutExpired:
             return {**case, "error": f"timed out after {timeout:.0f} s"}
         text = Path(out.name).read_text()
@@ -351,10 +310,6 @@ def run_child(case: Dict[str, Any], timeout: float) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- tables
-
-def fmt_bytes(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB else f"{n / 2 ** 20:.0f} MiB"
-
 
 def case_label(case: Dict[str, Any]) -> str:
     parts = [{"ocl": "OCL 2 groups", "mae": "MAE", "asl": "ASL"}.get(case["kind"], "full-token ViT step"), case["attn"]]
@@ -527,7 +482,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             Path(args.out).write_text(json.dumps({"gpu_estimate": rows}, indent=1))
         return 0
 
-    recipe = Path(args.recipe) if args.recipe else DEFAULT_RECIPE
+    # An absolute path: the cases run in children started in the repository root.
+    recipe = Path(args.recipe).resolve() if args.recipe else DEFAULT_RECIPE
     rcfg = load_config(recipe)
     paper = recipe_defaults(args.model) if not args.recipe else {}
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -30,17 +30,14 @@ def test_tiny_preset_gives_shares_of_the_step_and_identical_trees(tmp_path, caps
 def test_signal_flops_of_vit_b_are_about_30_percent_of_an_mae_step():
     """METHODS.md: a 6-block forward over all 197 tokens is ~+30% on an MAE ViT-B step (512-d x 8 decoder)."""
     from scale.config import load_config
-    from scale.models import MODELS
-    from scale.objectives import build_objective
-    from scale.trainer.flops import train_step_flops
+    from scale.trainer import step_plan
 
     recipe = ehm_cost.mae_recipe("vit_base_patch16")
     assert recipe.name == "mae_vitb16.yaml"
     assert ehm_cost.mae_recipe("vit_tiny_patch4_28").name == "mae_fashion_mnist_cpu.yaml"
-    spec = MODELS.build("vit_base_patch16")
-    decoder = build_objective(load_config(recipe).objective, spec).forward_flops(spec, 1, 49)
-    ratio = ehm_cost.signal_flops(spec, 1, 6) / train_step_flops(spec, 1, 1, 49, True, decoder)
-    assert 0.28 < ratio < 0.32
+    plan = step_plan(load_config(recipe, ["mask.name=ehm", "mask.ehm.blocks=6", "model.train_patch_embed=true"]))
+    assert plan.visible_per_group == 49
+    assert 0.28 < plan.mask_flops / (plan.flops - plan.mask_flops) < 0.32
 
 
 @pytest.mark.parametrize("argv, named", [

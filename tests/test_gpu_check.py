@@ -11,12 +11,11 @@ import pytest
 
 from conftest import REPO, python_env
 
-SCRIPT = REPO / "bench" / "gpu_check.py"
 CHECKS = ("attention", "parity", "flop_ratio", "fsdp", "memory", "ehm", "decode")
 
 
 def _run(*args, env=None, timeout=900):  # a hang guard (~70 s idle), not a timing check: a loaded CI is slow
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env or python_env(),
+    return subprocess.run([sys.executable, "-m", "bench.gpu_check", *args], cwd=REPO, env=env or python_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 

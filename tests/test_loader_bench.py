@@ -5,12 +5,12 @@ import sys
 
 from conftest import REPO, python_env
 
-SCRIPT = REPO / "bench" / "loader_throughput.py"
+SCRIPT = [sys.executable, "-m", "bench.loader_throughput"]
 
 
 def test_one_run_reports_every_path_per_core_and_the_cores_per_gpu(tmp_path):
     out = tmp_path / "loader.json"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--images", "96", "--per-shard", "32", "--batch-size", "16",
+    done = subprocess.run([*SCRIPT, "--images", "96", "--per-shard", "32", "--batch-size", "16",
                            "--repeats", "1", "--dir", str(tmp_path / "shards"), "--out", str(out)],
                           cwd=REPO, env=python_env({"CUDA_VISIBLE_DEVICES": ""}), capture_output=True, text=True,
                           timeout=600)
@@ -42,6 +42,6 @@ def test_one_run_reports_every_path_per_core_and_the_cores_per_gpu(tmp_path):
 def test_unknown_kind_or_missing_results_file_is_one_line_exit_2(tmp_path):
     for args, says in ((["--kinds", "huge"], "unknown --kinds / --paths value(s) huge"),
                        (["--gpu-results", str(tmp_path / "none.json")], "no such file")):
-        done = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=python_env(), capture_output=True,
+        done = subprocess.run([*SCRIPT, *args], cwd=REPO, env=python_env(), capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr

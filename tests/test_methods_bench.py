@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from scale.trainer import Trainer  # the benches train through it (scale.trainer.train_until)
+
 REPO = Path(__file__).resolve().parents[1]
 TWO = ["--only", "OCL", "MAE + EHM"]
 
@@ -46,9 +48,7 @@ def write_split(directory: Path, split: str, sizes: list) -> None:
 
 @pytest.fixture(scope="module")
 def bench():
-    import sys
-    sys.path.insert(0, str(REPO))
-    return importlib.import_module("bench.methods_fashion_mnist")
+    return importlib.import_module("bench.methods_fashion_mnist")  # the repo root is on sys.path (conftest.py)
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def forbid(monkeypatch, bench, *names: str) -> None:
         raise AssertionError("work redone on resume")
     for name in names:
         if name.startswith("Trainer."):
-            monkeypatch.setattr(bench.Trainer, name.split(".")[1], fail)
+            monkeypatch.setattr(Trainer, name.split(".")[1], fail)
         else:
             monkeypatch.setattr(bench, name, fail)
 
@@ -128,7 +128,7 @@ def test_tiny_study_writes_json_figure_tables_and_resumes_without_redoing(bench,
 def test_an_interrupted_run_continues_from_its_checkpoint(bench, tmp_path, data, monkeypatch):
     argv = tiny_argv(tmp_path, data, "--only", "MAE", "--skip-references", "--skip-finetune", "--skip-cost")
     calls, steps_run = [], []
-    real_step, real_fit = bench.Trainer.train_step, bench.Trainer.fit
+    real_step, real_fit = Trainer.train_step, Trainer.fit
 
     def train_step(self, images):
         calls.append(self.step)
@@ -141,15 +141,15 @@ def test_an_interrupted_run_continues_from_its_checkpoint(bench, tmp_path, data,
         steps_run.append((summary.final_step - summary.steps_done, summary.final_step))
         return summary
 
-    monkeypatch.setattr(bench.Trainer, "train_step", train_step)
-    monkeypatch.setattr(bench.Trainer, "fit", fit)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    monkeypatch.setattr(Trainer, "fit", fit)
     assert bench.main(argv) == 130
     run = tmp_path / "study/mae_seed0"
     assert not (run / "result.json").exists()
     assert steps_run == [(0, 2), (2, 3)]
     assert [p["step"] for p in json.loads((run / "progress.json").read_text())["curve"]] == [0, 2]
 
-    monkeypatch.setattr(bench.Trainer, "train_step", real_step)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
     assert bench.main(argv) == 0
     assert steps_run[2:] == [(3, 4)]  # from the saved step 3: no step trained twice
     record = json.loads((run / "result.json").read_text())

@@ -1,18 +1,13 @@
 """bench/quality_fashion_mnist.py: bad command lines fail before any work, naming the option."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 @pytest.fixture(scope="module")
 def quality_bench():
-    spec = importlib.util.spec_from_file_location("quality_fashion_mnist", REPO / "bench/quality_fashion_mnist.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench import quality_fashion_mnist  # the repo root is on sys.path (conftest.py)
+    return quality_fashion_mnist
 
 
 @pytest.mark.parametrize("argv, named", [
@@ -49,8 +44,8 @@ def test_seed_study_refuses_bad_input_in_one_line(tmp_path, argv, named):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, str(REPO / "bench/seed_study.py"), "--study", "asl", *argv,
-                           "--out-dir", str(tmp_path / "study")], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "bench.seed_study", "--study", "asl", *argv,
+                           "--out-dir", str(tmp_path / "study")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     assert named in done.stderr and "Traceback" not in done.stderr
     assert len([line for line in done.stderr.splitlines() if "error" in line]) == 1

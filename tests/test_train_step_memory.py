@@ -1,4 +1,4 @@
-"""bench/train_step.py's CPU peak memory is the child's own: the kernel carries a parent's resident
+"""The benches' CPU peak memory (bench/common.py, bench/train_step.py's children) is the child's own: the kernel carries a parent's resident
 high-water mark across execve into ru_maxrss, which made every method of the methods bench read
 the bench's own 2.27 GiB."""
 from __future__ import annotations
@@ -18,10 +18,9 @@ PARENT_BYTES = 2 << 30
 def test_a_child_of_a_large_process_reports_its_own_peak():
     held = bytearray(PARENT_BYTES)
     held[::4096] = b"\x01" * len(held[::4096])  # one write per page makes the (lazily mapped) pages resident
-    probe = ("import json, resource, sys; sys.path.insert(0, %r); from bench.train_step import peak_rss_bytes; "
-             "print(json.dumps([peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))"
-             % str(REPO))
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    probe = ("import json, resource; from bench.common import peak_rss_bytes; "
+             "print(json.dumps([peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True).stdout
     peak, inherited = json.loads(out)
     del held
     assert inherited >= PARENT_BYTES  # the kernel's carry-over that ru_maxrss shows
