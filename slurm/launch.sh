@@ -25,10 +25,10 @@
 #                 folder for image_folder. Empty: the recipe's data.root.
 #   OUTPUT_DIR    train.output_dir (checkpoints, metrics.jsonl, logs). Empty: the recipe's.
 #   ENGINE        engine.name (auto | ddp | fsdp | deepspeed | single). Default: auto.
-#   GLOBAL_BATCH  effective (contrastive) batch: train.batch_size = GLOBAL_BATCH / number of
-#                 tasks, and train.global_batch = GLOBAL_BATCH when the recipe (or a
-#                 trailing override) sets train.global_batch, which the trainer obeys
-#                 first. Empty: the recipe's batch. (Template default: the paper's.)
+#   GLOBAL_BATCH  train.global_batch: the images of one optimizer step over all tasks (what
+#                 the optimiser sees; OCL's negatives), GLOBAL_BATCH / number of tasks each,
+#                 in train.micro_batch passes. Empty: the recipe's batch. (Template default:
+#                 the paper's.)
 #   PYTHON        interpreter with scale's dependencies (default: python3 on PATH).
 #   MASTER_PORT   rendezvous port (default: 20000 + job id % 20000, the engine's own rule).
 #   TASK_EXIT_GRACE  seconds srun waits after the first task exits before killing the
@@ -181,7 +181,7 @@ fi
 
 if [ -n "${GLOBAL_BATCH:-}" ]; then
     [[ "$GLOBAL_BATCH" =~ ^[0-9]+$ ]] && [ "$GLOBAL_BATCH" -gt 0 ] || die "GLOBAL_BATCH=$GLOBAL_BATCH is not a positive integer"
-    (( GLOBAL_BATCH % NTASKS == 0 )) || die "GLOBAL_BATCH=$GLOBAL_BATCH is not divisible by the $NTASKS tasks; pick nodes x GPUs that divide it, or set GLOBAL_BATCH= (empty) and train.batch_size=N"
+    (( GLOBAL_BATCH % NTASKS == 0 )) || die "GLOBAL_BATCH=$GLOBAL_BATCH is not divisible by the $NTASKS tasks; pick nodes x GPUs that divide it, or set GLOBAL_BATCH= (empty) and train.micro_batch=N (per task)"
 fi
 ENV_OVERRIDES=()
 [ -z "${DATA:-}" ] || ENV_OVERRIDES+=("data.root=$DATA")
@@ -193,7 +193,7 @@ ENV_OVERRIDES+=("engine.name=$ENGINE")
 read -r -d '' RESOLVE_PY <<'PY'
 import sys
 try:
-    from scale.config import ConfigError, load_config
+    from scale.config import DEFAULT_MICRO_BATCH, ConfigError, load_config
 except Exception as err:  # noqa: BLE001
     print(f"IMPORT\tcannot import scale.config with {sys.executable}: {err!r}")
     sys.exit(0)
@@ -204,8 +204,8 @@ except ConfigError as err:
     sys.exit(0)
 for key, value in (("data_name", cfg.data.name), ("data_root", cfg.data.root),
                    ("output_dir", cfg.train.output_dir), ("model", cfg.model.name),
-                   ("batch", cfg.train.batch_size), ("max_steps", cfg.train.max_steps),
-                   ("global_batch", cfg.train.global_batch), ("chunk", cfg.train.micro_batch)):
+                   ("max_steps", cfg.train.max_steps), ("global_batch", cfg.train.global_batch),
+                   ("micro_batch", cfg.train.micro_batch), ("default_micro_batch", DEFAULT_MICRO_BATCH)):
     print(f"{key}\t{value}")
 PY
 field() { awk -F'\t' -v k="$1" '$1 == k { sub(/^[^\t]*\t/, ""); print; exit }' <<<"$RESOLVED"; }
@@ -216,32 +216,25 @@ resolve() {  # resolve OVERRIDE...: RESOLVED = the config of RECIPE + these over
     [ -z "$(field CONFIG)" ] || die "bad config (RECIPE=$RECIPE, overrides: $*): $(field CONFIG)"
 }
 
-# GLOBAL_BATCH is the effective batch. The trainer takes it from train.global_batch when
-# the config sets one (split over the tasks, maybe in micro_batch passes), else from
-# train.batch_size per task: a recipe with train.global_batch gets both. Trailing
-# key=value overrides still come last and beat GLOBAL_BATCH.
+# GLOBAL_BATCH is train.global_batch. Trailing key=value overrides still come last and beat it.
 BATCH_OVERRIDES=()
-if [ -n "${GLOBAL_BATCH:-}" ]; then
-    BATCH_OVERRIDES=("train.batch_size=$(( GLOBAL_BATCH / NTASKS ))")
-    resolve "${ENV_OVERRIDES[@]}" "$@"
-    [ "$(field global_batch)" = None ] || BATCH_OVERRIDES+=("train.global_batch=$GLOBAL_BATCH")
-fi
+[ -z "${GLOBAL_BATCH:-}" ] || BATCH_OVERRIDES=("train.global_batch=$GLOBAL_BATCH")
 OVERRIDES=("${BATCH_OVERRIDES[@]}" "${ENV_OVERRIDES[@]}" "$@")
 resolve "${OVERRIDES[@]}"
 
-# The effective batch as the trainer will compute it (scale/engine/batch_plan.py plan_batch).
-PER_TASK=$(field batch) CONTRASTIVE=$(field global_batch) CHUNK=$(field chunk)
-if [ "$CONTRASTIVE" != None ]; then
-    (( CONTRASTIVE % NTASKS == 0 )) || die "train.global_batch=$CONTRASTIVE does not split evenly over the $NTASKS tasks; set GLOBAL_BATCH (or train.global_batch=) to a multiple of $NTASKS"
-    PER_TASK=$(( CONTRASTIVE / NTASKS )) EFFECTIVE=$CONTRASTIVE SIZED_BY="train.global_batch=$CONTRASTIVE"
-    for arg in "$@"; do
-        [[ ${arg%%=*} != *train.batch_size* ]] || log "WARNING: $arg has no effect: train.global_batch=$CONTRASTIVE sets the batch ($PER_TASK/task)"
-    done
+# The batch as the trainer will compute it (scale/engine/batch_plan.py plan_batch): global_batch
+# split over the tasks, else micro_batch (or its default) per task.
+GLOBAL=$(field global_batch) CHUNK=$(field micro_batch)
+if [ "$GLOBAL" != None ]; then
+    (( GLOBAL % NTASKS == 0 )) || die "train.global_batch=$GLOBAL does not split evenly over the $NTASKS tasks; set GLOBAL_BATCH (or train.global_batch=) to a multiple of $NTASKS"
+    PER_TASK=$(( GLOBAL / NTASKS )) EFFECTIVE=$GLOBAL SIZED_BY="train.global_batch=$GLOBAL"
 else
-    EFFECTIVE=$(( PER_TASK * NTASKS )) SIZED_BY="train.batch_size=$PER_TASK"
+    PER_TASK=$CHUNK
+    [ "$PER_TASK" != None ] || PER_TASK=$(field default_micro_batch)
+    EFFECTIVE=$(( PER_TASK * NTASKS )) SIZED_BY="train.micro_batch=$PER_TASK"
 fi
 BATCH_NOTE="effective batch $EFFECTIVE ($SIZED_BY: $PER_TASK/task x $NTASKS task(s)"
-[ "$CHUNK" = None ] || (( CHUNK >= PER_TASK )) || BATCH_NOTE+=", gradient caching in chunks of $CHUNK"
+[ "$CHUNK" = None ] || (( CHUNK >= PER_TASK )) || BATCH_NOTE+=", in micro-batches of $CHUNK"
 if [ -z "${GLOBAL_BATCH:-}" ]; then
     BATCH_NOTE+="; GLOBAL_BATCH is empty)"
 elif [ "$EFFECTIVE" = "$GLOBAL_BATCH" ]; then

@@ -24,14 +24,14 @@ def test_defaults_and_overrides_are_typed():
 @pytest.mark.parametrize("override, fragment", [
     ("optim.bogus=1", "unknown config key 'optim.bogus'"),
     ("nothere.x=1", "unknown config key 'nothere'"),
-    ("train.batch_size=abc", "train.batch_size: expected an integer"),
+    ("train.micro_batch=abc", "train.micro_batch: expected an integer"),
     ("optim.blr=fast", "optim.blr: expected a number"),
     ("model.train_patch_embed=maybe", "model.train_patch_embed: expected true or false"),
     ("optim.betas=[0.9]", "optim.betas: expected 2 values"),
     ("mask.ratio=1.5", "mask.ratio must be in [0, 1)"),
     ("objective.kappa=0", "objective.kappa must be > 0"),
     ("model.attn_backend=flash", "model.attn_backend must be one of"),
-    ("train.batch_size", "must look like key=value"),
+    ("train.micro_batch", "must look like key=value"),
 ])
 def test_bad_overrides_fail_naming_the_key(override, fragment):
     with pytest.raises(ConfigError, match=None) as err:
@@ -108,11 +108,11 @@ def test_print_config_round_trips(tmp_path):
 
 
 def test_cli_config_error_exits_before_work(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "scale.train", "train.batch_size=abc",
+    proc = subprocess.run([sys.executable, "-m", "scale.train", "train.micro_batch=abc",
                            f"train.output_dir={tmp_path / 'run'}"], capture_output=True, text=True,
                           env=python_env(), cwd=tmp_path)
     assert proc.returncode == 2
-    assert "train.batch_size" in proc.stderr
+    assert "train.micro_batch" in proc.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from scale.config import ConfigError
-from scale.engine import SingleProcessEngine, plan_batch
+from scale.engine import EngineRun, SingleProcessEngine, plan_batch
 from scale.engine.deepspeed_engine import FORCE_WEIGHTS_ONLY, deepspeed_config
 from scale.errors import UserError
 from scale.masking import MaskContext, build_mask_generator
@@ -75,7 +75,7 @@ def test_temperature_bound_holds_on_module_and_master_copies(launch, label):
 
 
 def test_single_engine_applies_bounds_in_step(tmp_path):
-    cfg = tiny_config(tmp_path, "model.name=vit_tiny_patch7_28", "train.batch_size=4",
+    cfg = tiny_config(tmp_path, "model.name=vit_tiny_patch7_28", "train.micro_batch=4",
                       *(f"objective.{k}_temperature=0.07" for k in ("min", "init", "max")))
     torch.manual_seed(0)
     module = build_pretrain_module(cfg)
@@ -117,7 +117,7 @@ def test_precision_decides_deepspeed_autocast_on_every_device(tmp_path):
     for precision, device, enabled in (("bf16", "cpu", True), ("auto", "cpu", False), ("fp32", "cpu", False),
                                        ("auto", "cuda", True), ("fp32", "cuda", False)):
         cfg = tiny_config(tmp_path, f"train.precision={precision}")
-        ds = deepspeed_config(cfg, plan_batch(cfg.train, 1), torch.device(device))
+        ds = deepspeed_config(cfg.engine, EngineRun.of(cfg), plan_batch(cfg.train, 1), torch.device(device))
         assert ds["torch_autocast"] == {"enabled": enabled, "dtype": "bfloat16"}, (precision, device)
         assert ds["bf16"]["enabled"] is False  # DeepSpeed's bf16 mode would cast the temperature to bf16
 
@@ -135,7 +135,7 @@ def test_deepspeed_json_that_defeats_the_fp32_objective_or_safe_loading_is_refus
     path.write_text(json.dumps(recipe))
     cfg = tiny_config(tmp_path, f"engine.deepspeed_config={path}", "train.precision=fp32")
     with pytest.raises(ConfigError, match=match):
-        deepspeed_config(cfg, plan_batch(cfg.train, 1), torch.device("cpu"))
+        deepspeed_config(cfg.engine, EngineRun.of(cfg), plan_batch(cfg.train, 1), torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- D: loading never runs code

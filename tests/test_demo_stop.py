@@ -17,7 +17,7 @@ from scale import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 # Synthetic data (the demo's fallback): 20 steps of 32 images, logged every step.
-TINY = ["data.num_samples=640", "train.epochs=1", "train.batch_size=32", "train.log_every=1", "eval.batch_size=64"]
+TINY = ["data.num_samples=640", "train.epochs=1", "train.micro_batch=32", "train.log_every=1", "eval.micro_batch=64"]
 DRIVER = ("import sys\nfrom scale import demo\n"
           "demo.ensure_fashion_mnist = lambda: 'not installed in this test'\n"
           "sys.exit(demo.main(sys.argv[1:]))\n")

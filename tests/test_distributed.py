@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from scale.config import ConfigError, load_config
-from scale.engine import GradCache, SingleProcessEngine, plan_batch
+from scale.engine import EngineRun, GradCache, SingleProcessEngine, plan_batch
 from scale.engine.deepspeed_engine import deepspeed_config
 from scale.engine.distributed import (DistributedEnvError, enable_method_dispatch, first_slurm_host,
                                       launcher_engine_name, promote_scalar_parameters, read_dist_env)
@@ -35,7 +35,7 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_A
                "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE",
                "ACCELERATE_DEEPSPEED_ZERO_STAGE")
 # The DDP run of the worker's `train` scenario, as command-line overrides (for scale.train).
-TRAIN_OVERRIDES = [*TINY_OVERRIDES, "train.batch_size=16", "train.max_steps=4", "train.ckpt_every=2"]
+TRAIN_OVERRIDES = [*TINY_OVERRIDES, "train.micro_batch=16", "train.max_steps=4", "train.ckpt_every=2"]
 LOSS_TOL = 1e-5
 
 
@@ -147,7 +147,7 @@ def test_global_batch_splits_evenly_over_ranks(tmp_path):
     with pytest.raises(ConfigError, match="9600.*7 ranks"):
         plan_batch(cfg.train, 7)
     plain = tiny_config(tmp_path).train
-    assert plan_batch(plain, 4).global_batch == plain.batch_size * 4 and plan_batch(plain, 4).chunk is None
+    assert plan_batch(plain, 4).global_batch == plain.micro_batch * 4 and plan_batch(plain, 4).chunk is None
     with pytest.raises(ConfigError, match="micro_batch"):
         tiny_config(tmp_path, "train.micro_batch=0")
 
@@ -156,18 +156,19 @@ def test_deepspeed_json_recipes_are_filled_from_the_run_config(tmp_path):
     for stage in (1, 2, 3):
         cfg = tiny_config(tmp_path, f"engine.zero_stage={stage}", "optim.clip_grad=1.5", "train.global_batch=64")
         plan = plan_batch(cfg.train, 2)
-        ds = deepspeed_config(cfg, plan, torch.device("cpu"))
+        ds = deepspeed_config(cfg.engine, EngineRun.of(cfg), plan, torch.device("cpu"))
         assert ds["zero_optimization"]["stage"] == stage
         assert ds["train_micro_batch_size_per_gpu"] == 32 and ds["train_batch_size"] == 64
         assert ds["gradient_clipping"] == 1.5 and ds["gradient_accumulation_steps"] == 1
         assert ds["torch_autocast"]["enabled"] is False and ds["zero_optimization"]["overlap_comm"] is False  # CPU
         assert ds["bf16"]["enabled"] is False  # parameters stay fp32; bf16 is autocast only
     cfg = tiny_config(tmp_path, "train.precision=auto")
-    assert deepspeed_config(cfg, plan_batch(cfg.train, 1), torch.device("cuda", 0))["torch_autocast"]["enabled"] is True
+    assert deepspeed_config(cfg.engine, EngineRun.of(cfg), plan_batch(cfg.train, 1), torch.device("cuda", 0))["torch_autocast"]["enabled"] is True
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 7, "zero_optimization": {"stage": 2}}))
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu"):
-        deepspeed_config(tiny_config(tmp_path, f"engine.deepspeed_config={bad}"), plan, torch.device("cpu"))
+        bad_cfg = tiny_config(tmp_path, f"engine.deepspeed_config={bad}")
+        deepspeed_config(bad_cfg.engine, EngineRun.of(bad_cfg), plan, torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- gradient caching, one process
@@ -188,7 +189,7 @@ class RecordingEngine(SingleProcessEngine):
 
 @pytest.mark.parametrize("overrides", [(), ("objective.head.layers=2", "model.drop_path_rate=0.3")])
 def test_grad_cache_gradient_equals_full_batch(tmp_path, overrides):
-    cfg = tiny_config(tmp_path, "train.batch_size=20", "train.micro_batch=6", *overrides)
+    cfg = tiny_config(tmp_path, "train.global_batch=20", "train.micro_batch=6", *overrides)
     torch.manual_seed(0)
     module = build_pretrain_module(cfg)
     init = {k: v.clone() for k, v in module.state_dict().items()}

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from scale.config import ConfigError, EHMConfig, MaskConfig, load_config
+from scale.config import ConfigError, MaskConfig, load_config
+from scale.masking import EHMConfig
 from scale.masking import MaskContext, build_mask_generator
 from scale.masking.evolved import EvolvedHierarchicalMasking, visit_order
 from scale.masking.hierarchy import (TREE_BUILDERS, greedy_average_linkage, quantize_similarity,

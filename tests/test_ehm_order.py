@@ -13,7 +13,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from scale.config import EHMConfig, MaskConfig
+from scale.config import MaskConfig
+from scale.masking import EHMConfig
 from scale.masking import build_mask_generator
 from scale.masking.evolved import visit_order
 from scale.masking.hierarchy import PatchTree, reciprocal_nn_average_linkage

@@ -60,7 +60,7 @@ def test_grad_cache_with_ehm_draws_the_same_masks_and_loss_as_one_pass(tmp_path)
     runs = {}
     for label, extra in (("one_pass", ()), ("grad_cache", ("train.micro_batch=4",))):
         trainer = Trainer(tiny_config(tmp_path / label, "mask.name=ehm_two_group", "mask.ehm.signal_batch=8",
-                                      "mask.ehm.depth=fixed", "mask.ehm.fixed_depth=0.5", "train.batch_size=16",
+                                      "mask.ehm.depth=fixed", "mask.ehm.fixed_depth=0.5", "train.micro_batch=16",
                                       "train.max_steps=1", *extra))
         drawn = []
         masking = trainer.masking

@@ -138,8 +138,8 @@ def test_probe_head_learns_separable_features():
     labels = torch.arange(10).repeat(60)
     feats = centers[labels] + torch.randn(600, 32, generator=g)
     # LARS moves a weight by ~lr * 0.001 of its norm per step: a small batch needs a large lr.
-    cfg = LinearProbeConfig(num_classes=10, epochs=20, warmup_epochs=1, batch_size=64, lr=5.0, cache_features=True)
-    batches, steps = cached_batches((feats[:500], labels[:500]), cfg.batch_size, seed=0)
+    cfg = LinearProbeConfig(num_classes=10, epochs=20, warmup_epochs=1, global_batch=64, lr=5.0, cache_features=True)
+    batches, steps = cached_batches((feats[:500], labels[:500]), cfg.global_batch, seed=0)
     result = train_probe_head(batches, steps, 32, (feats[500:], labels[500:]), cfg, torch.device("cpu"),
                               progress=False, single_thread=True)
     assert steps == 7 and result["steps"] == 140 and result["top1"] > 95
@@ -152,7 +152,7 @@ def test_linprobe_cli_with_augmentation(monitored_run, capsys):
     out = Path(cfg.train.output_dir) / "probe.json"
     argv = ["linprobe", "--checkpoint", summary.last_checkpoint, "--config",
             str(REPO / "recipes/linprobe_fashion_mnist_cpu.yaml"), "--out", str(out), "--no-progress",
-            *SYNTHETIC_DATA, "probe.cache_features=false", "probe.batch_size=32", "probe.encode_chunk=16",
+            *SYNTHETIC_DATA, "probe.cache_features=false", "probe.global_batch=32", "probe.micro_batch=16",
             "probe.epochs=2", "probe.warmup_epochs=1", "probe.eval_every_epochs=1"]
     assert main(argv) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("linprobe: top-1")
@@ -169,7 +169,7 @@ def test_finetune_a_few_steps(monitored_run, tmp_path, capsys):
     argv = ["finetune", "--checkpoint", summary.last_checkpoint, "--config",
             str(REPO / "recipes/finetune_vitb16.yaml"), "--no-progress", "--save-model", str(saved),
             *SYNTHETIC_DATA, "data.transform=mae", "data.crop_scale=[0.08,1.0]", "finetune.num_classes=10",
-            "finetune.batch_size=16", "finetune.micro_batch=8", "finetune.max_steps=3", "finetune.device=cpu",
+            "finetune.global_batch=16", "finetune.micro_batch=8", "finetune.max_steps=3", "finetune.device=cpu",
             "finetune.eval_every_epochs=1", "finetune.num_classes=10"]
     assert main(argv) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("finetune: top-1")
@@ -214,19 +214,19 @@ def test_finetune_model_layer_decay_drop_path_and_weights(monitored_run):
 def test_recipes_carry_the_paper_and_mae_values():
     b = load_recipe(LinearProbeRecipe, REPO / "recipes/linprobe_vitb16.yaml").probe
     l = load_recipe(LinearProbeRecipe, REPO / "recipes/linprobe_vitl16.yaml").probe
-    assert (b.epochs, b.warmup_epochs, b.blr, b.weight_decay, b.batch_size) == (90, 10, 0.1, 0.0, 16384)
-    assert (l.epochs, l.warmup_epochs, l.blr, l.weight_decay, l.batch_size) == (50, 10, 0.1, 0.0, 1024)
+    assert (b.epochs, b.warmup_epochs, b.blr, b.weight_decay, b.global_batch) == (90, 10, 0.1, 0.0, 16384)
+    assert (l.epochs, l.warmup_epochs, l.blr, l.weight_decay, l.global_batch) == (50, 10, 0.1, 0.0, 1024)
     assert load_recipe(LinearProbeRecipe, REPO / "recipes/linprobe_fashion_mnist_cpu.yaml").probe.num_classes == 10
     fb = load_recipe(FinetuneRecipe, REPO / "recipes/finetune_vitb16.yaml").finetune
     fl = load_recipe(FinetuneRecipe, REPO / "recipes/finetune_vitl16.yaml").finetune
-    assert (fb.epochs, fb.warmup_epochs, fb.blr, fb.betas, fb.weight_decay, fb.batch_size) == \
+    assert (fb.epochs, fb.warmup_epochs, fb.blr, fb.betas, fb.weight_decay, fb.global_batch) == \
         (100, 5, 5e-4, (0.9, 0.95), 0.05, 1024)
-    assert (fl.epochs, fl.warmup_epochs, fl.blr, fl.betas, fl.weight_decay, fl.batch_size) == \
+    assert (fl.epochs, fl.warmup_epochs, fl.blr, fl.betas, fl.weight_decay, fl.global_batch) == \
         (50, 5, 1e-3, (0.9, 0.95), 0.05, 1024)
     assert (fb.layer_decay, fb.drop_path, fl.layer_decay, fl.drop_path) == (0.65, 0.1, 0.75, 0.2)
     assert (fb.mixup, fb.cutmix, fb.label_smoothing) == (0.8, 1.0, 0.1)
-    with pytest.raises(ConfigError, match="probe.batch_size"):
-        load_recipe(LinearProbeRecipe, None, ["probe.batch_size=100", "probe.encode_chunk=64"])
+    with pytest.raises(ConfigError, match="probe.global_batch"):
+        load_recipe(LinearProbeRecipe, None, ["probe.global_batch=100", "probe.micro_batch=64"])
     with pytest.raises(ConfigError, match="unknown config key 'finetune.lr_decay'"):
         load_recipe(FinetuneRecipe, None, ["finetune.lr_decay=0.7"])
 

@@ -144,7 +144,7 @@ def test_plot_user_errors_are_one_line_exit_2(tmp_path, content, why):
 
 # ----------------------------------------------------------------------------- demo
 
-DEMO_TINY = ["train.epochs=1", "train.batch_size=32", "train.log_every=4", "data.num_workers=0", "eval.batch_size=64"]
+DEMO_TINY = ["train.epochs=1", "train.micro_batch=32", "train.log_every=4", "data.num_workers=0", "eval.micro_batch=64"]
 
 
 def demo_rows(out: str) -> dict:

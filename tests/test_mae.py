@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from scale.config import DecoderConfig, load_config
+from scale.config import load_config
+from scale.objectives import DecoderConfig
 from scale.engine import GradientAccumulation, SingleProcessEngine, plan_batch
 from scale.masking import MaskContext, build_mask_generator
 from scale.models import build_encoder
@@ -212,11 +213,11 @@ def test_mae_checkpoint_goes_through_knn_linear_probe_and_finetune_unchanged(tmp
     assert main(["knn", "--checkpoint", ckpt, "--no-progress"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("knn: top-1")
     assert main(["linprobe", "--checkpoint", ckpt, "--config", str(REPO / "recipes/linprobe_fashion_mnist_cpu.yaml"),
-                 "--no-progress", *SYNTHETIC_DATA, "probe.batch_size=32", "probe.encode_chunk=16", "probe.epochs=1",
+                 "--no-progress", *SYNTHETIC_DATA, "probe.global_batch=32", "probe.micro_batch=16", "probe.epochs=1",
                  "probe.warmup_epochs=0"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("linprobe: top-1")
     assert main(["finetune", "--checkpoint", ckpt, "--config", str(REPO / "recipes/finetune_vitb16.yaml"),
-                 "--no-progress", *SYNTHETIC_DATA, "finetune.num_classes=10", "finetune.batch_size=16",
+                 "--no-progress", *SYNTHETIC_DATA, "finetune.num_classes=10", "finetune.global_batch=16",
                  "finetune.micro_batch=8", "finetune.max_steps=2", "finetune.device=cpu"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("finetune: top-1")
     assert Path(ckpt).parent.joinpath(Path(ckpt).name + ".finetune.json").is_file()

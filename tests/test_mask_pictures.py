@@ -25,7 +25,7 @@ PATCH = 2  # pixels per patch of the hand-made 2 x 2 grids
 def ehm_run(tmp_path_factory) -> Path:
     """A real run directory: OCL with EHM's two groups, 2 steps, a checkpoint at each."""
     cfg = tiny_config(tmp_path_factory.mktemp("ehm"), "mask.name=ehm_two_group", "train.max_steps=2",
-                      "train.ckpt_every=1", "train.batch_size=16")
+                      "train.ckpt_every=1", "train.micro_batch=16")
     Trainer(cfg).fit()
     return Path(cfg.train.output_dir)
 

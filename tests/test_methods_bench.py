@@ -61,14 +61,14 @@ def data(tmp_path):
 def tiny_argv(tmp_path: Path, data: Path, *extra: str) -> list:
     return ["--data-dir", str(data), "--train-shards", "", "--seeds", "0", "--steps", "4", "--curve-points", "2",
             "--max-train-samples", "64", "--curve-bank", "32", "--curve-test", "32",
-            "--probe", "probe.batch_size=32", "--probe", "probe.encode_chunk=32", "--probe", "probe.epochs=2",
+            "--probe", "probe.global_batch=32", "--probe", "probe.micro_batch=32", "--probe", "probe.epochs=2",
             "--probe", "probe.warmup_epochs=0",
-            "--finetune", "finetune.batch_size=16", "--finetune", "finetune.micro_batch=16",
+            "--finetune", "finetune.global_batch=16", "--finetune", "finetune.micro_batch=16",
             "--finetune", "finetune.max_steps=1", "--finetune", "data.num_workers=0",
             "--cost-steps", "1", "--gemm-size", "64",
             "--out-dir", str(tmp_path / "study"), "--out", str(tmp_path / "methods.json"),
             "--figure", str(tmp_path / "methods.png"),
-            "--set", "train.batch_size=16", "data.num_workers=0", "train.log_every=1", *extra]
+            "--set", "train.global_batch=16", "data.num_workers=0", "train.log_every=1", *extra]
 
 
 def forbid(monkeypatch, bench, *names: str) -> None:

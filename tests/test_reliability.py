@@ -249,7 +249,7 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
 
 @pytest.mark.parametrize("changes,keys", [
     (["model.name=vit_tiny_patch7_28"], ["model.name"]),
-    (["train.seed=1", "train.batch_size=16", "mask.ratio=0.5"], ["train.seed", "train.batch_size", "mask.ratio"]),
+    (["train.seed=1", "train.micro_batch=16", "mask.ratio=0.5"], ["train.seed", "train.micro_batch", "mask.ratio"]),
     (["data.num_samples=512"], ["data.num_samples"]),
     (["objective.head.layers=2"], ["objective.head.layers"]),
 ])

@@ -31,7 +31,7 @@ BATCH = 8
 
 
 def micro_cfg(tmp_path, *overrides):
-    return load_config(None, [*TINY_OVERRIDES, f"model.name={MICRO}", f"train.batch_size={BATCH}",
+    return load_config(None, [*TINY_OVERRIDES, f"model.name={MICRO}", f"train.micro_batch={BATCH}",
                               "data.num_samples=32", f"train.output_dir={tmp_path / 'run'}", *overrides])
 
 

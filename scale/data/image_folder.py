@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
@@ -34,7 +35,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..config import ConfigError, DataConfig
+from ..config import Check, ConfigError, DataConfig
 from ..shards.source_tree import walk_files
 from .base import DATASETS, PretrainData
 from .device_input import DeviceInput
@@ -119,7 +120,16 @@ class ImageFolderData(MapStyleData):
         return torch.zeros(self.in_chans, self.img_size, self.img_size, dtype=torch.uint8), -1, 1
 
 
-@DATASETS.register("image_folder")
+@dataclass
+class ImageFolderConfig:
+    """An image folder has no keys of its own: it reads data.root (data.val_root for monitors)."""
+
+    def validate(self, check: Check) -> None:
+        for name in ("num_samples", "shuffle_buffer", "decode"):
+            check.unused(name, True, "data.name is image_folder (every file is one sample, decoded on the CPU)")
+
+
+@DATASETS.register("image_folder", config=ImageFolderConfig)
 def build_image_folder(cfg: DataConfig, img_size: int, in_chans: int, train: bool) -> PretrainData:
     if not cfg.root:
         raise ConfigError(f"data.root is empty; {LAYOUT}")

@@ -8,16 +8,29 @@ learning separates classes, and a kNN monitor can check that it did.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Tuple
 
 import torch
 from torch.utils.data import Dataset
 
-from ..config import ConfigError, DataConfig
+from ..config import Check, ConfigError, DataConfig
 from .base import DATASETS, PretrainData
 from .device_input import DeviceInput
 from .map_style import MapStyleData
 from .transforms import build_pretrain_transform
+
+
+@dataclass
+class SyntheticConfig:
+    """The synthetic source's keys (data.*): data.num_samples images of this many classes."""
+    num_classes: int = 10
+
+    def validate(self, check: Check) -> None:
+        check.range("num_classes", self.num_classes, 1)
+        why = "data.name is synthetic (it generates its images)"
+        for name in ("root", "val_root", "shuffle_buffer", "decode"):
+            check.unused(name, True, why)
 
 
 class SyntheticImages(Dataset):
@@ -61,8 +74,8 @@ class SyntheticImages(Dataset):
         return img, label
 
 
-@DATASETS.register("synthetic")
-def build_synthetic(cfg: DataConfig, img_size: int, in_chans: int, train: bool) -> PretrainData:
+@DATASETS.register("synthetic", config=SyntheticConfig)
+def build_synthetic(cfg: SyntheticConfig | DataConfig, img_size: int, in_chans: int, train: bool) -> PretrainData:
     # The held-out split draws different samples from the same class prototypes.
     num_samples = cfg.num_samples if train else max(cfg.num_samples // 5, cfg.num_classes)
     source = SyntheticImages(num_samples, cfg.num_classes, img_size, in_chans, sample_seed=0 if train else 1)

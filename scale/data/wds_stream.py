@@ -86,6 +86,7 @@ from .device_input import DeviceInput
 from .gpu_decode import DeviceJpegItems
 from .loader_workers import ignore_stop_signals, loader_generator, start_workers
 from .transforms import RateLimitedWarning, Transform, build_pretrain_transform, open_image
+from .wds_config import WebDatasetConfig
 
 log = logging.getLogger(__name__)
 
@@ -564,8 +565,8 @@ class _RankStream(IterableDataset):
         return self.data.worker_batches(self.spec, self.epoch, self.plan, worker, self.start_batch)
 
 
-@DATASETS.register("webdataset")
-def build_webdataset(cfg: DataConfig, img_size: int, in_chans: int, train: bool) -> PretrainData:
+@DATASETS.register("webdataset", config=WebDatasetConfig)  # lazily: scale/data/__init__.py
+def build_webdataset(cfg: WebDatasetConfig | DataConfig, img_size: int, in_chans: int, train: bool) -> PretrainData:
     # The held-out split is always read finitely, and uses the manifest next to its shards.
     root, setting = (cfg.root, "data.root") if train else (cfg.val_root, "data.val_root")
     resampled = cfg.resampled and train

@@ -1,7 +1,8 @@
 """Engines: how the PretrainModule is distributed, stepped and checkpointed."""
-from . import ddp, deepspeed_engine, fsdp, single  # noqa: F401  (registration; deepspeed is imported lazily)
+from . import auto, ddp, deepspeed_engine, fsdp, single  # noqa: F401  (registration; deepspeed is imported lazily)
 from .accumulation import GradientAccumulation
-from .base import ENGINES, Engine
+from .auto import build_engine
+from .base import ENGINES, Engine, EngineRun
 from .batch_plan import ACCUMULATE, GRAD_CACHE, BatchPlan, plan_batch
 from .distributed import DistributedEngine, DistributedEnvError, read_dist_env
 from .grad_cache import GradCache
@@ -9,4 +10,5 @@ from .single import SingleProcessEngine
 from .timing import StepTimer
 
 __all__ = ["ACCUMULATE", "ENGINES", "GRAD_CACHE", "BatchPlan", "DistributedEngine", "DistributedEnvError", "Engine",
-           "GradCache", "GradientAccumulation", "SingleProcessEngine", "StepTimer", "plan_batch", "read_dist_env"]
+           "EngineRun", "GradCache", "GradientAccumulation", "SingleProcessEngine", "StepTimer", "build_engine", "plan_batch",
+           "read_dist_env"]

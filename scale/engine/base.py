@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import abc
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from ..config import RunConfig
 from ..masking import Masks, SignalRequest
 from ..objectives import FeatureGather, ObjectiveBatch, ObjectiveOutput, local_gather
 from ..registry import Registry
@@ -20,6 +22,19 @@ from .batch_plan import BatchPlan
 from .timing import StepTimer
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    """The few run settings outside the engine section that an engine reads (it gets its own section,
+    scale.config.EngineConfig with its engine's keys, and this; never the whole run config)."""
+
+    precision: str = "auto"  # train.precision: FSDP2's bf16 policy, DeepSpeed's autocast
+    clip_grad: Optional[float] = None  # optim.clip_grad: DeepSpeed clips inside its step
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> "EngineRun":
+        return cls(precision=cfg.train.precision, clip_grad=cfg.optim.clip_grad)
 
 
 class Engine(abc.ABC):

@@ -1,7 +1,8 @@
 """The batch plan of one optimizer step: images per rank, and how they pass through the model.
 
-`train.global_batch` is the effective batch of every method (null: `train.batch_size` per
-rank). When `train.micro_batch` is smaller than the per-rank batch, the step runs in
+`train.global_batch` is what the optimiser sees, for every method (null: `train.micro_batch`
+per rank, DEFAULT_MICRO_BATCH when that is null too). When `train.micro_batch` is smaller than
+the per-rank share of the global batch, the step runs in
 micro-batches, exactly: a loss that couples the batch (OCL's contrast) by gradient caching
 (scale/engine/grad_cache.py), a per-image loss (MAE, ASL) by gradient accumulation
 (scale/engine/accumulation.py). The trainer makes the plan once and hands it to the engine.
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import ConfigError, TrainConfig
+from ..config import DEFAULT_MICRO_BATCH, ConfigError, TrainConfig
 
 GRAD_CACHE = "grad_cache"
 ACCUMULATE = "accumulate"
@@ -42,9 +43,9 @@ class BatchPlan:
 
 
 def plan_batch(cfg: TrainConfig, world_size: int, couples_batch: bool = True) -> BatchPlan:
-    """Per-rank batch and micro-batching from train.batch_size / global_batch / micro_batch."""
+    """Per-rank batch and micro-batching from train.global_batch / micro_batch."""
     if cfg.global_batch is None:
-        per_rank = cfg.batch_size
+        per_rank = DEFAULT_MICRO_BATCH if cfg.micro_batch is None else cfg.micro_batch
     else:
         if cfg.global_batch % world_size:
             raise ConfigError(

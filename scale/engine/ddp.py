@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
@@ -14,10 +15,16 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint_io import torch_file
-from ..config import RunConfig
-from .base import ENGINES, Engine, OptimizerFactory
+from ..config import EngineConfig
+from .base import ENGINES, Engine, EngineRun, OptimizerFactory
 from .distributed import DistributedEngine, enable_method_dispatch
 from .batch_plan import GRAD_CACHE, BatchPlan
+
+
+@dataclass
+class DDPConfig:
+    """DDP's keys (engine.*)."""
+    find_unused_parameters: bool = False  # turned on automatically under gradient caching
 
 
 class DDPEngine(DistributedEngine):
@@ -38,7 +45,7 @@ class DDPEngine(DistributedEngine):
         grad_cache = plan.mode == GRAD_CACHE
         self.module = DistributedDataParallel(
             self._inner, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=self.cfg.engine.find_unused_parameters or grad_cache)
+            find_unused_parameters=self.cfg.find_unused_parameters or grad_cache)
         self.optimizer = build_optimizer(self._inner)
 
     def unwrapped(self) -> nn.Module:
@@ -61,6 +68,6 @@ class DDPEngine(DistributedEngine):
         return {k: v.detach().cpu() for k, v in self._inner.state_dict().items()}
 
 
-@ENGINES.register("ddp")
-def build_ddp(device: torch.device, cfg: RunConfig, **_: Any) -> Engine:
-    return DDPEngine(device, cfg)
+@ENGINES.register("ddp", config=DDPConfig)
+def build_ddp(device: torch.device, cfg: EngineConfig, run: EngineRun, **_: Any) -> Engine:
+    return DDPEngine(device, cfg, run)

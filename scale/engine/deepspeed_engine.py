@@ -37,22 +37,29 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Literal, Optional
 
 import torch
 import torch.nn as nn
 
 from ..checkpoint_io import deepspeed as deepspeed_checkpoint
 from ..checkpoint_io.deepspeed import FORCE_WEIGHTS_ONLY  # noqa: F401  (re-exported: tests read it here)
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, EngineConfig
 from ..device import autocast_dtype
 from ..recipe_catalog import deepspeed_config as shipped_deepspeed_config
-from .base import ENGINES, Engine, OptimizerFactory
+from .base import ENGINES, Engine, EngineRun, OptimizerFactory
 from .distributed import (DistributedEngine, enable_method_dispatch, grad_norm_tensor, promote_scalar_parameters,
                           restore_parameter_shapes)
 from .batch_plan import BatchPlan
 
 BF16_NAMES = ("bfloat16", "bf16", "torch.bfloat16")  # DeepSpeed's spellings of torch.bfloat16
+
+
+@dataclasses.dataclass
+class DeepSpeedConfig:
+    """DeepSpeed's keys (engine.*)."""
+    deepspeed_config: str = ""  # DeepSpeed JSON; "" -> recipes/deepspeed/zero{zero_stage}.json
+    zero_stage: Optional[Literal[0, 1, 2, 3]] = None  # overrides the JSON's zero_optimization.stage
 
 
 def _ensure_extensions_dir() -> None:
@@ -71,13 +78,13 @@ def _ensure_extensions_dir() -> None:
     raise RuntimeError(f"no writable TORCH_EXTENSIONS_DIR among {candidates}; export one")
 
 
-def deepspeed_config(cfg: RunConfig, plan: BatchPlan, device: torch.device) -> Dict[str, Any]:
+def deepspeed_config(cfg: DeepSpeedConfig, run: EngineRun, plan: BatchPlan, device: torch.device) -> Dict[str, Any]:
     """The JSON recipe with "auto" values filled and CPU/precision patches applied."""
     # Under `accelerate launch --config_file recipes/accelerate/deepspeed.yaml`, accelerate's
     # deepspeed_config_file / zero_stage apply where the run config leaves them unset.
     env_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
-    stage = cfg.engine.zero_stage if cfg.engine.zero_stage is not None else (int(env_stage) if env_stage else None)
-    path_text = cfg.engine.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    stage = cfg.zero_stage if cfg.zero_stage is not None else (int(env_stage) if env_stage else None)
+    path_text = cfg.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
     path = Path(path_text) if path_text else shipped_deepspeed_config(2 if stage is None else stage)
     if not path.is_file():
         raise ConfigError(f"DeepSpeed config {str(path)!r} does not exist (engine.deepspeed_config / engine.zero_stage)")
@@ -101,7 +108,7 @@ def deepspeed_config(cfg: RunConfig, plan: BatchPlan, device: torch.device) -> D
     fill("train_micro_batch_size_per_gpu", plan.per_rank_batch)
     fill("train_batch_size", plan.global_batch)
     fill("gradient_accumulation_steps", 1)
-    fill("gradient_clipping", float(cfg.optim.clip_grad or 0.0))
+    fill("gradient_clipping", float(run.clip_grad or 0.0))
     if ds.get("fp16", {}).get("enabled") is True:
         raise ConfigError(f"{path}: fp16 is not supported (OCL's logits / temperature overflow fp16); use bf16")
     if ds.get("bf16", {}).get("enabled", "auto") not in ("auto", False):
@@ -111,7 +118,7 @@ def deepspeed_config(cfg: RunConfig, plan: BatchPlan, device: torch.device) -> D
     ds.setdefault("bf16", {})["enabled"] = False
     # train.precision decides, as for the other engines (scale.device.autocast_dtype).
     autocast = ds.setdefault("torch_autocast", {})
-    fill("enabled", autocast_dtype(cfg.train.precision, device) is not None, autocast, "torch_autocast.")
+    fill("enabled", autocast_dtype(run.precision, device) is not None, autocast, "torch_autocast.")
     if autocast.get("dtype", "auto") == "auto":
         autocast["dtype"] = "bfloat16"
     elif autocast["dtype"] not in BF16_NAMES:
@@ -151,8 +158,8 @@ class DeepSpeedEngine(DistributedEngine):
     name = "deepspeed"
     checkpoint_format = deepspeed_checkpoint.FORMAT
 
-    def __init__(self, device: torch.device, cfg: RunConfig):
-        super().__init__(device, cfg)
+    def __init__(self, device: torch.device, cfg: EngineConfig, run: EngineRun):
+        super().__init__(device, cfg, run)
         _ensure_extensions_dir()
         self.ds = None
 
@@ -170,7 +177,7 @@ class DeepSpeedEngine(DistributedEngine):
         module = enable_method_dispatch(module).to(self.device)
         self._shapes = promote_scalar_parameters(module)  # DeepSpeed cannot broadcast 0-d parameters
         optimizer = build_optimizer(module)
-        self.ds_config = deepspeed_config(self.cfg, plan, self.device)
+        self.ds_config = deepspeed_config(self.cfg, self.run, plan, self.device)
         if self.ds_config["zero_optimization"].get("stage", 0) == 3:
             _dataclass_outputs_as_namedtuples(module)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
@@ -286,6 +293,6 @@ class DeepSpeedEngine(DistributedEngine):
         return restore_parameter_shapes(state, self._shapes)
 
 
-@ENGINES.register("deepspeed")
-def build_deepspeed(device: torch.device, cfg: RunConfig, **_: Any) -> Engine:
-    return DeepSpeedEngine(device, cfg)
+@ENGINES.register("deepspeed", config=DeepSpeedConfig)
+def build_deepspeed(device: torch.device, cfg: EngineConfig, run: EngineRun, **_: Any) -> Engine:
+    return DeepSpeedEngine(device, cfg, run)

@@ -31,9 +31,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..errors import UserError
-from ..config import RunConfig
+from ..config import EngineConfig
 from .timing import StepTimer
-from .base import Engine
+from .base import Engine, EngineRun
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
@@ -296,10 +296,10 @@ def restore_parameter_shapes(state: Dict[str, torch.Tensor], shapes: Mapping[str
 class DistributedEngine(Engine):
     """Process-group set-up, the global-batch gather, barrier/all-reduce and step timing."""
 
-    def __init__(self, device: torch.device, cfg: RunConfig):
-        env, device, self._owns_group = init_distributed(device, cfg.engine.backend, cfg.engine.timeout_s)
-        super().__init__(device, cfg.engine.sync_timing)
-        self.cfg = cfg
+    def __init__(self, device: torch.device, cfg: EngineConfig, run: EngineRun):
+        env, device, self._owns_group = init_distributed(device, cfg.backend, cfg.timeout_s)
+        super().__init__(device, cfg.sync_timing)
+        self.cfg, self.run = cfg, run
         self.env = env
         self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
         self._gather: Callable = AllGather(self.timer)

@@ -12,6 +12,7 @@ writes its own shards, and a checkpoint loads on any number of ranks.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
@@ -23,11 +24,17 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
 from ..checkpoint_io import dcp
-from ..config import RunConfig
-from .base import ENGINES, Engine, OptimizerFactory
+from ..config import EngineConfig
+from .base import ENGINES, Engine, EngineRun, OptimizerFactory
 from .batch_plan import BatchPlan
 from .parallelize import shard_fsdp2
 from .distributed import DistributedEngine, enable_method_dispatch, promote_scalar_parameters, restore_parameter_shapes
+
+
+@dataclass
+class FSDPConfig:
+    """FSDP2's keys (engine.*)."""
+    fsdp_reshard_after_forward: bool = True  # free each block's gathered params after its forward
 
 
 class FSDPEngine(DistributedEngine):
@@ -36,7 +43,7 @@ class FSDPEngine(DistributedEngine):
     sharded_state = True
 
     def _policies(self):
-        bf16 = self.device.type == "cuda" and self.cfg.train.precision != "fp32"
+        bf16 = self.device.type == "cuda" and self.run.precision != "fp32"
         fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
         main = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else fp32
         return main, fp32
@@ -45,7 +52,7 @@ class FSDPEngine(DistributedEngine):
         module = enable_method_dispatch(module).to(self.device)
         main, fp32 = self._policies()
         self._shapes = promote_scalar_parameters(module)
-        shard_fsdp2(module, main, fp32, self.cfg.engine.fsdp_reshard_after_forward)  # the method's declaration
+        shard_fsdp2(module, main, fp32, self.cfg.fsdp_reshard_after_forward)  # the method's declaration
         self.module = module
         self.optimizer = build_optimizer(module)
 
@@ -85,6 +92,6 @@ class FSDPEngine(DistributedEngine):
         return restore_parameter_shapes({k: v.detach().cpu() for k, v in state.items()}, self._shapes)
 
 
-@ENGINES.register("fsdp")
-def build_fsdp(device: torch.device, cfg: RunConfig, **_: Any) -> Engine:
-    return FSDPEngine(device, cfg)
+@ENGINES.register("fsdp", config=FSDPConfig)
+def build_fsdp(device: torch.device, cfg: EngineConfig, run: EngineRun, **_: Any) -> Engine:
+    return FSDPEngine(device, cfg, run)

@@ -11,7 +11,7 @@ Values and where they come from (OCL paper Tables 10/11 unless marked MAE):
 | base lr (lr = blr * batch / 256) | 0.1 | 5e-4 (B) / 1e-3 (L) |
 | schedule | cosine | cosine (MAE: min lr 1e-6) |
 | weight decay | 0 | 0.05 |
-| effective batch | 16384 (B) / 1024 (L) | 1024 |
+| global batch (the optimiser's) | 16384 (B) / 1024 (L) | 1024 |
 | MAE-only extras | BatchNorm1d(affine=False) head, trunc-normal 0.01, RandomResizedCrop(0.08-1) + flip | layer decay 0.65 (B) / 0.75 (L), drop path 0.1 (B) / 0.2 (L), mixup 0.8, cutmix 1.0, label smoothing 0.1, random erasing 0.25, head init trunc-normal 2e-5 |
 
 MAE fine-tunes with AdamW betas (0.9, 0.999); the OCL paper's Table 10 lists (0.9, 0.95),
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Type, TypeVar
+from typing import AbstractSet, Optional, Sequence, Set, Tuple, Type, TypeVar
 
 
 from ..config import ConfigError, DataConfig, ModelConfig, RunConfig, apply_overrides, merge_recipe, validate
@@ -42,8 +42,8 @@ class LinearProbeConfig:
     num_classes: int = 1000
     epochs: int = 90
     warmup_epochs: float = 10.0
-    batch_size: int = 16384  # effective batch of one head step (one process)
-    encode_chunk: int = 256  # images per frozen-encoder forward; batch_size must be a multiple
+    global_batch: int = 16384  # images of one head step (one process): what the optimiser sees
+    micro_batch: int = 256  # images per frozen-encoder forward; global_batch must be a multiple
     blr: float = 0.1
     lr: Optional[float] = None  # absolute lr; overrides blr
     min_lr: float = 0.0
@@ -63,8 +63,8 @@ class FinetuneConfig:
     num_classes: int = 1000
     epochs: int = 100
     warmup_epochs: float = 5.0
-    batch_size: int = 1024  # effective batch of one optimizer step (one process)
-    micro_batch: int = 128  # images per forward/backward; batch_size must be a multiple (accumulation)
+    global_batch: int = 1024  # images of one optimizer step (one process): what the optimiser sees
+    micro_batch: int = 128  # images per forward/backward; global_batch must be a multiple (accumulation)
     blr: float = 5e-4
     lr: Optional[float] = None
     min_lr: float = 1e-6  # MAE
@@ -109,19 +109,20 @@ def load_recipe(cls: Type[Recipe], path: Optional[str | Path] = None, overrides:
     """Defaults, then the YAML recipe (a path or a recipe name), then `key=value` overrides; validated
     before any work."""
     cfg = cls()
+    user_keys: Set[str] = set()
     if path is not None:
-        merge_recipe(cfg, path)
-    apply_overrides(cfg, overrides, example="probe.blr=0.05")
-    validate_recipe(cfg)
+        merge_recipe(cfg, path, user_keys)
+    apply_overrides(cfg, overrides, example="probe.blr=0.05", user_keys=user_keys)
+    validate_recipe(cfg, user_keys)
     return cfg
 
 
-def validate_recipe(cfg: LinearProbeRecipe | FinetuneRecipe) -> None:
+def validate_recipe(cfg: LinearProbeRecipe | FinetuneRecipe, user_keys: AbstractSet[str] = frozenset()) -> None:
     def require(ok: bool, msg: str) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    validate(RunConfig(model=cfg.model, data=cfg.data))  # the shared model/data checks
+    validate(RunConfig(model=cfg.model, data=cfg.data), user_keys)  # the shared model/data checks
     section, name = (cfg.probe, "probe") if isinstance(cfg, LinearProbeRecipe) else (cfg.finetune, "finetune")
     require(section.num_classes >= 2, f"{name}.num_classes must be >= 2, got {section.num_classes}")
     require(section.epochs >= 1, f"{name}.epochs must be >= 1, got {section.epochs}")
@@ -134,13 +135,13 @@ def validate_recipe(cfg: LinearProbeRecipe | FinetuneRecipe) -> None:
     require(section.eval_every_epochs >= 0, f"{name}.eval_every_epochs must be >= 0")
     if isinstance(cfg, LinearProbeRecipe):
         p = cfg.probe
-        require(p.encode_chunk >= 1 and p.batch_size >= 2, "probe.batch_size must be >= 2, probe.encode_chunk >= 1")
-        require(p.cache_features or p.batch_size % p.encode_chunk == 0,
-                f"probe.batch_size ({p.batch_size}) must be a multiple of probe.encode_chunk ({p.encode_chunk})")
+        require(p.micro_batch >= 1 and p.global_batch >= 2, "probe.global_batch must be >= 2, probe.micro_batch >= 1")
+        require(p.cache_features or p.global_batch % p.micro_batch == 0,
+                f"probe.global_batch ({p.global_batch}) must be a multiple of probe.micro_batch ({p.micro_batch})")
     else:
         f = cfg.finetune
-        require(f.micro_batch >= 2 and f.batch_size % f.micro_batch == 0,
-                f"finetune.batch_size ({f.batch_size}) must be a multiple of finetune.micro_batch "
+        require(f.micro_batch >= 2 and f.global_batch % f.micro_batch == 0,
+                f"finetune.global_batch ({f.global_batch}) must be a multiple of finetune.micro_batch "
                 f"({f.micro_batch}), which must be >= 2")
         require((f.mixup <= 0 and f.cutmix <= 0) or f.micro_batch % 2 == 0,
                 "finetune.micro_batch must be even for mixup/cutmix")

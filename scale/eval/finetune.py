@@ -5,7 +5,7 @@ a classifier; everything trains with AdamW, layer-wise lr decay
 (`timm.optim.param_groups_layer_decay`: embeddings are layer 0, block i is layer i + 1,
 the final norm and head the top), drop path, random erasing, Mixup/CutMix
 (`timm.data.Mixup`) with label smoothing (`timm.loss.SoftTargetCrossEntropy`), and a
-per-step warm-up + cosine schedule. One process; `batch_size` is reached by gradient
+per-step warm-up + cosine schedule. One process; `global_batch` is reached by gradient
 accumulation over `micro_batch` pieces.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ def build_finetune_optimizer(model: nn.Module, cfg: FinetuneConfig, lr: float) -
 
 
 def finetune_lr(cfg: FinetuneConfig) -> float:
-    return cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size / 256
+    return cfg.lr if cfg.lr is not None else cfg.blr * cfg.global_batch / 256
 
 
 def build_mixup(cfg: FinetuneConfig) -> Optional[Mixup]:
@@ -110,11 +110,11 @@ def finetune_model(model: nn.Module, recipe: FinetuneRecipe, spec: ViTSpec, devi
     workers = recipe.data.num_workers
     train_split = build_split(recipe.data, spec, train=True, augment=True)
     val_split = build_split(recipe.data, spec, train=False)
-    accum = cfg.batch_size // cfg.micro_batch
+    accum = cfg.global_batch // cfg.micro_batch
     steps_per_epoch = train_split.batches_per_epoch(LoaderSpec(batch_size=cfg.micro_batch, seed=cfg.seed,
                                                                drop_last=True)) // accum
     if steps_per_epoch < 1:
-        raise ConfigError(f"the train split holds less than one batch of {cfg.batch_size}; lower finetune.batch_size")
+        raise ConfigError(f"the train split holds less than one batch of {cfg.global_batch}; lower finetune.global_batch")
     lr = finetune_lr(cfg)
     optimizer = build_finetune_optimizer(model, cfg, lr)
     total = cfg.epochs * steps_per_epoch

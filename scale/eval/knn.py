@@ -29,8 +29,8 @@ def validate_eval_config(cfg: EvalConfig) -> None:
         raise ConfigError(f"eval.knn_temperature must be > 0, got {cfg.knn_temperature}")
     if cfg.knn_every_epochs < 0 or cfg.max_train_samples < 0 or cfg.max_val_samples < 0:
         raise ConfigError("eval.knn_every_epochs, eval.max_train_samples and eval.max_val_samples must be >= 0")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"eval.batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.micro_batch < 1:
+        raise ConfigError(f"eval.micro_batch must be >= 1, got {cfg.micro_batch}")
 
 
 @torch.no_grad()
@@ -85,7 +85,7 @@ class KnnMonitor(Monitor):
         e = self.cfg.eval
         bank_split, query_split = self.splits()
         start = time.perf_counter()
-        common = dict(device=device, batch_size=e.batch_size, amp_dtype=amp_dtype,
+        common = dict(device=device, batch_size=e.micro_batch, amp_dtype=amp_dtype,
                       num_workers=self.cfg.data.num_workers, seed=self.cfg.train.seed, progress=progress)
         bank = extract_features(encoder, bank_split, max_samples=e.max_train_samples, desc="kNN bank", **common)
         queries = extract_features(encoder, query_split, max_samples=e.max_val_samples, desc="kNN queries",

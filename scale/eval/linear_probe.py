@@ -8,7 +8,7 @@ biases and norms. (With weight decay > 0 timm divides by |g| + wd|w| where MAE d
 by |g + wd w|; the probe recipes use wd 0, where they agree.)
 
 Two ways to feed the head: MAE's (every epoch re-encodes augmented images; the encoder
-forward runs in `encode_chunk` pieces, and the head steps once per `batch_size` images,
+forward runs in `micro_batch` pieces, and the head steps once per `global_batch` images,
 so its BatchNorm sees the whole batch) or `cache_features` (encode the un-augmented
 train split once; much faster, no augmentation). Validation features are always
 computed once: the encoder is frozen.
@@ -66,7 +66,7 @@ def build_lars(module: nn.Module, lr: float, cfg: LinearProbeConfig) -> Lars:
 
 
 def probe_lr(cfg: LinearProbeConfig) -> float:
-    return cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size / 256
+    return cfg.lr if cfg.lr is not None else cfg.blr * cfg.global_batch / 256
 
 
 @torch.no_grad()
@@ -129,8 +129,8 @@ def _train_probe_head(batches: BatchSource, steps_per_epoch: int, dim: int, val:
                       device: torch.device, progress: bool, desc: str,
                       log: Callable[[str], None]) -> Dict[str, Any]:
     if steps_per_epoch < 1:
-        raise ConfigError(f"{desc}: the train split has less than one batch of {cfg.batch_size}; "
-                         "lower probe.batch_size")
+        raise ConfigError(f"{desc}: the train split has less than one batch of {cfg.global_batch}; "
+                         "lower probe.global_batch")
     torch.manual_seed(cfg.seed)
     head = ProbeHead(dim, cfg.num_classes).to(device)
     lr = probe_lr(cfg)
@@ -180,13 +180,13 @@ def probe_encoder(encoder: nn.Module, recipe: LinearProbeRecipe, device: torch.d
     spec = encoder.spec
     amp = autocast_dtype(cfg.precision, device)
     workers = recipe.data.num_workers
-    common = dict(device=device, batch_size=cfg.encode_chunk, amp_dtype=amp, num_workers=workers,
+    common = dict(device=device, batch_size=cfg.micro_batch, amp_dtype=amp, num_workers=workers,
                   seed=cfg.seed, progress=progress)
     val = extract_features(encoder, build_split(recipe.data, spec, train=False), desc="val features", **common)
     if cfg.cache_features:
         train = extract_features(encoder, build_split(recipe.data, spec, train=True), desc="train features",
                                  **common)
-        batches, steps_per_epoch = cached_batches(train, cfg.batch_size, cfg.seed)
+        batches, steps_per_epoch = cached_batches(train, cfg.global_batch, cfg.seed)
     else:
         augmented = build_split(recipe.data, spec, train=True, augment=True)
         batches, steps_per_epoch = augmented_batches(encoder, augmented, cfg, device, amp, workers)
@@ -196,18 +196,18 @@ def probe_encoder(encoder: nn.Module, recipe: LinearProbeRecipe, device: torch.d
 
 def augmented_batches(encoder: nn.Module, split: Any, cfg: LinearProbeConfig, device: torch.device,
                       amp: Optional[torch.dtype], num_workers: int) -> Tuple[BatchSource, int]:
-    """MAE's feeding: each epoch re-encodes freshly augmented images, `encode_chunk` at a time."""
+    """MAE's feeding: each epoch re-encodes freshly augmented images, `micro_batch` at a time."""
     from ..data import LoaderSpec
 
-    chunks_per_step = cfg.batch_size // cfg.encode_chunk
-    chunk_spec = LoaderSpec(batch_size=cfg.encode_chunk, seed=cfg.seed, num_workers=num_workers, drop_last=True)
+    chunks_per_step = cfg.global_batch // cfg.micro_batch
+    chunk_spec = LoaderSpec(batch_size=cfg.micro_batch, seed=cfg.seed, num_workers=num_workers, drop_last=True)
     steps = split.batches_per_epoch(chunk_spec) // chunks_per_step
 
     @torch.no_grad()
     def batches(epoch: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         feats, labels, done = [], [], 0
         with eval_mode(encoder):
-            for images, targets in iterate_split(split, cfg.encode_chunk, seed=cfg.seed, epoch=epoch,
+            for images, targets in iterate_split(split, cfg.micro_batch, seed=cfg.seed, epoch=epoch,
                                                  num_workers=num_workers, drop_last=True, device=device):
                 with autocast(device, amp):
                     feats.append(encode_cls(encoder, images).float())

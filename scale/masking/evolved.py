@@ -17,16 +17,53 @@ At d = 1 each is exactly its random counterpart in distribution (`random`, `rand
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Literal
 
 import torch
 
-from ..config import EHMConfig, MaskConfig
+from ..config import Check, MaskConfig
 from .base import MASK_GENERATORS, MaskContext, MaskGenerator, MaskNeeds, Masks, SignalRequest, visible_count
 from .hierarchy import TREE_BUILDERS, PatchTree
 from .similarity import SIMILARITIES
 
 ONE_GROUP, TWO_GROUP, DROP_TWO_GROUP = "one_group", "two_group", "drop_two_group"
+
+
+@dataclass
+class EHMConfig:
+    """EHM's settings (mask.ehm.*; papers/evolved-hierarchical-masking.txt, METHODS.md): parts of a patch
+    tree built from the current model's attention, cut at a depth that rises with training."""
+    blocks: int = 6  # attention of the first k blocks (capped by depth), averaged over heads and blocks
+    signal_batch: int = 64  # images per attention forward: fixed, so masks never depend on micro-batching
+    # attention: (A + A^T) / 2 (the paper) | attention_rows: cosine of attention rows
+    similarity: Literal["attention", "attention_rows"] = "attention"
+    tree: Literal["rnn", "greedy"] = "rnn"  # rnn: reciprocal nearest neighbours, a few dozen rounds | greedy: one merge a round
+    # evolved: d = max(1, floor(progress x H)) | fixed: d = max(1, floor(fixed_depth x H))
+    depth: Literal["evolved", "fixed"] = "evolved"
+    progress: Literal["epoch", "step"] = "epoch"  # epoch: completed epochs / epochs (the paper) | step: step / total steps
+    fixed_depth: float = 0.2  # depth=fixed, as a fraction of each tree's height H (0.2 shallow, 0.8 deep)
+    max_depth: float = 1.0  # cap on d, as a fraction of H (two-group OCL: near the root only 2-5 parts remain)
+    source: Literal["online", "ema"] = "online"  # online: the current model (the paper) | ema: an EMA of it (Evolved Part Masking)
+    ema_decay: float = 0.999  # source=ema
+
+
+@dataclass
+class EHMMaskConfig:
+    """The keys of the EHM generators (ehm, ehm_two_group, ehm_drop_two_group): mask.ratio and mask.ehm.*."""
+    ehm: EHMConfig = field(default_factory=EHMConfig)
+
+    def validate(self, check: Check) -> None:
+        e = self.ehm
+        check.range("ehm.blocks", e.blocks, 1)
+        check.range("ehm.signal_batch", e.signal_batch, 1)
+        check.range("ehm.fixed_depth", e.fixed_depth, 0.0, 1.0)
+        check.range("ehm.max_depth", e.max_depth, 0.0, 1.0, low_open=True)
+        check.range("ehm.ema_decay", e.ema_decay, 0.0, 1.0, high_open=True)
+        check.unused("ehm.fixed_depth", e.depth != "fixed", "mask.ehm.depth is evolved (the depth follows progress)")
+        check.unused("ehm.progress", e.depth == "fixed", "mask.ehm.depth is fixed (mask.ehm.fixed_depth sets it)")
+        check.unused("ehm.ema_decay", e.source != "ema", "mask.ehm.source is online (no EMA is kept)")
 
 
 def visit_order(tree: PatchTree, parts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -107,8 +144,8 @@ class EvolvedHierarchicalMasking(MaskGenerator):
 
 
 def _register(name: str, layout: str) -> None:
-    @MASK_GENERATORS.register(name)
-    def build(cfg: MaskConfig, grid_size: int) -> MaskGenerator:
+    @MASK_GENERATORS.register(name, config=EHMMaskConfig)
+    def build(cfg: EHMMaskConfig | MaskConfig, grid_size: int) -> MaskGenerator:
         return EvolvedHierarchicalMasking(grid_size, cfg.ratio, cfg.ehm, layout)
 
 

@@ -2,9 +2,10 @@
 from . import asl, mae, ocl  # noqa: F401  (registration)
 from .base import (OBJECTIVES, FeatureGather, Objective, ObjectiveBatch, ObjectiveNeeds, ObjectiveOutput,
                    build_objective, fp32_region, local_gather)
-from .asl import ASLObjective
-from .mae import MAEObjective
-from .ocl import OCLObjective, tsp_similarity
+from .asl import ASLConfig, ASLObjective, ASLObjectiveConfig
+from .mae import DecoderConfig, MAEConfig, MAEObjective
+from .ocl import HeadConfig, OCLConfig, OCLObjective, tsp_similarity
 
-__all__ = ["OBJECTIVES", "ASLObjective", "FeatureGather", "MAEObjective", "OCLObjective", "Objective", "ObjectiveBatch", "ObjectiveNeeds",
+__all__ = ["OBJECTIVES", "ASLConfig", "ASLObjective", "ASLObjectiveConfig", "DecoderConfig", "HeadConfig", "MAEConfig",
+           "OCLConfig", "FeatureGather", "MAEObjective", "OCLObjective", "Objective", "ObjectiveBatch", "ObjectiveNeeds",
            "ObjectiveOutput", "build_objective", "fp32_region", "local_gather", "tsp_similarity"]

@@ -23,21 +23,54 @@ export keeps `encoder.*` only.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-from ..config import ASLConfig, DecoderConfig, ObjectiveConfig
+from ..config import Check
 from ..models import ViTSpec
 from ..models.attention import BackendAttention
 from ..models.flops import blocks_forward_flops
 from .base import (OBJECTIVES, FeatureGather, Objective, ObjectiveBatch, ObjectiveNeeds, ObjectiveOutput,
                    fp32_region, local_gather)
-from .mae import MAEDecoder, init_linear_and_norm, mask_of, masked_mse, pixel_targets
+from .mae import DecoderConfig, MAEConfig, MAEDecoder, init_linear_and_norm, mask_of, masked_mse, pixel_targets
+
+
+@dataclass
+class ASLConfig:
+    """ASL's own block (objective.asl.*, papers/asl-arbitrary-scenarios.md): the feature-augmented second
+    branch and how its pixel predictions are aligned with the original's, patch by patch."""
+    branch: Literal["aee", "dle"] = "aee"  # aee: one ViT block after the encoder | dle: embedding dropout, encoder run twice
+    dle_dropout: float = 0.1  # DLE: dropout on the patch embeddings (the paper gives no value; reading 0.1)
+    mae_weight: float = 1.0  # Eq. 11: L = mae_weight * L_MAE + align_weight * L_SEM, 1 : 1
+    align_weight: float = 1.0
+    # both: L_MAE is the mean of the two branches' MSE | original: first branch only
+    mae_branches: Literal["both", "original"] = "both"
+    align_loss: Literal["l1", "cosine"] = "l1"  # l1 (Eq. 9) | cosine (the ablation)
+    align_cls: bool = False  # also align the decoder's [CLS] output (the ablation; off in the paper)
+
+
+@dataclass
+class ASLObjectiveConfig(MAEConfig):
+    """ASL's keys (objective.*): MAE's decoder and targets, plus its `asl` block."""
+    asl: ASLConfig = field(default_factory=ASLConfig)
+
+    def validate(self, check: Check) -> None:
+        super().validate(check)
+        a = self.asl
+        check.range("asl.dle_dropout", a.dle_dropout, 0.0, 1.0, high_open=True)
+        check.unused("asl.dle_dropout", a.branch != "dle", "objective.asl.branch is aee (dropout is DLE's)")
+        check.range("asl.mae_weight", a.mae_weight, 0.0, 1000.0)
+        check.range("asl.align_weight", a.align_weight, 0.0, 1000.0)
+        # Both 0: the loss is 0 with zero gradients, and the run trains nothing without a word.
+        check.require(a.mae_weight > 0 or a.align_weight > 0,
+                      "objective.asl.mae_weight and objective.asl.align_weight must not both be 0 (the loss would be "
+                      "0 and nothing would train); give at least one of them a value in (0, 1000]")
 
 
 def l1_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -142,6 +175,6 @@ class ASLObjective(Objective):
         return flops
 
 
-@OBJECTIVES.register("asl")
-def build_asl(cfg: ObjectiveConfig, spec: ViTSpec) -> Objective:
+@OBJECTIVES.register("asl", config=ASLObjectiveConfig)
+def build_asl(cfg: ASLObjectiveConfig, spec: ViTSpec) -> Objective:
     return ASLObjective(spec, cfg.decoder, cfg.asl, cfg.norm_pix_loss)

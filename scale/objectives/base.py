@@ -127,4 +127,5 @@ OBJECTIVES: Registry[Objective] = Registry("objective", "objective.name")
 
 
 def build_objective(cfg: ObjectiveConfig, spec: ViTSpec) -> Objective:
+    """The objective `cfg.name` names, built from its section (its own config plus `name`)."""
     return OBJECTIVES.build(cfg.name, cfg, spec)

@@ -19,6 +19,7 @@ batch: micro-batches accumulate gradients exactly (scale/engine/accumulation.py)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import partial
 from typing import List
 
@@ -27,12 +28,42 @@ import torch.nn as nn
 from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
-from ..config import ConfigError, DecoderConfig, ObjectiveConfig
+from ..config import Check, ConfigError
 from ..models import ViTSpec
 from ..models.attention import BackendAttention
 from ..models.flops import blocks_forward_flops, linear_flops
 from .base import (OBJECTIVES, FeatureGather, Objective, ObjectiveBatch, ObjectiveNeeds, ObjectiveOutput,
                    fp32_region, local_gather)
+
+
+@dataclass
+class DecoderConfig:
+    """MAE's pixel decoder (MAE, ASL): a narrow ViT over all patch positions."""
+    dim: int = 512
+    depth: int = 8
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class MAEConfig:
+    """MAE's keys (objective.*): its decoder and its pixel targets."""
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    norm_pix_loss: bool = True  # targets: each patch normalised by its mean and (unbiased) variance
+
+    def validate(self, check: Check) -> None:
+        d = self.decoder
+        check.range("decoder.dim", d.dim, 1)
+        check.range("decoder.depth", d.depth, 1)
+        check.range("decoder.num_heads", d.num_heads, 1)
+        check.require(d.dim % d.num_heads == 0 and d.dim % 4 == 0,
+                      f"objective.decoder.dim must be divisible by 4 and by objective.decoder.num_heads, got "
+                      f"{d.dim} and {d.num_heads}")
+        check.range("decoder.mlp_ratio", d.mlp_ratio, 0.0, float("inf"), low_open=True, high_open=True)
+        # The loss is computed on the masked patches: with none masked it is 0 / 0 (NaN).
+        ratio, name = check.run.mask.ratio, check.run.objective.name
+        check.require(ratio > 0, f"mask.ratio must be in (0, 1) for objective.name={name}, whose loss is computed on "
+                                 f"the masked patches; got {ratio}")
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -157,6 +188,6 @@ class MAEObjective(Objective):
         return self.decoder.forward_flops(num_images, visible_per_group)
 
 
-@OBJECTIVES.register("mae")
-def build_mae(cfg: ObjectiveConfig, spec: ViTSpec) -> Objective:
+@OBJECTIVES.register("mae", config=MAEConfig)
+def build_mae(cfg: MAEConfig, spec: ViTSpec) -> Objective:
     return MAEObjective(spec, cfg.decoder, cfg.norm_pix_loss)

@@ -8,17 +8,46 @@ with gradient averaging across ranks gives the gradient of the global loss.
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Literal, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError, ObjectiveConfig
+from ..config import Check, ConfigError
 from ..models import ViTSpec
 from .base import (OBJECTIVES, FeatureGather, Objective, ObjectiveBatch, ObjectiveOutput, fp32_region,
                    local_gather)
 from .heads import mlp_head
+
+
+@dataclass
+class HeadConfig:
+    layers: Literal[0, 2, 3] = 0  # 0: no head (paper default); 2 or 3: MoCo v3-style MLP head
+    hidden_dim: int = 1024
+    out_dim: int = 512
+
+
+@dataclass
+class OCLConfig:
+    """OCL's keys (objective.*): the T-SP concentration, the learnt temperature and an optional head."""
+    kappa: float = 64.0  # T-SP concentration; .inf gives (1 + c) / 2
+    init_temperature: float = 0.07
+    min_temperature: float = 0.001
+    max_temperature: float = 0.5
+    learn_temperature: bool = True
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+    def validate(self, check: Check) -> None:
+        check.require(self.kappa > 0, f"objective.kappa must be > 0 (or .inf), got {self.kappa}")
+        check.require(0 < self.min_temperature <= self.init_temperature <= self.max_temperature < math.inf,
+                      "objective temperatures must satisfy 0 < min_temperature <= init_temperature <= max_temperature "
+                      f"< inf, got {self.min_temperature}, {self.init_temperature}, {self.max_temperature}")
+        check.range("head.hidden_dim", self.head.hidden_dim, 1)
+        check.range("head.out_dim", self.head.out_dim, 1)
+        check.unused("head.hidden_dim", self.head.layers == 0, "objective.head.layers is 0 (no head)")
+        check.unused("head.out_dim", self.head.layers == 0, "objective.head.layers is 0 (no head)")
 
 
 def tsp_similarity(cosine: torch.Tensor, kappa: float) -> torch.Tensor:
@@ -93,8 +122,8 @@ class OCLObjective(Objective):
         return [self]  # the temperature and the optional head
 
 
-@OBJECTIVES.register("ocl")
-def build_ocl(cfg: ObjectiveConfig, spec: ViTSpec) -> Objective:
+@OBJECTIVES.register("ocl", config=OCLConfig)
+def build_ocl(cfg: OCLConfig, spec: ViTSpec) -> Objective:
     return OCLObjective(spec.embed_dim, kappa=cfg.kappa, init_temperature=cfg.init_temperature,
                         min_temperature=cfg.min_temperature, max_temperature=cfg.max_temperature,
                         learn_temperature=cfg.learn_temperature, head_layers=cfg.head.layers,

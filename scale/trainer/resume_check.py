@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterator, List, Tuple
 
-from ..config import RENAMED_KEYS, RunConfig, to_dict
+from ..config import RENAMED_KEYS, RunConfig, saved_batch_keys, to_dict
 from .checkpoint import CONFIG_KEY, META, CheckpointError
 
 # Prefixes (a section, or one key) whose change is refused, with the reason shown.
@@ -35,7 +35,6 @@ REFUSED: Tuple[Tuple[str, str], ...] = (
     ("objective.learn_temperature", "the optimizer's parameters"),
     ("mask", "the masks"),
     ("train.seed", "the data order and the masks"),
-    ("train.batch_size", "the data order"),
     ("train.global_batch", "the data order"),
     ("data.name", "the data"),
     ("data.root", "the data"),
@@ -96,13 +95,17 @@ def _same(old: Any, new: Any) -> bool:
     return old == new
 
 
-def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
-    """(key, old, new) for every leaf key whose value differs (keys missing on one side: None)."""
+def config_changes(old: Dict[str, Any], new: Dict[str, Any], old_world_size: int = 1) -> List[Tuple[str, Any, Any]]:
+    """(key, old, new) for every leaf key whose value differs, both sides carrying it. `old` may come
+    from an earlier release: renamed keys, train.batch_size (on `old_world_size` ranks) and the keys of
+    components the run does not use (saved then with every section) are read as today's."""
+    if isinstance(old.get("train"), dict):
+        old = {**old, "train": saved_batch_keys(old["train"], old_world_size)}
     old_flat = {RENAMED_KEYS.get(key, key): value for key, value in _flatten(old)}  # configs saved before a rename
     new_flat = dict(_flatten(new))
     changes = []
     for key in sorted(set(old_flat) | set(new_flat)):
-        if key not in old_flat:  # a key newer than the checkpoint: it kept the default then
+        if key not in old_flat or key not in new_flat:  # newer than the checkpoint, or a component not used
             continue
         if not _same(old_flat.get(key), new_flat.get(key)):
             changes.append((key, old_flat.get(key), new_flat.get(key)))
@@ -113,7 +116,7 @@ def check_resume_config(saved: Dict[str, Any], cfg: RunConfig, saved_meta: Dict[
                         world_size: int, checkpoint: str) -> List[str]:
     """Raise CheckpointError listing refused changes; return warnings for allowed ones."""
     allowed = set(cfg.train.resume_allow_changes)
-    changes = config_changes(saved, to_dict(cfg))
+    changes = config_changes(saved, to_dict(cfg), int(saved_meta.get(WORLD_SIZE) or 1))
     old_format = saved_meta.get("checkpoint_format")  # the engine family: torch file, dcp, deepspeed
     if old_format and old_format != checkpoint_format:
         changes.append((ENGINE_FAMILY, f"{saved_meta.get('engine')} ({old_format} checkpoint)",
@@ -130,6 +133,8 @@ def check_resume_config(saved: Dict[str, Any], cfg: RunConfig, saved_meta: Dict[
             reason = "the data order and the global batch"
         elif key == WORLD_SIZE:
             reason = "the data order"
+        elif key == "train.micro_batch" and cfg.train.global_batch is None:
+            reason = "the data order (it is each rank's batch while train.global_batch is null)"
         elif key == "data.num_workers" and cfg.data.name == "webdataset":
             reason = "the data order (shards are dealt to world_size x num_workers readers)"
         if reason is not None and not any(_matches(key, accepted) for accepted in allowed):

@@ -13,7 +13,7 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -29,9 +29,8 @@ from ..device import autocast_dtype, resolve_device
 from ..data import LoaderSpec, PretrainData, build_dataset
 from ..data.device_input import DeviceImages
 from ..data.gpu_decode import resolve_decode
-from ..engine import (ACCUMULATE, ENGINES, GRAD_CACHE, Engine, GradCache, GradientAccumulation, StepTimer,
+from ..engine import (ACCUMULATE, GRAD_CACHE, Engine, GradCache, GradientAccumulation, StepTimer, build_engine,
                       plan_batch)
-from ..engine.distributed import launcher_engine_name
 from ..engine.parallelize import apply_block_wrappers
 from ..masking import (MASK_GENERATORS, MaskContext, MaskGenerator, build_mask_generator, seed_global_rng,
                        step_generator)
@@ -56,13 +55,6 @@ class TrainSummary:
     preempted: bool = False
 
 
-def build_engine(cfg: RunConfig, device: torch.device) -> Engine:
-    name = cfg.engine.name
-    if name == "auto":  # the launcher decides: accelerate's FSDP / DeepSpeed configs, else ddp if > 1 process
-        name = launcher_engine_name()
-    return ENGINES.build(name, device=device, cfg=cfg)
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, data: Optional[PretrainData] = None, engine: Optional[Engine] = None,
                  monitors: Sequence[Monitor] = ()):
@@ -79,11 +71,11 @@ class Trainer:
         self.data = data or build_dataset(resolve_decode(cfg.data, self.device), self.spec.img_size,
                                           self.spec.in_chans, train=True)
         objective = module.objective
-        # Per-rank batch: train.batch_size, or train.global_batch / world_size; micro-batches by the
+        # Per-rank batch: train.global_batch / world_size, else train.micro_batch; micro-batches by the
         # objective's kind: gradient caching for a loss that couples the batch, else accumulation.
         self.batch_plan = plan_batch(cfg.train, self.engine.world_size, objective.couples_batch)
         if self.batch_plan.global_batch < objective.min_global_batch:
-            raise ConfigError(f"train.global_batch (or batch_size x ranks) is {self.batch_plan.global_batch}; "
+            raise ConfigError(f"train.global_batch (or micro_batch x ranks) is {self.batch_plan.global_batch}; "
                               f"objective {cfg.objective.name!r} needs at least {objective.min_global_batch}")
         self.masking: MaskGenerator = build_mask_generator(cfg.mask, self.spec.grid_size)
         if self.masking.num_groups != objective.num_groups:
@@ -122,7 +114,7 @@ class Trainer:
     def _groups_of(self, generator_name: str) -> Optional[int]:
         """Visible groups the generator `generator_name` draws under this run's mask config (None: it refuses it)."""
         try:
-            return build_mask_generator(replace(self.cfg.mask, name=generator_name), self.spec.grid_size).num_groups
+            return build_mask_generator(self.cfg.mask.switched(generator_name), self.spec.grid_size).num_groups
         except ConfigError:
             return None
 

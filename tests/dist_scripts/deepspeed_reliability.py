@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from scale.config import load_config  # noqa: E402
-from scale.engine import ENGINES, plan_batch  # noqa: E402
+from scale.engine import build_engine, plan_batch  # noqa: E402
 from scale.errors import UserError, one_line  # noqa: E402
 from scale.masking import MaskContext, build_mask_generator  # noqa: E402
 from scale.pretraining import build_pretrain_module  # noqa: E402
@@ -52,14 +52,14 @@ class CreatesFile:
 
 
 def config(out: Path, *overrides: str):
-    return load_config(None, [*TINY_OVERRIDES, "model.name=vit_tiny_patch7_28", f"train.batch_size={BATCH}",
+    return load_config(None, [*TINY_OVERRIDES, "model.name=vit_tiny_patch7_28", f"train.micro_batch={BATCH}",
                               f"train.output_dir={out}", *overrides])
 
 
-def build(cfg, engine_name: str, lr: float):
+def build(cfg, lr: float):
     torch.manual_seed(0)
     module = build_pretrain_module(cfg)
-    engine = ENGINES.build(engine_name, device=torch.device("cpu"), cfg=cfg)
+    engine = build_engine(cfg, torch.device("cpu"))
     engine.setup(module, lambda m: build_optimizer(m, cfg.optim, lr),
                  plan_batch(cfg.train, engine.world_size, module.objective.couples_batch))
     return engine
@@ -122,7 +122,7 @@ def scenario_bounds(args, rank: int) -> dict:
         label = name if stage is None else f"zero{stage}"
         cfg = config(args.out / label, f"engine.name={name}", *pinned,
                      *([f"engine.zero_stage={stage}"] if stage is not None else []))
-        engine = build(cfg, name, lr=0.05)  # Adam moves the log-temperature by ~0.05 a step
+        engine = build(cfg, lr=0.05)  # Adam moves the log-temperature by ~0.05 a step
         train(engine, cfg, steps=3)
         results[label] = temperature_copies(engine)
         if stage is not None:
@@ -155,7 +155,7 @@ def scenario_bf16(args, rank: int) -> dict:
         cfg = config(args.out / f"bf16_{label}", "engine.name=deepspeed", f"engine.zero_stage={stage}",
                      "train.precision=bf16", "objective.head.layers=2", "objective.head.hidden_dim=32",
                      "objective.head.out_dim=16")
-        engine = build(cfg, "deepspeed", lr=1e-3)
+        engine = build(cfg, lr=1e-3)
         module = engine.unwrapped()
         seen = {}
         module.encoder.blocks[0].mlp.fc1.register_forward_hook(

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from worker import compare_grads, local_grads, one_pass, tiny  # noqa: E402
 
-from scale.engine import ENGINES, plan_batch  # noqa: E402
+from scale.engine import build_engine, plan_batch  # noqa: E402
 from scale.masking import MaskContext, Masks, build_mask_generator, step_generator  # noqa: E402
 from scale.pretraining import build_pretrain_module  # noqa: E402
 from scale.trainer.optim import build_optimizer  # noqa: E402
@@ -43,11 +43,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     global_batch = 16
-    cfg = tiny(args.out / "ehm", *MAE_EHM, f"engine.name={args.engine}", f"train.batch_size={global_batch // 2}")
+    cfg = tiny(args.out / "ehm", *MAE_EHM, f"engine.name={args.engine}", f"train.micro_batch={global_batch // 2}")
     torch.manual_seed(0)
     module = build_pretrain_module(cfg)
     init_state = {k: v.clone() for k, v in module.state_dict().items()}
-    engine = ENGINES.build(args.engine, device=torch.device("cpu"), cfg=cfg)
+    engine = build_engine(cfg, torch.device("cpu"))
     world, rank = engine.world_size, engine.rank
     engine.setup(module, lambda m: build_optimizer(m, cfg.optim, 1e-3), plan_batch(cfg.train, world, False))
     masking = build_mask_generator(cfg.mask, 7)

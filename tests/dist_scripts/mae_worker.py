@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from worker import SyncCounter, compare_grads, counted_step, one_pass, tiny, zero_grads  # noqa: E402
 
-from scale.engine import ENGINES, GradientAccumulation, plan_batch  # noqa: E402
+from scale.engine import GradientAccumulation, build_engine, plan_batch  # noqa: E402
 from scale.masking import MaskContext, SignalRequest, build_mask_generator  # noqa: E402
 from scale.pretraining import build_pretrain_module  # noqa: E402
 from scale.trainer.optim import build_optimizer  # noqa: E402
@@ -35,12 +35,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     global_batch, micro = 16, 3
-    cfg = tiny(args.out / "mae", *MAE_TINY, f"engine.name={args.engine}", f"train.batch_size={global_batch // 2}",
+    cfg = tiny(args.out / "mae", *MAE_TINY, f"engine.name={args.engine}", f"train.global_batch={global_batch}",
                f"train.micro_batch={micro}")
     torch.manual_seed(0)
     module = build_pretrain_module(cfg)
     init_state = {k: v.clone() for k, v in module.state_dict().items()}
-    engine = ENGINES.build(args.engine, device=torch.device("cpu"), cfg=cfg)
+    engine = build_engine(cfg, torch.device("cpu"))
     world, rank = engine.world_size, engine.rank
     plan = plan_batch(cfg.train, world, module.objective.couples_batch)
     engine.setup(module, lambda m: build_optimizer(m, cfg.optim, 1e-3), plan)

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from scale.config import load_config  # noqa: E402
-from scale.engine import ENGINES, GradCache, plan_batch  # noqa: E402
+from scale.engine import GradCache, build_engine, plan_batch  # noqa: E402
 from scale.masking import MaskContext, build_mask_generator  # noqa: E402
 from scale.pretraining import build_pretrain_module  # noqa: E402
 from scale.trainer.optim import build_optimizer  # noqa: E402
@@ -110,12 +110,12 @@ def compare_grads(loss, grads: dict, ref_loss, ref_grads: dict) -> dict:
 
 def scenario_grads(args) -> dict:
     global_batch, chunk = 16, 3
-    cfg = tiny(args.out / "grads", f"engine.name={args.engine}", f"train.batch_size={global_batch // 2}",
+    cfg = tiny(args.out / "grads", f"engine.name={args.engine}", f"train.global_batch={global_batch}",
                f"train.micro_batch={chunk}")
     torch.manual_seed(0)
     module = build_pretrain_module(cfg)
     init_state = {k: v.clone() for k, v in module.state_dict().items()}
-    engine = ENGINES.build(args.engine, device=torch.device("cpu"), cfg=cfg)
+    engine = build_engine(cfg, torch.device("cpu"))
     world, rank = engine.world_size, engine.rank
     plan = plan_batch(cfg.train, world, module.objective.couples_batch)  # per rank: 8 images in chunks of 3
     engine.setup(module, lambda m: build_optimizer(m, cfg.optim, 1e-3), plan)
@@ -157,7 +157,7 @@ def scenario_train(args) -> dict:
     stages = [int(s) for s in args.zero_stages.split(",")] if args.engine == "deepspeed" else [None]
     for stage in stages:
         label = args.engine if stage is None else f"{args.engine}_zero{stage}"
-        extra = [f"engine.name={args.engine}", "train.batch_size=16", f"train.max_steps={args.steps}",
+        extra = [f"engine.name={args.engine}", "train.micro_batch=16", f"train.max_steps={args.steps}",
                  "train.ckpt_every=2", *args.override]
         if stage is not None:
             extra.append(f"engine.zero_stage={stage}")
