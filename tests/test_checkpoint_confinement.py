@@ -23,9 +23,9 @@ import torch.distributed.checkpoint as dist_cp
 
 from conftest import REPO, python_env, tiny_config
 from scale.checkpoint_io import load_checkpoint
+from scale.checkpoint_io.directory import FILES_KEY, META, CheckpointError, CheckpointManager
 from scale.errors import UserError
-from scale.trainer import CheckpointManager, Trainer
-from scale.trainer.checkpoint import FILES_KEY, META, CheckpointError
+from scale.trainer import Trainer
 from test_reliability import _CreatesFile, _cli, _copy_run, _one_line_error, _reseal, _run, trained_run  # noqa: F401
 
 # dcp.save / dcp.load without a process group say they assume a single process: the intent here.
@@ -248,7 +248,7 @@ def test_a_checkpoint_fallen_back_over_is_rewritten_when_its_step_comes_again(tr
 
 
 def test_a_kill_during_rotation_leaves_nothing_that_stays(tmp_path, monkeypatch):
-    import scale.trainer.checkpoint as checkpoint
+    import scale.checkpoint_io.directory as checkpoint
 
     manager = CheckpointManager(tmp_path / "ckpts", keep_last=1)
 

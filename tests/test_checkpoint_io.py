@@ -169,3 +169,28 @@ def test_checkpoint_files_are_written_and_read_by_the_format_modules_only():
             if any(n == "torch.distributed.checkpoint" for n in names):
                 offenders.append(f"{path.relative_to(SCALE)}:{node.lineno} imports torch.distributed.checkpoint")
     assert not offenders
+
+
+# ----------------------------------------------------------------------------- the arrow points down
+
+BELOW_THE_TRAINER = ("checkpoint_io", "engine", "data", "masking", "objectives", "models", "shards")
+
+
+def imported_modules(path: Path):
+    """(line, absolute module name) of every import in a module of scale/, relative ones resolved."""
+    package = ".".join(("scale", *path.relative_to(SCALE).parent.parts))
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            yield node.lineno, ".".join([*base, node.module] if node.module else base)
+
+
+def test_nothing_below_the_trainer_imports_the_trainer():
+    """The checkpoint directory (manager, meta.json, seal/verify) lives in scale/checkpoint_io, which the
+    trainer, export and eval all read it from: no package the trainer builds on imports scale.trainer back."""
+    offenders = [f"{path.relative_to(SCALE)}:{line} imports {name}"
+                 for package in BELOW_THE_TRAINER for path in sorted((SCALE / package).rglob("*.py"))
+                 for line, name in imported_modules(path) if name == "scale.trainer" or name.startswith("scale.trainer.")]
+    assert not offenders

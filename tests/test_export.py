@@ -10,12 +10,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from scale.checkpoint_io import CheckpointManager
 from scale.config import to_dict
 from scale.engine import plan_batch
 from scale.engine.single import SingleProcessEngine
 from scale.export import (CheckpointFormatError, load_checkpoint, main, timm_kwargs, timm_model_from_export)
 from scale.pretraining import build_pretrain_module
-from scale.trainer.checkpoint import CheckpointManager
 from conftest import tiny_config
 
 STEP = 7

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import TINY_OVERRIDES, python_env, tiny_config
-from scale.trainer import CheckpointManager, Trainer
-from scale.trainer.checkpoint import FILES_KEY, META, CheckpointError, seal_directory
+from scale.checkpoint_io.directory import FILES_KEY, META, CheckpointError, CheckpointManager, seal_directory
+from scale.trainer import Trainer
 
 
 def _cli(out: Path, *extra: str) -> list:

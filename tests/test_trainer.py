@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from scale.checkpoint_io import CheckpointError, CheckpointManager
 from scale.models import build_encoder
 from scale.pretraining import build_pretrain_module
-from scale.trainer import CheckpointManager, Trainer
-from scale.trainer.checkpoint import CheckpointError
+from scale.trainer import Trainer
 from scale.trainer.flops import train_step_flops
 from scale.trainer.optim import build_optimizer, build_schedule, learning_rate
 from scale.trainer.progress import ProgressReporter

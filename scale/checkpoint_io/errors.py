@@ -1,7 +1,11 @@
-"""The two ways a checkpoint can be unusable, both one-line `UserError`s naming the path."""
+"""The ways a checkpoint can be unusable, all one-line `UserError`s naming the path."""
 from __future__ import annotations
 
 from ..errors import UserError
+
+
+class CheckpointError(UserError):
+    """A checkpoint directory that cannot be used (missing, truncated, corrupt, incompatible, disk full)."""
 
 
 class CheckpointFileError(UserError):

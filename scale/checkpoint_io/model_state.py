@@ -17,6 +17,7 @@ import torch
 from ..errors import UserError
 from . import dcp, deepspeed, torch_file
 from .confined import refuse_links_leading_out
+from .directory import META, CheckpointManager, read_meta
 from .errors import CheckpointFormatError
 from .safe_load import describe_load_error
 
@@ -38,8 +39,6 @@ class LoadedCheckpoint:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint dir as given; a run dir or its checkpoints/ dir -> its newest complete checkpoint."""
-    from ..trainer.checkpoint import META, CheckpointManager
-
     path = Path(path)
     if not path.exists():
         raise CheckpointFormatError(f"checkpoint {str(path)!r} does not exist")
@@ -78,8 +77,6 @@ def _strip_wrappers(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     """Read the model state (and the run config) of a checkpoint written by any engine."""
-    from ..trainer.checkpoint import META, read_meta
-
     path = resolve_checkpoint(path)
     refuse_links_leading_out(path)  # also where there is no meta.json to check names against
     fmt = detect_format(path)

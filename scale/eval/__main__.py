@@ -70,8 +70,7 @@ def run_knn(checkpoint: str, recipe: Optional[str], overrides: List[str], progre
 
 def _evaluate(args: argparse.Namespace) -> int:
     progress = not args.no_progress
-    from ..checkpoint_io import load_checkpoint, resolve_checkpoint
-    from ..trainer.checkpoint import META, read_meta
+    from ..checkpoint_io import META, load_checkpoint, read_meta, resolve_checkpoint
     from .features import check_architecture_overrides
     from .results import check_output_file, results_path, write_results
 

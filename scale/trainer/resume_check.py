@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterator, List, Tuple
 
+from ..checkpoint_io.directory import CONFIG_KEY, META, CheckpointError
 from ..config import RENAMED_KEYS, RunConfig, saved_batch_keys, to_dict
-from .checkpoint import CONFIG_KEY, META, CheckpointError
 
 # Prefixes (a section, or one key) whose change is refused, with the reason shown.
 REFUSED: Tuple[Tuple[str, str], ...] = (

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint_io import encoder_state_dict
+from ..checkpoint_io.directory import CONFIG_KEY, CheckpointError, CheckpointManager, read_meta
 from ..checkpoint_io.safe_load import describe_load_error
 from ..config import ConfigError, RunConfig, to_dict, to_yaml
 from ..errors import UserError
@@ -36,7 +37,6 @@ from ..masking import (MASK_GENERATORS, MaskContext, MaskGenerator, build_mask_g
                        step_generator)
 from ..models import build_encoder
 from ..pretraining import PretrainModule, build_pretrain_module
-from .checkpoint import CONFIG_KEY, CheckpointError, CheckpointManager, read_meta
 from .monitors import Monitor
 from .resume_check import check_resume_config, resume_meta
 from .flops import method_step_flops

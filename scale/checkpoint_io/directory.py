@@ -16,7 +16,7 @@ removed and the previous checkpoint stays usable.
 
 meta.json is data from whoever wrote the checkpoint: every reader (resume, export, eval)
 takes it through `read_meta`, which checks its schema, and the file names it records are
-followed only inside the checkpoint (scale/checkpoint_io/confined.py). Rotation renames an
+followed only inside the checkpoint (confined.py). Rotation renames an
 old checkpoint to `step_*.deleting` before removing it, so a kill mid-removal leaves
 nothing that looks like a checkpoint, and later saves clear such leftovers.
 """
@@ -30,9 +30,10 @@ import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from ..checkpoint_io.confined import confined_path, refuse_links_leading_out
 from ..errors import UserError
 from ..shards.manifest import sha256_of_file as _sha256
+from .confined import confined_path, refuse_links_leading_out
+from .errors import CheckpointError
 
 _COMPLETE = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
@@ -44,10 +45,6 @@ _LEFTOVER_SUFFIXES = (".tmp", ".deleting", ".replaced")
 # Below this much free space a failed write is reported as a full disk: torch.save's zip
 # writer turns ENOSPC into a RuntimeError without an errno.
 _FULL_DISK_BYTES = 16 << 20
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used (missing, truncated, corrupt, incompatible, disk full)."""
 
 
 def _fsync_path(path: Path) -> None:
