@@ -44,6 +44,7 @@ import yaml
 
 from bench.common import REPO, sync
 from scale.config import load_config
+from scale.engine import plan_batch
 from scale.errors import UserError, run_command
 from scale.masking.hierarchy import TREE_BUILDERS, PatchTree
 from scale.models import MODELS
@@ -67,15 +68,15 @@ def default_batch(preset: str, device: str) -> int:
     """CPU: small enough for about a minute per preset; CUDA: the recipe's per-device micro-batch."""
     if device == "cuda":
         train = load_config(mae_recipe(preset), [f"model.name={preset}"]).train
-        return train.micro_batch or train.batch_size
+        return train.micro_batch or plan_batch(train, 1).per_rank_batch
     return CPU_BATCH_SMALL if MODELS.build(preset).num_patches <= 64 else CPU_BATCH_LARGE
 
 
 def build_trainer(preset: str, batch: int, device: str, mask: str, output_dir: str, extra: Sequence[str]) -> Trainer:
     spec = MODELS.build(preset)
     cfg = load_config(mae_recipe(preset), [
-        f"model.name={preset}", f"mask.name={mask}", "mask.ratio=0.75", f"train.batch_size={batch}",
-        "train.global_batch=null", "train.micro_batch=null", f"train.device={device}", "engine.name=single",
+        f"model.name={preset}", f"mask.name={mask}", "mask.ratio=0.75", "train.global_batch=null",
+        f"train.micro_batch={batch}", f"train.device={device}", "engine.name=single",
         "data.name=synthetic", f"data.num_samples={batch}", "data.num_workers=0",
         f"data.mean={[0.5] * spec.in_chans}", f"data.std={[0.25] * spec.in_chans}",
         "train.epochs=1000000", "optim.warmup_epochs=0", f"train.output_dir={output_dir}", *extra])

@@ -152,6 +152,7 @@ from bench.train_step import (activation_bytes_per_image, ocl_tokens_per_image, 
 from scale.config import load_config  # noqa: E402
 from scale.data import LoaderSpec, build_dataset  # noqa: E402
 from scale.device import autocast_dtype  # noqa: E402
+from scale.engine import plan_batch  # noqa: E402
 from scale.masking import MaskContext, build_mask_generator  # noqa: E402
 from scale.models import MODELS  # noqa: E402
 from scale.models.attention import BackendAttention, xformers_available, xformers_problem  # noqa: E402
@@ -224,7 +225,7 @@ class Context:
         chans = MODELS.build(cfg.model.name).in_chans
         return [f"train.device={self.device.type}", "data.name=synthetic", f"data.num_samples={num_samples}",
                 "data.num_workers=0", f"data.mean={[0.5] * chans}", f"data.std={[0.25] * chans}",
-                f"train.batch_size={batch}", "train.global_batch=null", "train.micro_batch=null",
+                "train.global_batch=null", f"train.micro_batch={batch}",
                 f"train.output_dir={self.tmp / 'unused'}"]
 
     def amp(self, cfg) -> str:
@@ -246,8 +247,8 @@ class Context:
 
 
 def micro_batch(cfg) -> int:
-    """Images one device passes at once: the recipe's train.micro_batch, else its batch_size."""
-    return cfg.train.micro_batch or cfg.train.batch_size
+    """Images one device passes at once: the recipe's train.micro_batch, else its whole per-device batch."""
+    return cfg.train.micro_batch or plan_batch(cfg.train, 1).per_rank_batch
 
 
 def visible_tokens(cfg, spec) -> Tuple[int, int]:

@@ -4,7 +4,7 @@ MAE, MAE + EHM, ASL (AEE), ASL + EHM; several seeds, kNN / linear probe / fine-t
 The methods are bench/seed_study.py's `methods` study: one encoder for all (ViT-Ti, patch 4: a 7 x 7 grid
 of 49 patches), each method's CPU recipe (ocl_ / mae_ / asl_fashion_mnist_cpu.yaml) with its masks, EHM's
 depth from the step fraction (OCL's two views capped at 0.8 H), as the issue-16 study ran them. The
-budget is `--steps` optimizer steps of `train.batch_size` (256) images, the same for every method and
+budget is `--steps` optimizer steps of 256 images (the recipes' `train.micro_batch` on one process), the same for every method and
 seed; the cosine schedule spans whole epochs of the training shards, so a budget of whole epochs (the
 default: 2 epochs of 20,000 images, `--train-shards`) ends at lr 0 and at EHM's full depth. Equal steps,
 not equal time: a step costs 1x (MAE) to ~3x (MAE + EHM at r = 0.25) another here, so each run's training minutes are
@@ -83,6 +83,7 @@ from scale.eval.baselines import PixelEncoder, random_init_encoder
 from scale.eval.config import FinetuneRecipe, load_recipe
 from scale.eval.features import Features, encoder_from_checkpoint
 from scale.eval.finetune import build_classifier, finetune_model, run_finetune
+from scale.engine import plan_batch
 from scale.eval.knn import knn_accuracy
 from scale.trainer import plan_run, train_until
 
@@ -184,7 +185,7 @@ def train_run(name: str, recipe: str, overrides: Sequence[str], seed: int, args:
         write_json(out / "progress.json", progress)
         log(f"{name} seed {seed}: step {target}, {progress['trained_s'] / 60:.2f} min of training, "
             f"curve kNN {progress['curve'][-1]['knn_top1']:.2f}%")
-    batch = load_config(recipe, overrides).train.batch_size
+    batch = plan_batch(load_config(recipe, overrides).train, 1).global_batch
     record = {"method": name, "seed": seed, "recipe": recipe, "overrides": list(overrides), "steps": args.steps,
               "batch": batch, "train_shards": args.train_shards or "all", "trained_min": progress["trained_s"] / 60,
               "img_per_s": args.steps * batch / max(progress["trained_s"], 1e-9), "segments": progress["segments"],
@@ -287,7 +288,7 @@ def costs(args: argparse.Namespace, methods: List[Method]) -> Dict[str, Dict[str
     for name, recipe, overrides in methods:
         overrides = method_overrides(overrides, args)
         cfg = load_config(recipe, overrides)
-        case = {"recipe": recipe, "model": cfg.model.name, "batch": cfg.train.batch_size,
+        case = {"recipe": recipe, "model": cfg.model.name, "batch": plan_batch(cfg.train, 1).global_batch,
                 "mask_ratio": cfg.mask.ratio, "device": "cpu", "precision": "auto", "attn": cfg.model.attn_backend,
                 "ac": "none", "compile": False, "kind": cfg.objective.name, "adamw": "auto", "label": name,
                 "steps": args.cost_steps, "warmup": 2, "threads": torch.get_num_threads(),
@@ -519,7 +520,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--train-shards", default=DEFAULT_SHARDS, metavar="PATTERN",
                         help=f"pre-train on these shards of DATA_DIR/train ('' for all 60k; default {DEFAULT_SHARDS})")
     parser.add_argument("--probe", action="append", default=[], metavar="KEY=VALUE",
-                        help="linear-probe recipe override, e.g. --probe probe.batch_size=256")
+                        help="linear-probe recipe override, e.g. --probe probe.global_batch=256")
     parser.add_argument("--finetune", action="append", default=[], metavar="KEY=VALUE",
                         help="fine-tune recipe override, e.g. --finetune finetune.max_steps=50")
     parser.add_argument("--cost-steps", type=int, default=5, help="timed steps per method in the cost measurement")
@@ -531,7 +532,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", default=str(REPO / "docs/results/methods_fashion_mnist.json"))
     parser.add_argument("--figure", default=str(REPO / "docs/images/methods_fashion_mnist.png"))
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="pre-training recipe overrides for every run, e.g. --set train.batch_size=128")
+                        help="pre-training recipe overrides for every run, e.g. --set train.micro_batch=128")
     args = parser.parse_args(argv)
     try:
         methods = check_arguments(args)

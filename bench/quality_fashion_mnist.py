@@ -41,6 +41,7 @@ import torch
 from bench.common import REPO, log
 from scale.config import ConfigError, RunConfig, load_config, to_dict
 from scale.eval.baselines import PixelEncoder, random_init_encoder
+from scale.engine import plan_batch
 from scale.eval.config import LinearProbeRecipe, load_recipe
 from scale.eval.features import Features, build_split, encoder_from_checkpoint, extract_features
 from scale.eval.knn import build_monitors, knn_accuracy
@@ -92,7 +93,8 @@ def seconds_per_step(args: argparse.Namespace) -> float:
     cfg = run_config(args, out, f"train.max_steps={args.timing_steps}", "train.log_every=1")
     Trainer(cfg, monitors=monitors(cfg)).fit()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    per_step = [cfg.train.batch_size / r["img_per_s"] for r in records if "img_per_s" in r][TIMING_WARMUP_STEPS:]
+    batch = plan_batch(cfg.train, 1).global_batch
+    per_step = [batch / r["img_per_s"] for r in records if "img_per_s" in r][TIMING_WARMUP_STEPS:]
     if not per_step:
         sys.exit(f"the timing run logged no step past the warm-up ({out / 'metrics.jsonl'})")
     return median(per_step)
@@ -147,7 +149,7 @@ def pretrain(args: argparse.Namespace) -> Dict[str, Any]:
 def score(name: str, train: Features, test: Features, probe: LinearProbeRecipe, extra: Dict[str, Any]) -> Dict:
     started = time.perf_counter()
     knn = knn_accuracy(train, test, k=20, temperature=0.07)
-    batches, steps = cached_batches(train, probe.probe.batch_size, probe.probe.seed)
+    batches, steps = cached_batches(train, probe.probe.global_batch, probe.probe.seed)
     linear = train_probe_head(batches, steps, train[0].shape[1], test, probe.probe, torch.device("cpu"),
                               progress=False, desc=f"probe {name}", log=lambda m: None, single_thread=True)
     row = {"name": name, **extra, "knn_top1": knn["top1"], "knn_top5": knn["top5"], "linear_top1": linear["top1"],

@@ -52,6 +52,7 @@ import yaml
 
 from bench.common import GIB, REPO, fmt_bytes, peak_rss_bytes, rss_bytes, sync
 from scale.config import load_config
+from scale.engine import plan_batch
 from scale.models import MODELS, ViTSpec
 from scale.models.attention import xformers_problem
 from scale.trainer import Trainer, step_plan
@@ -199,7 +200,8 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
     references = [matmul_flops_per_s(device, *gemm)]
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [
-            f"model.name={case['model']}", f"mask.ratio={case['mask_ratio']}", f"train.batch_size={case['batch']}",
+            f"model.name={case['model']}", f"mask.ratio={case['mask_ratio']}", "train.global_batch=null",
+            f"train.micro_batch={case['batch']}",
             f"train.device={case['device']}", f"train.precision={case['precision']}",
             f"model.attn_backend={case['attn']}", f"train.activation_checkpointing={case['ac']}",
             f"train.compile={str(case['compile']).lower()}", "engine.name=single",
@@ -212,7 +214,7 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
         cfg = load_config(case["recipe"], overrides)
         trainer = Trainer(cfg)
         spec = trainer.spec
-        batch = cfg.train.batch_size
+        batch = cfg.train.micro_batch
         images = torch.randn(batch, spec.in_chans, spec.img_size, spec.img_size, device=trainer.device)
         if case["kind"] in ("ocl", "mae", "asl"):
             # The library's plan of this run: the encoder over the masks' groups (ASL's DLE: twice), the
@@ -490,7 +492,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit("--device cuda: no CUDA device visible")
     base = {
         "recipe": str(recipe), "model": args.model or rcfg.model.name,
-        "batch": args.batch or paper.get("batch") or rcfg.train.batch_size,
+        "batch": args.batch or paper.get("batch") or rcfg.train.micro_batch or plan_batch(rcfg.train, 1).per_rank_batch,
         "mask_ratio": args.mask_ratio if args.mask_ratio is not None else paper.get("mask_ratio") or rcfg.mask.ratio,
         "defaults_from": paper.get("recipe", str(recipe)), "device": args.device,
         "precision": args.precision, "attn": args.attn, "ac": args.ac, "compile": args.compile, "kind": "ocl",

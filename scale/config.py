@@ -387,12 +387,10 @@ def _device_batch(data: Dict[str, Any], user_keys: Optional[Set[str]]) -> Dict[s
         log.warning("note: train.batch_size=%s (the old per-device batch) is read as %s", _show(batch),
                     ", ".join(f"train.{k}={upgraded.get(k)}" for k in ("global_batch", "micro_batch")))
         return upgraded
-    for key in ("global_batch", "micro_batch"):
-        if f"train.{key}" in user_keys:
-            raise ConfigError(
-                f"train.batch_size={_show(batch)} has no effect: train.{key} is set (train.global_batch: the images of "
-                f"one optimizer step over all devices; train.micro_batch: the images one device passes at once); "
-                f"set those instead")
+    if "train.global_batch" in user_keys:
+        raise ConfigError(
+            f"train.batch_size={_show(batch)} has no effect: train.global_batch is set (the images of one optimizer "
+            f"step over all devices); to change the images one device passes at once, set train.micro_batch")
     log.warning("note: train.batch_size is now train.micro_batch (the images one device passes at once; with "
                 "train.global_batch unset the optimiser sees micro_batch x devices)")
     return {("micro_batch" if name == OLD_DEVICE_BATCH else name): value for name, value in data.items()}

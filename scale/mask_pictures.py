@@ -26,9 +26,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .config import ConfigError, MaskConfig, RunConfig, load_config
+from .config import ConfigError, RunConfig, load_config
 from .errors import UserError, run_command
-from .masking import MaskContext, MaskGenerator, Masks, build_mask_generator
+from .masking import EHMMaskConfig, MaskContext, MaskGenerator, Masks, build_mask_generator
 from .pretraining import PretrainModule, build_pretrain_module
 
 MASKED_GREY = np.array([0.5, 0.5, 0.5])  # masked / dropped patches, flat: apart from black and white backgrounds
@@ -141,9 +141,11 @@ def mask_context(images: torch.Tensor, module: PretrainModule, generator: MaskGe
 
 
 def _generator(cfg: RunConfig, name: str, ratio: float, flag: str, grid_size: int) -> MaskGenerator:
-    ehm = dataclasses.replace(cfg.mask.ehm, depth="evolved")  # --progress sets the depth, as in training
+    section = dataclasses.replace(cfg.mask.switched(name), ratio=ratio)  # the run's EHM settings where it has them
+    if isinstance(section, EHMMaskConfig):
+        section.ehm = dataclasses.replace(section.ehm, depth="evolved")  # --progress sets the depth, as in training
     try:
-        return build_mask_generator(MaskConfig(name=name, ratio=ratio, ehm=ehm), grid_size)
+        return build_mask_generator(section, grid_size)
     except ConfigError as err:
         raise UserError(f"{flag} {ratio}: {err}") from None
 

@@ -62,7 +62,7 @@ def test_a_run_carries_only_the_sections_of_its_components():
     (("objective.name=asl", "mask.name=random", "mask.ratio=0.75", "objective.asl.dle_dropout=0.2"),
      "objective.asl.dle_dropout has no effect: objective.asl.branch is aee"),
     (("objective.head.hidden_dim=64",), "objective.head.hidden_dim has no effect: objective.head.layers is 0"),
-    (("data.root=/data/x",), "data.root has no effect: data.name is synthetic"),
+    (("data.decode=gpu",), "data.decode has no effect: data.name is synthetic"),
     (("data.name=webdataset", "data.root=/x", "data.num_samples=10"),
      "data.num_samples has no effect: data.resampled is false"),
 ])

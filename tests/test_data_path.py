@@ -114,7 +114,7 @@ def test_workers_hand_over_uint8_batches_a_quarter_of_the_float_bytes(tmp_path: 
 def test_the_trainer_normalises_on_the_device_inside_the_step(tmp_path: Path):
     from scale.trainer import Trainer
 
-    cfg = load_config("ocl_cpu_tiny", [f"train.output_dir={tmp_path}", "train.batch_size=8", "data.num_samples=64",
+    cfg = load_config("ocl_cpu_tiny", [f"train.output_dir={tmp_path}", "train.micro_batch=8", "data.num_samples=64",
                                        "data.num_workers=0", "train.max_steps=1", "train.log_every=1"])
     trainer = Trainer(cfg)
     images, _ = next(iter(trainer.data.loader(trainer.loader_spec, 0)))

@@ -160,7 +160,7 @@ def test_real_fsdp_run_exports_and_its_knn_monitor_agrees_with_the_cli(tmp_path)
     env = python_env({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                       "MASTER_PORT": str(port)})
     done = subprocess.run(run_args("-m", "scale.train", "--config", "recipes/ocl_cpu_tiny.yaml", "engine.name=fsdp",
-                                   "model.name=vit_tiny_patch7_28", "train.epochs=1", "train.batch_size=16",
+                                   "model.name=vit_tiny_patch7_28", "train.epochs=1", "train.micro_batch=16",
                                    "data.num_samples=32", "data.num_workers=0", "eval.knn_every_epochs=1",
                                    "train.device=cpu", f"train.output_dir={run}"),
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

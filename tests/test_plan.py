@@ -25,7 +25,7 @@ def logged_flops_per_step(output_dir) -> float:
 
 def test_the_trainers_logged_flops_count_ehms_signal_forward(tmp_path):
     cfg = load_config("mae_fashion_mnist_cpu", [*SYNTHETIC, "mask.name=ehm", "mask.ehm.blocks=2", "mask.ratio=0.75",
-                                                "train.batch_size=8", "train.max_steps=1",
+                                                "train.global_batch=8", "train.max_steps=1",
                                                 f"train.output_dir={tmp_path}"])
     trainer = Trainer(cfg)
     trainer.fit()

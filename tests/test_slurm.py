@@ -204,9 +204,9 @@ def test_global_batch_beats_the_recipe_global_batch(cluster, tmp_path):
     """A recipe with train.global_batch (as recipes/ocl_vitb16.yaml) plus GLOBAL_BATCH: the run
     scores GLOBAL_BATCH images per step, and the launch log says so."""
     tiny = (REPO / "recipes" / "ocl_cpu_tiny.yaml").read_text()
-    assert "  global_batch: 256" in tiny
+    assert "  micro_batch: 256" in tiny
     recipe = tmp_path / "contrastive.yaml"
-    recipe.write_text(tiny.replace("  global_batch: 256", "  micro_batch: 16\n  global_batch: 128  #"))
+    recipe.write_text(tiny.replace("  micro_batch: 256", "  micro_batch: 16\n  global_batch: 128  #"))
     global_batch = 32 * NTASKS  # job_env's GLOBAL_BATCH; the recipe says 128
     run = tmp_path / "run"
     job = submit(cluster, tmp_path, run, env_extra={"RECIPE": str(recipe), "GLOBAL_BATCH": str(global_batch)},

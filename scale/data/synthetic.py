@@ -28,9 +28,9 @@ class SyntheticConfig:
 
     def validate(self, check: Check) -> None:
         check.range("num_classes", self.num_classes, 1)
-        why = "data.name is synthetic (it generates its images)"
-        for name in ("root", "val_root", "shuffle_buffer", "decode"):
-            check.unused(name, True, why)
+        # data.root / val_root are left alone: a recipe's shards stay set when an override picks synthetic data.
+        for name in ("shuffle_buffer", "decode"):
+            check.unused(name, True, "data.name is synthetic (it generates its images)")
 
 
 class SyntheticImages(Dataset):
