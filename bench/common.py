@@ -1,7 +1,6 @@
 """What several benchmarks share: the repository root, progress lines, atomic JSON, device syncs, memory."""
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys
@@ -10,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from scale.atomic_files import write_json_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024 ** 3
@@ -20,11 +21,9 @@ def log(message: str) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Whole or not at all: a reader (or a kill mid-write) sees the previous file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    """Whole or not at all (a reader, or a kill mid-write, sees the previous file or the new one); values
+    JSON cannot hold (paths, dtypes) as their text."""
+    write_json_atomically(path, data, default=str)
 
 
 def sync(device: torch.device) -> None:

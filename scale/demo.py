@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
+from .atomic_files import write_json_atomically
 from .config import RunConfig, load_config
 from .errors import UserError, run_command
 from .eval.baselines import PixelEncoder, random_init_encoder
@@ -90,10 +91,7 @@ def read_demo_state(run: Path) -> Optional[Dict[str, object]]:
 
 
 def write_demo_state(run: Path, plan: Dict[str, object], finished: bool) -> None:
-    run.mkdir(parents=True, exist_ok=True)
-    tmp = run / (DEMO_STATE + ".tmp")
-    tmp.write_text(json.dumps({"plan": plan, "finished": finished}, indent=2))
-    os.replace(tmp, run / DEMO_STATE)
+    write_json_atomically(run / DEMO_STATE, {"plan": plan, "finished": finished}, indent=2)
 
 
 @contextlib.contextmanager

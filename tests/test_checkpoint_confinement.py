@@ -85,7 +85,7 @@ def test_meta_json_naming_a_file_outside_is_refused_without_touching_it(trained_
         meta = json.loads((ckpt / META).read_text())
         meta[FILES_KEY][name] = {"bytes": 10, "sha256": "0" * 64}
         if content == b"top secret":
-            from scale.shards.manifest import sha256_of_file
+            from scale.atomic_files import sha256_of_file
 
             meta[FILES_KEY][name]["sha256"] = sha256_of_file(secret)
         (ckpt / META).write_text(json.dumps(meta))

@@ -187,10 +187,20 @@ def imported_modules(path: Path):
             yield node.lineno, ".".join([*base, node.module] if node.module else base)
 
 
+def imports_from(paths, package: str):
+    """'file:line imports module' for each import of `package`, or of a module in it, by `paths`."""
+    return [f"{path.relative_to(SCALE)}:{line} imports {name}" for path in paths
+            for line, name in imported_modules(path) if name == package or name.startswith(package + ".")]
+
+
 def test_nothing_below_the_trainer_imports_the_trainer():
-    """The checkpoint directory (manager, meta.json, seal/verify) lives in scale/checkpoint_io, which the
-    trainer, export and eval all read it from: no package the trainer builds on imports scale.trainer back."""
-    offenders = [f"{path.relative_to(SCALE)}:{line} imports {name}"
-                 for package in BELOW_THE_TRAINER for path in sorted((SCALE / package).rglob("*.py"))
-                 for line, name in imported_modules(path) if name == "scale.trainer" or name.startswith("scale.trainer.")]
-    assert not offenders
+    """The checkpoint directory (manager, meta.json, seal/verify) lives in scale/checkpoint_io, where the
+    trainer, export and eval all read it: no package the trainer builds on imports scale.trainer back."""
+    below = [path for package in BELOW_THE_TRAINER for path in sorted((SCALE / package).rglob("*.py"))]
+    assert not imports_from(below, "scale.trainer")
+
+
+def test_checkpoint_checksums_are_not_borrowed_from_the_shards():
+    """The file hash checkpoints record lives with the atomic writes (scale/atomic_files.py), not in the
+    shard manifest: checkpoint_io reads nothing from scale.shards."""
+    assert not imports_from(sorted(FORMAT_PACKAGE.rglob("*.py")), "scale.shards")

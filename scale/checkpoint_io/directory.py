@@ -30,8 +30,8 @@ import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+from ..atomic_files import sha256_of_file
 from ..errors import UserError
-from ..shards.manifest import sha256_of_file as _sha256
 from .confined import confined_path, refuse_links_leading_out
 from .errors import CheckpointError
 
@@ -62,7 +62,7 @@ def seal_directory(directory: Path) -> Dict[str, Dict[str, object]]:
         for name in sorted(names):
             path = Path(root) / name
             _fsync_path(path)
-            files[str(path.relative_to(directory))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            files[str(path.relative_to(directory))] = {"bytes": path.stat().st_size, "sha256": sha256_of_file(path)}
         _fsync_path(Path(root))
     return files
 
@@ -83,7 +83,7 @@ def verify_directory(directory: Path, files: Dict[str, Dict[str, object]]) -> Op
         size = path.stat().st_size
         if size != record.get("bytes"):
             return f"{path} is truncated or altered ({size} bytes, {record.get('bytes')} written)"
-        if _sha256(path) != record.get("sha256"):
+        if sha256_of_file(path) != record.get("sha256"):
             return f"{path} is corrupt (sha256 differs from the one recorded when it was written)"
     return None
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from ..atomic_files import write_json_atomically
 from ..errors import UserError
 
 # A results file is a few kB (its run config included); anything far larger is not one of ours.
@@ -61,7 +62,4 @@ def read_results(checkpoint: Path, kind: str) -> Optional[Dict[str, Any]]:
 
 
 def write_results(path: Path, results: Dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomically(path, results, indent=2)

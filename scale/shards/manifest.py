@@ -12,13 +12,12 @@ Schema (the WebDataset loader reads it, so keep it stable)::
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
+from ..atomic_files import write_json_atomically
 from . import DataPrepError
 
 MANIFEST_FORMAT = "scale-wds-v1"
@@ -34,14 +33,6 @@ def shard_name(split: str, index: int) -> str:
 def shard_name_pattern(split: str) -> re.Pattern[str]:
     """Matches this split's shard names, complete (`.tar`) or in progress (`.tar.tmp`)."""
     return re.compile(rf"^{re.escape(split)}-\d{{6}}\.tar(\.tmp)?$")
-
-
-def sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_manifest(
@@ -63,17 +54,6 @@ def build_manifest(
         "options": options,
         "skipped": [{"path": entry["path"], "reason": entry["reason"]} for entry in skipped],
     }
-
-
-def write_json_atomically(path: Path, content: dict[str, Any]) -> None:
-    """Write to a temp name and rename, so a reader (or a killed run) never sees half a file."""
-    temp_path = path.with_name(path.name + ".tmp")
-    with open(temp_path, "w", encoding="utf-8") as stream:
-        json.dump(content, stream, indent=1, sort_keys=False)
-        stream.write("\n")
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temp_path, path)
 
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:

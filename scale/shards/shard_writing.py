@@ -29,13 +29,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic_files import sha256_of_file, write_json_atomically
 from . import DataPrepError
 from .manifest import (
     MANIFEST_NAME,
-    sha256_of_file,
     shard_name,
     shard_name_pattern,
-    write_json_atomically,
 )
 
 TEST_SHARD_DELAY_ENV = "SCALE_DATA_PREP_TEST_SHARD_DELAY"

@@ -26,8 +26,9 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from ..atomic_files import sha256_of_file
 from ..errors import run_command
-from .manifest import read_manifest, sha256_of_file
+from .manifest import read_manifest
 
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff"}
 
