@@ -1,4 +1,5 @@
-"""What several benchmarks share: the repository root, progress lines, atomic JSON, device syncs, memory."""
+"""What several benchmarks share: the repository root, progress lines, atomic JSON, device syncs, memory,
+and photo-like test JPEGs."""
 from __future__ import annotations
 
 import os
@@ -8,12 +9,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from scale.atomic_files import write_json_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024 ** 3
+# (width, height) of the test JPEGs: ImageNet's pre-resized shards, its full-size images, a large photo.
+JPEG_SIZES = {"pre_resized": (341, 256), "full_size": (500, 375), "large": (2048, 1536)}
 
 
 def log(message: str) -> None:
@@ -54,3 +59,14 @@ def peak_rss_bytes() -> int:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def smooth_noise_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Blobs at a few scales plus fine grain: compresses like a photo, unlike white noise."""
+    canvas = np.zeros((height, width, 3), np.float32)
+    for cells, weight in ((3, 0.5), (12, 0.3), (48, 0.15)):
+        coarse = rng.random((cells, max(2, cells * width // height), 3), dtype=np.float32)
+        layer = Image.fromarray((coarse * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
+        canvas += weight * np.asarray(layer, np.float32)
+    canvas += rng.normal(0, 4, canvas.shape).astype(np.float32)
+    return Image.fromarray(canvas.clip(0, 255).astype(np.uint8))

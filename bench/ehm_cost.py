@@ -23,8 +23,8 @@ Ratios only: absolute seconds depend on the machine and its load; the raw median
     python -m bench.ehm_cost --device cuda --presets vit_base_patch16 --out $OUT/ehm_cost_gpu.json
 
 A GPU script calls `measure(preset, batch, steps, device)` (one preset, one dict, no files written), e.g.
-`measure("vit_base_patch16", 256, 10, "cuda", warmup=3)`. The GPU image lacks webdataset, which scale.data
-imports: call it after bench/gpu_check.py's stub is in place, or carry the wheels as its docstring says.
+`measure("vit_base_patch16", 256, 10, "cuda", warmup=3)`; its trainers train on synthetic data, which needs no
+webdataset (the GPU image lacks it).
 """
 from __future__ import annotations
 

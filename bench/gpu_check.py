@@ -52,10 +52,9 @@ set for --device cpu (on a shared CPU, spinning OpenMP threads made each step ~1
 
 Packages. The GPU image (/work/.library/device/KINDS.md) has torch, timm, pyyaml, tqdm, tensorboard,
 pillow, torchvision, numpy; it lacks webdataset (and braceexpand), deepspeed and xformers. deepspeed is
-imported lazily (no check uses it) and xformers is optional ('not installed'). webdataset is imported at
-module level by scale.data.wds_stream, which every Trainer imports even on synthetic data: when it does
-not import, this script puts a stub package on sys.path and PYTHONPATH (its children inherit it) whose
-attributes raise, and says so in the header. To use the real package instead, fill .whl/ here
+imported lazily (no check uses it) and xformers is optional ('not installed'). Synthetic data needs no
+webdataset (scale.data registers the WebDataset source lazily), so every check but the decode check's
+loader row runs without it; the header says whether it imports. To have that row too, fill .whl/ here
 (`echo /.whl/ >> .git/info/exclude`; then `python3 -m pip download --no-deps --only-binary=:all:
 --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl webdataset==1.0.2
 braceexpand==0.1.7`, both pure-Python, ~70 kB), pass carry=[".whl"] and prefix the command with
@@ -65,7 +64,6 @@ braceexpand==0.1.7`, both pure-Python, ~70 kB), pass carry=[".whl"] and prefix t
 from __future__ import annotations
 
 import argparse
-import atexit
 import datetime
 import importlib.metadata
 import io
@@ -86,6 +84,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from bench.common import GIB, JPEG_SIZES, REPO, fmt_bytes, smooth_noise_image, sync, write_json
+from bench.train_step import activation_bytes_per_image, ocl_tokens_per_image, param_count, run_child
+from scale.config import load_config, to_dict
+from scale.data import LoaderSpec, build_dataset
+from scale.device import autocast_dtype
+from scale.engine import plan_batch
+from scale.masking import MaskContext, build_mask_generator
+from scale.models import MODELS
+from scale.models.attention import BackendAttention, xformers_available, xformers_problem
+from scale.trainer import Trainer
+
 CHECKS = ("attention", "parity", "flop_ratio", "fsdp", "memory", "ehm", "decode")
 # Seconds of the budget each check may use (plus whatever earlier checks left unused); they sum to 540.
 SHARES = {"attention": 45, "parity": 80, "flop_ratio": 100, "fsdp": 75, "memory": 100, "ehm": 85, "decode": 55}
@@ -97,21 +106,13 @@ PARITY_RECIPES = ("ocl_vitb16", "mae_vitb16")
 # magnitude; the bf16 loss relative to the fp32 loss at every one of the parity steps.
 ATTN_RTOL = {"fp32": 1e-4, "bf16": 5e-2}
 PARITY_RTOL = 2e-2
-SMOKE_MODEL = ("model.name=vit_tiny_patch7_28", "objective.decoder.dim=64", "objective.decoder.depth=1",
-               "objective.decoder.num_heads=2")
+SMOKE_MODEL = ("model.name=vit_tiny_patch7_28",)
+SMOKE_DECODER = ("objective.decoder.dim=64", "objective.decoder.depth=1", "objective.decoder.num_heads=2")
 SMOKE_MICRO = 4
 # bench/ehm_cost.py's measure(preset, batch, steps, device, warmup): MAE ViT-B/16 at mae_vitb16's micro-batch
 # (two trainers at batch 256 in bf16: ~30 GiB); in smoke mode the tiny model at SMOKE_MICRO.
 EHM_CASE = {"preset": "vit_base_patch16", "batch": 256, "steps": 10, "warmup": 3}
 EHM_SMOKE = {"preset": "vit_tiny_patch7_28", "batch": SMOKE_MICRO, "steps": 2, "warmup": 1}
-WEBDATASET_STUB = '''"""Stand-in written by bench/gpu_check.py: the real webdataset is not installed here."""
-__scale_stub__ = True
-
-
-def __getattr__(name):
-    raise ImportError(f"webdataset is not installed (bench/gpu_check.py's stub has no {name!r}); "
-                      "only synthetic data works")
-'''
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -125,38 +126,14 @@ def flops(x: float) -> str:
     return f"{x / 1e12:.1f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:.1f} GFLOP/s"
 
 
-def ensure_webdataset() -> str:
-    """scale.data imports webdataset at module level, even for synthetic data: when it does not import,
-    put a stub package first on sys.path and PYTHONPATH (the children inherit it; removed at exit).
-    Returns what the header says about it."""
+def webdataset_status() -> str:
+    """What the header says about webdataset: its version, or that it does not import (then only the
+    decode check's loader row, which reads shards, is skipped)."""
     try:
         import webdataset
     except ImportError:
-        root = Path(tempfile.mkdtemp(prefix="gpu_check_stub_"))
-        atexit.register(shutil.rmtree, root, True)
-        (root / "webdataset").mkdir()
-        (root / "webdataset" / "__init__.py").write_text(WEBDATASET_STUB)
-        sys.path.insert(0, str(root))
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        return "absent: stubbed (synthetic data only)"
-    if getattr(webdataset, "__scale_stub__", False):
-        return "absent: stubbed (synthetic data only)"
+        return "absent (synthetic data only)"
     return getattr(webdataset, "__version__", "installed")
-
-
-WEBDATASET = ensure_webdataset()  # before anything imports scale
-
-from bench.common import GIB, REPO, fmt_bytes, sync, write_json  # noqa: E402
-from bench.train_step import (activation_bytes_per_image, ocl_tokens_per_image, param_count,  # noqa: E402
-                              run_child)
-from scale.config import load_config  # noqa: E402
-from scale.data import LoaderSpec, build_dataset  # noqa: E402
-from scale.device import autocast_dtype  # noqa: E402
-from scale.engine import plan_batch  # noqa: E402
-from scale.masking import MaskContext, build_mask_generator  # noqa: E402
-from scale.models import MODELS  # noqa: E402
-from scale.models.attention import BackendAttention, xformers_available, xformers_problem  # noqa: E402
-from scale.trainer import Trainer  # noqa: E402
 
 
 def package_version(name: str) -> str:
@@ -214,11 +191,18 @@ class Context:
         self.result["rows"].append(row)
         write_json(self.result_path, self.result)
 
+    def smoke_model(self, name: str) -> List[str]:
+        """In smoke mode, the tiny model, and a tiny decoder where the recipe's objective has one (MAE, ASL:
+        a decoder key on an OCL run is an error, as every key that would do nothing)."""
+        if not self.smoke:
+            return []
+        objective = to_dict(load_config(REPO / "recipes" / f"{name}.yaml"))["objective"]
+        return [*SMOKE_MODEL, *(SMOKE_DECODER if "decoder" in objective else ())]
+
     def recipe(self, name: str, *overrides: str):
         """The recipe's config; in smoke mode with the tiny model, decoder and micro-batch."""
-        smoke = [*SMOKE_MODEL, f"train.global_batch={2 * SMOKE_MICRO}", f"train.micro_batch={SMOKE_MICRO}"] \
-            if self.smoke else []
-        return load_config(REPO / "recipes" / f"{name}.yaml", [*smoke, *overrides])
+        smoke = [f"train.global_batch={2 * SMOKE_MICRO}", f"train.micro_batch={SMOKE_MICRO}"] if self.smoke else []
+        return load_config(REPO / "recipes" / f"{name}.yaml", [*self.smoke_model(name), *smoke, *overrides])
 
     def synthetic(self, cfg, batch: int, num_samples: int) -> List[str]:
         """Overrides that make a recipe train on the built-in synthetic data, one process, no workers."""
@@ -419,7 +403,7 @@ def train_step_case(ctx: Context, name: str, cfg, batch: int, extra: Sequence[st
             "attn": cfg.model.attn_backend, "ac": cfg.train.activation_checkpointing, "compile": cfg.train.compile,
             "kind": cfg.objective.name, "adamw": cfg.optim.implementation, "steps": steps, "warmup": warmup,
             "threads": torch.get_num_threads(), "gemm_size": 256 if ctx.smoke else 0,
-            "gemm_repeats": 2 if ctx.smoke else 5, "extra": [*(SMOKE_MODEL if ctx.smoke else ()), *extra],
+            "gemm_repeats": 2 if ctx.smoke else 5, "extra": [*ctx.smoke_model(name), *extra],
             "label": f"{name} ({cfg.model.name})"}
 
 
@@ -439,8 +423,7 @@ def check_flop_ratio(ctx: Context) -> None:
         def run(name=name) -> Dict[str, Any]:
             cfg = ctx.recipe(name)
             micro = micro_batch(cfg)
-            case = train_step_case(ctx, name, cfg, micro, ["train.global_batch=null", "train.micro_batch=null"],
-                                   steps, warmup)
+            case = train_step_case(ctx, name, cfg, micro, [], steps, warmup)  # one pass of `micro` per step
             r = run_case(ctx, case, 150)
             keep = ("model", "batch", "kind", "attn", "flops_per_step", "step_s_best", "step_s_median",
                     "img_per_s", "tokens_per_s", "flops_per_s_best", "matmul_flops_per_s", "ratio", "ratio_median",
@@ -571,7 +554,6 @@ def check_decode(ctx: Context) -> None:
     paths through one DataLoader worker, and the cores per GPU from this run's flop_ratio rows."""
     import numpy as np
 
-    from bench import loader_throughput as lt
     from scale.data.gpu_decode import DeviceJpegItems, gpu_decode_problem
     from scale.data.transforms import PretrainTransform, open_image
 
@@ -584,10 +566,10 @@ def check_decode(ctx: Context) -> None:
         jpegs = []
         for _ in range(16):
             buf = io.BytesIO()
-            lt.smooth_noise_image(rng, *lt.KINDS["full_size"]).save(buf, "JPEG", quality=90)
+            smooth_noise_image(rng, *JPEG_SIZES["full_size"]).save(buf, "JPEG", quality=90)
             jpegs.append(buf.getvalue())
         samples = [jpegs[i % len(jpegs)] for i in range(count)]
-        transform = PretrainTransform(lt.IMG_SIZE, 3)
+        transform = PretrainTransform(224, 3)
         items = DeviceJpegItems(transform)
         torch.set_num_threads(1)  # a DataLoader worker's view
         t = time.perf_counter()
@@ -617,12 +599,13 @@ def check_decode(ctx: Context) -> None:
     ctx.guarded(f"{count} JPEGs 500x375 -> 224: device decode vs CPU path", batch_decode)
 
     def loader_paths() -> Dict[str, Any]:
-        if WEBDATASET.startswith("absent"):
-            return {"status": "skipped", "reason": f"webdataset {WEBDATASET}", "summary": "install .whl/webdataset*.whl"}
-        from scale.data import LoaderSpec
+        status = webdataset_status()
+        if status.startswith("absent"):
+            return {"status": "skipped", "reason": f"webdataset {status}", "summary": "install .whl/webdataset*.whl"}
+        from bench import loader_throughput as lt  # here: it imports webdataset
 
         root = ctx.tmp / "full_size"
-        lt.write_shards(root, 128 if ctx.smoke else 1024, lt.KINDS["full_size"], 64, 0)
+        lt.write_shards(root, 128 if ctx.smoke else 1024, JPEG_SIZES["full_size"], 64, 0)
         paths = ("previous", "cpu", "gpu")
         timed = {p: max((lt.time_path(p, root, 1, 64, ctx.device) for _ in range(1 if ctx.smoke else 2)),
                         key=lambda r: r["img_per_s"]) for p in paths}
@@ -821,7 +804,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args._report = str(json_path)
     log_path = json_path.with_suffix(".log")
     env = environment(args.device)
-    env["webdataset"] = WEBDATASET
+    env["webdataset"] = webdataset_status()
     report: Dict[str, Any] = {
         "env": env, "args": {"device": args.device, "smoke": args.smoke, "budget_s": args.budget_s, "only": only},
         "tolerances": {"attention_rel": ATTN_RTOL, "parity_rel": PARITY_RTOL},

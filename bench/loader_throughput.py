@@ -58,7 +58,7 @@ from PIL import Image
 from torchvision import transforms as tv1
 from torchvision.transforms import InterpolationMode, v2
 
-from bench.common import REPO
+from bench.common import JPEG_SIZES, REPO, smooth_noise_image
 from scale.config import DataConfig, load_config
 from scale.data import LoaderSpec, build_dataset
 from scale.data.device_input import DeviceInput
@@ -69,24 +69,12 @@ from scale.trainer import step_plan
 
 IMG_SIZE = 224
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-KINDS = {"pre_resized": (341, 256), "full_size": (500, 375), "large": (2048, 1536)}
 GPU_RESULTS = REPO / "docs/results/gpu_check_h200.json"
 PATHS = ("plain_webdataset", "previous", "cpu", "gpu_workers", "gpu")
 MODEL_CASES = (("OCL", "ocl_vitb16"), ("OCL", "ocl_vitl16"), ("MAE", "mae_vitb16"), ("MAE", "mae_vitl16"))
 
 
 # ----------------------------------------------------------------------------- shards
-
-def smooth_noise_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """Blobs at a few scales plus fine grain: compresses like a photo, unlike white noise."""
-    canvas = np.zeros((height, width, 3), np.float32)
-    for cells, weight in ((3, 0.5), (12, 0.3), (48, 0.15)):
-        coarse = rng.random((cells, max(2, cells * width // height), 3), dtype=np.float32)
-        layer = Image.fromarray((coarse * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
-        canvas += weight * np.asarray(layer, np.float32)
-    canvas += rng.normal(0, 4, canvas.shape).astype(np.float32)
-    return Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
-
 
 def write_shards(directory: Path, count: int, size: Tuple[int, int], per_shard: int, seed: int,
                  unique: int = 64) -> int:
@@ -308,7 +296,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers (cores) per path")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per path; the best counts")
-    parser.add_argument("--kinds", default="pre_resized,full_size", help=f"shard sets, from {','.join(KINDS)}")
+    parser.add_argument("--kinds", default="pre_resized,full_size", help=f"shard sets, from {','.join(JPEG_SIZES)}")
     parser.add_argument("--paths", default=",".join(PATHS))
     parser.add_argument("--no-gpu-table", action="store_true", help="skip the cores-per-GPU table")
     parser.add_argument("--gpu-results", type=Path, default=GPU_RESULTS,
@@ -317,10 +305,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--dir", default="", help="where to write shards (default: a temporary directory)")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args(argv)
-    unknown = [k for k in args.kinds.split(",") if k not in KINDS] + \
+    unknown = [k for k in args.kinds.split(",") if k not in JPEG_SIZES] + \
         [p for p in args.paths.split(",") if p not in PATHS]
     if unknown:
-        parser.error(f"unknown --kinds / --paths value(s) {', '.join(unknown)}; kinds: {', '.join(KINDS)}; "
+        parser.error(f"unknown --kinds / --paths value(s) {', '.join(unknown)}; kinds: {', '.join(JPEG_SIZES)}; "
                      f"paths: {', '.join(PATHS)}")
     if not args.no_gpu_table and not args.gpu_results.is_file():
         parser.error(f"--gpu-results {args.gpu_results}: no such file; expected a bench/gpu_check.py JSON "
@@ -337,7 +325,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.dir or tmp)
         for seed, kind in enumerate(args.kinds.split(",")):
-            size = KINDS[kind]
+            size = JPEG_SIZES[kind]
             root = base / kind
             t = time.perf_counter()
             nbytes = write_shards(root, args.images, size, args.per_shard, seed, unique=16 if kind == "large" else 64)

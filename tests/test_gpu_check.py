@@ -1,5 +1,6 @@
 """bench/gpu_check.py: every CUDA check's code path runs on the CPU (`--device cpu --smoke`), as it would
-on the GPU machine (webdataset hidden, so its stub is what scale imports); without CUDA it refuses in one
+on the GPU machine (webdataset hidden: synthetic data imports none, nothing stands in for it); without
+CUDA it refuses in one
 line; a check that overruns its time is reported FAILED and the others' JSON is still written."""
 import json
 import math
@@ -36,7 +37,7 @@ def test_smoke_runs_every_check_on_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert report["complete"] and report["ok"]
     assert report["env"]["torch"] and "xformers" in report["env"] and report["env"]["gpu"] is None
-    assert report["env"]["webdataset"].startswith("absent: stubbed")
+    assert report["env"]["webdataset"] == "absent (synthetic data only)"  # no stand-in package: none is needed
     assert set(report["checks"]) == set(CHECKS)
     for name in CHECKS:
         check = report["checks"][name]
