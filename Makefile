@@ -1,6 +1,8 @@
 # The two set-up commands of the README:
 #   make demo   installs into .venv and pre-trains OCL on the CPU for a few minutes
 #   make test   installs into .venv and runs the test suite
+# For the inner loop (CONTRIBUTING.md, not a set-up command):
+#   make check  the fast tier: no slow, distributed, slurm, bench or gpu tests (under 2 minutes)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +10,7 @@ STAMP  := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DATA_DIR ?= data/fashion-mnist-wds
 
-.PHONY: demo test install clean
+.PHONY: demo test check install clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +26,12 @@ demo: $(STAMP)
 	$(PY) -m scale.demo --output-dir $(DEMO_DIR) --data-dir $(DATA_DIR)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
+
+check: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not (slow or distributed or slurm or bench or gpu)" tests
 
 clean:
 	rm -rf $(VENV) runs

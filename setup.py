@@ -31,8 +31,9 @@ setup(
     ],
     extras_require={
         "xformers": ["xformers"],  # CUDA only; SDPA is used where it cannot run
-        # setuptools + wheel: tests/test_packaging.py builds the wheel offline (--no-build-isolation)
-        "test": ["pytest", "pytest-timeout", "setuptools", "wheel"],
+        # setuptools + wheel: tests/test_packaging.py builds the wheel offline (--no-build-isolation);
+        # ruff: make test lints the tree with ruff.toml's rules
+        "test": ["pytest", "pytest-timeout", "ruff", "setuptools", "wheel"],
     },
     entry_points={"console_scripts": [
         "scale-train=scale.train:main",

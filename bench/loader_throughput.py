@@ -347,7 +347,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             results["kinds"][kind] = {"size": size, "kib_per_image": nbytes / args.images / 1024, "paths": best,
                                       "dct_scales": decode_scales(root)}
 
-    lines = [f"\n| shards | path | img/s per core | img / worker-CPU-s | vs previous | vs plain webdataset | "
+    lines = ["\n| shards | path | img/s per core | img / worker-CPU-s | vs previous | vs plain webdataset | "
              "host bytes / image |", "|---|---|---|---|---|---|---|"]
     for kind, r in results["kinds"].items():
         for path, p in r["paths"].items():

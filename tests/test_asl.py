@@ -192,6 +192,7 @@ def test_training_logs_the_two_losses_and_the_gap(tmp_path, capsys):
     assert float(fields["sem"]) == pytest.approx(records[-1]["loss_sem"], rel=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("branch", ["aee", "dle"])
 def test_asl_trains_resumes_exactly_with_accumulation_and_exports(tmp_path, branch):
     common = [*ASL_TINY, f"objective.asl.branch={branch}", "train.epochs=1", "train.ckpt_every=5",

@@ -13,6 +13,8 @@ from scale.pretraining import build_pretrain_module
 from test_asl import ASL_TINY
 from test_mae_distributed import _env, _torchrun
 
+pytestmark = pytest.mark.distributed
+
 WORKER = REPO / "tests/dist_scripts/asl_worker.py"
 
 

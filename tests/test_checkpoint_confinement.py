@@ -312,6 +312,7 @@ def fsdp_run(tmp_path_factory):
     return root / "run"
 
 
+@pytest.mark.slow
 def test_fsdp_resume_over_a_damaged_metadata_is_one_line(fsdp_run, tmp_path):
     run = _copy_run(fsdp_run, tmp_path / "run")
     ckpt = run / "checkpoints/step_00000002"
@@ -321,6 +322,7 @@ def test_fsdp_resume_over_a_damaged_metadata_is_one_line(fsdp_run, tmp_path):
     _one_line_error(proc, ".metadata", "refused or damaged")
 
 
+@pytest.mark.slow
 def test_fsdp_resume_over_a_crafted_data_item_never_advises_weights_only_false(fsdp_run, tmp_path):
     from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict

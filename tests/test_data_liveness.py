@@ -49,6 +49,7 @@ def _alive(pid: int) -> bool:
 
 # ----------------------------------------------------------------------------- 6. workers never keep a process alive
 
+@pytest.mark.slow
 def test_a_script_holding_a_loader_iterator_at_exit_does_not_hang(tmp_path: Path) -> None:
     # multiprocessing's exit handler SIGTERMs the workers of the iterator still held in the
     # global and joins them: workers that ignored every SIGTERM hung the script forever.
@@ -75,6 +76,7 @@ def test_a_script_holding_a_loader_iterator_at_exit_does_not_hang(tmp_path: Path
     assert proc.returncode == 0, proc.stderr.read()[-3000:]
 
 
+@pytest.mark.slow
 def test_workers_stuck_in_a_read_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
     # torch's own parent check runs between fetches only; a worker blocked in a read never gets to it.
     cmd = _script(tmp_path, """
@@ -155,6 +157,7 @@ def _the_one_error(returncode: int, lines: List[str]) -> str:
     pytest.param(2, UNREACHABLE_URL, marks=NO_CURL, id="two_workers-unreachable_url"),
     pytest.param(2, "pipe:cat {tmp}/absent-{000000..000003}.tar", id="two_workers-pipe_of_missing_files"),
 ])
+@pytest.mark.slow
 def test_a_dead_resampled_source_exits_2_within_seconds_of_its_line(tmp_path: Path, workers: int, root: str) -> None:
     root = root.replace("{tmp}", str(tmp_path))
     returncode, lines, seconds, left = _train_until_exit(
@@ -166,6 +169,7 @@ def test_a_dead_resampled_source_exits_2_within_seconds_of_its_line(tmp_path: Pa
     assert left == []  # no worker outlives the trainer
 
 
+@pytest.mark.slow
 def test_a_batch_of_only_corrupt_samples_stops_the_run(tmp_path: Path) -> None:
     write_shards(tmp_path / "shards", [40, 40], broken={i: "garbage" for i in range(80)})
     returncode, lines, _, _ = _train_until_exit(
@@ -210,6 +214,7 @@ def _batches(**fields) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     return collect(data, LoaderSpec(batch_size=2, seed=0), 1)
 
 
+@pytest.mark.slow
 def test_a_pipe_root_without_a_url_in_it_reads_the_same_batches_as_the_directory(tmp_path: Path) -> None:
     train = _fashion_mnist_shards(tmp_path)
     piped = f"pipe:cat {train}/train-{{000000..000002}}.tar"

@@ -16,7 +16,7 @@ from torchvision import transforms as tv1
 from torchvision.transforms import InterpolationMode, v2
 
 from scale.config import ConfigError, DataConfig, load_config
-from scale.data import LoaderSpec, build_dataset
+from scale.data import LoaderSpec
 from scale.data.crop import CropParams, draw_crop, seeded_generator
 from scale.data.device_input import DeviceInput
 from scale.data.gpu_decode import DeviceJpeg, DeviceJpegItems, EncodedBatch, gpu_decode_problem, resolve_decode
@@ -294,6 +294,7 @@ def test_pinning_an_encoded_batch_keeps_its_contents():
     assert pinned.data.is_pinned() and torch.equal(pinned.data, batch.data)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG decoding needs a CUDA device")
 def test_nvjpeg_decode_matches_the_cpu_path_on_cuda():
     device = torch.device("cuda")

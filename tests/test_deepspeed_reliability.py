@@ -28,6 +28,8 @@ from scale.pretraining import build_pretrain_module
 
 from conftest import REPO, python_env, tiny_config
 
+pytestmark = pytest.mark.distributed
+
 SCRIPT = REPO / "tests" / "dist_scripts" / "deepspeed_reliability.py"
 BOUND = torch.tensor(math.log(0.07)).item()  # the pinned log-temperature, as fp32
 BF16_STEP = 2.0 ** -6  # bf16's spacing for |x| in [2, 4): a log-temperature near -2.66

@@ -38,6 +38,7 @@ def wait_for_line(proc: subprocess.Popen, pattern: str, timeout: float) -> list:
     raise AssertionError("the demo ended before " + pattern + ":\n" + "".join(lines))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_to_the_demo_checkpoints_stops_in_seconds_and_the_same_command_continues(tmp_path, sig):
     out = tmp_path / "demo"
@@ -70,6 +71,7 @@ def test_a_signal_to_the_demo_checkpoints_stops_in_seconds_and_the_same_command_
     assert json.loads((out / demo.DEMO_STATE).read_text())["finished"] is True
 
 
+@pytest.mark.slow
 def test_sigterm_while_evaluating_stops_at_once_and_the_rerun_finishes_the_evaluation(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "ensure_fashion_mnist", lambda: "not installed in this test")
     args = ["--output-dir", str(tmp_path / "demo"), *TINY, "data.num_workers=0"]

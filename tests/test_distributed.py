@@ -28,6 +28,8 @@ from scale.trainer.optim import build_optimizer
 
 from conftest import REPO, TINY_OVERRIDES, python_env, tiny_config
 
+pytestmark = pytest.mark.distributed
+
 WORKER = REPO / "tests" / "dist_scripts" / "worker.py"
 MEMORY = REPO / "tests" / "dist_scripts" / "grad_cache_memory.py"
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",

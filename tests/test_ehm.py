@@ -11,11 +11,10 @@ from conftest import tiny_config
 from scale.config import ConfigError, MaskConfig, load_config
 from scale.masking import EHMConfig
 from scale.masking import MaskContext, build_mask_generator
-from scale.masking.evolved import EvolvedHierarchicalMasking, visit_order
+from scale.masking.evolved import visit_order
 from scale.masking.hierarchy import (TREE_BUILDERS, greedy_average_linkage, quantize_similarity,
                                      reciprocal_nn_average_linkage)
 from scale.masking.similarity import attention_row_similarity, patch_similarity
-from scale.trainer import Trainer
 
 
 def brute_force_tree(q):

@@ -5,6 +5,8 @@ import pytest
 
 from bench import ehm_cost  # the repo root is on sys.path (conftest.py)
 
+pytestmark = pytest.mark.bench
+
 
 def test_tiny_preset_gives_shares_of_the_step_and_identical_trees(tmp_path, capsys):
     out = tmp_path / "ehm_cost.json"

@@ -6,6 +6,8 @@ import pytest
 from conftest import REPO
 from test_mae_distributed import _torchrun
 
+pytestmark = pytest.mark.distributed
+
 WORKER = REPO / "tests/dist_scripts/ehm_worker.py"
 
 

@@ -17,6 +17,7 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [MAE_EHM, OCL_EHM_EMA], ids=["mae_ehm", "ocl_ehm_drop_ema"])
 def test_resume_with_ehm_is_bit_exact(tmp_path, overrides):
     # 2 epochs of 8 steps: d = 1 in epoch 0, floor(H / 2) in epoch 1; stop at 6, resume across the boundary.

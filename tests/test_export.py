@@ -145,6 +145,7 @@ def test_unknown_layout_names_the_checkpoint(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.safetensors")]) == 2
 
 
+@pytest.mark.slow
 def test_real_fsdp_run_exports_and_its_knn_monitor_agrees_with_the_cli(tmp_path):
     """One FSDP2 process (gloo): the monitor gathers the sharded encoder; the export reads the DCP files."""
     import socket

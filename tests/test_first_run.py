@@ -69,6 +69,7 @@ def test_headline_label_falls_back_to_ascii_on_a_c_locale_stream(tmp_path):
     assert stream.buffer.getvalue().decode() == "step 1/10 | loss 1 | lr 0.1 | tau 0.05\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective,headline", [("ocl", "τ"), ("mae", None)])
 def test_training_console_is_short_and_metrics_jsonl_keeps_everything(tmp_path, capsys, objective, headline):
     cfg = tiny_config(tmp_path, f"objective.name={objective}", "train.epochs=1", "train.log_every=2",
@@ -160,6 +161,7 @@ def run_dir_of(out: str) -> Path:
     return Path(re.search(r"demo: curves\s+(\S+)", out).group(1)).parent
 
 
+@pytest.mark.slow
 def test_demo_on_synthetic_data_ends_with_the_table_the_curves_and_what_they_mean(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "ensure_fashion_mnist", lambda: "not installed in this test")
     status = demo.main(["--output-dir", str(tmp_path / "demo"), "data.num_samples=320", *DEMO_TINY])
@@ -192,6 +194,7 @@ def fake_fashion_mnist(root: Path, seed: int = 0) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_demo_on_fashion_mnist_computes_the_baselines_it_prints(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "FASHION_MNIST", fake_fashion_mnist(tmp_path / "idx"))
     data_dir = tmp_path / "shards"

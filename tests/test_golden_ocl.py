@@ -9,6 +9,7 @@ from golden.ocl_runs import CONFIGS, GOLDEN, run
 RECORDED = json.loads(GOLDEN.read_text())["losses"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_ocl_losses_equal_the_golden_file(name, tmp_path):
     losses = run(name, tmp_path)

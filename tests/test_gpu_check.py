@@ -12,6 +12,8 @@ import pytest
 
 from conftest import REPO, python_env
 
+pytestmark = pytest.mark.bench
+
 CHECKS = ("attention", "parity", "flop_ratio", "fsdp", "memory", "ehm", "decode")
 
 

@@ -3,7 +3,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, python_env
+
+pytestmark = pytest.mark.bench
 
 SCRIPT = [sys.executable, "-m", "bench.loader_throughput"]
 

@@ -153,6 +153,7 @@ def test_accumulation_equals_the_full_batch(tmp_path):
         torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
 def test_mae_trains_resumes_exactly_and_exports(tmp_path):
     common = [*MAE_TINY, "train.epochs=2", "train.ckpt_every=5", "train.global_batch=32", "train.micro_batch=16"]
     full = Trainer(tiny_config(tmp_path / "a", *common)).fit()

@@ -9,11 +9,12 @@ import pytest
 from conftest import REPO, TINY_OVERRIDES, python_env
 from test_mae import MAE_TINY
 
+pytestmark = pytest.mark.distributed
+
 WORKER = REPO / "tests/dist_scripts/mae_worker.py"
 
 
 def _env():
-    import os
 
     env = python_env()
     for key in [k for k in env if k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_"))]:

@@ -39,6 +39,7 @@ def _png(path: Path, rows: int, cols: int) -> np.ndarray:
     return rgb
 
 
+@pytest.mark.slow
 def test_checkpoint_picture_in_process_and_as_a_module_is_the_same_png(ehm_run, tmp_path, capsys):
     args = ["--checkpoint", str(ehm_run), "--images", "2", "--depths", "0.3", "0.7"]
     first = tmp_path / "a" / "masks.png"

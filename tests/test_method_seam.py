@@ -115,6 +115,7 @@ def test_a_new_methods_keys_are_checked_by_its_own_config(tmp_path, override, me
         tiny_config(tmp_path, *TOY, "objective.target_scale=2", "objective.name=mae")
 
 
+@pytest.mark.slow
 def test_the_trainer_imports_no_evaluation_code_and_probes_no_engine():
     import subprocess
     import sys

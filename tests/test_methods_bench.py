@@ -18,6 +18,8 @@ from PIL import Image
 
 from scale.trainer import Trainer  # the benches train through it (scale.trainer.train_until)
 
+pytestmark = pytest.mark.bench
+
 REPO = Path(__file__).resolve().parents[1]
 TWO = ["--only", "OCL", "MAE + EHM"]
 

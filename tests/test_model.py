@@ -29,6 +29,7 @@ def test_parameter_names_match_timm(name):
         assert ours_sd[key].shape == theirs_sd[key].shape, key
 
 
+@pytest.mark.slow
 def test_vit_huge_matches_timm_with_patch16():
     ours = build_encoder("vit_huge_patch16")
     with torch.device("meta"):
@@ -122,6 +123,7 @@ def test_attention_backends_agree_with_math(backend):
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight.grad, ref_grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="xFormers and bf16 SDPA need a CUDA device")
 def test_cuda_backends_agree():  # pragma: no cover - runs on GPU machines
     torch.manual_seed(0)

@@ -74,6 +74,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return python.parent
 
 
+@pytest.mark.slow
 def test_the_installed_copy_is_used_and_data_prep_is_not_installed(installed: Path, tmp_path: Path) -> None:
     venv = installed.parent.resolve()
     where = python_in(installed / "python", "import scale; print(scale.__file__)", tmp_path).stdout.strip()
@@ -114,6 +115,7 @@ def test_deepspeed_and_accelerate_configs_are_package_data(installed: Path, tmp_
     assert json.loads(paths[0].read_text())["zero_optimization"]["stage"] == 1
 
 
+@pytest.mark.slow
 def test_console_scripts(installed: Path, tmp_path: Path) -> None:
     code = ("from importlib.metadata import entry_points; print(' '.join(e.name for e in "
             "entry_points(group='console_scripts') if e.value.startswith('scale')))")

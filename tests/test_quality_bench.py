@@ -3,6 +3,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.bench
+
 
 @pytest.fixture(scope="module")
 def quality_bench():

@@ -70,6 +70,7 @@ def _copy_run(src: Path, dst: Path) -> Path:
 
 # ----------------------------------------------------------------------------- 1. loading never runs code
 
+@pytest.mark.slow
 def test_crafted_checkpoint_is_refused_by_resume_export_and_eval(trained_run, tmp_path):
     run = _copy_run(trained_run[0], tmp_path / "run")
     ckpt = run / "checkpoints/step_00000004"
@@ -116,6 +117,7 @@ def test_crafted_fsdp_checkpoint_files_are_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- 2. signals to the process group
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_to_process_group_with_workers_checkpoints_and_exits_3(tmp_path, sig):
     out = tmp_path / "run"
@@ -140,6 +142,7 @@ def test_signal_to_process_group_with_workers_checkpoints_and_exits_3(tmp_path, 
 
 # ----------------------------------------------------------------------------- 3. exact resume
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grad_cache", [False, True], ids=["one_pass", "grad_cache"])
 def test_resume_mid_epoch_is_exact_with_drop_path_and_workers(tmp_path, grad_cache):
     common = ["model.drop_path_rate=0.2", "data.num_workers=2", "train.epochs=2", "train.ckpt_every=5"]
@@ -184,6 +187,7 @@ def test_save_fsyncs_every_file_and_directory_before_publishing(tmp_path, monkey
     assert meta[FILES_KEY]["shards/a.bin"]["bytes"] == 100
 
 
+@pytest.mark.slow
 def test_resume_auto_falls_back_over_a_truncated_checkpoint(trained_run, tmp_path):
     run = _copy_run(trained_run[0], tmp_path / "run")
     newest = run / "checkpoints/step_00000004/state.pt"
@@ -197,6 +201,7 @@ def test_resume_auto_falls_back_over_a_truncated_checkpoint(trained_run, tmp_pat
     assert steps[-4:] == [3, 4, 5, 6]  # continued from step 2
 
 
+@pytest.mark.slow
 def test_resume_auto_with_no_usable_checkpoint_names_the_files(trained_run, tmp_path):
     run = _copy_run(trained_run[0], tmp_path / "run")
     for ckpt in (run / "checkpoints").iterdir():
@@ -228,6 +233,7 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 def test_disk_full_on_a_real_small_filesystem(tmp_path):
     """A tmpfs with room for one tiny checkpoint (~33 MB): the second save fills it."""
     disk = tmp_path / "disk"
@@ -253,6 +259,7 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
     (["data.num_samples=512"], ["data.num_samples"]),
     (["objective.head.layers=2"], ["objective.head.layers"]),
 ])
+@pytest.mark.slow
 def test_resume_refuses_changes_of_shapes_order_and_masks(trained_run, tmp_path, changes, keys):
     run = _copy_run(trained_run[0], tmp_path / "run")
     proc = _run(_cli(run, "train.max_steps=6", *changes, "--resume", "auto"), tmp_path)
@@ -261,6 +268,7 @@ def test_resume_refuses_changes_of_shapes_order_and_masks(trained_run, tmp_path,
     assert not (run / "checkpoints/step_00000006").exists()
 
 
+@pytest.mark.slow
 def test_resume_warns_about_schedule_changes_and_accepts_the_escape_hatch(trained_run, tmp_path):
     run = _copy_run(trained_run[0], tmp_path / "run")
     proc = _run(_cli(run, "train.max_steps=5", "train.epochs=3", "optim.blr=2e-3", "--resume", "auto"), tmp_path)
@@ -272,6 +280,7 @@ def test_resume_warns_about_schedule_changes_and_accepts_the_escape_hatch(traine
     assert "data.num_samples changed: 256 -> 300" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_fresh_run_never_rotates_away_another_runs_checkpoints(trained_run, tmp_path):
     run = _copy_run(trained_run[0], tmp_path / "run")
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -361,6 +370,7 @@ def test_traceback_only_with_scale_debug(tmp_path):
     assert debug.returncode == 2 and "Traceback" in debug.stderr
 
 
+@pytest.mark.slow
 def test_checkpoint_errors_of_export_and_eval(trained_run, tmp_path):
     ckpt = trained_run[0] / "checkpoints/step_00000004"
     # an export target that is a directory
@@ -383,6 +393,7 @@ def test_checkpoint_errors_of_export_and_eval(trained_run, tmp_path):
                           "model.name=vit_small_patch16"], tmp_path), "model.name", "would be ignored")
 
 
+@pytest.mark.slow
 def test_a_corrupt_meta_json_is_one_line_for_eval_and_resume(tmp_path):
     ckpt = tmp_path / "run/checkpoints/step_00000001"
     ckpt.mkdir(parents=True)
@@ -393,6 +404,7 @@ def test_a_corrupt_meta_json_is_one_line_for_eval_and_resume(tmp_path):
                     "meta.json", "unreadable")
 
 
+@pytest.mark.slow
 def test_an_unwritable_output_dir_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -412,6 +424,7 @@ def test_values_checked_where_the_model_is_built_are_one_line_too(tmp_path, over
     assert "\n" not in err and needle in err, err
 
 
+@pytest.mark.slow
 def test_resume_allow_changes_accepts_a_section_and_old_key_names_are_compared(trained_run, tmp_path):
     run = _copy_run(trained_run[0], tmp_path / "run")
     proc = _run(_cli(run, "train.max_steps=5", "mask.ratio=0.5", "train.resume_allow_changes=[mask]",

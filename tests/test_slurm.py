@@ -35,6 +35,8 @@ import yaml
 from conftest import REPO
 from slurm_cluster import FINAL_STATES, SlurmCluster, SlurmUnavailable
 
+pytestmark = pytest.mark.slurm
+
 TEMPLATES = ("vith_ocl", "vitl_ocl", "vitb_ocl")
 STEPS = 16
 # The engine that runs >1 task on CPU (DDP over gloo); without it the jobs run 1 task.

@@ -140,6 +140,7 @@ def test_drop_path_replays_the_same_rng(tmp_path):
 
 # ----------------------------------------------------------------------------- compile
 
+@pytest.mark.slow
 def test_compile_and_ac_compile_same_loss_and_grads_and_names(tmp_path):
     cfg = micro_cfg(tmp_path)
     images, masks = batch_and_masks(cfg)
@@ -184,6 +185,7 @@ def run_steps(cfg, steps=2):
         trainer.engine.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["single", "ddp", "fsdp"])
 def test_trainer_applies_switches_before_the_engine(tmp_path, engine):
     """AC -> compile -> engine wrapping (fully_shard per block for FSDP2): same losses, timm names."""

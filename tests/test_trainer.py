@@ -25,6 +25,7 @@ def read_metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_loss_falls_and_logs_everything(tiny_cfg):
     cfg = tiny_cfg("train.epochs=3")
     summary = Trainer(cfg).fit()
@@ -42,6 +43,7 @@ def test_loss_falls_and_logs_everything(tiny_cfg):
     assert any(p.name.startswith("events.out.tfevents") for p in (type(REPO)(run) / "tensorboard").iterdir())
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(tmp_path):
     full = Trainer(tiny_config(tmp_path / "a", "data.num_workers=1")).fit()
     assert full.final_step == 16
@@ -57,6 +59,7 @@ def test_resume_is_bit_exact(tmp_path):
     assert again.losses == full.losses[12:]
 
 
+@pytest.mark.slow
 def test_checkpoints_rotate_and_ignore_partial(tmp_path):
     cfg = tiny_config(tmp_path, "train.keep_last=2", "train.max_steps=12")
     Trainer(cfg).fit()
@@ -70,6 +73,7 @@ def test_checkpoints_rotate_and_ignore_partial(tmp_path):
         ckpts.resolve(str(tmp_path / "run/checkpoints/step_00000020"))
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_previous_checkpoint_usable(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "scale.train", *[a for a in _tiny_cli(out)], "train.ckpt_every=1",
@@ -89,6 +93,7 @@ def test_sigkill_leaves_previous_checkpoint_usable(tmp_path):
     assert resumed.steps_done == 2 and all(math.isfinite(x) for x in resumed.losses)
 
 
+@pytest.mark.slow
 def test_sigusr1_checkpoints_and_stops(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "scale.train", *_tiny_cli(out), "train.epochs=50",

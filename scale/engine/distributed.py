@@ -17,12 +17,9 @@ gradient of the mean of the ranks' local losses.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import re
-import time
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 

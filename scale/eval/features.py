@@ -51,8 +51,11 @@ def build_split(data: DataConfig, spec: ViTSpec, train: bool, augment: bool = Fa
     return build_dataset(data, spec.img_size, spec.in_chans, train=train)
 
 
+CPU = torch.device("cpu")
+
+
 def iterate_split(data: PretrainData, batch_size: int, *, seed: int = 0, epoch: int = 0, num_workers: int = 0,
-                  drop_last: bool = False, device: torch.device = torch.device("cpu"),
+                  drop_last: bool = False, device: torch.device = CPU,
                   ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """(normalised float images on `device`, labels on the CPU) batches of one pass over `data`."""
     spec = LoaderSpec(batch_size=batch_size, seed=seed, rank=0, world_size=1, num_workers=num_workers,

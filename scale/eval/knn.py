@@ -10,7 +10,6 @@ pre-training (a trainer Monitor, built by `build_monitors`), and `python -m scal
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
