@@ -36,9 +36,16 @@ TINY_OVERRIDES = (
 )
 
 
+def tiny_overrides(*overrides: str) -> list:
+    """TINY_OVERRIDES then `overrides`; the synthetic data size is left out when `overrides` pick another
+    source (a key that does nothing there is an error)."""
+    other_source = any(o.startswith("data.name=") and o != "data.name=synthetic" for o in overrides)
+    return [o for o in TINY_OVERRIDES if not (other_source and o.startswith("data.num_samples="))] + list(overrides)
+
+
 def tiny_config(tmp_path: Path, *overrides: str) -> RunConfig:
     """A ~1 s/step config on CPU: ViT-Tiny depth 6 on 28x28 synthetic images, 8 steps/epoch."""
-    return load_config(None, [*TINY_OVERRIDES, f"train.output_dir={tmp_path / 'run'}", *overrides])
+    return load_config(None, tiny_overrides(f"train.output_dir={tmp_path / 'run'}", *overrides))
 
 
 @pytest.fixture

@@ -131,6 +131,7 @@ def string_constants(path: Path):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skipped}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, names", [
     (torch_file, ["STATE_FILE"]),
     (dcp, ["DCP_DIR", "EXTRA_FILE"]),

@@ -144,6 +144,7 @@ def test_a_resume_compares_an_old_checkpoints_config_in_todays_keys(tmp_path):
     assert config_changes(old, new) == [("train.micro_batch", 8, 16)]
 
 
+@pytest.mark.slow
 def test_synthetic_data_never_imports_webdataset():
     code = ("import sys; from scale.config import load_config; from scale.data import DATASETS, build_dataset; "
             "import scale.engine, scale.pretraining; "

@@ -96,6 +96,7 @@ def test_paper_table9_values():
     assert h.model.name == "vit_huge_patch16"
 
 
+@pytest.mark.slow
 def test_print_config_round_trips(tmp_path):
     out = subprocess.run([sys.executable, "-m", "scale.train", "--config", str(REPO / "recipes/ocl_vitb16.yaml"),
                           "--print-config", "optim.blr=2e-4"], capture_output=True, text=True,
@@ -107,6 +108,7 @@ def test_print_config_round_trips(tmp_path):
     assert to_yaml(cfg) == out
 
 
+@pytest.mark.slow
 def test_cli_config_error_exits_before_work(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "scale.train", "train.micro_batch=abc",
                            f"train.output_dir={tmp_path / 'run'}"], capture_output=True, text=True,

@@ -15,7 +15,7 @@ from typing import List, Tuple
 import pytest
 import torch
 
-from conftest import TINY_OVERRIDES, python_env
+from conftest import python_env, tiny_overrides
 from test_data_path import jpeg, photo
 from test_data_prep import make_tiny_fashion_mnist
 from test_data_reliability import collect, folder
@@ -121,7 +121,7 @@ def test_workers_stuck_in_a_read_exit_when_their_parent_is_killed(tmp_path: Path
 def _train_until_exit(tmp_path: Path, *overrides: str) -> Tuple[int, List[str], float, List[str]]:
     """Run scale-train in its own process group; (exit status, stderr lines, seconds from the
     error line to the exit, processes of the group left afterwards)."""
-    cmd = [sys.executable, "-m", "scale.train", *TINY_OVERRIDES, f"train.output_dir={tmp_path / 'run'}", *overrides]
+    cmd = [sys.executable, "-m", "scale.train", *tiny_overrides(f"train.output_dir={tmp_path / 'run'}", *overrides)]
     with open(tmp_path / "stdout.txt", "w") as stdout:
         proc = subprocess.Popen(cmd, env=python_env(), cwd=tmp_path, stdout=stdout, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)

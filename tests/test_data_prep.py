@@ -389,6 +389,7 @@ def test_missing_src_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "--src" in error and "absent" in error and "not a directory" in error
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_gives_the_same_bytes(tmp_path: Path) -> None:
     src = make_class_tree(tmp_path / "src", per_class=10)
     reference = tmp_path / "reference"
@@ -662,6 +663,7 @@ def test_fashion_mnist_conversion_is_lossless_with_a_manifest_per_split(tmp_path
         assert run_verifier(out / split) == 0
 
 
+@pytest.mark.slow
 def test_fashion_mnist_parallel_encoding_gives_the_same_shards(tmp_path: Path) -> None:
     make_tiny_fashion_mnist(tmp_path / "fmnist", num_train=6000, num_test=10)
     outputs = []

@@ -181,6 +181,7 @@ def test_two_groups_come_from_one_ordering():
     assert torch.equal(torch.cat([masks.masked_ids, masks.group_ids.flatten(1)], dim=1), order)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,random_name,ratio", [("ehm", "random", 0.67), ("ehm_two_group", "random_two_group", 0.67),
                                                     ("ehm_drop_two_group", "random_two_group", 0.67)])
 def test_at_depth_one_each_generator_is_its_random_counterpart_in_distribution(name, random_name, ratio):

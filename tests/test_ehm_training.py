@@ -61,7 +61,8 @@ def test_grad_cache_with_ehm_draws_the_same_masks_and_loss_as_one_pass(tmp_path)
     runs = {}
     for label, extra in (("one_pass", ()), ("grad_cache", ("train.micro_batch=4",))):
         trainer = Trainer(tiny_config(tmp_path / label, "mask.name=ehm_two_group", "mask.ehm.signal_batch=8",
-                                      "mask.ehm.depth=fixed", "mask.ehm.fixed_depth=0.5", "train.micro_batch=16",
+                                      "mask.ehm.depth=fixed", "mask.ehm.fixed_depth=0.5", "train.global_batch=16",
+                                      "train.micro_batch=null",
                                       "train.max_steps=1", *extra))
         drawn = []
         masking = trainer.masking
@@ -72,6 +73,7 @@ def test_grad_cache_with_ehm_draws_the_same_masks_and_loss_as_one_pass(tmp_path)
             return masks
         trainer.masking = recording
         trainer.masking.needs, trainer.masking.console_metrics = masking.needs, masking.console_metrics
+        trainer.masking.forward_flops = masking.forward_flops  # the trainer logs the generator's own FLOPs
         summary = trainer.fit()
         runs[label] = (drawn[0], summary.losses[0], {n: p.detach().clone()
                                                       for n, p in trainer.pretrain_module.named_parameters()})
@@ -83,6 +85,7 @@ def test_grad_cache_with_ehm_draws_the_same_masks_and_loss_as_one_pass(tmp_path)
         torch.testing.assert_close(p1[name], p2[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     ("objective.name=asl", "mask.name=ehm", "mask.ratio=0.75", "objective.decoder.dim=64",
      "objective.decoder.depth=1", "objective.decoder.num_heads=4"),

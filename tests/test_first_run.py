@@ -99,6 +99,7 @@ def write_metrics(run_dir: Path, lines) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_plot_overlays_runs_one_png_per_curve(tmp_path, capsys):
     ocl = write_metrics(tmp_path / "ocl", [
         {"step": 1, "loss": 5.0, "lr": 1e-4, "temperature": 0.07, "img_per_s": 500.0, "engine": "single"},

@@ -111,6 +111,7 @@ def test_mae_forward_equals_the_transcription(norm_pix):
     assert torch.equal(objective.loss_of(pred_ref, batch), loss_ref)
 
 
+@pytest.mark.slow
 def test_mae_init_and_trainable_patch_embedding():
     torch.manual_seed(0)
     encoder = build_encoder("vit_base_patch16", init="mae", train_patch_embed=True)

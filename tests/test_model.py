@@ -19,6 +19,7 @@ def test_presets_have_paper_shapes(name):
     assert spec.patch_size == 16 and spec.img_size == 224
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vit_tiny_patch16", "vit_base_patch16"])
 def test_parameter_names_match_timm(name):
     ours = build_encoder(name)

@@ -83,6 +83,7 @@ def test_the_installed_copy_is_used_and_data_prep_is_not_installed(installed: Pa
     assert result.returncode != 0 and "No module named 'data_prep'" in result.stderr
 
 
+@pytest.mark.slow
 def test_recipes_by_name_from_any_folder(installed: Path, tmp_path: Path) -> None:
     for recipe, model in (("ocl_vitb16", "vit_base_patch16"), ("mae_vitl16.yaml", "vit_large_patch16")):
         out = run([installed / "scale-train", "--config", recipe, "--print-config"], cwd=tmp_path).stdout
@@ -90,12 +91,14 @@ def test_recipes_by_name_from_any_folder(installed: Path, tmp_path: Path) -> Non
     assert "recipe name" in run([installed / "scale-train", "--help"], cwd=tmp_path).stdout
 
 
+@pytest.mark.slow
 def test_an_existing_file_wins_over_a_recipe_name(installed: Path, tmp_path: Path) -> None:
     (tmp_path / "ocl_vitb16.yaml").write_text("model:\n  name: vit_small_patch16\n")
     out = run([installed / "scale-train", "--config", "ocl_vitb16.yaml", "--print-config"], cwd=tmp_path).stdout
     assert "name: vit_small_patch16" in out
 
 
+@pytest.mark.slow
 def test_an_unknown_recipe_name_is_one_line_listing_the_names(installed: Path, tmp_path: Path) -> None:
     result = run([installed / "scale-train", "--config", "ocl_vitz99", "--print-config"], cwd=tmp_path, check=False)
     assert result.returncode == 2 and result.stdout == ""

@@ -77,6 +77,7 @@ def test_too_little_data_for_one_batch_is_a_config_error(tmp_path):
         plan_run(tiny_config(tmp_path, "data.num_samples=16"))
 
 
+@pytest.mark.slow
 def test_a_run_trained_in_segments_is_the_uninterrupted_run(tmp_path):
     straight = Trainer(tiny_config(tmp_path / "straight", "train.max_steps=4")).fit()
     cfg = tiny_config(tmp_path / "segments")

@@ -362,6 +362,7 @@ def test_missing_recipe_and_bad_override_yaml(tmp_path, capsys):
     assert "optim.betas" in err and "\n" not in err
 
 
+@pytest.mark.slow
 def test_traceback_only_with_scale_debug(tmp_path):
     cmd = [sys.executable, "-m", "scale.train", "optim.lr=-1", "--print-config"]
     plain = _run(cmd, tmp_path)

@@ -192,6 +192,7 @@ def test_ranks_get_equal_disjoint_epochs_from_uneven_shards(tmp_path: Path) -> N
             assert not set(seen[0]) & set(seen[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 def test_drop_last_false_yields_every_sample_once_and_resumes(tmp_path: Path, world: int) -> None:
     write_shards(tmp_path, [12, 1, 1, 1, 1, 1])  # one worker has far more batches than the others
