@@ -173,8 +173,7 @@ def _demo(args: argparse.Namespace) -> int:
         if summary.preempted and summary.final_step < trainer.stop_step:
             print(stopped_message(run_dir, summary.final_step, summary.last_checkpoint), flush=True)
             return STOPPED_EXIT
-        out = Path(cfg.train.output_dir).resolve()
-        run = read_run(out / METRICS_FILE, out.name)  # read once: the trained row and the curves
+        run = read_run(run_dir / METRICS_FILE, run_dir.name)  # read once: the trained row and the curves
         trained = last_knn_record(run, summary.final_step)
         if trained is None:  # stopped between evaluations: evaluate the weights it ended with
             encoder = trainer.encoder_for_eval()
@@ -189,9 +188,9 @@ def _demo(args: argparse.Namespace) -> int:
                 ("raw pixels", knn.evaluate(PixelEncoder(cfg.data.mean, cfg.data.std), trainer.device)["knn_top1"])]
         print(learnt_table(rows, data_name, cfg, trained))
         print(verdict(rows, synthetic=why_not is not None))
-        pictures = plot_runs([run], out)
-        print(f"demo: curves      {pictures[-1]}  (python -m scale.plot {out} redraws them)")
-        print(f"demo: logs        {out / METRICS_FILE}  (tensorboard --logdir {out / 'tensorboard'})")
+        pictures = plot_runs([run], run_dir)
+        print(f"demo: curves      {pictures[-1]}  (python -m scale.plot {run_dir} redraws them)")
+        print(f"demo: logs        {run_dir / METRICS_FILE}  (tensorboard --logdir {run_dir / 'tensorboard'})")
         print(f"demo: checkpoint  {summary.last_checkpoint}")
         write_demo_state(run_dir, plan, finished=True)
         return 0
