@@ -373,9 +373,9 @@ def _export_command(args: argparse.Namespace) -> int:
               f"config.json, model.safetensors, README.md ({len(facts['results'])} evaluation results); load with "
               f"timm.create_model('local-dir:{args.hub_dir}', pretrained=True)")
         return 0
-    out = Path(args.out)
-    if out.is_dir():
-        raise UserError(f"--out {args.out}: is a directory; give the file to write, e.g. {out / 'model.safetensors'}")
+    from .eval.results import check_output_file
+
+    check_output_file(Path(args.out), "--out", "model.safetensors")  # before the checkpoint is read
     metadata = export_encoder(args.checkpoint, args.out, args.model)
     kwargs = json.loads(metadata["timm_kwargs"])
     name = kwargs.pop("model_name")

@@ -17,12 +17,11 @@ import torch
 from ..errors import UserError
 from . import dcp, deepspeed, torch_file
 from .confined import refuse_links_leading_out
-from .directory import META, CheckpointManager, read_meta
+from .directory import CONFIG_KEY, META, CheckpointManager, read_meta
 from .errors import CheckpointFormatError
 from .safe_load import describe_load_error
 
 FORMATS = (torch_file, dcp, deepspeed)  # detection order
-CONFIG_KEY = "config"  # the trainer state's run config (to_dict form), saved by scale.trainer
 ENCODER_PREFIX = "encoder."
 # Wrapper prefixes that must never reach a timm state dict (DDP's module., torch.compile's _orig_mod.).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -78,7 +77,7 @@ def _strip_wrappers(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     """Read the model state (and the run config) of a checkpoint written by any engine."""
     path = resolve_checkpoint(path)
-    refuse_links_leading_out(path)  # also where there is no meta.json to check names against
+    refuse_links_leading_out(path)  # before detect_format, which may open a file the checkpoint holds
     fmt = detect_format(path)
     meta = read_meta(path) if (path / META).is_file() else {}  # its schema checked before any weights are read
     try:

@@ -39,7 +39,7 @@ from ..config import Check, ConfigError, DataConfig
 from ..shards.source_tree import walk_files
 from .base import DATASETS, PretrainData
 from .device_input import DeviceInput
-from .map_style import MapStyleData, Sample
+from .map_style import UNREADABLE, MapStyleData, Sample
 from .transforms import RateLimitedWarning, Transform, build_pretrain_transform, open_image
 
 log = logging.getLogger(__name__)
@@ -115,9 +115,9 @@ class ImageFolderData(MapStyleData):
                 return self.transform(image, seed), label, int(candidate != index)
             except Exception as err:  # any unreadable or undecodable file; it must not end the run
                 self._warn(f"{self.source.root / self.source.files[candidate]}: {err!r}"[:300])
-        log.error("%s and its %d stand-ins are all unreadable; yielding a zero image with label -1",
-                  self.source.root / self.source.files[index], REPLACEMENT_TRIES)
-        return torch.zeros(self.in_chans, self.img_size, self.img_size, dtype=torch.uint8), -1, 1
+        log.error("%s and its %d stand-ins are all unreadable; yielding a zero image with label %d",
+                  self.source.root / self.source.files[index], REPLACEMENT_TRIES, UNREADABLE)
+        return torch.zeros(self.in_chans, self.img_size, self.img_size, dtype=torch.uint8), UNREADABLE, 1
 
 
 @dataclass

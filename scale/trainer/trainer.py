@@ -124,7 +124,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _trainer_state(self) -> Dict[str, Any]:
-        state: Dict[str, Any] = {"step": self.step, "config": to_dict(self.cfg),
+        state: Dict[str, Any] = {"step": self.step, CONFIG_KEY: to_dict(self.cfg),
                                  "rng_cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
@@ -136,7 +136,7 @@ class Trainer:
             self.step, lambda d: self.engine.save(d, extra),
             meta={"step": self.step, "epoch": self.step // self.steps_per_epoch, "engine": self.engine.name,
                   "checkpoint_format": self.engine.checkpoint_format,
-                  "world_size": self.engine.world_size, "model": self.cfg.model.name, "config": to_dict(self.cfg)},
+                  "world_size": self.engine.world_size, "model": self.cfg.model.name, CONFIG_KEY: to_dict(self.cfg)},
             is_writer=self.engine.is_main, barrier=self.engine.barrier)
 
     def _resume_path(self) -> Optional[Path]:
