@@ -57,8 +57,7 @@ class Check:
     section: Any = None  # the section checked (e.g. cfg.objective): "has no effect" compares it with its defaults
 
     def require(self, ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
+        _require(ok, message)
 
     def range(self, name: str, value: Optional[float], *args: Any, **kwargs: Any) -> None:
         """require_range on this section's key `name`."""
