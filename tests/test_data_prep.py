@@ -110,7 +110,8 @@ def test_converter_writes_shards_and_manifest_in_the_agreed_schema(tmp_path: Pat
     assert manifest["classes"] == {"cat": 0, "dog": 1, "eel": 2}
     assert manifest["options"]["shard_size"] == 5 and manifest["options"]["seed"] == 0
     assert manifest["skipped"] == []
-    assert sorted(path.name for path in out.iterdir()) == ["manifest.json"] + [f"train-{i:06d}.tar" for i in range(5)]
+    assert sorted(path.name for path in out.iterdir()) == ["manifest.json"] + [
+        name for i in range(5) for name in (f"train-{i:06d}.tar", f"train-{i:06d}.tar.idx.json")]
 
     samples = read_samples(out)
     keys = [key for _, key, _ in samples]

@@ -46,6 +46,10 @@ class LoaderSpec:
 class PretrainData(abc.ABC):
     """A deterministic, exactly resumable source of image batches."""
 
+    # Whether global batch k is the same on any world size and number of DataLoader workers, so that a
+    # run may resume on another allocation (the resume check reads it); a shard stream's order is not.
+    elastic: bool = True
+
     def __init__(self, device_input: DeviceInput):
         self.device_input = device_input
 

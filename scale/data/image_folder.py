@@ -76,6 +76,14 @@ def list_image_folder(root: Path, setting: str = "data.root") -> Tuple[List[str]
     return images, labels, class_names
 
 
+def stand_ins(index: int, count: int) -> List[int]:
+    """`index`, then the fixed stand-ins for it among `count` samples: a function of the index alone
+    (also the indexed shards' stand-ins, scale/data/indexed_shards.py)."""
+    rng = random.Random(f"replace:{index}")  # string seeds hash stably across processes
+    tries = REPLACEMENT_TRIES if count > 1 else 0
+    return [index] + [(index + 1 + rng.randrange(count - 1)) % count for _ in range(tries)]
+
+
 class ImageFiles(Dataset):
     """Indexable image files; item i is (file i opened lazily, its label)."""
 
@@ -90,10 +98,7 @@ class ImageFiles(Dataset):
         return open_image(io.BytesIO((self.root / self.files[index]).read_bytes())), self.labels[index]
 
     def candidates(self, index: int) -> List[int]:
-        """`index`, then the fixed stand-ins for it: a function of the index alone."""
-        rng = random.Random(f"replace:{index}")  # string seeds hash stably across processes
-        n = len(self.files)
-        return [index] + [(index + 1 + rng.randrange(n - 1)) % n for _ in range(REPLACEMENT_TRIES if n > 1 else 0)]
+        return stand_ins(index, len(self.files))
 
 
 class ImageFolderData(MapStyleData):

@@ -55,8 +55,13 @@ class MapStyleData(PretrainData):
         image, label = self.source[index]
         return self.transform(image, seed), int(label), 0
 
+    def epoch_order(self, seed: int, epoch: int) -> torch.Tensor:
+        """Every sample of `epoch` in the order global batches take them: a permutation of (seed, epoch)
+        (indexed shards override it with one that keeps reads local, scale/data/indexed_shards.py)."""
+        return epoch_permutation(self.num_samples, seed, epoch)
+
     def rank_indices(self, spec: LoaderSpec, epoch: int) -> List[int]:
-        perm = epoch_permutation(self.num_samples, spec.seed, epoch)
+        perm = self.epoch_order(spec.seed, epoch)
         usable = (self.num_samples // spec.world_size) * spec.world_size  # equal share per rank
         return perm[:usable][spec.rank::spec.world_size].tolist()
 

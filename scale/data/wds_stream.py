@@ -62,6 +62,7 @@ How one rank's epoch is built (W = max(1, num_workers) DataLoader workers):
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import logging
@@ -236,12 +237,21 @@ def resolve_shards(root: str, manifest: str = "", setting: str = "data.root", sc
                                   f"(first: {missing[0]}); expected the manifest of this split (data.manifest)")
             counts = [by_name[u.rsplit("/", 1)[-1]] for u in urls]
     _check_first_is_tar(urls, root, setting)
-    if counts is None and scan and all(_local_path(u) is not None for u in urls):
-        log.warning("%s %r has no manifest; counting samples by scanning %d shards", setting, root, len(urls))
-        counts = [count_tar_samples(str(_local_path(u)), setting) for u in urls]
     found = manifest_path if manifest_path is not None and manifest_path.is_file() else None
-    return ShardSet(tuple(urls), None if counts is None else tuple(counts), root,
-                    None if found is None else str(found), setting)
+    shards = ShardSet(tuple(urls), None if counts is None else tuple(counts), root,
+                      None if found is None else str(found), setting)
+    return count_by_scanning(shards) if scan else shards
+
+
+def count_by_scanning(shards: ShardSet) -> ShardSet:
+    """`shards` with counts from scanning their tar headers, when no manifest gave them and every
+    shard is a local file."""
+    if shards.counts is not None or not all(_local_path(u) is not None for u in shards.urls):
+        return shards
+    log.warning("%s %r has no manifest; counting samples by scanning %d shards", shards.setting, shards.root,
+                len(shards.urls))
+    counts = tuple(count_tar_samples(str(_local_path(u)), shards.setting) for u in shards.urls)
+    return dataclasses.replace(shards, counts=counts)
 
 
 # ----------------------------------------------------------------------------- epoch plan
@@ -341,6 +351,18 @@ class CorruptSample(ValueError):
     pass
 
 
+def decode_sample(sample: Sample, items: SampleItems, seed: int) -> Tuple[Any, int]:
+    """(what the batch holds for the sample, its label); raises on a corrupt sample. Both readers,
+    the stream and the indexed one (scale/data/indexed_shards.py), decode with it."""
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        raise CorruptSample("no image (" + "/".join(IMAGE_KEYS) + ")")
+    if "cls" not in sample:
+        raise CorruptSample("missing .cls")
+    label = int(bytes(sample["cls"]).decode("ascii").strip())
+    return items(sample[key], seed), label
+
+
 def _read_error_text(exn: Exception) -> str:
     """A shard read error for a message: webdataset appends the stream object and the URL to
     its arguments; the object's repr is an address, so only the cause and the URL are kept."""
@@ -349,6 +371,8 @@ def _read_error_text(exn: Exception) -> str:
 
 
 class WebDatasetData(PretrainData):
+    elastic = False  # its order depends on world_size x num_workers (the slots shards are dealt to)
+
     def __init__(self, shards: ShardSet, items: SampleItems, device_input: DeviceInput, *,
                  resampled: bool = False, epoch_samples: Optional[int] = None, shuffle_buffer: int = 1000):
         """`items`: what a worker makes of a sample's image bytes and augmentation seed, and how
@@ -494,16 +518,6 @@ class WebDatasetData(PretrainData):
                             "them with scale-verify-shards (python -m data_prep.verify_shards))")
         return True  # go on with the next shard
 
-    def _sample_item(self, sample: Sample, seed: int) -> Tuple[Any, int]:
-        """(what the batch holds for the sample, its label); raises on a corrupt sample."""
-        key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if key is None:
-            raise CorruptSample("no image (" + "/".join(IMAGE_KEYS) + ")")
-        if "cls" not in sample:
-            raise CorruptSample("missing .cls")
-        label = int(bytes(sample["cls"]).decode("ascii").strip())
-        return self.items(sample[key], seed), label
-
     def _decode_batch(self, chunk: List[Tuple[int, Sample]], spec: LoaderSpec, epoch: int,
                       workers: int, worker: int) -> WorkerBatch:
         # Unique per (rank, worker, position): the worker's stream is fixed, so is the seed.
@@ -513,7 +527,7 @@ class WebDatasetData(PretrainData):
         first_problem = ""
         for (_, sample), seed in zip(chunk, seeds):
             try:
-                made.append(self._sample_item(sample, seed))
+                made.append(decode_sample(sample, self.items, seed))
             except Exception as err:  # any undecodable sample; it must not end the run
                 problem = f"{sample.get('__url__')} key {sample.get('__key__')}: {err!r}"[:300]
                 first_problem = first_problem or problem
@@ -528,7 +542,7 @@ class WebDatasetData(PretrainData):
         items, labels = [], []
         for i, (_, sample) in enumerate(chunk):
             if made[i] is None:  # the next good sample of the batch (else the first) under the corrupt one's seed
-                made[i] = self._sample_item(chunk[next((j for j in good if j > i), good[0])][1], seeds[i])
+                made[i] = decode_sample(chunk[next((j for j in good if j > i), good[0])][1], self.items, seeds[i])
             items.append(made[i][0])
             labels.append(made[i][1])
         # Collating stacks straight into shared memory inside a worker, which saves the copy
@@ -570,10 +584,24 @@ def build_webdataset(cfg: WebDatasetConfig | DataConfig, img_size: int, in_chans
     # The held-out split is always read finitely, and uses the manifest next to its shards.
     root, setting = (cfg.root, "data.root") if train else (cfg.val_root, "data.val_root")
     resampled = cfg.resampled and train
-    shards = resolve_shards(root, cfg.manifest if train else "", setting, scan=not resampled)
+    shards = resolve_shards(root, cfg.manifest if train else "", setting, scan=False)
+    transform = build_pretrain_transform(cfg, img_size, in_chans)
+    # Here, not at the top: indexed_shards builds on this module's reader parts.
+    from .indexed_shards import IndexedShardData, IndexedShards, shard_indexes
+    indexes, streamed_because = (None, "data.resampled is true") if resampled else shard_indexes(shards)
+    if indexes is not None and cfg.decode == "cpu":
+        log.info("%s %r: %d indexed shards, read by sample: the order does not depend on the world size or "
+                 "data.num_workers (a run resumes on any allocation)", setting, root, len(indexes))
+        return IndexedShardData(IndexedShards([_local_path(u) for u in shards.urls], indexes), CpuItems(transform),
+                                DeviceInput(cfg.mean, cfg.std), shuffle_buffer=cfg.shuffle_buffer, shards=shards)
+    if indexes is not None:
+        streamed_because = "data.decode is gpu (the indexed reader decodes on the CPU)"
+    log.info("%s %r: shards read as a stream, because %s: the order depends on the world size x data.num_workers, "
+             "so a resume must keep both", setting, root, streamed_because)
+    if not resampled:
+        shards = count_by_scanning(shards)
     # Resampled epochs: the manifest's sample count, else data.num_samples.
     epoch_samples = cfg.num_samples if resampled and shards.counts is None else None
-    transform = build_pretrain_transform(cfg, img_size, in_chans)
     items = DeviceJpegItems(transform) if cfg.decode == "gpu" else CpuItems(transform)
     return WebDatasetData(shards, items, DeviceInput(cfg.mean, cfg.std), resampled=resampled,
                           epoch_samples=epoch_samples, shuffle_buffer=cfg.shuffle_buffer)

@@ -31,8 +31,9 @@ def shard_name(split: str, index: int) -> str:
 
 
 def shard_name_pattern(split: str) -> re.Pattern[str]:
-    """Matches this split's shard names, complete (`.tar`) or in progress (`.tar.tmp`)."""
-    return re.compile(rf"^{re.escape(split)}-\d{{6}}\.tar(\.tmp)?$")
+    """Matches this split's shard names, complete (`.tar`) or in progress (`.tar.tmp`), and their
+    member-offset indexes (`.tar.idx.json`, scale/shards/shard_index.py)."""
+    return re.compile(rf"^{re.escape(split)}-\d{{6}}\.tar(\.idx\.json)?(\.tmp)?$")
 
 
 def build_manifest(

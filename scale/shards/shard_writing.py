@@ -8,7 +8,8 @@ How it stays reproducible:
 
 How it survives a kill:
   * each shard is written to `NAME.tar.tmp`, fsynced, then renamed to `NAME.tar`, so a `.tar` is
-    always complete;
+    always complete; its member-offset index (`NAME.tar.idx.json`, scale/shards/shard_index.py) is
+    written before the rename, so a complete `.tar` always has its index;
   * after each rename, a journal (`.{split}-progress.json`) records the finished shards, the index
     of the first source item not yet in a shard, and the items skipped so far. A rerun with the same
     options keeps the journaled shards and restarts from there; a shard renamed just before a kill
@@ -36,6 +37,7 @@ from .manifest import (
     shard_name,
     shard_name_pattern,
 )
+from .shard_index import ShardIndex, index_path, write_index
 
 TEST_SHARD_DELAY_ENV = "SCALE_DATA_PREP_TEST_SHARD_DELAY"
 JOURNAL_FORMAT = "scale-wds-progress-v1"
@@ -149,7 +151,7 @@ def _remove_previous_output(out_dir: Path, split: str) -> None:
             for shard in previous.get("shards", []):
                 name = Path(str(shard.get("name", ""))).name
                 if name:
-                    doomed.add(out_dir / name)
+                    doomed.update((out_dir / name, index_path(out_dir / name)))
             previous_split = previous.get("split")
             if isinstance(previous_split, str) and previous_split:
                 doomed.add(journal_path(out_dir, previous_split))
@@ -220,6 +222,7 @@ class ResumableShardWriter:
         self._stream: io.BufferedWriter | None = None
         self._member_bytes = 0
         self._num_samples = 0
+        self._shard_index = ShardIndex(0, [], [], [])  # the shard in progress: its samples' keys and byte spans
         self._last_index = -1
         self._delay_s = float(os.environ.get(TEST_SHARD_DELAY_ENV, "0") or 0)
 
@@ -234,6 +237,9 @@ class ResumableShardWriter:
         if self._stream is None:
             self._start_shard()
         assert self._stream is not None
+        self._shard_index.keys.append(key)
+        self._shard_index.offsets.append(self._member_bytes)
+        self._shard_index.sizes.append(sample_bytes)
         for extension in sorted(files):
             data = files[extension]
             self._stream.write(ustar_header(f"{key}.{extension}", len(data)))
@@ -269,6 +275,7 @@ class ResumableShardWriter:
         self._stream = open(self._temp_path(), "wb")
         self._member_bytes = 0
         self._num_samples = 0
+        self._shard_index = ShardIndex(0, [], [], [])
 
     def _finish_shard(self) -> None:
         assert self._stream is not None
@@ -282,6 +289,8 @@ class ResumableShardWriter:
         if self._delay_s > 0:
             time.sleep(self._delay_s)
         final_path = temp_path.with_name(temp_path.name.removesuffix(".tmp"))
+        self._shard_index.shard_bytes = temp_path.stat().st_size
+        write_index(final_path, self._shard_index)
         record = ShardRecord(
             name=final_path.name,
             num_samples=self._num_samples,

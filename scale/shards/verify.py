@@ -8,6 +8,13 @@ a user error: one line on stderr, exit status 2.
 
     scale-verify-shards /data/wds/train
     python -m data_prep.verify_shards /data/wds/train --workers 8   # the same, from a checkout
+
+A shard's member-offset index (`NAME.tar.idx.json`, scale/shards/shard_index.py), when there is one, is
+checked too (it must list the samples the tar holds). `--index` writes these indexes instead, from the
+tar headers, for shards written by other tools (webdataset's TarWriter, tar): with them the loader reads
+samples by offset, in an order that does not depend on the number of ranks or workers.
+
+    scale-verify-shards --index /data/other-shards     # every .tar in it, or those its manifest lists
 """
 from __future__ import annotations
 
@@ -19,17 +26,22 @@ import os
 import sys
 import tarfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from PIL import Image
 from tqdm import tqdm
 
 from ..atomic_files import sha256_of_file
 from ..errors import run_command
-from .manifest import read_manifest
+from . import DataPrepError
+from .manifest import MANIFEST_NAME, load_manifest, read_manifest
+from .shard_index import index_path, load_index, scan_index, split_member_name, write_index
 
+T = TypeVar("T")
+R = TypeVar("R")
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff"}
 
 
@@ -47,14 +59,6 @@ class ShardReport:
     num_samples: int = 0
     keys: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """WebDataset's rule: the key runs up to the first dot of the file's base name."""
-    directory, _, base = name.rpartition("/")
-    stem, dot, extension = base.partition(".")
-    key = f"{directory}/{stem}" if directory else stem
-    return key, extension if dot else ""
 
 
 def iter_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -130,15 +134,63 @@ def check_shard(check: ShardCheck) -> ShardReport:
         report.problems.append(f"not a readable tar after {report.num_samples} samples: {err}")
     if report.num_samples != check.expected_samples:
         report.problems.append(f"sample count {report.num_samples}, manifest says {check.expected_samples}")
+    if index_path(path).exists():  # a stale or damaged index would make the loader read the wrong bytes
+        index, problem = load_index(path)
+        if index is None:
+            report.problems.append(f"{problem}; rebuild it with --index")
+        elif index.keys != report.keys:
+            report.problems.append(f"index {index_path(path).name} lists other samples than the shard holds; "
+                                   "rebuild it with --index")
     return report
 
 
-def run_checks(checks: Sequence[ShardCheck], workers: int) -> Iterator[ShardReport]:
-    if workers <= 1 or len(checks) <= 1:
-        yield from map(check_shard, checks)
+def run_in_processes(function: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
+    """`map(function, items)`, in up to `workers` processes, in order."""
+    if workers <= 1 or len(items) <= 1:
+        yield from map(function, items)
         return
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(checks))) as pool:
-        yield from pool.imap(check_shard, checks)
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(items))) as pool:
+        yield from pool.imap(function, items)
+
+
+def run_checks(checks: Sequence[ShardCheck], workers: int) -> Iterator[ShardReport]:
+    return run_in_processes(check_shard, checks, workers)
+
+
+def index_shard(path: str) -> tuple[int, str | None]:
+    """Write the member-offset index of one shard: (its samples, None), or (0, why it cannot be indexed)."""
+    try:
+        index = scan_index(Path(path))
+        write_index(Path(path), index)
+    except (OSError, tarfile.TarError, EOFError) as err:
+        return 0, f"shard {Path(path).name}: cannot be indexed: {type(err).__name__}: {err}"
+    return len(index.keys), None
+
+
+def build_indexes(shard_dir: Path, workers: int) -> tuple[int, int, list[str]]:
+    """Index the shards of `shard_dir` (those its manifest lists, else every .tar in it), as written by
+    any tool: (shards, samples, problems). A manifest's sample counts are checked against the tars."""
+    manifest_path = shard_dir / MANIFEST_NAME
+    manifest, problem = load_manifest(manifest_path, complete=False) if manifest_path.is_file() else (None, None)
+    if problem:
+        raise DataPrepError(f"{manifest_path}: {problem}")
+    if manifest is not None:
+        names, expected = [s["name"] for s in manifest["shards"]], [s["num_samples"] for s in manifest["shards"]]
+    else:
+        names = sorted(p.name for p in shard_dir.glob("*.tar"))
+        expected = [None] * len(names)
+    if not names:
+        raise DataPrepError(f"DIR {shard_dir}: no .tar shards to index")
+    problems: list[str] = []
+    total = 0
+    results = run_in_processes(index_shard, [str(shard_dir / name) for name in names], workers)
+    for name, count, (samples, problem) in zip(names, expected, results):
+        if problem:
+            problems.append(problem)
+        elif count is not None and samples != count:
+            problems.append(f"shard {name}: {samples} samples, manifest says {count}")
+        total += samples
+    return len(names), total, problems
 
 
 def verify(shard_dir: Path, workers: int) -> list[str]:
@@ -175,12 +227,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("shard_dir", type=Path, metavar="DIR", help="folder holding manifest.json and the shards")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    parser.add_argument("--index", action="store_true",
+                        help="instead of verifying, write each shard's member-offset index (NAME.tar.idx.json) from "
+                             "its tar headers, for shards written by other tools; no manifest needed")
     args = parser.parse_args(argv)
     if not args.shard_dir.is_dir():
         parser.error(f"DIR {args.shard_dir}: not a directory")
     if args.workers < 1:
         parser.error(f"--workers: expected a positive integer, got {args.workers}")
     started = time.monotonic()
+
+    def index() -> int:
+        shards, samples, problems = build_indexes(args.shard_dir, args.workers)
+        for problem in problems:
+            print(f"FAIL {problem}", file=sys.stderr)
+        if problems:
+            print(f"verify_shards: {args.shard_dir}: {len(problems)} problem(s) found", file=sys.stderr)
+            return 1
+        print(f"OK {args.shard_dir}: indexed {shards} shards, {samples} samples in {time.monotonic() - started:.1f}s; "
+              "data.name webdataset now reads them by sample (elastic order)")
+        return 0
 
     def body() -> int:
         problems = verify(args.shard_dir, args.workers)
@@ -195,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"checksums, counts and decoding verified in {time.monotonic() - started:.1f}s"
         )
         return 0
-    return run_command("verify_shards", body)
+    return run_command("verify_shards", index if args.index else body)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,126 @@
+"""The member-offset index of one tar shard: `NAME.tar.idx.json` next to `NAME.tar` ("scale-wds-index-v1").
+
+With it, sample i of a shard is one positioned read: bytes [offsets[i], offsets[i] + sizes[i]) of the
+tar hold that sample's members, headers and padded data, so a loader can read the samples of a shard
+set in any order (scale/data/indexed_shards.py) instead of streaming whole shards. The converters
+write it as they write each shard (they know the offsets); `scale-verify-shards --index` builds it for
+shards written elsewhere (webdataset's TarWriter, plain tar) by reading their headers.
+
+    {"format": "scale-wds-index-v1", "shard_bytes": 1034240,
+     "keys": ["000000017", ...], "offsets": [0, ...], "sizes": [3584, ...]}
+
+`shard_bytes` is the tar's size when the index was made: an index whose shard has another size is
+stale. An index is read like any file from the user: `index_problem` checks all of it (types, every
+span inside the tar, on a 512-byte block, in order and not overlapping) before an offset is used.
+"""
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
+
+from ..atomic_files import write_json_atomically
+
+INDEX_FORMAT = "scale-wds-index-v1"
+INDEX_SUFFIX = ".idx.json"
+BLOCK = tarfile.BLOCKSIZE  # tar headers start on 512-byte blocks, so does every sample's span
+
+
+def index_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + INDEX_SUFFIX)
+
+
+def split_member_name(name: str) -> Tuple[str, str]:
+    """WebDataset's rule: the key runs up to the first dot of the file's base name."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, extension = base.partition(".")
+    key = f"{directory}/{stem}" if directory else stem
+    return key, extension if dot else ""
+
+
+@dataclass
+class ShardIndex:
+    """Per sample of one shard: its key and the byte span of its members."""
+
+    shard_bytes: int
+    keys: List[str]
+    offsets: List[int]
+    sizes: List[int]
+
+    def to_json(self) -> dict:
+        return {"format": INDEX_FORMAT, "shard_bytes": self.shard_bytes, "keys": self.keys,
+                "offsets": self.offsets, "sizes": self.sizes}
+
+
+def write_index(shard: Path, index: ShardIndex) -> Path:
+    path = index_path(shard)
+    write_json_atomically(path, index.to_json(), indent=0)
+    return path
+
+
+def scan_index(shard: Path) -> ShardIndex:
+    """The index of a tar written by any tool, from its headers (data is skipped, not read).
+
+    Samples are runs of consecutive regular members sharing a key, as webdataset groups them;
+    members named `__...` are left out, as the loaders leave them out. Raises OSError or
+    tarfile.TarError for a file that is no readable tar.
+    """
+    index = ShardIndex(shard.stat().st_size, [], [], [])
+    with tarfile.open(shard, "r:") as tar:
+        for member in tar:
+            if not member.isreg() or Path(member.name).name.startswith("__"):
+                continue
+            key, _ = split_member_name(member.name)
+            end = member.offset_data + -(-member.size // BLOCK) * BLOCK
+            if not index.keys or key != index.keys[-1]:
+                index.keys.append(key)
+                index.offsets.append(member.offset)  # the first header of the member (long-name headers included)
+                index.sizes.append(0)
+            index.sizes[-1] = end - index.offsets[-1]
+    return index
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def index_problem(content: Any, shard_bytes: int) -> Optional[str]:
+    """What makes a parsed index unusable for a shard of `shard_bytes` bytes, or None."""
+    if not isinstance(content, dict) or content.get("format") != INDEX_FORMAT:
+        what = content.get("format") if isinstance(content, dict) else f"a JSON {type(content).__name__}"
+        return f"not a {INDEX_FORMAT} index (format {what!r})"
+    if content.get("shard_bytes") != shard_bytes:
+        return (f"stale: made for a shard of {content.get('shard_bytes')!r} bytes, the shard has {shard_bytes}")
+    keys, offsets, sizes = content.get("keys"), content.get("offsets"), content.get("sizes")
+    if not (isinstance(keys, list) and isinstance(offsets, list) and isinstance(sizes, list)
+            and len(keys) == len(offsets) == len(sizes)):
+        return "'keys', 'offsets' and 'sizes' must be lists of one length"
+    end_of_previous = 0
+    for i, (key, offset, size) in enumerate(zip(keys, offsets, sizes)):
+        if not (isinstance(key, str) and _is_int(offset) and _is_int(size)):
+            got = json.dumps([key, offset, size])[:200]
+            return f"sample {i}: key must be a string, offset and size integers, got {got}"
+        if offset < end_of_previous or offset % BLOCK or size < BLOCK:
+            return (f"sample {i}: offset {offset} must be a multiple of {BLOCK} at or after the end of sample "
+                    f"{i - 1} ({end_of_previous}), size {size} at least {BLOCK}")
+        if offset + size > shard_bytes:
+            return (f"sample {i}: its members (bytes {offset}..{offset + size}) end outside the shard "
+                    f"({shard_bytes} bytes)")
+        end_of_previous = offset + size
+    return None
+
+
+def load_index(shard: Path) -> Tuple[Optional[ShardIndex], Optional[str]]:
+    """(index, None), or (None, what is wrong) when the shard's index cannot be read or used."""
+    path = index_path(shard)
+    try:
+        shard_bytes = shard.stat().st_size
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return None, f"unreadable index {path}: {getattr(err, 'strerror', None) or err}"
+    problem = index_problem(content, shard_bytes)
+    if problem:
+        return None, f"index {path}: {problem}"
+    return ShardIndex(shard_bytes, content["keys"], content["offsets"], content["sizes"]), None

@@ -1,0 +1,240 @@
+"""Indexed WebDataset shards: the converter's member-offset index, `scale-verify-shards --index` for shards
+written elsewhere, and the map-style reader whose global batches do not depend on ranks or workers."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import pytest
+import torch
+import webdataset as wds
+
+from scale.config import DataConfig
+from scale.data import LoaderSpec, PretrainData, build_dataset
+from scale.data.indexed_shards import IndexedShardData
+from scale.data.wds_stream import WebDatasetData
+from scale.errors import UserError, one_line
+from scale.shards import verify
+from scale.shards.shard_index import index_path, load_index
+from test_data_prep import convert, make_class_tree
+from test_webdataset_loader import jpeg_bytes, write_shards
+
+IMG = 16
+SIZES = (8, 8, 8, 8, 8, 6)  # 46 samples, a short last shard
+
+
+def build(root: Path, **overrides) -> PretrainData:
+    fields = dict(name="webdataset", root=str(root), num_workers=0, shuffle_buffer=8)
+    fields.update(overrides)
+    return build_dataset(DataConfig(**fields), IMG, 3, True)
+
+
+def indexed_shards(directory: Path, sizes=SIZES, **broken) -> Path:
+    """`write_shards`' tiny JPEG shards (label = running sample number), indexed by scale-verify-shards."""
+    write_shards(directory, sizes, **broken)
+    assert verify.main([str(directory), "--index", "--workers", "1"]) == 0
+    return directory
+
+
+def streamed_samples(paths: List[Path]) -> List[Dict[str, bytes]]:
+    """Every sample of the shards, in order, as webdataset's own tar reader groups them."""
+    pipeline = wds.DataPipeline(wds.SimpleShardList([str(p) for p in paths]), wds.tarfile_to_samples())
+    return [{k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"} for sample in pipeline]
+
+
+def indexed_samples(data: IndexedShardData) -> List[Dict[str, bytes]]:
+    return [{k: v for k, v in data.source[i].items() if k != "__url__"} for i in range(len(data.source))]
+
+
+def global_batches(data: PretrainData, world: int, workers: int, global_batch: int, start: int = 0,
+                   epoch: int = 0) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """(images, sample indices) of each global batch from `start` on: every rank's rows, stacked."""
+    per_rank = [list(data.loader(LoaderSpec(batch_size=global_batch // world, seed=3, rank=rank, world_size=world,
+                                            num_workers=workers), epoch, start))
+                for rank in range(world)]
+    return [(torch.cat([batch[0] for batch in ranks]), torch.cat([batch[2] for batch in ranks]))
+            for ranks in zip(*per_rank)]
+
+
+# ----------------------------------------------------------------------------- writing and building the index
+
+def test_the_converter_writes_an_index_and_indexed_reads_give_the_streamed_samples(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert convert("--src", make_class_tree(tmp_path / "src"), "--out", out, "--shard-size", "5") == 0
+    shards = sorted(out.glob("*.tar"))
+    assert all(index_path(shard).is_file() for shard in shards)
+    data = build(out)
+    assert isinstance(data, IndexedShardData) and data.num_samples == 21
+    assert indexed_samples(data) == streamed_samples(shards)
+    assert verify.main([str(out), "--workers", "1"]) == 0  # the verifier checks the index against the tar
+
+
+@pytest.mark.parametrize("writer", ["webdataset", "tarfile"])
+def test_verify_index_indexes_shards_written_by_other_tools(tmp_path: Path, writer: str) -> None:
+    paths = []
+    for s in range(3):
+        paths.append(tmp_path / f"part-{s}.tar")
+        samples = [{"__key__": f"s{s}/{'k' * 120}{i}", "jpg": jpeg_bytes(10 * s + i), "cls": b"%d" % i} for i in range(4)]
+        if writer == "webdataset":
+            with wds.TarWriter(str(paths[-1])) as sink:
+                for sample in samples:
+                    sink.write(sample)
+        else:  # plain tar with a directory member and pax long names (keys over 100 bytes)
+            with tarfile.open(paths[-1], "w", format=tarfile.PAX_FORMAT) as tar:
+                tar.addfile(_directory(f"s{s}"))
+                for sample in samples:
+                    for ext in ("cls", "jpg"):
+                        info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                        info.size = len(sample[ext])
+                        tar.addfile(info, io.BytesIO(sample[ext]))
+    assert not index_path(paths[0]).exists()
+    assert isinstance(build(tmp_path / "part-{0..2}.tar"), WebDatasetData)  # no index yet: streamed
+    assert verify.main([str(tmp_path), "--index", "--workers", "1"]) == 0
+    data = build(tmp_path / "part-{0..2}.tar")  # a brace pattern without a manifest: counts come from the index
+    assert isinstance(data, IndexedShardData) and data.num_samples == 12
+    assert indexed_samples(data) == streamed_samples(paths)
+
+
+def _directory(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+def test_verify_names_a_stale_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert convert("--src", make_class_tree(tmp_path / "src"), "--out", out, "--shard-size", "5") == 0
+    index = json.loads(index_path(out / "train-000001.tar").read_text())
+    index["keys"][0] = "someone-else"
+    index_path(out / "train-000001.tar").write_text(json.dumps(index))
+    assert verify.main([str(out), "--workers", "1"]) == 1
+    assert "train-000001.tar.idx.json lists other samples than the shard holds" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- order: independent of the allocation
+
+def test_global_batch_k_is_the_same_for_any_world_size_and_workers(tmp_path: Path) -> None:
+    data = build(indexed_shards(tmp_path / "shards"))
+    assert isinstance(data, IndexedShardData) and data.elastic
+    reference = global_batches(data, world=1, workers=0, global_batch=8)
+    assert len(reference) == 46 // 8
+    for world, workers in ((2, 0), (2, 2), (4, 1)):
+        batches = global_batches(data, world, workers, global_batch=8)
+        assert len(batches) == len(reference)
+        for (images, indices), (want_images, want_indices) in zip(batches, reference):
+            assert torch.equal(indices, want_indices) and torch.equal(images, want_images), (world, workers)
+    # Labels are the running sample number: index i is sample i of the shard set.
+    seen = torch.cat([indices for _, indices in reference])
+    assert len(set(seen.tolist())) == len(seen) == 40
+
+
+def test_resume_mid_epoch_on_another_world_size_gives_the_rest_exactly_once(tmp_path: Path) -> None:
+    data = build(indexed_shards(tmp_path / "shards"))
+    uninterrupted = global_batches(data, world=4, workers=0, global_batch=8)
+    first = global_batches(data, world=4, workers=0, global_batch=8)[:2]
+    rest = global_batches(data, world=2, workers=1, global_batch=8, start=2)
+    resumed = first + rest
+    assert [i.tolist() for _, i in resumed] == [i.tolist() for _, i in uninterrupted]
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(resumed, uninterrupted))  # same crops: per-sample seeds
+    used = [i for _, indices in resumed for i in indices.tolist()]
+    assert len(used) == len(set(used)) == 40
+
+
+def test_the_order_keeps_reads_local_and_changes_with_the_epoch(tmp_path: Path) -> None:
+    data = build(indexed_shards(tmp_path / "shards"), shuffle_buffer=4)
+    assert isinstance(data, IndexedShardData)
+    order = data.epoch_order(3, 0).tolist()
+    assert sorted(order) == list(range(46))
+    # Windows of 4 samples of the shards laid end to end (in a permuted order), shuffled: one or two shards each.
+    windows = [order[start:start + 4] for start in range(0, 46, 4)]
+    assert all(len({i // 8 for i in window}) <= 2 for window in windows), windows
+    assert any(window != sorted(window) for window in windows)
+    assert order != data.epoch_order(3, 1).tolist() and order != data.epoch_order(4, 0).tolist()
+    unshuffled = build(tmp_path / "shards", shuffle_buffer=0).epoch_order(3, 0).tolist()
+    assert sorted(unshuffled) == list(range(46)) and unshuffled != order
+    assert all(b == a + 1 for a, b in zip(unshuffled, unshuffled[1:]) if a // 8 == b // 8)  # shards read in order
+    assert unshuffled != sorted(unshuffled)  # but the shards are permuted
+
+
+def test_a_corrupt_sample_is_replaced_and_counted(tmp_path: Path) -> None:
+    data = build(indexed_shards(tmp_path / "shards", broken={5: "garbage", 17: "no_cls"}))
+    batches = list(data.loader(LoaderSpec(batch_size=8, seed=0), 0))
+    assert data.skipped_samples() == sum(int(((i == 5) | (i == 17)).sum()) for _, _, i in batches) >= 1
+    for _, labels, indices in batches:
+        assert (labels[(indices != 5) & (indices != 17)] == indices[(indices != 5) & (indices != 17)]).all()
+
+
+# ----------------------------------------------------------------------------- a hostile index
+
+def _hostile(change: Callable[[dict, int], None]) -> Callable[[Path], None]:
+    def apply(shard: Path) -> None:
+        index = json.loads(index_path(shard).read_text())
+        change(index, shard.stat().st_size)
+        index_path(shard).write_text(json.dumps(index))
+    return apply
+
+
+HOSTILE = {
+    "offset past the end": (_hostile(lambda ix, n: ix["offsets"].__setitem__(-1, n + 512)), "end outside the shard"),
+    "negative offset": (_hostile(lambda ix, n: ix["offsets"].__setitem__(0, -512)), "must be a multiple of 512"),
+    "offset off a block": (_hostile(lambda ix, n: ix["offsets"].__setitem__(1, ix["offsets"][1] + 3)), "multiple of 512"),
+    "overlapping spans": (_hostile(lambda ix, n: ix["offsets"].__setitem__(2, ix["offsets"][1])), "after the end of"),
+    "string offset": (_hostile(lambda ix, n: ix["offsets"].__setitem__(0, "0")), "integers"),
+    "boolean size": (_hostile(lambda ix, n: ix["sizes"].__setitem__(0, True)), "integers"),
+    "members outside the tar": (_hostile(lambda ix, n: ix["sizes"].__setitem__(-1, n)), "end outside the shard"),
+    "lists of two lengths": (_hostile(lambda ix, n: ix["sizes"].pop()), "lists of one length"),
+    "another shard's size": (_hostile(lambda ix, n: ix.__setitem__("shard_bytes", n - 10240)), "stale"),
+    "another format": (_hostile(lambda ix, n: ix.__setitem__("format", "pickle")), "not a scale-wds-index-v1"),
+    "not json": (lambda shard: index_path(shard).write_bytes(b"\x80\x04K\x01."), "unreadable index"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_index_is_a_one_line_user_error(tmp_path: Path, case: str) -> None:
+    root = indexed_shards(tmp_path / "shards")
+    spoil, says = HOSTILE[case]
+    spoil(root / "train-000002.tar")
+    with pytest.raises(UserError) as caught:
+        build(root)
+    message = str(caught.value)
+    assert one_line(caught.value) == message and "\n" not in message
+    assert says in message and "train-000002.tar.idx.json" in message and "scale-verify-shards --index" in message
+
+
+def test_an_index_whose_count_the_manifest_does_not_have_is_refused(tmp_path: Path) -> None:
+    root = indexed_shards(tmp_path / "shards")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["shards"][0]["num_samples"] = 7
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"index .*train-000000.tar.idx.json lists 8 samples, manifest .* says 7"):
+        build(root)
+
+
+def test_a_tar_member_running_past_its_span_is_a_replaced_sample(tmp_path: Path) -> None:
+    """The index fits the file but the tar header inside a span claims more bytes than the span holds."""
+    root = indexed_shards(tmp_path / "shards", sizes=(8, 8))
+    shard = root / "train-000000.tar"
+    index, _ = load_index(shard)
+    raw = bytearray(shard.read_bytes())
+    header = tarfile.TarInfo.frombuf(bytes(raw[index.offsets[3]:index.offsets[3] + 512]), "utf-8", "strict")
+    header.size = 10 * len(raw)
+    raw[index.offsets[3]:index.offsets[3] + 512] = header.tobuf(tarfile.USTAR_FORMAT)
+    shard.write_bytes(bytes(raw))
+    data = build(root)
+    batches = list(data.loader(LoaderSpec(batch_size=16, seed=0), 0))
+    assert data.skipped_samples() == 1 and len(batches[0][0]) == 16
+
+
+# ----------------------------------------------------------------------------- which path a split takes
+
+def test_a_streamed_split_is_not_elastic_and_an_indexed_one_is(tmp_path: Path) -> None:
+    write_shards(tmp_path / "plain", SIZES)
+    streamed = build(tmp_path / "plain")
+    assert isinstance(streamed, WebDatasetData) and streamed.elastic is False
+    piped = build(f"pipe:cat {tmp_path / 'plain'}/train-{{000000..000005}}.tar", manifest=str(tmp_path / "plain/manifest.json"))
+    assert isinstance(piped, WebDatasetData) and piped.elastic is False
+    assert build(indexed_shards(tmp_path / "indexed")).elastic is True
+    assert build(tmp_path / "indexed", resampled=True).elastic is False  # resampled streams stay streams
