@@ -16,8 +16,13 @@
 #   5. on the warning signal (--signal=B:USR1@T reaches this shell only) forwards USR1
 #      to the tasks through srun; the trainer finishes its step, checkpoints and exits 3;
 #      this script then runs `scontrol requeue $SLURM_JOB_ID`. The restarted job resumes
-#      from the newest checkpoint. A finished run (exit 0) is never requeued; a job
-#      cancelled with scancel (SIGTERM) is never requeued.
+#      from the newest checkpoint. A hang (the watchdog's exit 4) requeues the same way.
+#      A finished run (exit 0) is never requeued, nor a diverged one (exit 5), nor a job
+#      cancelled with scancel (SIGTERM).
+#
+# World size: the allocation's (nodes x --ntasks-per-node, else --ntasks), read at each
+# start, so a template submitted with a node range (sbatch --nodes=MIN-MAX) runs on what it
+# got, and a requeue or a resubmission on another count resumes with the same global batch.
 #
 # Environment (set before sbatch; sbatch passes the submitting environment to the job):
 #   RECIPE        YAML recipe (required). Relative paths: to the submit dir, then to the repo.
@@ -46,12 +51,16 @@
 #                 outside SLURM too: `DRY_RUN=1 RECIPE=... bash slurm/vitb_ocl.sbatch`).
 # Trailing arguments: key=value config overrides, applied last (they beat all the above).
 #
-# Exit status: 0 finished; 1 a check failed (message in the sbatch --output file);
-# 3 preempted but `scontrol requeue` failed (resubmit: it resumes); else the tasks' status.
+# Exit status: 0 finished (or requeued); 1 a check failed (message in the sbatch --output
+# file); 3 preempted or hung but `scontrol requeue` failed (resubmit: it resumes); 5 diverged
+# (not requeued); else the tasks' status.
 
 set -uo pipefail
 
-EXIT_PREEMPTED=3   # scale.train's exit status after a signal, before its last step
+# The trainer's exit statuses that decide a requeue (defined in scale/errors.py):
+EXIT_PREEMPTED=3   # stopped after a signal, before its last step, checkpointed: requeue
+EXIT_HANG=4        # a rank's watchdog saw no step finish in train.hang_timeout_s: requeue
+EXIT_DIVERGED=5    # a non-finite loss or gradient norm: never requeued (it would diverge again)
 
 log() { printf 'scale-slurm [%(%F %T)T] %s\n' -1 "$*"; }
 die() {
@@ -170,14 +179,24 @@ command -v "$PYTHON" >/dev/null 2>&1 || die "PYTHON=$PYTHON not found on PATH (a
 export PYTHONPATH=$SCALE_ROOT${PYTHONPATH:+:$PYTHONPATH}   # this checkout's scale, installed or not
 export PYTHONUNBUFFERED=1
 
-# Number of tasks: one per GPU. SLURM_NTASKS is set by --ntasks or --ntasks-per-node.
-if [ -n "${SLURM_NTASKS:-}" ]; then
+# Number of tasks: one per GPU, from the allocation this start got. With a node range
+# (--nodes=MIN-MAX) the node count is known only now, and it may differ from one requeue to
+# the next: the tasks are the allocated nodes x --ntasks-per-node. SLURM_NTASKS is not
+# trusted then: sbatch computes it at submit time from MIN (SLURM < 23.02 does so even for
+# a range), and srun would start that many tasks if not told otherwise. Without
+# --ntasks-per-node the tasks are --ntasks (SLURM_NTASKS).
+NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-}}
+if [ -n "$NNODES" ] && [ -n "${SLURM_NTASKS_PER_NODE:-}" ]; then
+    NTASKS=$(( NNODES * ${SLURM_NTASKS_PER_NODE%%[!0-9]*} ))
+    TASK_LAYOUT="$NNODES node(s) x $SLURM_NTASKS_PER_NODE task(s) per node"
+elif [ -n "${SLURM_NTASKS:-}" ]; then
     NTASKS=$SLURM_NTASKS
-elif [ -n "${SLURM_NNODES:-}" ] && [ -n "${SLURM_NTASKS_PER_NODE:-}" ]; then
-    NTASKS=$(( SLURM_NNODES * ${SLURM_NTASKS_PER_NODE%%[!0-9]*} ))
+    TASK_LAYOUT="--ntasks=$NTASKS${NNODES:+ on $NNODES node(s)}"
 else
     NTASKS=1
+    TASK_LAYOUT="no SLURM allocation: 1 task"
 fi
+log "world size $NTASKS: $TASK_LAYOUT"
 
 if [ -n "${GLOBAL_BATCH:-}" ]; then
     [[ "$GLOBAL_BATCH" =~ ^[0-9]+$ ]] && [ "$GLOBAL_BATCH" -gt 0 ] || die "GLOBAL_BATCH=$GLOBAL_BATCH is not a positive integer"
@@ -301,7 +320,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 # torchrun agent in between that would swallow USR1 or need its own rendezvous). Each
 # task sees all GPUs of its node and picks cuda:$SLURM_LOCALID; no --gpus-per-task, whose
 # cgroup isolation would renumber every task's GPU to cuda:0.
-SRUN=(srun --kill-on-bad-exit=0 --wait="$TASK_EXIT_GRACE" --label --input=none)
+SRUN=(srun --kill-on-bad-exit=0 --wait="$TASK_EXIT_GRACE" --label --input=none --ntasks="$NTASKS")
+# The allocation's shape, spelled out: srun would otherwise take SLURM_NTASKS / SLURM_NNODES
+# from this shell's environment, which a node range leaves at the submit-time minimum.
+[ -z "$NNODES" ] || SRUN+=(--nodes="$NNODES")
+[ -z "${SLURM_NTASKS_PER_NODE:-}" ] || SRUN+=(--ntasks-per-node="${SLURM_NTASKS_PER_NODE%%[!0-9]*}")
 # srun does not inherit sbatch's --cpus-per-task (SLURM >= 22.05): pass it on.
 [ -z "${SLURM_CPUS_PER_TASK:-}" ] || SRUN+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 CMD=("$PYTHON" -m scale.train --config "$RECIPE_PATH" --resume auto "${OVERRIDES[@]}")
@@ -374,8 +397,18 @@ if [ "$RC" = 0 ]; then
     log "finished: newest checkpoint step $(latest_step)"
     exit 0
 fi
+if [ "$RC" = "$EXIT_DIVERGED" ]; then
+    log "ERROR: the run diverged (exit $RC: a non-finite loss or gradient norm; the tasks' log names the step" \
+        "and the last good checkpoint): not requeueing; see $LOG_ERR"
+    exit "$RC"
+fi
 if [ "$RC" = "$EXIT_PREEMPTED" ]; then
     requeue "the trainer stopped early after a signal and checkpointed (exit $RC)"
+fi
+# A hang is handled like a preemption: the restart resumes from the newest checkpoint, on
+# whatever allocation it gets (a bad node may be left out). The stack dumps stay in $OUT/hang.
+if [ "$RC" = "$EXIT_HANG" ]; then
+    requeue "a rank's watchdog found the run hung and stopped it (exit $RC; stacks in $OUT/hang)"
 fi
 if [ "$GOT_USR1" = 1 ]; then
     requeue "the warning signal came and the tasks exited with status $RC"

@@ -134,11 +134,29 @@ def test_outside_slurm_without_dry_run_refuses(tmp_path):
     assert out.returncode == 1 and "not inside a SLURM job" in out.stderr
 
 
+def test_node_range_launches_the_allocated_world_size(tmp_path):
+    """`sbatch --nodes=1-3 --ntasks-per-node=2` that got 3 nodes: 6 tasks. SLURM < 23.02 sets
+    SLURM_NTASKS at submit time from the range's minimum (1 x 2); the launcher counts the
+    allocation instead, splits the global batch over its tasks and tells srun the shape."""
+    env = job_env(tmp_path / "run", GLOBAL_BATCH="12", SLURM_JOB_NUM_NODES="3", SLURM_NNODES="3",
+                  SLURM_NTASKS_PER_NODE="2", SLURM_NTASKS="2", SLURM_NPROCS="2")
+    out = dry_run("vitb_ocl", env)
+    assert out.returncode == 0, out.stderr
+    assert "world size 6: 3 node(s) x 2 task(s) per node" in out.stdout, out.stdout
+    assert "effective batch 12 (train.global_batch=12: 2/task x 6 task(s)" in out.stdout, out.stdout
+    assert "srun --kill-on-bad-exit=0 --wait=30 --label --input=none --ntasks=6 --nodes=3 --ntasks-per-node=2 " \
+        in out.stdout, out.stdout
+    # A global batch that does not split over this allocation stops the job before srun.
+    out = dry_run("vitb_ocl", {**env, "GLOBAL_BATCH": "8"})
+    assert out.returncode == 1 and "not divisible by the 6 tasks" in out.stderr, out.stderr
+
+
 # ----------------------------------------------------------------------------- real SLURM
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), log=lambda m: print(m, file=sys.stderr))
+    # 4 CPUs on a 2-core machine: room for the 3-task job of the resume test (1 CPU per task).
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), node_cpus=4, log=lambda m: print(m, file=sys.stderr))
     try:
         c.start()
     except SlurmUnavailable as err:
@@ -311,3 +329,44 @@ def test_scancel_is_not_undone_by_a_requeue(cluster, tmp_path):
         explain(cluster, tmp_path, run, job)
     wait_until(lambda: "not requeueing" in job_log(run), 30, "the launcher's last words",
                diagnose=lambda: explain(cluster, tmp_path, run, job))
+
+
+# ----------------------------------------------------------------------------- hangs and divergence
+
+def first_start_exits_python(tmp_path: Path, status: int) -> Path:
+    """A PYTHON for the launcher whose tasks (`-m scale.train`) exit with `status` on the job's
+    first start and 0 after a requeue; the launcher's own checks run the real interpreter. What
+    the trainer's watchdog (4) and divergence check (5) exit with is their own tests' business;
+    here: what the launcher does with it."""
+    script = tmp_path / "python"
+    script.write_text("#!/bin/bash\n"
+                      'if [ "$1" = -m ]; then [ "${SLURM_RESTART_COUNT:-0}" = 0 ] && exit %d; exit 0; fi\n'
+                      'exec %s "$@"\n' % (status, sys.executable))
+    script.chmod(0o755)
+    return script
+
+
+def test_a_hang_requeues_like_a_preemption(cluster, tmp_path):
+    """The watchdog's exit 4 (no USR1): the job requeues itself and the restart runs on."""
+    run = tmp_path / "run"
+    job = submit(cluster, tmp_path, run, env_extra={"PYTHON": str(first_start_exits_python(tmp_path, 4))})
+    state = cluster.wait_for(job, {"COMPLETED"}, timeout=JOB_TIMEOUT)
+    info = explain(cluster, tmp_path, run, job)
+    assert state == "COMPLETED" and cluster.job(job).get("Restarts") == "1", info
+    log = job_log(run)
+    assert "a rank's watchdog found the run hung and stopped it (exit 4" in log, info
+    assert "requeued: the job restarts with --resume auto" in log, info
+
+
+def test_a_divergence_is_never_requeued(cluster, tmp_path):
+    """exit 5 (a non-finite loss or gradient norm) would diverge again: the job ends FAILED
+    with that status, once, and the log says why."""
+    run = tmp_path / "run"
+    job = submit(cluster, tmp_path, run, env_extra={"PYTHON": str(first_start_exits_python(tmp_path, 5))})
+    state = cluster.wait_for(job, {"FAILED"}, timeout=JOB_TIMEOUT)
+    time.sleep(2)  # a requeue would have shown by now
+    info = cluster.job(job)
+    assert state == "FAILED" and info.get("Restarts") == "0" and info.get("ExitCode") == "5:0", \
+        explain(cluster, tmp_path, run, job)
+    log = job_log(run)
+    assert "ERROR: the run diverged (exit 5" in log and "not requeueing" in log, log
