@@ -241,6 +241,13 @@ class TrainConfig:
     # Per-block switches, applied to the encoder before the engine wraps it (AC -> compile -> shard).
     activation_checkpointing: str = "none"  # none | full | every_<k> | block indices, e.g. "0,2,5"
     compile: bool = False  # torch.compile each encoder block (on CPU needs a C++ compiler)
+    # A rank on which no step completes for this long writes its threads' stacks to <output_dir>/hang/ and
+    # exits 4 (scale/trainer/watchdog.py). null: sized from the measured step time, at least 5 minutes.
+    hang_timeout_s: Optional[float] = None
+    # A non-finite loss or grad norm (checked at log steps and before every checkpoint): stop (exit 5), or
+    # rollback: reload the last good checkpoint and skip the diverged batches, at most max_rollbacks times.
+    on_nonfinite: Literal["stop", "rollback"] = "stop"
+    max_rollbacks: int = 3
 
 
 @dataclass
@@ -637,6 +644,10 @@ def validate(cfg: RunConfig, user_keys: AbstractSet[str] = frozenset()) -> None:
     require_range("train.keep_last", t.keep_last, 1)
     require_range("train.global_batch", t.global_batch, 1, optional=True)
     require_range("train.micro_batch", t.micro_batch, 1, optional=True)
+    require_range("train.hang_timeout_s", t.hang_timeout_s, 0.0, inf, low_open=True, high_open=True, optional=True)
+    require_range("train.max_rollbacks", t.max_rollbacks, 0)
+    Check("train.", cfg, user_keys, t).unused("max_rollbacks", t.on_nonfinite == "stop",
+                                              "train.on_nonfinite is stop (rollback reads it)")
     ac = t.activation_checkpointing.strip()
     require(ac in ("none", "full") or (ac.startswith("every_") and ac[6:].isdigit() and int(ac[6:]) >= 1)
             or (ac.strip("[]") != "" and all(i.strip().isdigit() for i in ac.strip("[]").split(","))),

@@ -4,6 +4,12 @@ A `UserError` is a mistake in what the user handed us: a config value, a recipe,
 root, a checkpoint, an output path. Commands print it as ONE line naming the key, file or
 value and what is allowed, and exit with status 2; no traceback. Anything else is a bug
 and keeps its traceback. `SCALE_DEBUG=1` prints the traceback of user errors too.
+
+Exit statuses of `scale-train`, which the SLURM launcher (slurm/launch.sh) acts on:
+0 finished; 1 a bug (traceback); 2 a user error; 3 preempted (SIGUSR1/SIGTERM: checkpoint
+written, requeue and `--resume auto`); 4 hung (the watchdog found no step completing on a
+rank, scale/trainer/watchdog.py: requeue and resume, like preemption); 5 diverged (a
+non-finite loss or grad norm, scale/trainer/divergence.py: not requeued, the run needs a look).
 """
 from __future__ import annotations
 
@@ -13,6 +19,9 @@ import traceback
 from typing import Callable
 
 USER_ERROR_EXIT = 2
+PREEMPTED_EXIT = 3
+HANG_EXIT = 4
+DIVERGED_EXIT = 5
 DEBUG_ENV = "SCALE_DEBUG"
 
 
@@ -22,6 +31,11 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A recipe or override that does not match the config schema (also `scale.config.ConfigError`)."""
+
+
+class Diverged(Exception):
+    """Training went non-finite and cannot continue (train.on_nonfinite: stop, or rollbacks used up).
+    Its message is the one line the main rank prints; the command exits with DIVERGED_EXIT."""
 
 
 def one_line(err: BaseException) -> str:

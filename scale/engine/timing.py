@@ -4,9 +4,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, Optional
 
 import torch
+
+# Regions that are collectives (scale/engine/distributed.py's all-gather): a rank that hangs in one
+# waits for a peer, which the hang watchdog's line says (scale/trainer/watchdog.py).
+COLLECTIVE_REGIONS = frozenset({"allgather_fwd", "allgather_bwd"})
 
 
 class StepTimer:
@@ -21,6 +25,8 @@ class StepTimer:
         self.device = device
         self.totals: Dict[str, float] = defaultdict(float)
         self._open: Dict[Any, float] = {}
+        self.current: Optional[str] = None  # the region opened last, until it closes: where a hang sits
+
 
     def _now(self) -> float:
         if self.sync:
@@ -29,8 +35,11 @@ class StepTimer:
 
     def start(self, key: str, token: Any = None) -> None:
         self._open[(key, token)] = self._now()
+        self.current = key
 
     def stop(self, key: str, token: Any = None) -> None:
+        if self.current == key:
+            self.current = None
         begun = self._open.pop((key, token), None)
         if begun is not None:
             self.totals[key] += self._now() - begun
@@ -47,4 +56,5 @@ class StepTimer:
         out = dict(self.totals)
         self.totals.clear()
         self._open.clear()
+        self.current = None
         return out
