@@ -15,6 +15,10 @@ bicubic) + flip in all of them:
 * `cpu`: scale's loader now: crop-aware decode (the smallest DCT scale that covers the crop
   at 224), resize in uint8, uint8 batches; normalisation is on the device (its CPU cost in
   the main process is reported apart, `device_input_ms`);
+* `indexed`: the same CPU decode over indexed shards (each shard's member-offset index built by
+  `scale-verify-shards --index`, in a sibling folder of links so that `cpu` keeps streaming): one
+  positioned read per sample, in the elastic order (scale/data/indexed_shards.py), whose batches do
+  not depend on the ranks or workers; it must stay at least 1.3x `plain_webdataset`;
 * `gpu_workers`: `data.decode: gpu`'s workers alone (they read tar and headers, draw crops and
   batch the JPEG bytes; nothing decodes them): the most a worker core can feed a GPU that
   decodes, runs on any machine;
@@ -63,14 +67,17 @@ from scale.config import DataConfig, load_config
 from scale.data import LoaderSpec, build_dataset
 from scale.data.device_input import DeviceInput
 from scale.data.gpu_decode import EncodedBatch, gpu_decode_problem
+from scale.data.indexed_shards import IndexedShardData
 from scale.data.transforms import PretrainTransform, dct_scale, draft_request, open_image
 from scale.data.wds_stream import WebDatasetData
+from scale.shards.shard_index import index_path
+from scale.shards.verify import build_indexes
 from scale.trainer import step_plan
 
 IMG_SIZE = 224
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GPU_RESULTS = REPO / "docs/results/gpu_check_h200.json"
-PATHS = ("plain_webdataset", "previous", "cpu", "gpu_workers", "gpu")
+PATHS = ("plain_webdataset", "previous", "cpu", "indexed", "gpu_workers", "gpu")
 MODEL_CASES = (("OCL", "ocl_vitb16"), ("OCL", "ocl_vitl16"), ("MAE", "mae_vitb16"), ("MAE", "mae_vitl16"))
 
 
@@ -152,6 +159,22 @@ def scale_loader(root: Path, decode: str, previous: bool = False) -> WebDatasetD
     return data
 
 
+def indexed_loader(root: Path) -> IndexedShardData:
+    """The shards of `root` read by sample: linked into `<root>_indexed` and indexed there (once), so that
+    `root` itself keeps no index and the other paths stream it."""
+    twin = root.with_name(root.name + "_indexed")
+    twin.mkdir(exist_ok=True)
+    for path in root.iterdir():
+        if not (twin / path.name).exists():
+            (twin / path.name).symlink_to(path.resolve())
+    if not all(index_path(shard).is_file() for shard in twin.glob("*.tar")):
+        build_indexes(twin, workers=1)
+    data = build_dataset(DataConfig(name="webdataset", root=str(twin), shuffle_buffer=1000, decode="cpu"), IMG_SIZE, 3,
+                         True)
+    assert isinstance(data, IndexedShardData)
+    return data
+
+
 def children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -170,7 +193,8 @@ def time_path(path: str, root: Path, workers: int, batch_size: int, device: torc
         batches = plain_webdataset(root, workers, batch_size)
         prepare: Callable[[Any], Any] = lambda x: x
     else:
-        data = scale_loader(root, "gpu" if path.startswith("gpu") else "cpu", previous=path == "previous")
+        data = (indexed_loader(root) if path == "indexed" else
+                scale_loader(root, "gpu" if path.startswith("gpu") else "cpu", previous=path == "previous"))
         batches = (x for x, _ in data.loader(LoaderSpec(batch_size=batch_size, seed=0, num_workers=workers,
                                                         pin_memory=device.type == "cuda"), epoch=0))
         prepare = (lambda x: data.prepare(x, device)) if path == "gpu" else (lambda x: x)
@@ -272,7 +296,7 @@ def measure_flop_ratios() -> Path:
 
 def cores_per_gpu_table(rows: List[Dict[str, Any]], per_core: Dict[str, Dict[str, float]]) -> List[str]:
     """Markdown: per (method, model), the cores per GPU each CPU path needs; fills row["cores_per_gpu"]."""
-    columns = [(kind, path) for kind in per_core for path in ("previous", "cpu", "gpu_workers", "gpu")
+    columns = [(kind, path) for kind in per_core for path in ("previous", "cpu", "indexed", "gpu_workers", "gpu")
                if path in per_core[kind]]
     lines = ["| method | model | train GFLOP / image | FLOP ratio | GPU img/s | " +
              " | ".join(f"cores/GPU, {kind}, {path}" for kind, path in columns) + " | source |",

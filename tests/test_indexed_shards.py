@@ -230,10 +230,13 @@ def test_a_tar_member_running_past_its_span_is_a_replaced_sample(tmp_path: Path)
 
 # ----------------------------------------------------------------------------- which path a split takes
 
-def test_a_streamed_split_is_not_elastic_and_an_indexed_one_is(tmp_path: Path) -> None:
+def test_a_streamed_split_is_not_elastic_and_an_indexed_one_is(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
     write_shards(tmp_path / "plain", SIZES)
     streamed = build(tmp_path / "plain")
     assert isinstance(streamed, WebDatasetData) and streamed.elastic is False
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("read as a stream" in m and f"scale-verify-shards --index {tmp_path / 'plain'}" in m for m in warned)
     piped = build(f"pipe:cat {tmp_path / 'plain'}/train-{{000000..000005}}.tar", manifest=str(tmp_path / "plain/manifest.json"))
     assert isinstance(piped, WebDatasetData) and piped.elastic is False
     assert build(indexed_shards(tmp_path / "indexed")).elastic is True

@@ -23,12 +23,13 @@ def test_one_run_reports_every_path_per_core_and_the_cores_per_gpu(tmp_path):
     assert report["gpu_decode"].startswith("skipped")  # no CUDA here: said, not silently dropped
     for kind in ("pre_resized", "full_size"):
         paths = report["kinds"][kind]["paths"]
-        assert set(paths) == {"plain_webdataset", "previous", "cpu", "gpu_workers"}
+        assert set(paths) == {"plain_webdataset", "previous", "cpu", "indexed", "gpu_workers"}
         for path in paths.values():
             assert path["images"] >= 80 and path["img_per_s_per_core"] > 0 and path["img_per_worker_cpu_s"] > 0
         assert paths["previous"]["vs_previous"] == 1.0 and paths["plain_webdataset"]["vs_plain_webdataset"] == 1.0
         # uint8 batches: a quarter of the host bytes of the float paths
         assert paths["cpu"]["host_bytes_per_image"] * 4 == paths["previous"]["host_bytes_per_image"] == 3 * 224 * 224 * 4
+        assert paths["indexed"]["host_bytes_per_image"] == paths["cpu"]["host_bytes_per_image"]  # the same uint8 batches
         assert paths["gpu_workers"]["host_bytes_per_image"] < paths["cpu"]["host_bytes_per_image"]  # JPEG bytes
         assert abs(sum(report["kinds"][kind]["dct_scales"].values()) - 1) < 1e-9
     rows = {(r["method"], r["model"]): r for r in report["cores_per_gpu"]}

@@ -3,6 +3,13 @@
 Registered as dataset "webdataset" (the module has another name so that it never
 shadows the `webdataset` package it imports).
 
+A split whose local shards all have their member-offset index (NAME.tar.idx.json: the
+converters write it, `scale-verify-shards --index` builds it) and that is read finitely and
+decoded on the CPU is not streamed: the builder hands it to scale/data/indexed_shards.py,
+which reads it by sample in an order independent of the ranks and workers (`elastic`).
+What follows is the stream, whose order depends on world_size x num_workers; the builder
+warns when local shards are streamed for want of an index.
+
 How one rank's epoch is built (W = max(1, num_workers) DataLoader workers):
 
 * Shards. The shard list is shuffled with a rng seeded by (seed, epoch), full-size shards
@@ -596,8 +603,12 @@ def build_webdataset(cfg: WebDatasetConfig | DataConfig, img_size: int, in_chans
                                 DeviceInput(cfg.mean, cfg.std), shuffle_buffer=cfg.shuffle_buffer, shards=shards)
     if indexes is not None:
         streamed_because = "data.decode is gpu (the indexed reader decodes on the CPU)"
-    log.info("%s %r: shards read as a stream, because %s: the order depends on the world size x data.num_workers, "
-             "so a resume must keep both", setting, root, streamed_because)
+    # Local shards without an index are the case a user can change, so it is a warning (what reaches stderr,
+    # since scale configures no logging); a URL root, resampling or GPU decoding is chosen, so it is info.
+    can_index = indexes is None and not resampled and all(_local_path(u) is not None for u in shards.urls)
+    log.log(logging.WARNING if can_index else logging.INFO,
+            "%s %r: shards read as a stream, because %s: the order depends on the world size x data.num_workers, "
+            "so a resume must keep both", setting, root, streamed_because)
     if not resampled:
         shards = count_by_scanning(shards)
     # Resampled epochs: the manifest's sample count, else data.num_samples.
