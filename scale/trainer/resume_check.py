@@ -12,6 +12,14 @@ key with the checkpoint's:
 - allowed silently: everything else (logging, output, kernels, activation checkpointing,
   timeouts, monitors), which does not change what a step computes.
 
+The world size (and `data.num_workers`) may change where the data order does not depend on
+them (`PretrainData.elastic`: map-style sources and indexed shards; global batch k is the
+same samples on any number of ranks) and the global batch stays what it was: with
+`train.global_batch` set, each rank's batch and gradient-caching chunks are re-derived by
+`plan_batch`; with it null (global = micro-batch x ranks) the change is refused, naming the
+value that keeps the checkpoint's global batch. Streaming WebDataset readers deal shards to
+world_size x num_workers readers, so there both stay refused.
+
 `train.resume_allow_changes` is the expert escape hatch: the keys it names may differ.
 Nothing in the checkpoint switches the check off: a meta.json without the config, the
 engine family or the world size it was written with is refused (`resume_meta`).
@@ -20,8 +28,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterator, List, Tuple
 
+from ..checkpoint_io import deepspeed as deepspeed_checkpoint
 from ..checkpoint_io.directory import CONFIG_KEY, META, CheckpointError
-from ..config import RENAMED_KEYS, RunConfig, saved_batch_keys, to_dict
+from ..config import DEFAULT_MICRO_BATCH, RENAMED_KEYS, RunConfig, saved_batch_keys, to_dict
 
 # Prefixes (a section, or one key) whose change is refused, with the reason shown.
 REFUSED: Tuple[Tuple[str, str], ...] = (
@@ -112,30 +121,65 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any], old_world_size: int
     return changes
 
 
+def saved_global_batch(saved_train: Dict[str, Any], world_size: int) -> Any:
+    """The images of one optimizer step of the run that wrote a checkpoint: its train.global_batch, or
+    (null) its per-rank train.micro_batch x the `world_size` it ran on (read as today's keys)."""
+    train = saved_batch_keys(saved_train, world_size)
+    if train.get("global_batch") is not None:
+        return train["global_batch"]
+    micro = train.get("micro_batch")
+    micro = DEFAULT_MICRO_BATCH if micro is None else micro
+    return micro * world_size if isinstance(micro, int) else None
+
+
+def _world_size_reason(cfg: RunConfig, checkpoint_format: str, elastic_data: bool,
+                       old_global: Any) -> Any:
+    """Why resuming on another number of ranks is refused (None: it is not). Torch-file checkpoints
+    (single, DDP) hold whole tensors and DCP (FSDP2) reshards on load; DeepSpeed's ZeRO partitions do not."""
+    if not elastic_data:
+        return (f"the data order: data.name={cfg.data.name!r} streams shards dealt to world_size x num_workers "
+                "readers; map-style sources (synthetic, imagefolder) and indexed shards resume on another world size")
+    if checkpoint_format == deepspeed_checkpoint.FORMAT:
+        return ("the ZeRO partitions: DeepSpeed loads its checkpoints on the world size that wrote them only; "
+                "engines single, ddp and fsdp resume on another world size")
+    if cfg.train.global_batch is None:
+        return (f"the global batch: train.global_batch is null, so it is micro_batch x ranks; set "
+                f"train.global_batch={old_global} to keep the checkpoint's")
+    return None
+
+
 def check_resume_config(saved: Dict[str, Any], cfg: RunConfig, saved_meta: Dict[str, Any], checkpoint_format: str,
-                        world_size: int, checkpoint: str) -> List[str]:
-    """Raise CheckpointError listing refused changes; return warnings for allowed ones."""
+                        world_size: int, checkpoint: str, elastic_data: bool = True) -> List[str]:
+    """Raise CheckpointError listing refused changes; return warnings for allowed ones. `elastic_data`:
+    the data order does not depend on the world size or data.num_workers (PretrainData.elastic)."""
     allowed = set(cfg.train.resume_allow_changes)
-    changes = config_changes(saved, to_dict(cfg), int(saved_meta.get(WORLD_SIZE) or 1))
+    old_world = int(saved_meta.get(WORLD_SIZE) or 1)
+    changes = config_changes(saved, to_dict(cfg), old_world)
+    old_global = saved_global_batch(saved.get("train") or {}, old_world) if isinstance(saved.get("train"), dict) \
+        else None
+    # A null train.global_batch saved, the same number set now: the same steps, not a change.
+    changes = [(key, old, new) for key, old, new in changes
+               if not (key == "train.global_batch" and old is None and new == old_global)]
     old_format = saved_meta.get("checkpoint_format")  # the engine family: torch file, dcp, deepspeed
     if old_format and old_format != checkpoint_format:
         changes.append((ENGINE_FAMILY, f"{saved_meta.get('engine')} ({old_format} checkpoint)",
                         f"{cfg.engine.name} ({checkpoint_format} checkpoint)"))
-    old_world = saved_meta.get("world_size")
-    if old_world is not None and int(old_world) != world_size:
-        changes.append((WORLD_SIZE, int(old_world), world_size))
+    if saved_meta.get(WORLD_SIZE) is not None and old_world != world_size:
+        changes.append((WORLD_SIZE, old_world, world_size))
     refused, warnings = [], []
     for key, old, new in changes:
         reason = next((why for prefix, why in REFUSED if _matches(key, prefix)), None)
         if key == ENGINE_FAMILY:
             reason = "the checkpoint format"
-        elif key == WORLD_SIZE and cfg.train.global_batch is None:
-            reason = "the data order and the global batch"
         elif key == WORLD_SIZE:
-            reason = "the data order"
+            reason = _world_size_reason(cfg, checkpoint_format, elastic_data, old_global)
+            if reason is None:  # allowed: the global batch is kept, each rank's share re-derived
+                warnings.append(f"resuming {checkpoint} on {new} ranks (written on {old}): global batch "
+                                f"{cfg.train.global_batch} kept, {cfg.train.global_batch // new} images per rank")
+                continue
         elif key == "train.micro_batch" and cfg.train.global_batch is None:
             reason = "the data order (it is each rank's batch while train.global_batch is null)"
-        elif key == "data.num_workers" and cfg.data.name == "webdataset":
+        elif key == "data.num_workers" and not elastic_data:
             reason = "the data order (shards are dealt to world_size x num_workers readers)"
         if reason is not None and not any(_matches(key, accepted) for accepted in allowed):
             refused.append(f"{key}: {old!r} -> {new!r} (changes {reason})")

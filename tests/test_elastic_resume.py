@@ -1,0 +1,139 @@
+"""Resuming on another world size (issue 27, point 2).
+
+A checkpoint written on W ranks continues on W' ranks with train.global_batch unchanged
+(each rank's batch and gradient-caching chunks re-derived by plan_batch) and the model,
+AdamW moments and steps, learning rate, step and temperature as saved. The resume check
+accepts the change where the data order does not depend on the world size (map-style
+sources) and refuses it, in one line, for streaming shards, for a null
+train.global_batch (naming the value that keeps the checkpoint's), and for DeepSpeed.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from scale.checkpoint_io.directory import CheckpointError
+from scale.config import to_dict
+
+from conftest import REPO, python_env, tiny_config
+
+SEGMENT = REPO / "tests" / "dist_scripts" / "elastic_resume.py"
+# Global batch 12 splits over 1, 2, 3 and 4 ranks; micro-batches of 4 make 1 and 2 ranks run gradient
+# caching (3 and 2 chunks) and 3 or 4 ranks one pass. Drop path draws per rank: off.
+ELASTIC = ["train.global_batch=12", "train.micro_batch=4", "train.ckpt_every=1", "model.drop_path_rate=0",
+           "optim.warmup_epochs=0", "optim.blr=0.02"]
+CHAIN = (4, 2, 1, 2, 3)  # 4 -> 2, 2 -> 1, 1 -> 2, 2 -> 3: one step each
+LOSS_RTOL = 1e-5
+
+
+def _meta(cfg, world_size: int, fmt: str = "torch") -> dict:
+    return {"engine": cfg.engine.name, "checkpoint_format": fmt, "world_size": world_size}
+
+
+# ----------------------------------------------------------------------------- the resume check
+
+def test_world_size_and_workers_may_change_for_map_style_data(tmp_path):
+    from scale.trainer.resume_check import check_resume_config
+
+    saved = tiny_config(tmp_path, "train.global_batch=12", "data.num_workers=0")
+    now = tiny_config(tmp_path, "train.global_batch=12", "data.num_workers=2")
+    warnings = check_resume_config(to_dict(saved), now, _meta(saved, 4), "torch", 2, "ckpt")
+    assert any("on 2 ranks (written on 4)" in w and "global batch 12 kept, 6 images per rank" in w
+               for w in warnings), warnings
+    # FSDP2's DCP checkpoints reshard on load too; 4 -> 3 with a batch of 12 is 4 images per rank.
+    assert check_resume_config(to_dict(saved), now, _meta(saved, 4, "dcp"), "dcp", 3, "ckpt")
+    # What changes shapes, masks or the sample order is still refused.
+    with pytest.raises(CheckpointError, match=r"train\.global_batch: 12 -> 24"):
+        check_resume_config(to_dict(saved), tiny_config(tmp_path, "train.global_batch=24"), _meta(saved, 4), "torch",
+                            2, "ckpt")
+
+
+def test_streaming_shards_refuse_another_world_size_or_worker_count(tmp_path):
+    from scale.trainer.resume_check import check_resume_config
+
+    saved = tiny_config(tmp_path, "train.global_batch=12", "data.num_workers=1")
+    with pytest.raises(CheckpointError, match=r"world_size: 4 -> 2 \(changes the data order: .*indexed shards"):
+        check_resume_config(to_dict(saved), saved, _meta(saved, 4), "torch", 2, "ckpt", elastic_data=False)
+    with pytest.raises(CheckpointError, match=r"data\.num_workers: 1 -> 2"):
+        check_resume_config(to_dict(saved), tiny_config(tmp_path, "train.global_batch=12", "data.num_workers=2"),
+                            _meta(saved, 4), "torch", 4, "ckpt", elastic_data=False)
+
+
+def test_a_null_global_batch_is_refused_with_the_value_that_keeps_it(tmp_path):
+    from scale.trainer.resume_check import check_resume_config
+
+    saved = tiny_config(tmp_path, "train.micro_batch=6")  # global batch 6 x 2 ranks
+    with pytest.raises(CheckpointError) as err:
+        check_resume_config(to_dict(saved), saved, _meta(saved, 2), "torch", 4, "ckpt")
+    message = str(err.value)
+    assert "\n" not in message and "world_size: 2 -> 4" in message and "set train.global_batch=12" in message
+    # Following the hint: the same 12 images per step, now 3 per rank on 4 ranks (a smaller micro-batch too).
+    hinted = tiny_config(tmp_path, "train.global_batch=12", "train.micro_batch=2")
+    assert check_resume_config(to_dict(saved), hinted, _meta(saved, 2), "torch", 4, "ckpt")
+    with pytest.raises(CheckpointError, match=r"train\.global_batch: None -> 24"):
+        check_resume_config(to_dict(saved), tiny_config(tmp_path, "train.global_batch=24"), _meta(saved, 2), "torch",
+                            4, "ckpt")
+
+
+def test_deepspeed_refuses_another_world_size_naming_the_engines_that_can(tmp_path):
+    from scale.trainer.resume_check import check_resume_config
+
+    saved = tiny_config(tmp_path, "engine.name=deepspeed", "engine.zero_stage=2", "train.global_batch=12")
+    with pytest.raises(CheckpointError) as err:
+        check_resume_config(to_dict(saved), saved, _meta(saved, 2, "deepspeed"), "deepspeed", 3, "ckpt")
+    message = str(err.value)
+    assert "\n" not in message and "world_size: 2 -> 3" in message
+    assert "engines single, ddp and fsdp resume on another world size" in message
+    assert check_resume_config(to_dict(saved), saved, _meta(saved, 2, "deepspeed"), "deepspeed", 2, "ckpt") == []
+
+
+# ----------------------------------------------------------------------------- runs on 4, 2, 1, 2, 3 ranks
+
+def _segment(out: Path, label: str, world: int, until: int, engine: str) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+           str(SEGMENT), "--out", str(out), "--label", label, "--until", str(until)]
+    for override in (f"engine.name={engine}", *ELASTIC):
+        cmd += ["--set", override]
+    env = python_env({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{label}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads((out / f"{label}.json").read_text())
+
+
+def _assert_same_state(saved: dict, loaded: dict, label: str) -> None:
+    assert loaded["step"] == saved["step"] and loaded["lr"] == saved["lr"], label
+    for part in ("model", "moments"):
+        assert sorted(loaded[part]) == sorted(saved[part]), (label, part)
+        for key, value in saved[part].items():
+            same = torch.equal(loaded[part][key], value) if torch.is_tensor(value) else loaded[part][key] == value
+            assert same, (label, key)
+    assert "objective.log_temperature" in saved["model"] and "objective.log_temperature/exp_avg" in saved["moments"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("engine", ["auto", "fsdp"])  # auto: single on 1 rank, ddp on more (both torch files)
+def test_a_run_continues_on_4_2_1_2_3_ranks_like_one_uninterrupted_run(engine, tmp_path):
+    from scale.trainer import Trainer
+
+    reference = Trainer(tiny_config(tmp_path / "reference", *ELASTIC, f"train.max_steps={len(CHAIN)}")).fit()
+    losses, previous = [], None
+    for step, world in enumerate(CHAIN):
+        label = f"segment{step}_x{world}"
+        result = _segment(tmp_path, label, world, step + 1, engine)
+        assert result["world_size"] == world and result["started"] == step and result["final_step"] == step + 1
+        assert result["per_rank_batch"] == 12 // world and result["chunks"] == -(-(12 // world) // 4)
+        if previous is not None:  # what the last segment saved is what this one loaded
+            _assert_same_state(torch.load(tmp_path / f"{previous}_end.pt"), torch.load(tmp_path / f"{label}_loaded.pt"),
+                               label)
+        losses += result["losses"]
+        previous = label
+    assert len(losses) == len(reference.losses) == len(CHAIN)
+    assert losses == pytest.approx(reference.losses, rel=LOSS_RTOL)
