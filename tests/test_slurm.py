@@ -370,3 +370,90 @@ def test_a_divergence_is_never_requeued(cluster, tmp_path):
         explain(cluster, tmp_path, run, job)
     log = job_log(run)
     assert "ERROR: the run diverged (exit 5" in log and "not requeueing" in log, log
+
+
+# ----------------------------------------------------------------------------- another allocation
+
+ELASTIC_BATCH = 12  # train.global_batch: splits over 2, 1 and 3 tasks
+ELASTIC_STEPS = 60  # one epoch
+ELASTIC_OVERRIDES = ["train.epochs=1", f"data.num_samples={ELASTIC_BATCH * ELASTIC_STEPS}", "data.num_workers=0",
+                     "train.device=cpu", "train.precision=fp32", "train.log_every=1", "train.ckpt_every=4",
+                     "train.keep_last=2", "data.record_samples=true"]
+
+
+def read_sample_record(run: Path) -> Dict[int, List[dict]]:
+    """<run>/samples/rank_<R>.jsonl (data.record_samples) -> {step: that step's line of each rank}."""
+    steps: Dict[int, List[dict]] = {}
+    for path in sorted((run / "samples").glob("rank_*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            steps.setdefault(record["step"], []).append(record)
+    return steps
+
+
+def test_preempted_run_resumes_on_other_world_sizes_with_every_sample_once(cluster, tmp_path):
+    """A 2-task job preempted (USR1) mid-epoch, resubmitted with 1 task, preempted again, then
+    resubmitted with 3 tasks (as a node range, --nodes=1-2, that got one node) to the same output
+    directory: the epoch finishes, and the samples the ranks recorded hold every sample of the
+    epoch exactly once, each step's global batch of ELASTIC_BATCH split over the world size of
+    the job that ran it. --no-requeue: each preempted job ends (the launcher's `scontrol requeue`
+    is refused, exit 3, "resubmit"), as on a site that does not requeue."""
+    run = tmp_path / "run"
+    env = {"GLOBAL_BATCH": str(ELASTIC_BATCH), "ENGINE": "auto"}
+
+    def start(tasks: int, *sbatch: str) -> str:
+        return submit(cluster, tmp_path, run, env_extra=env, overrides=ELASTIC_OVERRIDES,
+                      sbatch_extra=[f"--ntasks-per-node={tasks}", "--no-requeue", *sbatch])
+
+    def steps_logged() -> int:
+        try:
+            return len((run / "metrics.jsonl").read_text().splitlines())
+        except FileNotFoundError:
+            return 0
+
+    def preempt(job: str, after_step: int) -> int:
+        """USR1 to the batch shell once `after_step` steps are logged; the step the job stopped at."""
+        diagnose = lambda: explain(cluster, tmp_path, run, job)  # noqa: E731
+        wait_until(lambda: steps_logged() >= after_step, JOB_TIMEOUT, f"step {after_step} of job {job}",
+                   diagnose=diagnose)
+        cluster.scancel("--signal=USR1", "--batch", job)
+        state = cluster.wait_for(job, {"FAILED"}, timeout=JOB_TIMEOUT)
+        assert state == "FAILED" and cluster.job(job).get("ExitCode") == "3:0", diagnose()
+        log = (run / "slurm" / f"ocl-vitb-{job}.out").read_text()
+        assert "resubmit the same command, it resumes" in log, diagnose()
+        return int(re.findall(r"stopped by signal 10 at step (\d+)", log)[-1])
+
+    t0 = time.monotonic()
+    first = start(2)
+    stop_1 = preempt(first, 5)
+    second = start(1)
+    stop_2 = preempt(second, stop_1 + 3)
+    third = start(3, "--nodes=1-2")
+    state = cluster.wait_for(third, {"COMPLETED"}, timeout=JOB_TIMEOUT)
+    info = explain(cluster, tmp_path, run, third)
+    print(f"2 -> 1 -> 3 tasks: {state} in {time.monotonic() - t0:.1f}s (stops at steps {stop_1}, {stop_2})",
+          file=sys.stderr)
+    assert state == "COMPLETED", info
+    assert 5 <= stop_1 < stop_2 < ELASTIC_STEPS, (stop_1, stop_2, info)
+
+    # Each job ran on its own world size and resumed from the previous one's stop.
+    log = job_log(run)
+    for job, tasks in ((first, 2), (second, 1), (third, 3)):
+        assert re.search(rf"==== job {job} restart 0 on \S+: {tasks} task\(s\),", log), info
+    assert "world size 3: 1 node(s) x 3 task(s) per node" in (tmp_path / f"slurm-ocl-vitb-{third}.out").read_text()
+    for stop in (stop_1, stop_2):
+        assert f"resumed from {run / 'checkpoints' / f'step_{stop:08d}'}" in log, info
+    final = json.loads((run / "checkpoints" / f"step_{ELASTIC_STEPS:08d}" / "meta.json").read_text())
+    assert final["world_size"] == 3, final
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, ELASTIC_STEPS + 1)), info
+
+    # Exactly once: every step of the epoch recorded by each rank of the job that ran it, and
+    # the epoch's samples, over all steps and ranks, each once.
+    record = read_sample_record(run)
+    assert sorted(record) == list(range(1, ELASTIC_STEPS + 1)), sorted(record)
+    for step, lines in record.items():
+        ranks = 2 if step <= stop_1 else 1 if step <= stop_2 else 3
+        assert len(lines) == ranks and sum(len(r["samples"]) for r in lines) == ELASTIC_BATCH, (step, lines)
+        assert {r["batch"] for r in lines} == {step - 1} and {r["epoch"] for r in lines} == {0}, (step, lines)
+    seen = sorted(i for lines in record.values() for r in lines for i in r["samples"])
+    assert seen == list(range(ELASTIC_BATCH * ELASTIC_STEPS)), "samples skipped or repeated"
