@@ -367,7 +367,7 @@ def check_parity(ctx: Context) -> None:
                     data = build_dataset(cfg.data, spec.img_size, spec.in_chans, train=True)
                     workers = 0 if ctx.smoke else min(8, max((os.cpu_count() or 2) // 2, 1))
                     order = LoaderSpec(batch_size=batch, seed=cfg.train.seed, num_workers=workers)
-                    for images, _ in data.loader(order, 0, 0):
+                    for images, _, _ in data.loader(order, 0, 0):
                         batches.append(images)
                         if len(batches) == steps:
                             break
@@ -611,7 +611,7 @@ def check_decode(ctx: Context) -> None:
                         key=lambda r: r["img_per_s"]) for p in paths}
         spec = LoaderSpec(batch_size=64, seed=0)
         cpu_data, gpu_data = lt.scale_loader(root, "cpu"), lt.scale_loader(root, "gpu")
-        (a, _), (b, _) = next(iter(cpu_data.loader(spec, 0))), next(iter(gpu_data.loader(spec, 0)))
+        (a, _, _), (b, _, _) = next(iter(cpu_data.loader(spec, 0))), next(iter(gpu_data.loader(spec, 0)))
         levels = (gpu_data.device_input.pixels(b, ctx.device).float().cpu() - a.float()).abs().mean().item()
         speed = {p: r["img_per_s_per_core"] for p, r in timed.items()}
         rows = lt.gpu_images_per_s(Path(ctx.report), measured_here=True) if ctx.report else []

@@ -195,7 +195,7 @@ def time_path(path: str, root: Path, workers: int, batch_size: int, device: torc
     else:
         data = (indexed_loader(root) if path == "indexed" else
                 scale_loader(root, "gpu" if path.startswith("gpu") else "cpu", previous=path == "previous"))
-        batches = (x for x, _ in data.loader(LoaderSpec(batch_size=batch_size, seed=0, num_workers=workers,
+        batches = (x for x, _, _ in data.loader(LoaderSpec(batch_size=batch_size, seed=0, num_workers=workers,
                                                         pin_memory=device.type == "cuda"), epoch=0))
         prepare = (lambda x: data.prepare(x, device)) if path == "gpu" else (lambda x: x)
     cpu_before = children_cpu_s()

@@ -32,11 +32,16 @@ def write_json_atomically(path: Path, content: Any, indent: int = 1,
     created): a reader, or a run killed mid-write, sees the previous file or the new one.
 
     `default` turns values JSON cannot hold into ones it can (json.dump's `default`)."""
+    write_text_atomically(path, json.dumps(content, indent=indent, default=default) + "\n")
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write `text` to a temp name beside `path`, fsync it and rename it over `path` (its folder is
+    created): a reader, or a run killed mid-write, sees the previous file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp_path = path.with_name(path.name + ".tmp")
     with open(temp_path, "w", encoding="utf-8") as stream:
-        json.dump(content, stream, indent=indent, default=default)
-        stream.write("\n")
+        stream.write(text)
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(temp_path, path)

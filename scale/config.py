@@ -195,6 +195,10 @@ class DataConfig(ComponentSection):
     # Where JPEGs are decoded: cpu (DataLoader workers, at the smallest DCT scale the crop allows) | gpu
     # (webdataset only: nvJPEG on the device, crop + flip there; falls back to cpu, with a warning, where it cannot run)
     decode: Literal["cpu", "gpu"] = "cpu"
+    # Each rank writes the sample indices of every step to <output_dir>/samples/rank_<R>.jsonl, so that every
+    # sample's use once per epoch can be checked from outside (scale/trainer/sample_record.py); needs a
+    # source that names its samples (not a streaming webdataset).
+    record_samples: bool = False
 
 
 @dataclass

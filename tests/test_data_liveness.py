@@ -59,7 +59,7 @@ def test_a_script_holding_a_loader_iterator_at_exit_does_not_hang(tmp_path: Path
 
         data = build_dataset(DataConfig(name="synthetic", num_samples=64, mean=[0.5], std=[0.25]), 28, 1)
         batches = iter(data.loader(LoaderSpec(batch_size=8, seed=0, num_workers=2), 0))
-        images, labels = next(batches)
+        images, labels, _ = next(batches)
         print("one batch", tuple(images.shape), flush=True)
         """)
     proc = subprocess.Popen(cmd, env=python_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -104,7 +104,7 @@ def test_device_input_normalises_uint8_like_torchvision_and_passes_float_through
 def test_workers_hand_over_uint8_batches_a_quarter_of_the_float_bytes(tmp_path: Path):
     write_shards(tmp_path, [8, 8])
     data = build(str(tmp_path), num_workers=2)
-    images, _ = next(iter(data.loader(LoaderSpec(batch_size=4, seed=0, num_workers=2), 0)))
+    images, _, _ = next(iter(data.loader(LoaderSpec(batch_size=4, seed=0, num_workers=2), 0)))
     assert images.dtype == torch.uint8
     assert images.numel() * images.element_size() == 4 * 3 * 16 * 16  # one byte per value, four times less than fp32
     prepared = data.prepare(images, CPU)
@@ -117,7 +117,7 @@ def test_the_trainer_normalises_on_the_device_inside_the_step(tmp_path: Path):
     cfg = load_config("ocl_cpu_tiny", [f"train.output_dir={tmp_path}", "train.micro_batch=8", "data.num_samples=64",
                                        "data.num_workers=0", "train.max_steps=1", "train.log_every=1"])
     trainer = Trainer(cfg)
-    images, _ = next(iter(trainer.data.loader(trainer.loader_spec, 0)))
+    images, _, _ = next(iter(trainer.data.loader(trainer.loader_spec, 0)))
     assert images.dtype == torch.uint8
     seen: List[torch.Tensor] = []
     forward = trainer.engine.forward
@@ -225,7 +225,7 @@ def test_micro_batched_steps_normalise_one_micro_batch_at_a_time(tmp_path: Path)
     cfg = load_config("ocl_cpu_tiny", [f"train.output_dir={tmp_path}", "train.global_batch=8", "train.micro_batch=4",
                                        "data.num_samples=64", "data.num_workers=0", "train.max_steps=1"])
     trainer = Trainer(cfg)
-    images, _ = next(iter(trainer.data.loader(trainer.loader_spec, 0)))
+    images, _, _ = next(iter(trainer.data.loader(trainer.loader_spec, 0)))
     seen = []
     passes = trainer.passes
 
@@ -261,9 +261,9 @@ def test_device_decode_batches_resume_exactly_with_workers(tmp_path: Path):
     write_shards(tmp_path, [8, 8, 8, 8])
     data = build(str(tmp_path), decode="gpu", num_workers=2)
     spec = LoaderSpec(batch_size=4, seed=0, num_workers=2)
-    whole = [(data.prepare(x, CPU), y) for x, y in data.loader(spec, 1)]
-    assert all(isinstance(x, EncodedBatch) for x, _ in data.loader(spec, 1, start_batch=5))
-    resumed = [(data.prepare(x, CPU), y) for x, y in data.loader(spec, 1, start_batch=3)]
+    whole = [(data.prepare(x, CPU), y) for x, y, _ in data.loader(spec, 1)]
+    assert all(isinstance(x, EncodedBatch) for x, _, _ in data.loader(spec, 1, start_batch=5))
+    resumed = [(data.prepare(x, CPU), y) for x, y, _ in data.loader(spec, 1, start_batch=3)]
     assert len(resumed) == len(whole) - 3
     for (a, la), (b, lb) in zip(whole[3:], resumed):
         assert torch.equal(la, lb) and torch.equal(a, b)
@@ -275,11 +275,11 @@ def test_cpu_batches_resume_exactly_with_workers(tmp_path: Path):
     spec = LoaderSpec(batch_size=4, seed=0, num_workers=2)
     whole = list(data.loader(spec, 2))
     resumed = list(data.loader(spec, 2, start_batch=3))
-    for (a, la), (b, lb) in zip(whole[3:], resumed):
+    for (a, la, _), (b, lb, _) in zip(whole[3:], resumed):
         assert torch.equal(la, lb) and torch.equal(a, b)
     # every path crops the same region: the device path's images match the CPU path's closely
     gpu_data = build(str(tmp_path), decode="gpu", num_workers=2)
-    for (a, la), (b, lb) in zip(whole, gpu_data.loader(spec, 2)):
+    for (a, la, _), (b, lb, _) in zip(whole, gpu_data.loader(spec, 2)):
         assert torch.equal(la, lb)
         assert (a.float() - gpu_data.prepare(b, CPU).mul(torch.tensor(STD).view(1, 3, 1, 1))
                 .add(torch.tensor(MEAN).view(1, 3, 1, 1)).mul(255)).abs().mean().item() < 6

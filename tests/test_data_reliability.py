@@ -197,7 +197,7 @@ def folder(root: Path, **fields) -> ImageFolderData:
 
 
 def collect(data, spec: LoaderSpec, epoch: int, start: int = 0) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    return [(x.clone(), y.clone()) for x, y in data.loader(spec, epoch, start)]
+    return [(x.clone(), y.clone()) for x, y, _ in data.loader(spec, epoch, start)]
 
 
 def test_bad_images_are_replaced_counted_and_do_not_shift_the_others(tmp_path: Path) -> None:

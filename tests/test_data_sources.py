@@ -10,7 +10,7 @@ from scale.errors import UserError
 
 
 def collect(data, spec, epoch, start=0):
-    return [(x.clone(), y.clone()) for x, y in data.loader(spec, epoch, start)]
+    return [(x.clone(), y.clone()) for x, y, _ in data.loader(spec, epoch, start)]
 
 
 def test_synthetic_is_deterministic_and_class_structured():

@@ -82,7 +82,7 @@ def build(root: str, train: bool = True, **overrides) -> WebDatasetData:
 
 
 def collect(data: WebDatasetData, spec: LoaderSpec, epoch: int, start: int = 0) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    return list(data.loader(spec, epoch, start))
+    return [(x, y) for x, y, _ in data.loader(spec, epoch, start)]
 
 
 def labels_of(batches: List[Tuple[torch.Tensor, torch.Tensor]]) -> List[int]:

@@ -1,13 +1,18 @@
 """The dataset interface every pre-training source implements.
 
-A `PretrainData` hands the trainer an iterator of `(images, labels)` batches for one
-epoch on one rank, and turns each `images` into the model's input on the device with
+A `PretrainData` hands the trainer an iterator of `(images, labels, indices)` batches for
+one epoch on one rank, and turns each `images` into the model's input on the device with
 `prepare` / `to_device` (inside the step): the built-in sources yield uint8 pixels, or
 encoded JPEGs with `data.decode: gpu`, and the device decodes, converts and normalises
-them there. The order is a pure function of (seed, epoch, rank, world_size), so resuming
-mid-epoch is `loader(epoch, start_batch=k)`: it yields exactly the batches an
-uninterrupted run would have yielded after its first k. Labels are only used for
-monitoring (kNN, probes); pre-training ignores them.
+them there. `indices` (int64) names each sample by its index in the source, -1 where a
+streaming reader cannot (`names_samples` False); data.record_samples writes them. The
+order is a pure function of (seed, epoch, rank, world_size), so resuming mid-epoch is
+`loader(epoch, start_batch=k)`: it yields exactly the batches an uninterrupted run would
+have yielded after its first k. Map-style sources go further: global batch k (all ranks
+together) depends on (seed, epoch, global batch) alone, not on the world size or the
+workers (scale/data/map_style.py), so a run resumes on another allocation with every
+sample of the epoch used once. Labels are only used for monitoring (kNN, probes);
+pre-training ignores them.
 
 A new source registers its builder (`@DATASETS.register("name")`, called with the data
 config, image size, channels and split), passes `DeviceInput(cfg.mean, cfg.std)` to
@@ -27,7 +32,8 @@ from ..config import DataConfig
 from ..registry import Registry
 from .device_input import DeviceImages, DeviceInput, HostBatch
 
-Batch = Tuple[HostBatch, torch.Tensor]  # (images for `PretrainData.prepare`, labels)
+# (images for `PretrainData.prepare`, labels, int64 index of each sample in the source or -1)
+Batch = Tuple[HostBatch, torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,8 @@ class LoaderSpec:
 class PretrainData(abc.ABC):
     """A deterministic, exactly resumable source of image batches."""
 
+    # Whether the loader's indices name the samples (a streaming reader yields -1): data.record_samples needs it.
+    names_samples: bool = True
     # Whether global batch k is the same on any world size and number of DataLoader workers, so that a
     # run may resume on another allocation (the resume check reads it); a shard stream's order is not.
     elastic: bool = True
@@ -69,8 +77,11 @@ class PretrainData(abc.ABC):
         """Samples in one (global) epoch."""
 
     def batches_per_epoch(self, spec: LoaderSpec) -> int:
-        per_rank = self.num_samples // spec.world_size
-        return per_rank // spec.batch_size if spec.drop_last else -(-per_rank // spec.batch_size)
+        """Global batches of spec.batch_size x world_size over an equal share of samples per rank: with
+        drop_last, num_samples // global batch, whatever the world size that global batch is split over."""
+        usable = self.num_samples // spec.world_size * spec.world_size
+        global_batch = spec.batch_size * spec.world_size
+        return usable // global_batch if spec.drop_last else -(-usable // global_batch)
 
     @abc.abstractmethod
     def loader(self, spec: LoaderSpec, epoch: int, start_batch: int = 0) -> Iterator[Batch]:

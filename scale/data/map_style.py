@@ -1,9 +1,14 @@
 """Deterministic loading for indexable datasets (synthetic, image folders).
 
-Each epoch is a seeded permutation split across ranks by striding; each sample's
-augmentation runs under its own seed, so the batches do not depend on how many
-DataLoader workers decode them, and a resume can skip straight to batch k.
-Workers yield uint8 batches; `prepare` normalises them on the device.
+Each epoch is a seeded permutation cut into global batches: global batch k is
+perm[k*G:(k+1)*G] (G = per-rank batch x world size = train.global_batch), and rank r takes
+the r-th of its world_size equal slices (rows r*b..(r+1)*b-1). Each sample's augmentation
+runs under its own seed. So global batch k, and every image in it, depends on (seed, epoch,
+G) alone: neither the world size nor the DataLoader workers change it, and a resume on any
+allocation with the same G skips straight to batch k with every sample of the epoch used
+once. With world size 1 this is the plain order perm[k*b:(k+1)*b]. Workers yield uint8
+batches; `prepare` normalises them on the device. The loader's third element is each
+sample's index in the source (the intended one: a stand-in for a bad file keeps its index).
 
 A source that meets bad files replaces them and flags the replacement; a sample for which
 no stand-in decoded either comes as label UNREADABLE. A batch of nothing but those stops
@@ -11,6 +16,7 @@ the run with a UserError: training on blank images would only hide that the data
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Iterator, List, Sequence, Tuple
 
 import torch
@@ -60,34 +66,51 @@ class MapStyleData(PretrainData):
         (indexed shards override it with one that keeps reads local, scale/data/indexed_shards.py)."""
         return epoch_permutation(self.num_samples, seed, epoch)
 
+    def rank_batches(self, spec: LoaderSpec, epoch: int) -> List[List[int]]:
+        """The samples of each batch of `epoch` on `spec.rank`: its slice of each global batch. Every
+        rank gets an equal share (the last num_samples % world_size samples sit out); without
+        drop_last the last global batch is the remainder, split evenly too."""
+        perm = self.epoch_order(spec.seed, epoch).tolist()
+        usable = self.num_samples // spec.world_size * spec.world_size
+        global_batch = spec.batch_size * spec.world_size
+        batches = []
+        for start in range(0, self.batches_per_epoch(spec) * global_batch, global_batch):
+            batch = perm[start:min(start + global_batch, usable)]
+            share = len(batch) // spec.world_size
+            batches.append(batch[spec.rank * share:(spec.rank + 1) * share])
+        return batches
+
     def rank_indices(self, spec: LoaderSpec, epoch: int) -> List[int]:
-        perm = self.epoch_order(spec.seed, epoch)
-        usable = (self.num_samples // spec.world_size) * spec.world_size  # equal share per rank
-        return perm[:usable][spec.rank::spec.world_size].tolist()
+        """The samples of `epoch` on `spec.rank`, in the order its batches hold them."""
+        return [index for batch in self.rank_batches(spec, epoch) for index in batch]
 
     def loader(self, spec: LoaderSpec, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        indices = self.rank_indices(spec, epoch)
-        n_batches = self.batches_per_epoch(spec)
-        if not 0 <= start_batch <= n_batches:
-            raise ValueError(f"start_batch {start_batch} outside epoch of {n_batches} batches")
-        end = n_batches * spec.batch_size if spec.drop_last else len(indices)
-        indices = indices[start_batch * spec.batch_size:end]
+        batches = self.rank_batches(spec, epoch)
+        if not 0 <= start_batch <= len(batches):
+            raise ValueError(f"start_batch {start_batch} outside epoch of {len(batches)} batches")
+        batches = batches[start_batch:]
+        indices = [index for batch in batches for index in batch]
         seeds = [sample_seed(spec.seed, epoch, i) for i in indices]
-        batches = start_workers(DataLoader(_SeededView(self, indices, seeds), batch_size=spec.batch_size,
-                                           shuffle=False, num_workers=spec.num_workers, pin_memory=spec.pin_memory,
-                                           drop_last=spec.drop_last, persistent_workers=False,
-                                           worker_init_fn=ignore_stop_signals,
-                                           generator=loader_generator(sample_seed(spec.seed, epoch, -2 - spec.rank))))
-        return self._count_skips(batches, epoch, start_batch)
+        # Batch b of the loader is positions [offsets[b], offsets[b + 1]) of `indices`.
+        offsets = [0]
+        for batch in batches:
+            offsets.append(offsets[-1] + len(batch))
+        positions = [list(range(a, b)) for a, b in zip(offsets, offsets[1:])]
+        loaded = start_workers(DataLoader(_SeededView(self, indices, seeds), batch_sampler=positions,
+                                          num_workers=spec.num_workers, pin_memory=spec.pin_memory,
+                                          persistent_workers=False, worker_init_fn=ignore_stop_signals,
+                                          generator=loader_generator(sample_seed(spec.seed, epoch, -2 - spec.rank))))
+        return self._count_skips(loaded, batches, epoch, start_batch)
 
-    def _count_skips(self, batches: Iterator[Any], epoch: int, start_batch: int) -> Iterator[Batch]:
-        for batch, (images, labels, replaced) in enumerate(batches, start_batch):
+    def _count_skips(self, loaded: Iterator[Any], batches: List[List[int]], epoch: int,
+                     start_batch: int) -> Iterator[Batch]:
+        for batch, (images, labels, replaced), indices in zip(itertools.count(start_batch), loaded, batches):
             if bool((labels == UNREADABLE).all()):
                 raise UserError(f"data.root: every sample of batch {batch} of epoch {epoch} ({len(labels)} samples) is "
                                 "unreadable, and so is every stand-in tried for each; expected decodable images (the "
                                 "warnings above name the files)")
             self._skipped += int(replaced.sum())
-            yield images, labels
+            yield images, labels, torch.tensor(indices, dtype=torch.int64)
 
     def skipped_samples(self) -> int:
         return self._skipped

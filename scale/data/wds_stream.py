@@ -378,6 +378,7 @@ def _read_error_text(exn: Exception) -> str:
 
 
 class WebDatasetData(PretrainData):
+    names_samples = False  # a shard stream cannot say which sample it read: its indices are -1
     elastic = False  # its order depends on world_size x num_workers (the slots shards are dealt to)
 
     def __init__(self, shards: ShardSet, items: SampleItems, device_input: DeviceInput, *,
@@ -463,7 +464,7 @@ class WebDatasetData(PretrainData):
     def _count_skips(self, batches: Iterator[Any]) -> Iterator[Batch]:
         for images, labels, skipped in batches:
             self._skipped += int(skipped)
-            yield images, labels
+            yield images, labels, torch.full((len(labels),), -1, dtype=torch.int64)
 
     # -- iteration (inside a worker)
 

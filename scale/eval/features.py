@@ -60,7 +60,7 @@ def iterate_split(data: PretrainData, batch_size: int, *, seed: int = 0, epoch: 
     """(normalised float images on `device`, labels on the CPU) batches of one pass over `data`."""
     spec = LoaderSpec(batch_size=batch_size, seed=seed, rank=0, world_size=1, num_workers=num_workers,
                       pin_memory=device.type == "cuda", drop_last=drop_last)
-    for images, labels in data.loader(spec, epoch, 0):
+    for images, labels, _samples in data.loader(spec, epoch, 0):
         yield data.prepare(images, device), labels
 
 

@@ -76,11 +76,26 @@ def untimed(_name: str) -> ContextManager[None]:
     return contextlib.nullcontext()
 
 
+def rand_rows(generator: torch.Generator, batch_size: int, tail: Tuple[int, ...], device: torch.device,
+              rows: Optional[slice] = None, global_batch: Optional[int] = None) -> torch.Tensor:
+    """Uniform (batch_size, *tail) noise for rows `rows` of the global batch: drawn for all
+    `global_batch` rows (default: batch_size, the batch is the global one), then sliced (None: all). Every
+    rank draws the same global tensor from the step's generator, so an image's masks depend on its
+    row of the global batch, not on the world size."""
+    noise = torch.rand(global_batch or batch_size, *tail, generator=generator, device=device)
+    if rows is not None:
+        noise = noise[rows]
+    if noise.shape[0] != batch_size:
+        raise ValueError(f"rows {rows} of a global batch of {global_batch} are {noise.shape[0]} images, "
+                         f"not the {batch_size} the masks are drawn for")
+    return noise
+
+
 @dataclass
 class MaskContext:
     """What a generator may draw masks from. Identical contexts give identical masks."""
 
-    generator: torch.Generator  # seeded by (seed, step, rank), on `device`
+    generator: torch.Generator  # seeded by (seed, step), the same on every rank, on `device`
     device: torch.device
     step: int = 0
     # step / total steps and completed epochs / total epochs, in [0, 1]; the trainer passes exact
@@ -90,10 +105,18 @@ class MaskContext:
     images: Optional[torch.Tensor] = None  # when needs.images or needs.model_signal
     model_signal: Optional[ModelSignal] = None  # when needs.model_signal
     time_region: Callable[[str], ContextManager[None]] = untimed  # name -> a timed region, logged as time_<name>_s
+    # This rank's images are rows `rows` of a global batch of `global_batch` (None: the batch is the global one).
+    global_batch: Optional[int] = None
+    rows: Optional[slice] = None
+
+    def rand(self, batch_size: int, *tail: int) -> torch.Tensor:
+        """Uniform (batch_size, *tail) noise for this rank's rows of the global batch (`rand_rows`):
+        generators draw through it, so masks do not depend on how the global batch is split."""
+        return rand_rows(self.generator, batch_size, tail, self.device, self.rows, self.global_batch)
 
 
 class MaskGenerator(abc.ABC):
-    """Draws masks for a batch; identical (seed, step, rank) give identical masks."""
+    """Draws masks for a batch; identical (seed, step, rows of the global batch) give identical masks."""
 
     needs: MaskNeeds = MaskNeeds()
     num_groups: int = 1  # visible groups per image it draws
@@ -106,7 +129,7 @@ class MaskGenerator(abc.ABC):
 
     @abc.abstractmethod
     def __call__(self, batch_size: int, context: MaskContext) -> Masks:
-        """Masks for `batch_size` images drawn from `context.generator` (which lives on `context.device`)."""
+        """Masks for `batch_size` images drawn from `context.rand` (the step's generator, on `context.device`)."""
 
     def forward_flops(self, spec: ViTSpec, num_images: int) -> int:
         """Matmul FLOPs the generator spends on the masks of `num_images` images, counted in the step's

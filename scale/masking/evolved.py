@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
 from ..config import Check, MaskConfig
-from .base import MASK_GENERATORS, MaskContext, MaskGenerator, MaskNeeds, Masks, SignalRequest, visible_count
+from .base import (MASK_GENERATORS, MaskContext, MaskGenerator, MaskNeeds, Masks, SignalRequest, rand_rows,
+                   visible_count)
 from .hierarchy import TREE_BUILDERS, PatchTree
 from .similarity import SIMILARITIES
 
@@ -66,16 +67,18 @@ class EHMMaskConfig:
         check.unused("ehm.ema_decay", e.source != "ema", "mask.ehm.source is online (no EMA is kept)")
 
 
-def visit_order(tree: PatchTree, parts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def visit_order(tree: PatchTree, parts: torch.Tensor, generator: torch.Generator, rows: Optional[slice] = None,
+                global_batch: Optional[int] = None) -> torch.Tensor:
     """(B, N) patches in EHM's order: the parts (`tree.cut(depth)`) in a uniformly random order,
     each part's patches in depth-first order with each merge's two children in a random order.
+    The random draws are those of rows `rows` of a global batch (`rand_rows`; default: these B images).
 
     Only the last part visited is cut, and a fixed child order (smaller leaves first) would mask
     the same end of it every time: on chain-like trees, the top rows."""
     batch, n = parts.shape
-    noise = torch.rand(batch, n, generator=generator, device=parts.device)
+    noise = rand_rows(generator, batch, (n,), parts.device, rows, global_batch)
     part_rank = noise.argsort(dim=1).argsort(dim=1)  # a random permutation of the slots naming parts
-    swapped = torch.rand(batch, n, generator=generator, device=parts.device) < 0.5  # per merge: its absorbed slot
+    swapped = rand_rows(generator, batch, (n,), parts.device, rows, global_batch) < 0.5  # per merge: its absorbed slot
     key = part_rank.gather(1, parts) * n + tree.leaf_positions(swapped)  # distinct: part first, then depth-first
     return key.argsort(dim=1)
 
@@ -129,11 +132,11 @@ class EvolvedHierarchicalMasking(MaskGenerator):
             height = tree.height
             depth = self.depth(height, context)
             parts = tree.cut(depth)
-            order = visit_order(tree, parts, context.generator)
+            order = visit_order(tree, parts, context.generator, context.rows, context.global_batch)
         masked = self.num_patches - self.num_keep
         visible = order[:, masked:]
         if self.layout == DROP_TWO_GROUP:  # EHM drops, a random split of the rest
-            noise = torch.rand(batch_size, self.num_keep, generator=context.generator, device=order.device)
+            noise = context.rand(batch_size, self.num_keep)
             visible = visible.gather(1, noise.argsort(dim=1))
         groups = visible.reshape(batch_size, self.num_groups, self.num_keep // self.num_groups)
         num_parts = (parts == torch.arange(self.num_patches, device=order.device)).sum(dim=1)

@@ -24,8 +24,8 @@ class GridMasking(MaskGenerator):
 
     def __call__(self, batch_size: int, context: MaskContext) -> Masks:
         n = self.num_patches
-        phase_rank = torch.rand(batch_size, 4, generator=context.generator, device=context.device).argsort(dim=1).argsort(dim=1)
-        within = torch.rand(batch_size, n, generator=context.generator, device=context.device).argsort(dim=1).argsort(dim=1)
+        phase_rank = context.rand(batch_size, 4).argsort(dim=1).argsort(dim=1)
+        within = context.rand(batch_size, n).argsort(dim=1).argsort(dim=1)
         key = phase_rank.gather(1, self.phase.to(context.device).expand(batch_size, n)) * n + within
         order = key.argsort(dim=1)
         masked = n - self.num_keep

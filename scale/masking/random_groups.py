@@ -16,7 +16,7 @@ class RandomGroupMasking(MaskGenerator):
         self.num_keep = visible_count(self.num_patches, ratio, num_groups)
 
     def __call__(self, batch_size: int, context: MaskContext) -> Masks:
-        noise = torch.rand(batch_size, self.num_patches, generator=context.generator, device=context.device)
+        noise = context.rand(batch_size, self.num_patches)
         order = torch.argsort(noise, dim=1)  # a uniformly random permutation per image
         kept = order[:, :self.num_keep]  # already in random order, so halves are a random split
         groups = kept.reshape(batch_size, self.num_groups, self.num_keep // self.num_groups)

@@ -1,7 +1,8 @@
 """The pre-training loop: data -> masks -> encoder -> objective -> engine step.
 
 Everything that decides what a step computes is a function of (seed, step, rank): the
-data order of (seed, epoch, rank), the masks of (seed, step, rank), the global RNG (drop
+data order of (seed, epoch), each rank taking its rows of the global batch, the masks of
+(seed, step), drawn for the global batch and kept for those rows, the global RNG (drop
 path), re-seeded from (seed, step, rank) at every step, and the learning rate of the step.
 A checkpoint therefore only has to hold the parameters, the optimizer and the step (and
 the config it checks on resume), and `--resume auto` continues bit-for-bit on CPU.
@@ -39,6 +40,7 @@ from ..models import build_encoder
 from ..pretraining import PretrainModule, build_pretrain_module
 from .monitors import Monitor
 from .resume_check import check_resume_config, resume_meta
+from .sample_record import SampleRecord
 from .flops import method_step_flops
 from .optim import build_optimizer, build_schedule, learning_rate
 from .plan import run_length
@@ -103,6 +105,8 @@ class Trainer:
                                        round(cfg.optim.warmup_epochs * self.steps_per_epoch))
         self.output_dir = Path(cfg.train.output_dir)
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", cfg.train.keep_last)
+        self.sample_record = (SampleRecord.for_run(self.data, cfg.data.name, self.output_dir, self.engine.rank)
+                              if cfg.data.record_samples else None)
         self.step = 0
         self._stop_signal: Optional[int] = None
         # (per-rank batch, groups, visible per group) of the last step's masks: what its FLOPs count.
@@ -183,10 +187,8 @@ class Trainer:
         if path is None:
             return None
         meta = resume_meta(read_meta(path), str(path))
-        # Streaming WebDataset deals shards to world_size x num_workers readers: its order depends on both.
-        elastic_data = self.cfg.data.name != "webdataset"
         for warning in check_resume_config(meta[CONFIG_KEY], self.cfg, meta, self.engine.checkpoint_format,
-                                           self.engine.world_size, str(path), elastic_data):
+                                           self.engine.world_size, str(path)):
             self._warn(warning)
         try:
             extra = self.engine.load(path)
@@ -251,10 +253,14 @@ class Trainer:
         return record
 
     def mask_context(self, batch: DeviceImages) -> MaskContext:
-        """What the mask generator may draw from: (seed, step, rank), progress, and what it declared it needs."""
+        """What the mask generator may draw from: (seed, step) and this rank's rows of the global batch,
+        progress, and what it declared it needs. Every rank seeds rank 0's stream and draws for the whole
+        global batch, keeping its rows: an image's masks do not depend on the world size."""
         needs = self.masking.needs
-        context = MaskContext(generator=step_generator(self.cfg.train.seed, self.step, self.engine.rank, self.device),
-                              device=self.device, step=self.step,
+        per_rank = self.batch_plan.per_rank_batch
+        context = MaskContext(generator=step_generator(self.cfg.train.seed, self.step, 0, self.device),
+                              device=self.device, step=self.step, global_batch=self.batch_plan.global_batch,
+                              rows=slice(self.engine.rank * per_rank, (self.engine.rank + 1) * per_rank),
                               # Exact fractions: EHM's depth floor(progress x H) must not round one level low.
                               progress=min(Fraction(self.step, max(self.total_steps, 1)), Fraction(1)),
                               epoch_progress=min(Fraction(self.step // self.steps_per_epoch,
@@ -372,6 +378,8 @@ class Trainer:
             except OSError as err:
                 raise ConfigError(f"train.output_dir {str(self.output_dir)!r}: cannot be written "
                                   f"({err.strerror or err}); choose a writable folder") from None
+        if self.sample_record is not None:  # the record forgets the steps after the checkpoint resumed
+            self.sample_record.start(self.step, main, self.engine.barrier)
         reporter = ProgressReporter(self.output_dir / "tensorboard", self.stop_step, self.step, enabled=main,
                                     headline=self.pretrain_module.objective.console_metrics + self.masking.console_metrics)
         reporter.message(
@@ -393,10 +401,13 @@ class Trainer:
             while self.step < self.stop_step and not stop:
                 epoch, start_batch = divmod(self.step, self.steps_per_epoch)
                 fetch_start = time.perf_counter()
-                for images, _labels in self.data.loader(self.loader_spec, epoch, start_batch):
+                batches = self.data.loader(self.loader_spec, epoch, start_batch)
+                for batch, (images, _labels, samples) in enumerate(batches, start_batch):
                     data_wait += time.perf_counter() - fetch_start
                     step_metrics = self.train_step(images)
                     self.step += 1
+                    if self.sample_record is not None:
+                        self.sample_record.write(self.step, epoch, batch, samples)
                     window_steps += 1
                     losses.append(step_metrics["loss"])
                     reporter.advance(self.step)
@@ -426,6 +437,8 @@ class Trainer:
                 signal.signal(sig, handler)
             if metrics_file:
                 metrics_file.close()
+            if self.sample_record is not None:
+                self.sample_record.close()
         preempted = self._stop_signal is not None
         reporter.message(
             f"{'stopped by signal ' + str(self._stop_signal) + ' at' if preempted else 'finished'} step {self.step}"

@@ -7,6 +7,9 @@ Re-recorded once since, on purpose, when the workers began to hand over uint8 ba
 the synthetic images are now rounded to uint8 before the crop); fed the previous float batches,
 the new code reproduced the earlier file bit for bit (single config, 6 steps), so the step itself
 did not change.
+The 2-rank entries were re-recorded on purpose once more (issue 27): global batch k and its masks no
+longer depend on the world size, so they now equal the single-process losses up to reduction-order
+rounding; the single-process entries did not change.
 Kernels are pinned (SDPA attention, the for-loop AdamW that was torch's CPU default when the file
 was recorded; a later key, optim.implementation, pins it), so a refactor that changes what
 a step computes shows up as a different loss.
