@@ -92,6 +92,27 @@ def test_deepspeed_refuses_another_world_size_naming_the_engines_that_can(tmp_pa
     assert check_resume_config(to_dict(saved), saved, _meta(saved, 2, "deepspeed"), "deepspeed", 2, "ckpt") == []
 
 
+@pytest.mark.slow
+def test_the_trainer_asks_its_data_whether_the_order_survives_another_world_size(tmp_path):
+    """A checkpoint recorded as written on 2 ranks, resumed in one process: accepted for a source whose order
+    does not depend on the world size, refused for one whose does (PretrainData.elastic, e.g. a shard stream)."""
+    from scale.checkpoint_io.directory import META
+    from scale.data import build_dataset
+    from scale.trainer import Trainer
+
+    overrides = ("train.global_batch=4", "train.ckpt_every=1")
+    Trainer(tiny_config(tmp_path, *overrides, "train.max_steps=1")).fit()
+    meta_file = next((tmp_path / "run" / "checkpoints").glob(f"step_*/{META}"))
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "world_size": 2}))
+    cfg = tiny_config(tmp_path, *overrides, "train.max_steps=2", "train.resume=auto")
+    streaming = build_dataset(cfg.data, 28, 1)
+    streaming.elastic = False
+    with pytest.raises(CheckpointError, match=r"world_size: 2 -> 1 \(changes the data order"):
+        Trainer(cfg, data=streaming).maybe_resume()
+    trainer = Trainer(cfg)
+    assert trainer.maybe_resume() is not None and trainer.step == 1
+
+
 # ----------------------------------------------------------------------------- runs on 4, 2, 1, 2, 3 ranks
 
 def _segment(out: Path, label: str, world: int, until: int, engine: str) -> dict:

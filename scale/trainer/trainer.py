@@ -187,10 +187,8 @@ class Trainer:
         if path is None:
             return None
         meta = resume_meta(read_meta(path), str(path))
-        # Streaming WebDataset deals shards to world_size x num_workers readers: its order depends on both.
-        elastic_data = self.cfg.data.name != "webdataset"
         for warning in check_resume_config(meta[CONFIG_KEY], self.cfg, meta, self.engine.checkpoint_format,
-                                           self.engine.world_size, str(path), elastic_data):
+                                           self.engine.world_size, str(path), self.data.elastic):
             self._warn(warning)
         try:
             extra = self.engine.load(path)
