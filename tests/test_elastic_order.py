@@ -12,7 +12,8 @@ from typing import Dict, List
 import pytest
 import torch
 
-from conftest import REPO, TINY_OVERRIDES, python_env
+from conftest import REPO, TINY_OVERRIDES
+from test_distributed import check, clean_env
 from test_mae import MAE_TINY
 from test_webdataset_loader import write_shards
 from scale.config import ConfigError, DataConfig, MaskConfig
@@ -132,3 +133,69 @@ def test_a_resume_forgets_the_recorded_steps_after_its_checkpoint(tmp_path):
     record_path(tmp_path, 0).write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(UserError, match=r"data.record_samples: .*rank_0.jsonl line 2 is not a sample record"):
         SampleRecord(tmp_path, 0).start(1, is_main=True, barrier=lambda: None)
+
+
+# ----------------------------------------------------------------------------- whole runs on several world sizes
+
+def launch(world_size: int, out: Path, *overrides: str) -> None:
+    """scale.train on `world_size` gloo ranks (torchrun; one plain process for 1) into `out`."""
+    launcher = (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world_size)]
+                if world_size > 1 else [])
+    cmd = [sys.executable, *launcher, "-m", "scale.train", *TINY_OVERRIDES, "data.record_samples=true",
+           "train.ckpt_every=1000", f"train.output_dir={out}", *overrides]
+    check(subprocess.run(cmd, env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=600))
+
+
+def recorded_steps(out: Path) -> Dict[int, List[dict]]:
+    """step -> every rank's line of it, in rank order."""
+    steps: Dict[int, List[dict]] = {}
+    for path in sorted((out / "samples").glob("rank_*.jsonl"), key=lambda p: int(p.stem.split("_")[1])):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            steps.setdefault(record["step"], []).append(record)
+    return steps
+
+
+def global_batch_of(lines: List[dict]) -> List[int]:
+    return [i for line in lines for i in line["samples"]]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", [(), MAE_TINY], ids=["ocl", "mae"])
+def test_four_and_two_ranks_train_on_the_same_global_batches_to_the_same_losses(tmp_path, method):
+    runs = {}
+    for world_size in (4, 2):
+        out = tmp_path / f"ranks_{world_size}"
+        launch(world_size, out, *method, "train.global_batch=16", "train.max_steps=10")  # drop path is off (0.0)
+        runs[world_size] = (recorded_steps(out), [json.loads(line)["loss"] for line in
+                                                  (out / "metrics.jsonl").read_text().splitlines()])
+    (four, four_losses), (two, two_losses) = runs[4], runs[2]
+    assert sorted(four) == sorted(two) == list(range(1, 11))
+    for step in four:
+        assert len(four[step]) == 4 and len(two[step]) == 2
+        assert global_batch_of(four[step]) == global_batch_of(two[step]), step  # the same samples, the same rows
+        assert len(set(global_batch_of(four[step]))) == 16
+    assert len(four_losses) == len(two_losses) == 10
+    for step, (a, b) in enumerate(zip(four_losses, two_losses), 1):
+        assert abs(a - b) <= 1e-5 * abs(b), (step, a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_an_epoch_resumed_on_2_then_1_then_3_ranks_uses_every_sample_exactly_once(tmp_path):
+    out = tmp_path / "run"
+    common = ("data.num_samples=96", "train.epochs=1", "train.global_batch=12")  # 8 global batches
+    launch(2, out, *common, "train.max_steps=3")
+    launch(1, out, *common, "train.max_steps=5", "train.resume=auto")
+    # A step recorded after the last checkpoint (what a kill between the two leaves): the resume forgets it.
+    (out / "samples" / "rank_0.jsonl").open("a").write(json.dumps({"step": 6, "epoch": 0, "batch": 5,
+                                                                    "samples": [0]}) + "\n")
+    launch(3, out, *common, "train.resume=auto")
+    steps = recorded_steps(out)
+    assert sorted(steps) == list(range(1, 9))
+    assert [len(steps[s]) for s in range(1, 9)] == [2, 2, 2, 1, 1, 3, 3, 3]  # each step split over its run's ranks
+    assert [line["batch"] for s in range(1, 9) for line in steps[s][:1]] == list(range(8))
+    used = [i for s in range(1, 9) for i in global_batch_of(steps[s])]
+    assert sorted(used) == list(range(96))  # every sample of the epoch, none twice
+    assert used == epoch_permutation(96, 0, 0).tolist()  # in the order of one uninterrupted run
