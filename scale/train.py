@@ -6,7 +6,7 @@ import sys
 from typing import List, Optional
 
 from .config import load_config, to_yaml
-from .errors import run_command
+from .errors import DIVERGED_EXIT, PREEMPTED_EXIT, Diverged, run_command
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -38,13 +38,18 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, monitors=build_monitors(cfg, model_spec(cfg.model.name, cfg.model.img_size, cfg.model.in_chans)))
     try:
         summary = trainer.fit()
+    except Diverged as err:  # every rank decided it together; the main rank says it, once
+        if trainer.engine.is_main:
+            print(f"scale-train: {err}", file=sys.stderr, flush=True)
+        return DIVERGED_EXIT
     finally:
         trainer.engine.close()  # tear the process group down so no rank lingers at exit
     # Exit status 3 means "stopped early by SIGUSR1/SIGTERM; a checkpoint was written and
     # `--resume auto` will continue": the SLURM templates (slurm/launch.sh) requeue on it.
     # A run that had already reached its last step when the signal came exits 0 (finished).
+    # A hang exits 4 from the watchdog's thread (scale/trainer/watchdog.py); scale/errors.py lists them all.
     if summary.preempted and summary.final_step < trainer.stop_step:
-        return 3
+        return PREEMPTED_EXIT
     return 0
 
 

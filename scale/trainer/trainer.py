@@ -10,14 +10,13 @@ the config it checks on resume), and `--resume auto` continues bit-for-bit on CP
 from __future__ import annotations
 
 import json
-import math
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -38,6 +37,7 @@ from ..masking import (MASK_GENERATORS, MaskContext, MaskGenerator, build_mask_g
                        step_generator)
 from ..models import build_encoder
 from ..pretraining import PretrainModule, build_pretrain_module
+from .divergence import NONFINITE_ENV, DivergenceGuard, poisoned_for_test
 from .monitors import Monitor
 from .resume_check import check_resume_config, resume_meta
 from .sample_record import SampleRecord
@@ -45,6 +45,8 @@ from .flops import method_step_flops
 from .optim import build_optimizer, build_schedule, learning_rate
 from .plan import run_length
 from .progress import ProgressReporter
+from .watchdog import (CHECKPOINT, COLLECTIVE, DATA_WAIT, FORWARD_BACKWARD, HANG_ENV, MONITORS, HangWatchdog,
+                       hang_injected_for_test, injected_steps)
 
 
 @dataclass
@@ -114,6 +116,15 @@ class Trainer:
         passes = {GRAD_CACHE: GradCache, ACCUMULATE: GradientAccumulation}.get(self.batch_plan.mode)
         self.passes = passes(self.engine, self.batch_plan.chunk) if passes is not None else None
         self.timer: StepTimer = self.engine.timer  # per-step timings, shared with the engine's collectives
+        # Hangs and divergence (docs/reliability.md): the loop marks its phase and heartbeat on the watchdog,
+        # and keeps each step's loss and grad norm on the device for the checks at log and checkpoint steps.
+        self.watchdog = HangWatchdog(self.output_dir, self.engine.rank, cfg.train.hang_timeout_s, self.timer)
+        self.divergence = DivergenceGuard(self.engine, cfg.train.on_nonfinite, cfg.train.max_rollbacks,
+                                          self.output_dir)
+        # Test-only faults (tests/test_watchdog.py, tests/test_divergence.py): steps where this rank hangs or
+        # trains on NaN pixels; empty unless their environment variables name this rank.
+        self._hang_at = injected_steps(HANG_ENV, self.engine.rank)
+        self._nonfinite_at = injected_steps(NONFINITE_ENV, self.engine.rank)
 
     def _groups_of(self, generator_name: str) -> Optional[int]:
         """Visible groups the generator `generator_name` draws under this run's mask config (None: it refuses it)."""
@@ -190,6 +201,11 @@ class Trainer:
         for warning in check_resume_config(meta[CONFIG_KEY], self.cfg, meta, self.engine.checkpoint_format,
                                            self.engine.world_size, str(path), self.data.elastic):
             self._warn(warning)
+        self._load_state(path)
+        return path
+
+    def _load_state(self, path: Path) -> None:
+        """Model, optimizer, step and RNG from the checkpoint `path` (a resume, a rollback)."""
         try:
             extra = self.engine.load(path)
         except UserError:
@@ -200,7 +216,16 @@ class Trainer:
         torch.set_rng_state(extra["rng_cpu"])
         if self.device.type == "cuda" and "rng_cuda" in extra:
             torch.cuda.set_rng_state(extra["rng_cuda"], self.device)
-        return path
+
+    def _roll_back(self, checkpoint: Path) -> None:
+        """train.on_nonfinite=rollback: reload the last good checkpoint through the resume's load path; the
+        sample record forgets the steps after it, as on resume."""
+        with self.watchdog.long_phase(CHECKPOINT, self.step):
+            self._load_state(checkpoint)
+        self.watchdog.restart(self.step)
+        if self.sample_record is not None:
+            self.sample_record.close()
+            self.sample_record.start(self.step, self.engine.is_main, self.engine.barrier)
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> Dict[int, Any]:
@@ -284,6 +309,8 @@ class Trainer:
         self.timer.pop()  # only this step's regions
         with self.timer.time("input"):  # uint8 to the device (non-blocking), decoded there with data.decode=gpu
             batch = self.data.to_device(images, self.device)
+        if self.step + 1 in self._nonfinite_at:
+            batch = poisoned_for_test(batch)
         # Drop path draws from the global RNG: seeded by (seed, step, rank) alone, a step never depends on
         # what drew before it (DataLoader start-up, monitors, a resume).
         seed_global_rng(self.cfg.train.seed, self.step, self.engine.rank, self.device)
@@ -306,6 +333,7 @@ class Trainer:
             self.engine.update_weight_followers()
         metrics: Dict[str, Any] = {"loss": out.loss.detach(), **out.metrics, **masks.metrics}
         if self.engine.world_size > 1:  # log the global loss (mean of the ranks' local losses), not rank 0's
+            self.watchdog.enter(COLLECTIVE, self.step + 1)
             names = list(metrics)
             reduced = self.engine.all_reduce_mean(torch.stack([metrics[n].float().reshape(()) for n in names]))
             metrics = dict(zip(names, reduced.unbind()))
@@ -390,49 +418,78 @@ class Trainer:
         reporter.message(
             f"scale: batch {self.effective_batch} | lr {self.base_lr:.3g} | {self.steps_per_epoch} steps/epoch, "
             f"stopping at step {self.stop_step} of {self.total_steps}" + (f" | resumed from {resumed}" if resumed else ""))
+        if self.divergence.load():  # steps an earlier rollback skipped are skipped again
+            reporter.message(f"scale: skipping the steps {self.divergence.path} records: "
+                             + ", ".join("{}-{}".format(*r["skipped"]) for r in self.divergence.rollbacks))
         previous_handlers = self._install_signal_handlers()
         metrics_file = open(self.output_dir / "metrics.jsonl", "a") if main else None
-        losses: List[torch.Tensor] = []
+        losses: List[Tuple[int, torch.Tensor]] = []  # (step, loss) of each step trained in this process
         steps_at_start = self.step
         last_ckpt: Optional[Path] = resumed
         window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
         stop = False
+        self.watchdog.start()
         try:
             while self.step < self.stop_step and not stop:
                 epoch, start_batch = divmod(self.step, self.steps_per_epoch)
                 fetch_start = time.perf_counter()
+                self.watchdog.enter(DATA_WAIT, self.step + 1)
                 batches = self.data.loader(self.loader_spec, epoch, start_batch)
+                rollback: Optional[Dict[str, Any]] = None
                 for batch, (images, _labels, samples) in enumerate(batches, start_batch):
                     data_wait += time.perf_counter() - fetch_start
-                    step_metrics = self.train_step(images)
+                    # A step a rollback skipped advances without an update: step == data position stays true.
+                    trained = not self.divergence.skips(self.step + 1)
+                    if trained:
+                        self.watchdog.enter(FORWARD_BACKWARD, self.step + 1)
+                        if self.step + 1 in self._hang_at:
+                            hang_injected_for_test()
+                        step_metrics = self.train_step(images)
                     self.step += 1
-                    if self.sample_record is not None:
-                        self.sample_record.write(self.step, epoch, batch, samples)
-                    window_steps += 1
-                    losses.append(step_metrics["loss"])
+                    self.watchdog.step_done(self.step)
+                    if trained:
+                        if self.sample_record is not None:
+                            self.sample_record.write(self.step, epoch, batch, samples)
+                        window_steps += 1
+                        losses.append((self.step, step_metrics["loss"]))
+                        self.divergence.record(self.step, step_metrics)
                     reporter.advance(self.step)
                     at_log_step = self.step % cfg.train.log_every == 0 or self.step == self.stop_step
+                    self.watchdog.enter(COLLECTIVE, self.step)
                     stop = self._stop_requested(at_log_step)
-                    if at_log_step or stop:
+                    at_checkpoint = self.step % cfg.train.ckpt_every == 0 or stop
+                    if at_log_step or at_checkpoint:  # nothing non-finite is logged as good or checkpointed
+                        nonfinite = self.divergence.check(self.step)
+                        if nonfinite is not None:  # stop, or rollbacks used up: Diverged (exit 5)
+                            rollback = self.divergence.decide(nonfinite, last_ckpt)
+                            reporter.message(f"scale: {nonfinite.describe()}; {self.divergence.describe(rollback)}")
+                            break
+                    if (at_log_step or stop) and trained:
                         record = self._window_record(step_metrics, time.perf_counter() - window_start,
                                                      window_steps, data_wait)
-                        if not math.isfinite(record["loss"]):
-                            raise FloatingPointError(f"loss is {record['loss']} at step {self.step}; "
-                                                     f"last checkpoint: {last_ckpt}")
                         reporter.log(self.step, record)
                         if metrics_file:
                             metrics_file.write(json.dumps({"step": self.step, **record}) + "\n")
                             metrics_file.flush()
                         window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-                    if self.step % cfg.train.ckpt_every == 0 or stop:
-                        last_ckpt = self.save_checkpoint()
+                    if at_checkpoint:
+                        with self.watchdog.long_phase(CHECKPOINT, self.step):
+                            last_ckpt = self.save_checkpoint()
                     if stop or self.step >= self.stop_step:
                         break
                     fetch_start = time.perf_counter()
-                window_start += self._run_monitors(reporter, metrics_file, stop)  # monitor time is not step time
+                    self.watchdog.enter(DATA_WAIT, self.step + 1)
+                if rollback is not None:
+                    self._roll_back(Path(rollback["checkpoint"]))
+                    losses = [(step, loss) for step, loss in losses if step <= self.step]
+                    continue
+                with self.watchdog.long_phase(MONITORS, self.step):  # monitor time is not step time
+                    window_start += self._run_monitors(reporter, metrics_file, stop)
             if last_ckpt is None or self.checkpoints.path_for(self.step) != last_ckpt:
-                last_ckpt = self.save_checkpoint()
+                with self.watchdog.long_phase(CHECKPOINT, self.step):
+                    last_ckpt = self.save_checkpoint()
         finally:
+            self.watchdog.close()
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
             if metrics_file:
@@ -446,6 +503,6 @@ class Trainer:
             f"tensorboard --logdir {self.output_dir / 'tensorboard'}")
         reporter.close()
         return TrainSummary(steps_done=self.step - steps_at_start, final_step=self.step,
-                            losses=[float(x) for x in losses],
+                            losses=[float(loss) for _, loss in losses],
                             output_dir=str(self.output_dir), last_checkpoint=str(last_ckpt) if last_ckpt else None,
                             preempted=preempted)
