@@ -346,16 +346,39 @@ def first_start_exits_python(tmp_path: Path, status: int) -> Path:
     return script
 
 
-def test_a_hang_requeues_like_a_preemption(cluster, tmp_path):
-    """The watchdog's exit 4 (no USR1): the job requeues itself and the restart runs on."""
+def hang_on_first_start_python(tmp_path: Path) -> Path:
+    """A PYTHON for the launcher that keeps the test-only hang (SCALE_TEST_HANG_AT) for the job's
+    first start and drops it after a requeue, as a bad node left out of the next allocation."""
+    script = tmp_path / "python"
+    script.write_text("#!/bin/bash\n"
+                      '[ "${SLURM_RESTART_COUNT:-0}" = 0 ] || unset SCALE_TEST_HANG_AT\n'
+                      'exec %s "$@"\n' % sys.executable)
+    script.chmod(0o755)
+    return script
+
+
+def test_a_hang_ends_the_job_with_stacks_and_requeues_it(cluster, reference_run, tmp_path):
+    """The last rank stops making progress in step 6 (the others wait for it in a collective):
+    the watchdogs (train.hang_timeout_s=5) write their stacks and exit 4, the launcher requeues
+    the job like a preemption, and the restart resumes from step 4 to the uninterrupted run's losses."""
+    assert reference_run["state"] == "COMPLETED", reference_run["info"]
     run = tmp_path / "run"
-    job = submit(cluster, tmp_path, run, env_extra={"PYTHON": str(first_start_exits_python(tmp_path, 4))})
-    state = cluster.wait_for(job, {"COMPLETED"}, timeout=JOB_TIMEOUT)
+    job = submit(cluster, tmp_path, run, overrides=[*CPU_OVERRIDES, "train.hang_timeout_s=5"],
+                 env_extra={"PYTHON": str(hang_on_first_start_python(tmp_path)),
+                            "SCALE_TEST_HANG_AT": f"{NTASKS - 1}:6"})
+    state = cluster.wait_for(job, {"COMPLETED"}, timeout=2 * JOB_TIMEOUT)  # two starts
     info = explain(cluster, tmp_path, run, job)
     assert state == "COMPLETED" and cluster.job(job).get("Restarts") == "1", info
+    assert (run / "hang" / f"rank_{NTASKS - 1}_step_6.txt").is_file(), info
     log = job_log(run)
     assert "a rank's watchdog found the run hung and stopped it (exit 4" in log, info
     assert "requeued: the job restarts with --resume auto" in log, info
+    assert f"resumed from {run / 'checkpoints' / 'step_00000004'}" in log, info
+    # metrics.jsonl keeps step 5 of the first start too (run after the checkpoint): the last line of a step counts.
+    resumed = {r["step"]: r["loss"] for r in read_metrics(run)}
+    reference = {r["step"]: r["loss"] for r in read_metrics(reference_run["run"])}
+    assert sorted(resumed) == list(range(1, STEPS + 1)), info
+    assert resumed == reference
 
 
 def test_a_divergence_is_never_requeued(cluster, tmp_path):
