@@ -333,19 +333,6 @@ def test_scancel_is_not_undone_by_a_requeue(cluster, tmp_path):
 
 # ----------------------------------------------------------------------------- hangs and divergence
 
-def first_start_exits_python(tmp_path: Path, status: int) -> Path:
-    """A PYTHON for the launcher whose tasks (`-m scale.train`) exit with `status` on the job's
-    first start and 0 after a requeue; the launcher's own checks run the real interpreter. What
-    the trainer's watchdog (4) and divergence check (5) exit with is their own tests' business;
-    here: what the launcher does with it."""
-    script = tmp_path / "python"
-    script.write_text("#!/bin/bash\n"
-                      'if [ "$1" = -m ]; then [ "${SLURM_RESTART_COUNT:-0}" = 0 ] && exit %d; exit 0; fi\n'
-                      'exec %s "$@"\n' % (status, sys.executable))
-    script.chmod(0o755)
-    return script
-
-
 def hang_on_first_start_python(tmp_path: Path) -> Path:
     """A PYTHON for the launcher that keeps the test-only hang (SCALE_TEST_HANG_AT) for the job's
     first start and drops it after a requeue, as a bad node left out of the next allocation."""
@@ -381,11 +368,12 @@ def test_a_hang_ends_the_job_with_stacks_and_requeues_it(cluster, reference_run,
     assert resumed == reference
 
 
-def test_a_divergence_is_never_requeued(cluster, tmp_path):
-    """exit 5 (a non-finite loss or gradient norm) would diverge again: the job ends FAILED
-    with that status, once, and the log says why."""
+def test_a_divergence_ends_the_job_once_without_a_requeue(cluster, tmp_path):
+    """The last rank trains step 6 on NaN pixels (SCALE_TEST_NONFINITE_AT), train.on_nonfinite=stop:
+    the trainer exits 5 with its one line, and the launcher does not requeue (it would diverge
+    again): the job ends FAILED with status 5, once, and its log says why."""
     run = tmp_path / "run"
-    job = submit(cluster, tmp_path, run, env_extra={"PYTHON": str(first_start_exits_python(tmp_path, 5))})
+    job = submit(cluster, tmp_path, run, env_extra={"SCALE_TEST_NONFINITE_AT": f"{NTASKS - 1}:6"})
     state = cluster.wait_for(job, {"FAILED"}, timeout=JOB_TIMEOUT)
     time.sleep(2)  # a requeue would have shown by now
     info = cluster.job(job)
@@ -393,6 +381,8 @@ def test_a_divergence_is_never_requeued(cluster, tmp_path):
         explain(cluster, tmp_path, run, job)
     log = job_log(run)
     assert "ERROR: the run diverged (exit 5" in log and "not requeueing" in log, log
+    err = (run / "slurm" / f"ocl-vitb-{job}.err").read_text()
+    assert f"diverged: loss is nan at step 6; last good checkpoint: {run / 'checkpoints' / 'step_00000004'}" in err, err
 
 
 # ----------------------------------------------------------------------------- another allocation
