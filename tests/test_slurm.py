@@ -12,7 +12,12 @@
 - preemption: `scancel --signal=USR1 --batch` (what `#SBATCH --signal=B:USR1@T` sends),
   then, after the requeue, `scancel --signal=USR1` to the tasks themselves (what a
   signal without `B:` does): each time the job checkpoints and requeues itself, resumes
-  from the checkpoint's step, and ends with the losses of the uninterrupted run.
+  from the checkpoint's step, and ends with the losses of the uninterrupted run;
+- a node range (--nodes=MIN-MAX): the world size is the allocation's (DRY_RUN with 3 nodes
+  of a 1-3 range; a real 1-2 range below);
+- a hang (the watchdog's exit 4) requeues like a preemption; a divergence (exit 5) never;
+- another allocation: a 2-task job preempted, resubmitted with 1 task, preempted, then with 3
+  tasks, finishes the epoch with every sample exactly once (data.record_samples).
 
 The cluster (tests/slurm_cluster.py) installs SLURM with apt-get when it is missing; the
 SLURM tests are skipped, with the reason, only where that is impossible.
