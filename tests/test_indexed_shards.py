@@ -3,6 +3,7 @@ written elsewhere, and the map-style reader whose global batches do not depend o
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 from pathlib import Path
@@ -14,6 +15,8 @@ import webdataset as wds
 
 from scale.config import DataConfig
 from scale.data import LoaderSpec, PretrainData, build_dataset
+from scale.data.base import sample_seed
+from scale.data.gpu_decode import EncodedBatch
 from scale.data.indexed_shards import IndexedShardData
 from scale.data.wds_stream import WebDatasetData
 from scale.errors import UserError, one_line
@@ -241,3 +244,90 @@ def test_a_streamed_split_is_not_elastic_and_an_indexed_one_is(tmp_path: Path,
     assert isinstance(piped, WebDatasetData) and piped.elastic is False
     assert build(indexed_shards(tmp_path / "indexed")).elastic is True
     assert build(tmp_path / "indexed", resampled=True).elastic is False  # resampled streams stay streams
+
+
+# ----------------------------------------------------------------------------- data.decode: gpu over indexed shards
+
+CPU = torch.device("cpu")
+
+
+def encoded_rows(batch: EncodedBatch) -> List[Tuple[bytes, List[int], List[int], int]]:
+    """Each row of an encoded batch as the device gets it: (JPEG bytes, crop, original size, seed)."""
+    return [(batch.jpeg(row), batch.crops[row].tolist(), batch.sizes[row].tolist(), int(batch.seeds[row]))
+            for row in range(len(batch))]
+
+
+def encoded_global_batches(data: PretrainData, world: int, workers: int, global_batch: int,
+                           epoch: int = 0) -> List[Tuple[list, torch.Tensor, torch.Tensor]]:
+    """(encoded rows, pixels decoded on the CPU, sample indices) of each global batch: every rank's rows."""
+    per_rank = [list(data.loader(LoaderSpec(batch_size=global_batch // world, seed=3, rank=rank, world_size=world,
+                                            num_workers=workers), epoch))
+                for rank in range(world)]
+    batches = []
+    for ranks in zip(*per_rank):
+        assert all(isinstance(images, EncodedBatch) for images, _, _ in ranks)
+        batches.append(([row for images, _, _ in ranks for row in encoded_rows(images)],
+                        torch.cat([images.decode(CPU)[0] for images, _, _ in ranks]),
+                        torch.cat([indices for _, _, indices in ranks])))
+    return batches
+
+
+def test_decode_gpu_reads_indexed_shards_by_sample_in_the_elastic_order(tmp_path: Path) -> None:
+    data = build(indexed_shards(tmp_path / "shards"), decode="gpu")
+    assert isinstance(data, IndexedShardData) and data.elastic
+    reference = encoded_global_batches(data, world=1, workers=0, global_batch=8, epoch=1)
+    assert len(reference) == 46 // 8
+    for world, workers in ((2, 0), (2, 2)):
+        batches = encoded_global_batches(data, world, workers, global_batch=8, epoch=1)
+        assert len(batches) == len(reference)
+        for (rows, pixels, indices), (want_rows, want_pixels, want_indices) in zip(batches, reference):
+            assert torch.equal(indices, want_indices) and rows == want_rows, (world, workers)
+            assert torch.equal(pixels, want_pixels), (world, workers)
+    # Global batch k is MapStyleData's slice of the epoch order, each crop drawn from its sample's own seed.
+    order = data.epoch_order(3, 1)
+    transform = data.items.transform
+    for k, (rows, _, indices) in enumerate(reference):
+        assert torch.equal(indices, order[8 * k:8 * (k + 1)])
+        for (_, crop, size, seed), index in zip(rows, indices.tolist()):
+            assert seed == sample_seed(3, 1, index)
+            assert crop == transform.params(*size, seed).as_list()
+    assert build(tmp_path / "shards", decode="gpu", resampled=True).elastic is False  # resampled stays a stream
+
+
+def test_decode_gpu_indexed_batches_are_what_the_streaming_gpu_path_makes_of_the_same_samples(tmp_path: Path) -> None:
+    """The same shards streamed (no index) and indexed: each row of the stream's encoded batch, rebuilt by the
+    indexed source from that sample under the stream's seed for it, is the same bytes, crop, size and pixels."""
+    write_shards(tmp_path / "plain", SIZES)
+    streamed = build(tmp_path / "plain", decode="gpu")
+    indexed = build(indexed_shards(tmp_path / "indexed"), decode="gpu")
+    assert isinstance(streamed, WebDatasetData) and isinstance(indexed, IndexedShardData)
+    for images, labels, _ in itertools.islice(streamed.loader(LoaderSpec(batch_size=8, seed=3), 0), 3):
+        # Labels are the running sample number, so label i is sample i of the shard set.
+        samples = [indexed.load_sample(int(index), int(seed)) for index, seed in zip(labels, images.seeds)]
+        rebuilt, rebuilt_labels, replaced = indexed.collate(samples)
+        assert isinstance(rebuilt, EncodedBatch) and torch.equal(rebuilt_labels, labels) and not replaced.any()
+        assert encoded_rows(rebuilt) == encoded_rows(images)
+        assert torch.equal(rebuilt.decode(CPU)[0], images.decode(CPU)[0])
+
+
+def test_decode_gpu_indexed_shards_replace_and_count_corrupt_samples_in_the_worker_and_on_the_device(
+        tmp_path: Path) -> None:
+    """Sample 5 is no image: the worker replaces it, as on the CPU path. Sample 9 is a JPEG cut short after
+    its header: only the device finds out, and replaces it there, keeping its label. Both are counted."""
+    root = tmp_path / "shards"
+    root.mkdir()
+    for s in range(2):
+        with wds.TarWriter(str(root / f"train-{s:06d}.tar")) as sink:
+            for i in range(8 * s, 8 * s + 8):
+                image = b"this is not an image" * 10 if i == 5 else jpeg_bytes(i)
+                image = image[:len(image) * 7 // 10] if i == 9 else image
+                sink.write({"__key__": f"{i:06d}", "jpg": image, "cls": b"%d" % i})
+    assert verify.main([str(root), "--index", "--workers", "1"]) == 0
+    data = build(root, decode="gpu")
+    assert isinstance(data, IndexedShardData)
+    batches = list(data.loader(LoaderSpec(batch_size=8, seed=0), 0))
+    assert sorted(torch.cat([indices for _, _, indices in batches]).tolist()) == list(range(16))
+    for images, labels, indices in batches:
+        assert data.prepare(images, CPU).shape == (8, 3, IMG, IMG)
+        assert (labels[indices != 5] == indices[indices != 5]).all()  # a stand-in's label only where the worker replaced
+    assert data.device_input.replaced == 1 and data.skipped_samples() == 2

@@ -2,11 +2,14 @@
 
 The webdataset source takes this path when every shard of the split is a local file with its
 member-offset index next to it (`NAME.tar.idx.json`, scale/shards/shard_index.py: the converters
-write it, `scale-verify-shards --index DIR` builds it for shards written by other tools), the split
-is read finitely (not data.resampled) and decoded on the CPU. Samples are numbered shard by shard,
-in the order the manifest (or the brace pattern, or the sorted directory) lists the shards, and in
-each shard's own order. Sample i is one positioned read (os.pread) of its members' bytes, parsed as
-a tar in memory and decoded by the streaming path's code (`wds_stream.decode_sample`).
+write it, `scale-verify-shards --index DIR` builds it for shards written by other tools) and the
+split is read finitely (not data.resampled). Samples are numbered shard by shard, in the order the
+manifest (or the brace pattern, or the sorted directory) lists the shards, and in each shard's own
+order. Sample i is one positioned read (os.pread) of its members' bytes, parsed as a tar in memory
+and made into a batch item by the streaming path's code (`wds_stream.decode_sample`, with the same
+`items`): with data.decode=cpu a finished uint8 image; with data.decode=gpu the JPEG's bytes and the
+crop and flip drawn from the sample's seed (scale/data/gpu_decode.py), which `collate` batches into
+the EncodedBatch the device decodes, as the stream's workers do.
 
 Order. MapStyleData's (scale/data/map_style.py): global batch k of an epoch is a fixed slice of
 `epoch_order` and each rank takes its rows, so the batches depend on (seed, epoch, shard set,
@@ -26,7 +29,9 @@ once, at start-up (about 60 bytes a sample).
 Corrupt samples are replaced, not dropped, as the image-folder source replaces bad files: sample i
 that does not read or decode takes the first good one of its fixed stand-ins
 (`image_folder.stand_ins`, drawn from i alone) under i's own augmentation seed, warned (rate
-limited) and counted; if none decodes it becomes a zero image labelled UNREADABLE.
+limited) and counted; if none decodes it becomes a zero image labelled UNREADABLE. With
+data.decode=gpu a worker reads only a JPEG's header, so a body that does not decode is found on the
+device and replaced there (`EncodedBatch.decode`), and counted too.
 
 An index that does not fit its shard (not the format, wrong types, a span outside the tar or off a
 512-byte block, spans out of order, a size that is not the tar's, a sample count the manifest does
@@ -49,11 +54,11 @@ from torch.utils.data import Dataset
 from ..config import ConfigError
 from ..shards.shard_index import ShardIndex, index_path, load_index, split_member_name
 from .base import epoch_permutation, sample_seed
-from .device_input import DeviceInput
+from .device_input import DeviceInput, HostBatch
 from .image_folder import REPLACEMENT_TRIES, stand_ins
 from .map_style import UNREADABLE, MapStyleData, Sample
 from .transforms import RateLimitedWarning
-from .wds_stream import CorruptSample, CpuItems, ShardSet, _local_path, decode_sample
+from .wds_stream import CorruptSample, SampleItems, ShardSet, _local_path, decode_sample
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +157,13 @@ class IndexedShards(Dataset):
 
 
 class IndexedShardData(MapStyleData):
-    """MapStyleData over IndexedShards, in a read-local `epoch_order`; bad samples are replaced."""
+    """MapStyleData over IndexedShards, in a read-local `epoch_order`; bad samples are replaced.
+    `items` (CpuItems or DeviceJpegItems, as data.decode says) makes each sample's image a batch
+    item and batches them, as in the stream's workers."""
 
     source: IndexedShards
 
-    def __init__(self, source: IndexedShards, items: CpuItems, device_input: DeviceInput, *,
+    def __init__(self, source: IndexedShards, items: SampleItems, device_input: DeviceInput, *,
                  shuffle_buffer: int, shards: ShardSet):
         super().__init__(source, items.transform, device_input)
         self.items, self.shuffle_buffer, self.shards = items, shuffle_buffer, shards
@@ -175,6 +182,16 @@ class IndexedShardData(MapStyleData):
         keys = torch.arange(len(order), dtype=torch.float64).div_(self.shuffle_buffer).floor_()
         keys += torch.rand(len(order), dtype=torch.float64, generator=generator)
         return order[torch.argsort(keys)]
+
+    def collate(self, samples: List[Sample]) -> Tuple[HostBatch, torch.Tensor, torch.Tensor]:
+        """`items` batches the images: stacked uint8, or an EncodedBatch for the device."""
+        images, labels, replaced = zip(*samples)
+        return (self.items.collate(list(images)), torch.tensor(labels, dtype=torch.int64),
+                torch.tensor(replaced, dtype=torch.int64))
+
+    def skipped_samples(self) -> int:
+        """Samples replaced in the workers plus, with data.decode=gpu, JPEGs the device could not decode."""
+        return super().skipped_samples() + self.device_input.replaced
 
     def load_sample(self, index: int, seed: int) -> Sample:
         for candidate in stand_ins(index, len(self.source)):

@@ -20,11 +20,11 @@ import itertools
 from typing import Any, Iterator, List, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..errors import UserError
 from .base import Batch, LoaderSpec, PretrainData, epoch_permutation, sample_seed
-from .device_input import DeviceInput
+from .device_input import DeviceInput, HostBatch
 from .loader_workers import ignore_stop_signals, loader_generator, start_workers
 from .transforms import Transform
 
@@ -60,6 +60,12 @@ class MapStyleData(PretrainData):
         """Sample `index` augmented under `seed` (sources that can meet bad files override this)."""
         image, label = self.source[index]
         return self.transform(image, seed), int(label), 0
+
+    def collate(self, samples: List[Sample]) -> Tuple[HostBatch, torch.Tensor, torch.Tensor]:
+        """A batch's samples -> (images, labels, replaced flags), in the worker: uint8 images stacked
+        (into shared memory). Indexed shards override it to batch what `data.decode` makes of a sample
+        (encoded JPEGs for the device, scale/data/indexed_shards.py)."""
+        return default_collate(samples)
 
     def epoch_order(self, seed: int, epoch: int) -> torch.Tensor:
         """Every sample of `epoch` in the order global batches take them: a permutation of (seed, epoch)
@@ -97,7 +103,8 @@ class MapStyleData(PretrainData):
             offsets.append(offsets[-1] + len(batch))
         positions = [list(range(a, b)) for a, b in zip(offsets, offsets[1:])]
         loaded = start_workers(DataLoader(_SeededView(self, indices, seeds), batch_sampler=positions,
-                                          num_workers=spec.num_workers, pin_memory=spec.pin_memory,
+                                          collate_fn=self.collate, num_workers=spec.num_workers,
+                                          pin_memory=spec.pin_memory,
                                           persistent_workers=False, worker_init_fn=ignore_stop_signals,
                                           generator=loader_generator(sample_seed(spec.seed, epoch, -2 - spec.rank))))
         return self._count_skips(loaded, batches, epoch, start_batch)

@@ -4,11 +4,12 @@ Registered as dataset "webdataset" (the module has another name so that it never
 shadows the `webdataset` package it imports).
 
 A split whose local shards all have their member-offset index (NAME.tar.idx.json: the
-converters write it, `scale-verify-shards --index` builds it) and that is read finitely and
-decoded on the CPU is not streamed: the builder hands it to scale/data/indexed_shards.py,
+converters write it, `scale-verify-shards --index` builds it) and that is read finitely (with
+either data.decode) is not streamed: the builder hands it to scale/data/indexed_shards.py,
 which reads it by sample in an order independent of the ranks and workers (`elastic`).
-What follows is the stream, whose order depends on world_size x num_workers; the builder
-warns when local shards are streamed for want of an index.
+What follows is the stream (pipe:/URL roots, shards without an index, resampled mode), whose
+order depends on world_size x num_workers; the builder warns when local shards are streamed
+for want of an index.
 
 How one rank's epoch is built (W = max(1, num_workers) DataLoader workers):
 
@@ -596,17 +597,16 @@ def build_webdataset(cfg: WebDatasetConfig | DataConfig, img_size: int, in_chans
     transform = build_pretrain_transform(cfg, img_size, in_chans)
     # Here, not at the top: indexed_shards builds on this module's reader parts.
     from .indexed_shards import IndexedShardData, IndexedShards, shard_indexes
+    items = DeviceJpegItems(transform) if cfg.decode == "gpu" else CpuItems(transform)
     indexes, streamed_because = (None, "data.resampled is true") if resampled else shard_indexes(shards)
-    if indexes is not None and cfg.decode == "cpu":
+    if indexes is not None:
         log.info("%s %r: %d indexed shards, read by sample: the order does not depend on the world size or "
                  "data.num_workers (a run resumes on any allocation)", setting, root, len(indexes))
-        return IndexedShardData(IndexedShards([_local_path(u) for u in shards.urls], indexes), CpuItems(transform),
+        return IndexedShardData(IndexedShards([_local_path(u) for u in shards.urls], indexes), items,
                                 DeviceInput(cfg.mean, cfg.std), shuffle_buffer=cfg.shuffle_buffer, shards=shards)
-    if indexes is not None:
-        streamed_because = "data.decode is gpu (the indexed reader decodes on the CPU)"
     # Local shards without an index are the case a user can change, so it is a warning (what reaches stderr,
-    # since scale configures no logging); a URL root, resampling or GPU decoding is chosen, so it is info.
-    can_index = indexes is None and not resampled and all(_local_path(u) is not None for u in shards.urls)
+    # since scale configures no logging); a URL root or resampling is chosen, so it is info.
+    can_index = not resampled and all(_local_path(u) is not None for u in shards.urls)
     log.log(logging.WARNING if can_index else logging.INFO,
             "%s %r: shards read as a stream, because %s: the order depends on the world size x data.num_workers, "
             "so a resume must keep both", setting, root, streamed_because)
@@ -614,6 +614,5 @@ def build_webdataset(cfg: WebDatasetConfig | DataConfig, img_size: int, in_chans
         shards = count_by_scanning(shards)
     # Resampled epochs: the manifest's sample count, else data.num_samples.
     epoch_samples = cfg.num_samples if resampled and shards.counts is None else None
-    items = DeviceJpegItems(transform) if cfg.decode == "gpu" else CpuItems(transform)
     return WebDatasetData(shards, items, DeviceInput(cfg.mean, cfg.std), resampled=resampled,
                           epoch_samples=epoch_samples, shuffle_buffer=cfg.shuffle_buffer)
