@@ -13,10 +13,12 @@ CPU path, and a batch in which no image decodes stops the run. nvJPEG runs on it
 streams, which do not wait for work queued on the training stream (pytorch/vision#9606), so the
 device is synchronised around the decode: one host sync per step.
 
-Crop and flip are a function of (seed, epoch, sample index) and the batches' bytes of the
-sample stream, so exact resume holds as on the CPU path; pixels differ from the CPU path's
-full-scale decode by the decoders' rounding (0.2 levels of 255 on average, measured on the CPU),
-and more where the CPU path decodes a large JPEG at a reduced DCT scale.
+Crop and flip are a function of the sample's seed ((seed, epoch, sample index)) and its bytes,
+so exact resume holds as on the CPU path. The stream's workers and the indexed-shard reader
+(scale/data/indexed_shards.py, whose order does not depend on the allocation) both build their
+batches with `DeviceJpegItems`: a sample under a seed is the same row on either. Pixels differ
+from the CPU path's full-scale decode by the decoders' rounding (0.2 levels of 255 on average,
+measured on the CPU), and more where the CPU path decodes a large JPEG at a reduced DCT scale.
 """
 from __future__ import annotations
 
