@@ -26,7 +26,9 @@ Checkpoints are DeepSpeed's own (engine.save_checkpoint/load_checkpoint), with o
 trainer state as client state, written and read by scale/checkpoint_io/deepspeed.py with
 torch.load(weights_only=True), allowing only the data classes DeepSpeed's own checkpoints
 hold, so a crafted checkpoint cannot run code on resume or export; a config asking for
-DeepSpeed's universal checkpoints (read with pickle) is refused here.
+DeepSpeed's universal checkpoints (read with pickle) is refused here. A checkpoint written on
+another number of ranks is gathered whole from every old rank's partitions and set into this
+engine's (ZeRO 1/2/3; scale/checkpoint_io/deepspeed.py), so a run resumes on any world size.
 """
 from __future__ import annotations
 

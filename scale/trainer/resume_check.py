@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterator, List, Tuple
 
-from ..checkpoint_io import deepspeed as deepspeed_checkpoint
 from ..checkpoint_io.directory import CONFIG_KEY, META, CheckpointError
 from ..config import DEFAULT_MICRO_BATCH, RENAMED_KEYS, RunConfig, saved_batch_keys, to_dict
 
@@ -132,16 +131,13 @@ def saved_global_batch(saved_train: Dict[str, Any], world_size: int) -> Any:
     return micro * world_size if isinstance(micro, int) else None
 
 
-def _world_size_reason(cfg: RunConfig, checkpoint_format: str, elastic_data: bool,
-                       old_global: Any) -> Any:
-    """Why resuming on another number of ranks is refused (None: it is not). Torch-file checkpoints
-    (single, DDP) hold whole tensors and DCP (FSDP2) reshards on load; DeepSpeed's ZeRO partitions do not."""
+def _world_size_reason(cfg: RunConfig, elastic_data: bool, old_global: Any) -> Any:
+    """Why resuming on another number of ranks is refused (None: it is not). Every engine's checkpoint
+    loads on another world size: torch files (single, DDP) hold whole tensors, DCP (FSDP2) reshards on load,
+    and DeepSpeed's ZeRO partitions are gathered whole and partitioned anew (checkpoint_io/deepspeed.py)."""
     if not elastic_data:
         return (f"the data order: data.name={cfg.data.name!r} streams shards dealt to world_size x num_workers "
                 "readers; map-style sources (synthetic, imagefolder) and indexed shards resume on another world size")
-    if checkpoint_format == deepspeed_checkpoint.FORMAT:
-        return ("the ZeRO partitions: DeepSpeed loads its checkpoints on the world size that wrote them only; "
-                "engines single, ddp and fsdp resume on another world size")
     if cfg.train.global_batch is None:
         return (f"the global batch: train.global_batch is null, so it is micro_batch x ranks; set "
                 f"train.global_batch={old_global} to keep the checkpoint's")
@@ -172,7 +168,7 @@ def check_resume_config(saved: Dict[str, Any], cfg: RunConfig, saved_meta: Dict[
         if key == ENGINE_FAMILY:
             reason = "the checkpoint format"
         elif key == WORLD_SIZE:
-            reason = _world_size_reason(cfg, checkpoint_format, elastic_data, old_global)
+            reason = _world_size_reason(cfg, elastic_data, old_global)
             if reason is None:  # allowed: the global batch is kept, each rank's share re-derived
                 warnings.append(f"resuming {checkpoint} on {new} ranks (written on {old}): global batch "
                                 f"{cfg.train.global_batch} kept, {cfg.train.global_batch // new} images per rank")

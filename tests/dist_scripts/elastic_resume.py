@@ -32,6 +32,8 @@ torch.set_num_threads(1)
 def full_state(trainer: Trainer) -> Optional[Dict[str, Any]]:
     """Model, AdamW moments and steps, learning rates and the trainer's step, whole (collective; rank 0
     gets them, the other ranks None)."""
+    if trainer.engine.name == "deepspeed":
+        return deepspeed_full_state(trainer)
     model, optim = get_state_dict(trainer.pretrain_module, trainer.engine.optimizer,
                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not trainer.engine.is_main:
@@ -41,6 +43,32 @@ def full_state(trainer: Trainer) -> Optional[Dict[str, Any]]:
                         for name, state in optim["state"].items() for key, value in state.items()},
             "lr": [group["lr"] for group in trainer.engine.optimizer.param_groups],
             "step": trainer.step}
+
+
+def deepspeed_full_state(trainer: Trainer) -> Optional[Dict[str, Any]]:
+    """full_state under DeepSpeed, whose ZeRO optimizer torch's get_state_dict cannot read: the module
+    whole, and each trainable parameter's fp32 master copy and AdamW moments gathered from the ZeRO
+    partitions (collective), with the partitions' AdamW step (one for all)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    engine = trainer.engine
+    model = engine.full_state_dict()
+    if engine.zero_stage < 3:
+        # ZeRO 1/2 link each parameter to its AdamW state after the first group's first step (DeepSpeed
+        # 0.19.8), when the other groups have none yet; link again, now that every group has one.
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    moments: Dict[str, Any] = {}
+    for name, param in engine.unwrapped().named_parameters():
+        if param.requires_grad:
+            moments[f"{name}/fp32"] = safe_get_full_fp32_param(param).detach().clone().reshape(-1)
+            for key in ("exp_avg", "exp_avg_sq"):
+                moments[f"{name}/{key}"] = safe_get_full_optimizer_state(param, key).detach().clone().reshape(-1)
+    moments["step"] = sorted({float(state["step"]) for state in engine.optimizer.optimizer.state.values()})
+    if not engine.is_main:
+        return None
+    return {"model": {k: v.reshape(-1) for k, v in model.items()}, "moments": moments,
+            "lr": [group["lr"] for group in engine.optimizer.param_groups], "step": trainer.step}
 
 
 class RecordingTrainer(Trainer):
