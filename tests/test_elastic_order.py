@@ -131,7 +131,7 @@ def test_a_resume_forgets_the_recorded_steps_after_its_checkpoint(tmp_path):
     assert steps == {0: [1, 2, 3], 1: [1, 2, 3, 4], 2: [1, 2]} and barriers == [1]
     assert json.loads(record_path(tmp_path, 1).read_text().splitlines()[-1])["samples"] == [7, 8]
     record_path(tmp_path, 0).write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    with pytest.raises(UserError, match=r"data.record_samples: .*rank_0.jsonl line 2 is not a sample record"):
+    with pytest.raises(UserError, match=r"rank_0.jsonl line 2 is not a line of the sample record \(data.record_samples\)"):
         SampleRecord(tmp_path, 0).start(1, is_main=True, barrier=lambda: None)
 
 

@@ -57,6 +57,10 @@ def test_resume_is_bit_exact(tmp_path):
     again = Trainer(tiny_config(tmp_path / "b", "data.num_workers=1",
                                 f"train.resume={tmp_path / 'b/run/checkpoints/step_00000012'}")).fit()
     assert again.losses == full.losses[12:]
+    # metrics.jsonl is the history of the model that went on: each step once, the last run's lines after step 12.
+    logged = [json.loads(line) for line in (tmp_path / "b/run/metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in logged if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 16, steps
 
 
 @pytest.mark.slow

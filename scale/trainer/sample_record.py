@@ -17,38 +17,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, List, Optional, TextIO
+from typing import Callable, Optional, TextIO
 
 import torch
 
-from ..atomic_files import write_text_atomically
 from ..config import ConfigError
 from ..data import PretrainData
-from ..errors import UserError
+from .step_log import forget_steps_after
 
 SAMPLES_DIR = "samples"
 
 
 def record_path(output_dir: Path, rank: int) -> Path:
     return output_dir / SAMPLES_DIR / f"rank_{rank}.jsonl"
-
-
-def lines_up_to(path: Path, step: int) -> List[str]:
-    """The lines of the record `path` of steps <= `step`. A last line without its newline is a
-    write cut short by a kill (a step after any checkpoint) and is dropped; any other line that
-    is not a record is a UserError naming the file."""
-    kept = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(keepends=True), 1):
-        if not line.endswith("\n"):
-            break
-        try:
-            line_step = int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"data.record_samples: {path} line {number} is not a sample record "
-                            '({"step": ..., "samples": [...]}); move the file away to start the record afresh') from None
-        if line_step <= step:
-            kept.append(line)
-    return kept
 
 
 class SampleRecord:
@@ -74,7 +55,7 @@ class SampleRecord:
         if is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
             for path in sorted(self.folder.glob("rank_*.jsonl")):
-                write_text_atomically(path, "".join(lines_up_to(path, step)))
+                forget_steps_after(path, step, "the sample record (data.record_samples)")
         barrier()
         self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # line-buffered: a kill loses no step
 

@@ -41,9 +41,11 @@ from .divergence import NONFINITE_ENV, DivergenceGuard, poisoned_for_test
 from .monitors import Monitor
 from .resume_check import check_resume_config, resume_meta
 from .sample_record import SampleRecord
+from .step_log import forget_steps_after
 from .flops import method_step_flops
 from .optim import build_optimizer, build_schedule, learning_rate
 from .plan import run_length
+from ..plot import METRICS_FILE
 from .progress import ProgressReporter
 from .watchdog import (CHECKPOINT, COLLECTIVE, DATA_WAIT, FORWARD_BACKWARD, HANG_ENV, MONITORS, HangWatchdog,
                        hang_injected_for_test, injected_steps)
@@ -422,7 +424,9 @@ class Trainer:
             reporter.message(f"scale: skipping the steps {self.divergence.path} records: "
                              + ", ".join("{}-{}".format(*r["skipped"]) for r in self.divergence.rollbacks))
         previous_handlers = self._install_signal_handlers()
-        metrics_file = open(self.output_dir / "metrics.jsonl", "a") if main else None
+        if main and resumed:  # the lines of steps after the checkpoint describe a model that was lost
+            forget_steps_after(self.output_dir / METRICS_FILE, self.step, "the metrics log")
+        metrics_file = open(self.output_dir / METRICS_FILE, "a") if main else None
         losses: List[Tuple[int, torch.Tensor]] = []  # (step, loss) of each step trained in this process
         steps_at_start = self.step
         last_ckpt: Optional[Path] = resumed
