@@ -22,7 +22,9 @@ setup(
         "timm>=1.0",
         "webdataset>=0.2.86",
         "accelerate>=0.30",
-        "deepspeed>=0.14",
+        # A resume on another world size reads ZeRO partitions with DeepSpeed's own layout functions
+        # (private API, scale/checkpoint_io/deepspeed.py); 0.19.8 is the release tested with them.
+        "deepspeed>=0.19.8",
         "matplotlib",
         "pyyaml",
         "safetensors",
