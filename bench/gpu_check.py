@@ -85,11 +85,12 @@ import torch
 import torch.nn as nn
 
 from bench.common import GIB, JPEG_SIZES, REPO, fmt_bytes, smooth_noise_image, sync, write_json
-from bench.train_step import activation_bytes_per_image, ocl_tokens_per_image, param_count, run_child
+from bench.train_step import ocl_tokens_per_image, run_child
 from scale.config import load_config, to_dict
 from scale.data import LoaderSpec, build_dataset
 from scale.device import autocast_dtype
 from scale.engine import plan_batch
+from scale.engine.memory_plan import activation_bytes_per_image, param_count
 from scale.masking import MaskContext, build_mask_generator
 from scale.models import MODELS
 from scale.models.attention import BackendAttention, xformers_available, xformers_problem

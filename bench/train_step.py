@@ -53,6 +53,9 @@ import yaml
 from bench.common import GIB, REPO, fmt_bytes, peak_rss_bytes, rss_bytes, sync
 from scale.config import load_config
 from scale.engine import plan_batch
+from scale.engine.memory_plan import (STATE_BYTES_PER_PARAM, StepMemory, activation_bytes_per_image,
+                                     largest_micro_batch, param_count)
+from scale.masking.base import visible_count
 from scale.models import MODELS, ViTSpec
 from scale.models.attention import xformers_problem
 from scale.trainer import Trainer, step_plan
@@ -104,61 +107,22 @@ def full_token_flops(spec: ViTSpec, batch: int) -> int:
 
 
 # ----------------------------------------------------------------------------- activation memory
-
-def block_activation_bytes_per_token(dim: int, mlp_ratio: float, bf16: bool) -> float:
-    """Bytes autograd keeps per token per timm Block (flash / memory-efficient attention: no N^2 term).
-
-    Saved for backward: norm1 input x (fp32 residual), qkv input, q/k/v, attention output,
-    proj input (the transpose-reshape copy), norm2 input (fp32 residual), fc1 input, fc1 output
-    (GELU input), GELU output (fc2 input). Under bf16 autocast the residual stream and the
-    LayerNorm inputs stay fp32 (4 bytes), every linear's saved input/output is bf16 (2 bytes);
-    fp32 runs keep 4 bytes everywhere:
-        fp32: (4+4+12+4+4+4+4) h + 2 * 4 * (r h) = 36 h + 8 r h   (= 68 h for r = 4)
-        bf16: (4+2+6+2+2+4+2) h + 2 * 2 * (r h) = 22 h + 4 r h   (= 38 h for r = 4)
-    """
-    h, hidden = dim, dim * mlp_ratio
-    return (22 * h + 4 * hidden) if bf16 else (36 * h + 8 * hidden)
-
-
-def activation_bytes_per_image(spec: ViTSpec, tokens_per_image: int, bf16: bool, checkpointed: bool) -> float:
-    """Activation memory per image of a forward+backward.
-
-    Without AC: every block's saved tensors (backward frees a block's as it goes, which offsets
-    the gradient buffers: on CPU at batch 3661 the measured slope was within 2% of this).
-    AC full: each block's fp32 input, plus in backward the block being recomputed: its saved
-    tensors and about as much again in activation gradients (on CPU at batch 2048 this
-    overestimated the measured slope by ~20%: conservative).
-    """
-    per_block = block_activation_bytes_per_token(spec.embed_dim, spec.mlp_ratio, bf16) * tokens_per_image
-    if checkpointed:
-        return spec.depth * 4 * spec.embed_dim * tokens_per_image + 2 * per_block
-    return spec.depth * per_block
-
+# The estimate itself is the library's (scale/engine/memory_plan.py, which train.micro_batch: auto uses).
 
 def ocl_tokens_per_image(spec: ViTSpec, mask_ratio: float, groups: int = 2) -> Tuple[int, int]:
     """(visible patches per group, tokens per image incl. one CLS per group), as RandomGroupMasking."""
-    keep = int(spec.num_patches * (1.0 - mask_ratio))
-    keep -= keep % groups
-    return keep // groups, groups * (1 + keep // groups)
-
-
-def param_count(spec: ViTSpec) -> int:
-    d, hidden = spec.embed_dim, int(spec.embed_dim * spec.mlp_ratio)
-    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d)
-    embed = spec.in_chans * spec.patch_size ** 2 * d + d + d
-    return spec.depth * block + embed + 2 * d
+    per_group = visible_count(spec.num_patches, mask_ratio, groups) // groups
+    return per_group, groups * (1 + per_group)
 
 
 def gpu_estimates(memory_gib: float = 80.0, usable: float = 0.9) -> List[Dict[str, Any]]:
     """Largest micro-batch on one `memory_gib` GPU (bf16 autocast, fp32 AdamW master state),
-    from the activation formula above: an ESTIMATE, not a measurement."""
+    from the library's step-memory estimate (scale/engine/memory_plan.py): an ESTIMATE, not a measurement."""
     rows = []
     for name, ratio in (("vit_base_patch16", 0.3), ("vit_large_patch16", 0.4), ("vit_huge_patch16", 0.4)):
         spec = MODELS.build(name)
         params = param_count(spec)
-        # fp32 params + grads + AdamW exp_avg + exp_avg_sq, and autocast's cached bf16 weight copies
-        states = 18 * params
-        budget = memory_gib * GIB * usable - states
+        states = STATE_BYTES_PER_PARAM * params  # fp32 weights, grads, AdamW moments; autocast's bf16 copies
         n, ocl_tokens = ocl_tokens_per_image(spec, ratio)
         for kind, tokens in (("ocl", ocl_tokens), ("full-token", 1 + spec.num_patches)):
             for ac in (False, True):
@@ -167,7 +131,8 @@ def gpu_estimates(memory_gib: float = 80.0, usable: float = 0.9) -> List[Dict[st
                              "tokens_per_image": tokens, "activation_checkpointing": "full" if ac else "none",
                              "params_M": params / 1e6, "model_state_GiB": states / GIB,
                              "activation_MiB_per_image": per_image / 2 ** 20,
-                             "max_batch_estimate": int(budget // per_image)})
+                             "max_batch_estimate": largest_micro_batch(StepMemory(states, per_image),
+                                                                       memory_gib * GIB, usable)})
     return rows
 
 

@@ -22,7 +22,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AbstractSet, Any, ClassVar, Dict, List, Literal, Optional, Sequence, Set, Tuple
+from typing import AbstractSet, Any, ClassVar, Dict, List, Literal, Optional, Sequence, Set, Tuple, Union
 
 import yaml
 
@@ -217,6 +217,8 @@ class OptimConfig:
 
 # The per-device batch when neither train.global_batch nor train.micro_batch is set.
 DEFAULT_MICRO_BATCH = 64
+# train.micro_batch: auto: the largest micro-batch the device's free memory holds (scale/engine/memory_plan.py).
+AUTO_MICRO_BATCH = "auto"
 
 
 @dataclass
@@ -227,9 +229,10 @@ class TrainConfig:
     # images one device passes through the model at once; below its share of global_batch, a coupled loss
     # (OCL's contrast) is gradient-cached and a per-image loss (MAE) accumulates gradients, both exactly.
     # global_batch null: each device passes micro_batch (default 64) per step, global = micro_batch x devices.
-    # micro_batch null: each device passes its whole share at once.
+    # micro_batch null: each device passes its whole share at once. micro_batch auto (needs global_batch): the
+    # largest that fits the GPU's free memory by the step's memory estimate, logged; one pass on a CPU.
     global_batch: Optional[int] = None
-    micro_batch: Optional[int] = None
+    micro_batch: Optional[Union[int, Literal["auto"]]] = None
     max_steps: Optional[int] = None  # stop early (the schedule still spans all epochs)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -303,11 +306,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return `value` converted to `tp`, or raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
+    if origin is typing.Union:  # Optional[X], or one of several types (train.micro_batch: an integer or auto)
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        for alternative in inner:
+            try:
+                return _coerce(value, alternative, key)
+            except ConfigError:
+                continue
+        names = [" or ".join(map(str, typing.get_args(a))) if typing.get_origin(a) is Literal else
+                 "an integer" if a is int else _type_name(a) for a in inner]
+        names += ["null"] if type(None) in args else []
+        raise ConfigError(f"{key}: expected {', '.join(names[:-1])} or {names[-1]}; got {_show(value)}")
     if origin is Literal:  # a choice: the one allowed value that `value` reads as
         for choice in args:
             try:
@@ -647,7 +660,11 @@ def validate(cfg: RunConfig, user_keys: AbstractSet[str] = frozenset()) -> None:
     require_range("train.ckpt_every", t.ckpt_every, 1)
     require_range("train.keep_last", t.keep_last, 1)
     require_range("train.global_batch", t.global_batch, 1, optional=True)
-    require_range("train.micro_batch", t.micro_batch, 1, optional=True)
+    if t.micro_batch == AUTO_MICRO_BATCH:  # the optimiser's batch must not depend on the device's memory
+        require(t.global_batch is not None, "train.micro_batch=auto needs train.global_batch (the images of one "
+                "optimizer step); auto only chooses how many of them pass at once")
+    else:
+        require_range("train.micro_batch", t.micro_batch, 1, optional=True)
     require_range("train.hang_timeout_s", t.hang_timeout_s, 0.0, inf, low_open=True, high_open=True, optional=True)
     require_range("train.max_rollbacks", t.max_rollbacks, 0)
     Check("train.", cfg, user_keys, t).unused("max_rollbacks", t.on_nonfinite == "stop",
@@ -663,6 +680,10 @@ def validate(cfg: RunConfig, user_keys: AbstractSet[str] = frozenset()) -> None:
                 f"train.resume_allow_changes: {key!r} is not a config key (or section) of this run; allowed: dotted "
                 "keys such as data.root or mask.ratio, a section such as model, world_size, engine")
     require_range("engine.timeout_s", cfg.engine.timeout_s, 0.0, inf, low_open=True, high_open=True)
+    # The hang watchdog must end a hung rank's job before its peers' collectives time out (no stacks, no requeue).
+    require(t.hang_timeout_s is None or t.hang_timeout_s < cfg.engine.timeout_s,
+            f"train.hang_timeout_s ({t.hang_timeout_s}) must be below engine.timeout_s ({cfg.engine.timeout_s}), "
+            "so that the watchdog fires before the collectives time out; lower it, or raise engine.timeout_s")
     v = cfg.eval
     require_range("eval.knn_every_epochs", v.knn_every_epochs, 0)
     require_range("eval.knn_k", v.knn_k, 1)

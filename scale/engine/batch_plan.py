@@ -6,13 +6,16 @@ the per-rank share of the global batch, the step runs in
 micro-batches, exactly: a loss that couples the batch (OCL's contrast) by gradient caching
 (scale/engine/grad_cache.py), a per-image loss (MAE, ASL) by gradient accumulation
 (scale/engine/accumulation.py). The trainer makes the plan once and hands it to the engine.
+`train.micro_batch: auto` is sized to the device's memory by scale/engine/memory_plan.py, which needs
+the model and the device: whoever has them passes its choice in (`auto_micro_batch`); without one, auto
+means one pass (what it means on a CPU).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import DEFAULT_MICRO_BATCH, ConfigError, TrainConfig
+from ..config import AUTO_MICRO_BATCH, DEFAULT_MICRO_BATCH, ConfigError, TrainConfig
 
 GRAD_CACHE = "grad_cache"
 ACCUMULATE = "accumulate"
@@ -42,8 +45,10 @@ class BatchPlan:
         return GRAD_CACHE if self.couples_batch else ACCUMULATE
 
 
-def plan_batch(cfg: TrainConfig, world_size: int, couples_batch: bool = True) -> BatchPlan:
-    """Per-rank batch and micro-batching from train.global_batch / micro_batch."""
+def plan_batch(cfg: TrainConfig, world_size: int, couples_batch: bool = True,
+               auto_micro_batch: Optional[int] = None) -> BatchPlan:
+    """Per-rank batch and micro-batching from train.global_batch / micro_batch (`auto`: `auto_micro_batch`,
+    None for one pass; the config check makes auto come with a global_batch)."""
     if cfg.global_batch is None:
         per_rank = DEFAULT_MICRO_BATCH if cfg.micro_batch is None else cfg.micro_batch
     else:
@@ -54,5 +59,5 @@ def plan_batch(cfg: TrainConfig, world_size: int, couples_batch: bool = True) ->
                 f"{cfg.global_batch // world_size * world_size or world_size} or "
                 f"{(cfg.global_batch // world_size + 1) * world_size}")
         per_rank = cfg.global_batch // world_size
-    chunk = cfg.micro_batch
+    chunk = auto_micro_batch if cfg.micro_batch == AUTO_MICRO_BATCH else cfg.micro_batch
     return BatchPlan(per_rank, world_size, chunk if chunk is not None and chunk < per_rank else None, couples_batch)

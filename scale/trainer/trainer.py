@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..checkpoint_io import encoder_state_dict
 from ..checkpoint_io.directory import CONFIG_KEY, CheckpointError, CheckpointManager, read_meta
 from ..checkpoint_io.safe_load import describe_load_error
-from ..config import ConfigError, RunConfig, to_dict, to_yaml
+from ..config import AUTO_MICRO_BATCH, ConfigError, RunConfig, to_dict, to_yaml
 from ..errors import UserError
 from ..device import autocast_dtype, resolve_device
 from ..data import LoaderSpec, PretrainData, build_dataset
@@ -32,6 +32,7 @@ from ..data.device_input import DeviceImages
 from ..data.gpu_decode import resolve_decode
 from ..engine import (ACCUMULATE, GRAD_CACHE, Engine, GradCache, GradientAccumulation, StepTimer, build_engine,
                       plan_batch)
+from ..engine.memory_plan import choose_micro_batch, pretrain_step_memory
 from ..engine.parallelize import apply_block_wrappers
 from ..masking import (MASK_GENERATORS, MaskContext, MaskGenerator, build_mask_generator, seed_global_rng,
                        step_generator)
@@ -80,6 +81,13 @@ class Trainer:
         # Per-rank batch: train.global_batch / world_size, else train.micro_batch; micro-batches by the
         # objective's kind: gradient caching for a loss that couples the batch, else accumulation.
         self.batch_plan = plan_batch(cfg.train, self.engine.world_size, objective.couples_batch)
+        if cfg.train.micro_batch == AUTO_MICRO_BATCH:  # sized to the free memory before the model is on the device
+            memory = pretrain_step_memory(module, cfg.mask.ratio, self.amp_dtype is not None,
+                                          cfg.train.activation_checkpointing.strip() == "full")
+            choice = choose_micro_batch(self.batch_plan.per_rank_batch, self.device, memory)
+            if self.engine.is_main:
+                print(f"scale: {choice.note}", file=sys.stderr, flush=True)
+            self.batch_plan = plan_batch(cfg.train, self.engine.world_size, objective.couples_batch, choice.micro_batch)
         if self.batch_plan.global_batch < objective.min_global_batch:
             raise ConfigError(f"train.global_batch (or micro_batch x ranks) is {self.batch_plan.global_batch}; "
                               f"objective {cfg.objective.name!r} needs at least {objective.min_global_batch}")
@@ -120,7 +128,8 @@ class Trainer:
         self.timer: StepTimer = self.engine.timer  # per-step timings, shared with the engine's collectives
         # Hangs and divergence (docs/reliability.md): the loop marks its phase and heartbeat on the watchdog,
         # and keeps each step's loss and grad norm on the device for the checks at log and checkpoint steps.
-        self.watchdog = HangWatchdog(self.output_dir, self.engine.rank, cfg.train.hang_timeout_s, self.timer)
+        self.watchdog = HangWatchdog(self.output_dir, self.engine.rank, cfg.train.hang_timeout_s, cfg.engine.timeout_s,
+                                     self.timer)
         self.divergence = DivergenceGuard(self.engine, cfg.train.on_nonfinite, cfg.train.max_rollbacks,
                                           self.output_dir)
         # Test-only faults (tests/test_watchdog.py, tests/test_divergence.py): steps where this rank hangs or
@@ -300,6 +309,10 @@ class Trainer:
             context.model_signal = lambda x: self.engine.model_signal(x, request)
         return context
 
+    def logs_at(self, step: int) -> bool:
+        """Whether the loop logs after step `step` (and may read the device there: a host sync)."""
+        return step % self.cfg.train.log_every == 0 or step == self.stop_step
+
     def train_step(self, images: torch.Tensor) -> Dict[str, Any]:
         """One optimizer step; returns detached metrics, still on the device (no host sync).
 
@@ -308,7 +321,8 @@ class Trainer:
         backward) and the optimizer step are communication-bound; the rest is compute.
         """
         started = time.perf_counter()
-        self.timer.pop()  # only this step's regions
+        # Only this step's regions; on CUDA they synchronise the device in the steps that log them alone.
+        self.timer.begin_step(measured=self.logs_at(self.step + 1))
         with self.timer.time("input"):  # uint8 to the device (non-blocking), decoded there with data.decode=gpu
             batch = self.data.to_device(images, self.device)
         if self.step + 1 in self._nonfinite_at:
@@ -400,6 +414,7 @@ class Trainer:
     def fit(self) -> TrainSummary:
         cfg = self.cfg
         resumed = self.maybe_resume()
+        rollbacks = self.divergence.load(resumed is not None)  # a resume skips what an earlier rollback skipped
         main = self.engine.is_main
         if main:
             try:
@@ -420,7 +435,7 @@ class Trainer:
         reporter.message(
             f"scale: batch {self.effective_batch} | lr {self.base_lr:.3g} | {self.steps_per_epoch} steps/epoch, "
             f"stopping at step {self.stop_step} of {self.total_steps}" + (f" | resumed from {resumed}" if resumed else ""))
-        if self.divergence.load():  # steps an earlier rollback skipped are skipped again
+        if rollbacks:
             reporter.message(f"scale: skipping the steps {self.divergence.path} records: "
                              + ", ".join("{}-{}".format(*r["skipped"]) for r in self.divergence.rollbacks))
         previous_handlers = self._install_signal_handlers()
@@ -437,6 +452,7 @@ class Trainer:
             while self.step < self.stop_step and not stop:
                 epoch, start_batch = divmod(self.step, self.steps_per_epoch)
                 fetch_start = time.perf_counter()
+                self.watchdog.restart(self.step)  # every new loader forks workers and waits for its first batch
                 self.watchdog.enter(DATA_WAIT, self.step + 1)
                 batches = self.data.loader(self.loader_spec, epoch, start_batch)
                 rollback: Optional[Dict[str, Any]] = None
@@ -458,7 +474,7 @@ class Trainer:
                         losses.append((self.step, step_metrics["loss"]))
                         self.divergence.record(self.step, step_metrics)
                     reporter.advance(self.step)
-                    at_log_step = self.step % cfg.train.log_every == 0 or self.step == self.stop_step
+                    at_log_step = self.logs_at(self.step)
                     self.watchdog.enter(COLLECTIVE, self.step)
                     stop = self._stop_requested(at_log_step)
                     at_checkpoint = self.step % cfg.train.ckpt_every == 0 or stop
@@ -484,8 +500,15 @@ class Trainer:
                     fetch_start = time.perf_counter()
                     self.watchdog.enter(DATA_WAIT, self.step + 1)
                 if rollback is not None:
+                    batches.close()  # its workers end before the next loader forks its own
                     self._roll_back(Path(rollback["checkpoint"]))
                     losses = [(step, loss) for step, loss in losses if step <= self.step]
+                    if metrics_file:  # the steps after the checkpoint are trained and logged again, as on resume
+                        metrics_file.close()
+                        forget_steps_after(self.output_dir / METRICS_FILE, self.step, "the metrics log")
+                        metrics_file = open(self.output_dir / METRICS_FILE, "a")
+                    # The next throughput line covers the steps after the rollback only.
+                    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
                     continue
                 with self.watchdog.long_phase(MONITORS, self.step):  # monitor time is not step time
                     window_start += self._run_monitors(reporter, metrics_file, stop)
