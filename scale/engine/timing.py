@@ -18,10 +18,14 @@ class StepTimer:
 
     On CUDA, `sync=True` synchronises the device around each timed region so the time is
     the region's own and not whatever the stream had queued; on CPU plain perf_counter.
+    A synchronisation stalls the host until the device drains its queue, so it happens only
+    in the steps `begin_step` is told are measured (the trainer's log steps); the other
+    steps' regions are host time and nobody reads them.
     """
 
     def __init__(self, device: torch.device, sync: bool = True):
-        self.sync = sync and device.type == "cuda"
+        self.can_sync = sync and device.type == "cuda"
+        self.sync = self.can_sync  # this step's regions synchronise (begin_step chooses per step)
         self.device = device
         self.totals: Dict[str, float] = defaultdict(float)
         self._open: Dict[Any, float] = {}
@@ -51,6 +55,11 @@ class StepTimer:
             yield
         finally:
             self.stop(key)
+
+    def begin_step(self, measured: bool) -> None:
+        """Forget the last step's regions; this step's synchronise the device only if `measured`."""
+        self.pop()
+        self.sync = self.can_sync and measured
 
     def pop(self) -> Dict[str, float]:
         out = dict(self.totals)
