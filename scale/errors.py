@@ -35,7 +35,12 @@ class ConfigError(UserError, ValueError):
 
 class Diverged(Exception):
     """Training went non-finite and cannot continue (train.on_nonfinite: stop, or rollbacks used up).
-    Its message is the one line the main rank prints; the command exits with DIVERGED_EXIT."""
+    Every rank raises it together; its message is the one line `run_command` prints where `report`
+    (the main rank), and the command exits with DIVERGED_EXIT."""
+
+    def __init__(self, message: str, report: bool = True):
+        super().__init__(message)
+        self.report = report
 
 
 def one_line(err: BaseException) -> str:
@@ -57,8 +62,13 @@ def report_user_error(prog: str, err: BaseException) -> int:
 
 
 def run_command(prog: str, body: Callable[[], int]) -> int:
-    """Run a command's body; a UserError becomes one line on stderr and exit status 2."""
+    """Run a command's body; a UserError becomes one line on stderr and exit status 2, a divergence
+    (Diverged, from any command that trains) one line from the main rank and exit status 5."""
     try:
         return body()
     except UserError as err:
         return report_user_error(prog, err)
+    except Diverged as err:
+        if err.report:
+            print(f"{prog}: {one_line(err)}", file=sys.stderr, flush=True)
+        return DIVERGED_EXIT

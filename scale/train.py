@@ -6,7 +6,7 @@ import sys
 from typing import List, Optional
 
 from .config import load_config, to_yaml
-from .errors import DIVERGED_EXIT, PREEMPTED_EXIT, Diverged, run_command
+from .errors import PREEMPTED_EXIT, run_command
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -36,12 +36,8 @@ def _train(args: argparse.Namespace) -> int:
     from .models import model_spec
 
     trainer = Trainer(cfg, monitors=build_monitors(cfg, model_spec(cfg.model.name, cfg.model.img_size, cfg.model.in_chans)))
-    try:
+    try:  # a divergence (Diverged) is run_command's one line and exit 5, as for every command that trains
         summary = trainer.fit()
-    except Diverged as err:  # every rank decided it together; the main rank says it, once
-        if trainer.engine.is_main:
-            print(f"scale-train: {err}", file=sys.stderr, flush=True)
-        return DIVERGED_EXIT
     finally:
         trainer.engine.close()  # tear the process group down so no rank lingers at exit
     # Exit status 3 means "stopped early by SIGUSR1/SIGTERM; a checkpoint was written and

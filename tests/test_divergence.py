@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from scale import demo
 from scale.checkpoint_io.model_state import load_checkpoint
 from scale.config import ConfigError, load_config
 from scale.engine import SingleProcessEngine
-from scale.errors import DIVERGED_EXIT, Diverged, UserError
+from scale.errors import DIVERGED_EXIT, USER_ERROR_EXIT, Diverged, UserError, run_command
 from scale.trainer import Trainer
 from scale.trainer.divergence import ROLLBACKS_FILE, DivergenceGuard, NonFinite, read_rollbacks
 
@@ -77,7 +78,7 @@ def test_rollbacks_are_recorded_skipped_and_limited(tmp_path):
         g.decide(NonFinite(9, "loss", NAN, 10), ckpt)
     # A later run (a resume) reads them again: it skips the same steps and counts the same rollbacks.
     again = guard(tmp_path, max_rollbacks=2)
-    assert [r["skipped"] for r in again.load()] == [[3, 4], [7, 8]]
+    assert [r["skipped"] for r in again.load(resumed=True)] == [[3, 4], [7, 8]]
     assert again.skips(8) and not again.skips(5)
     with pytest.raises(Diverged):
         again.decide(NonFinite(11, "loss", NAN, 12), ckpt)
@@ -90,6 +91,46 @@ def test_a_damaged_rollback_record_is_one_line(tmp_path, content):
     with pytest.raises(UserError, match="rollbacks.json: not a rollback record scale wrote") as refused:
         read_rollbacks(path)
     assert "\n" not in str(refused.value)
+
+
+def test_a_fresh_run_refuses_a_leftover_rollback_record(tmp_path):
+    """rollbacks.json names steps of the run whose checkpoints it rolled back to: only a resume of that run
+    skips them. A fresh run (no checkpoint resumed, also with --resume auto) is refused in one line."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ROLLBACKS_FILE).write_text(json.dumps({"rollbacks": [{"skipped": [1, 1]}]}))
+    for resume in ([], ["train.resume=auto"]):
+        cfg = tiny_config(tmp_path, "train.max_steps=1", "train.on_nonfinite=rollback", *resume)
+        with pytest.raises(UserError, match="records the rollbacks of an earlier run, but this run starts afresh") \
+                as refused:
+            Trainer(cfg).fit()
+        assert "\n" not in str(refused.value) and str(run / ROLLBACKS_FILE) in str(refused.value)
+    assert not (run / "checkpoints").exists()  # refused before training
+    assert guard(tmp_path / "elsewhere").load(resumed=False) == []  # no leftover: a fresh run starts
+
+
+def test_every_command_that_trains_reports_a_divergence_in_one_line_and_exit_5(monkeypatch, capsys):
+    line = "diverged: loss is nan at step 3 (found at step 4); last good checkpoint: run/checkpoints/step_00000002"
+
+    def diverge(*_args):
+        raise Diverged(line)
+
+    monkeypatch.setattr(demo, "_demo", diverge)  # `make demo` trains through Trainer.fit like scale-train
+    assert demo.main([]) == DIVERGED_EXIT
+    assert capsys.readouterr().err == f"scale.demo: {line}\n"
+    assert run_command("scale-train", diverge) == DIVERGED_EXIT
+    assert capsys.readouterr().err == f"scale-train: {line}\n"
+
+    def diverge_elsewhere():  # every rank raises it; only the main rank says it
+        raise Diverged(line, report=False)
+
+    assert run_command("scale-train", diverge_elsewhere) == DIVERGED_EXIT
+    assert capsys.readouterr().err == ""
+
+    def refuse():
+        raise UserError("train.x: wrong")
+
+    assert run_command("scale-train", refuse) == USER_ERROR_EXIT  # user errors are unchanged
 
 
 def test_the_divergence_keys_are_checked():
@@ -136,6 +177,24 @@ def test_rollback_skips_the_diverged_batches_and_a_resume_skips_them_again(tmp_p
     resumed = Trainer(tiny_config(tmp_path, *SHORT, "train.max_steps=6", "train.on_nonfinite=rollback",
                                   "train.keep_last=5", f"train.resume={run / 'checkpoints' / 'step_00000002'}")).fit()
     assert resumed.losses == summary.losses[2:]
+
+
+@pytest.mark.slow
+def test_a_rollback_logs_each_step_once(tmp_path, monkeypatch):
+    """Lines logged between the checkpoint and the diverged step describe a model the rollback threw away:
+    metrics.jsonl forgets them, as on resume, and each step is logged once."""
+    monkeypatch.setenv("SCALE_TEST_NONFINITE_AT", "0:4")
+    cfg = tiny_config(tmp_path, "data.num_samples=64", "train.micro_batch=16", "train.log_every=1",
+                      "train.ckpt_every=2", "train.max_steps=6", "train.on_nonfinite=rollback")
+    summary = Trainer(cfg).fit()
+    # Steps 1-3 logged, step 4 went NaN and its check found it: back to step 2, step 3 trained again, 4 skipped.
+    assert summary.final_step == 6
+    run = Path(cfg.train.output_dir)
+    [record] = json.loads((run / ROLLBACKS_FILE).read_text())["rollbacks"]
+    assert record["skipped"] == [4, 4]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in logged] == [1, 2, 3, 5, 6]
+    assert all(math.isfinite(line["loss"]) for line in logged)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ The fast tests drive the heartbeat with a fake clock; the slow ones inject a han
 """
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +18,18 @@ import torch
 from scale.config import ConfigError, load_config
 from scale.engine import StepTimer
 from scale.errors import HANG_EXIT
-from scale.trainer.watchdog import (CHECKPOINT, DATA_WAIT, FLOOR_S, FORWARD_BACKWARD, LONG_PHASE_S, STEP_FACTOR,
-                                    HangWatchdog, hang_limit)
+from scale.trainer import Trainer
+from scale.trainer.watchdog import (CHECKPOINT, COLLECTIVE_MARGIN, DATA_WAIT, FLOOR_S, FORWARD_BACKWARD, LONG_PHASE_S,
+                                    STEP_FACTOR, HangWatchdog, hang_limit)
 
-from conftest import REPO, TINY_OVERRIDES
+from conftest import REPO, TINY_OVERRIDES, tiny_config
 from test_distributed import clean_env, free_port
 
 # A short run: 4 steps of 16 images; checkpoints at 2 and 4.
 RUN = [*TINY_OVERRIDES, "train.micro_batch=16", "train.max_steps=4", "train.log_every=2", "train.ckpt_every=2"]
+
+
+NO_COLLECTIVE = math.inf  # engine.timeout_s out of the way: the tests of the limits themselves
 
 
 class FakeClock:
@@ -66,18 +71,40 @@ def lines_with(text: str, needle: str) -> List[str]:
 # ----------------------------------------------------------------------------- the limit and the heartbeat
 
 def test_the_limit_is_sized_from_the_slowest_recent_step_with_a_floor():
-    assert hang_limit(None, [], long=False) == FLOOR_S
-    assert hang_limit(None, [0.5, 2.0, 1.0], long=False) == FLOOR_S  # fast steps: the floor
-    assert hang_limit(None, [10.0, 90.0, 30.0], long=False) == STEP_FACTOR * 90.0
-    assert hang_limit(7.0, [90.0], long=False) == 7.0  # train.hang_timeout_s wins
-    # The first step and checkpoints / monitors get the long allowance, whatever is set.
-    assert hang_limit(7.0, [], long=True) == LONG_PHASE_S
-    assert hang_limit(None, [1000.0], long=True) == STEP_FACTOR * 1000.0
+    assert hang_limit(None, [], long=False, collective_timeout_s=NO_COLLECTIVE) == FLOOR_S
+    assert hang_limit(None, [0.5, 2.0, 1.0], long=False, collective_timeout_s=NO_COLLECTIVE) == FLOOR_S  # the floor
+    assert hang_limit(None, [10.0, 90.0, 30.0], long=False, collective_timeout_s=NO_COLLECTIVE) == STEP_FACTOR * 90.0
+    assert hang_limit(7.0, [90.0], long=False, collective_timeout_s=NO_COLLECTIVE) == 7.0  # train.hang_timeout_s wins
+    # A new loader's first step and checkpoints / monitors get the long allowance, whatever is set.
+    assert hang_limit(7.0, [], long=True, collective_timeout_s=NO_COLLECTIVE) == LONG_PHASE_S
+    assert hang_limit(None, [1000.0], long=True, collective_timeout_s=NO_COLLECTIVE) == STEP_FACTOR * 1000.0
+
+
+def test_every_limit_stays_below_the_collective_timeout(tmp_path):
+    """A hung rank's peers wait in a collective that fails at engine.timeout_s (exit 1, no stacks, no requeue):
+    the watchdog fires first, in the long phases too, and a train.hang_timeout_s that would not is refused."""
+    timeout = load_config(None, []).engine.timeout_s
+    cap = COLLECTIVE_MARGIN * timeout
+    assert cap < timeout <= LONG_PHASE_S  # the default start-up allowance alone would tie with it
+    assert hang_limit(None, [], long=True, collective_timeout_s=timeout) == cap
+    assert hang_limit(None, [500.0], long=False, collective_timeout_s=timeout) == cap  # 10 x a slow step
+    assert hang_limit(7.0, [], long=False, collective_timeout_s=timeout) == 7.0
+    assert hang_limit(None, [], long=False, collective_timeout_s=60.0) == 54.0  # below the floor too
+    dog = HangWatchdog(tmp_path, rank=0, configured_s=None, collective_timeout_s=timeout, clock=FakeClock())
+    with dog.long_phase(CHECKPOINT, 1):
+        assert dog.limit() == cap
+    with pytest.raises(ConfigError, match=r"train.hang_timeout_s \(1800.0\) must be below engine.timeout_s "
+                                          r"\(1800.0\)") as refused:
+        load_config(None, ["train.hang_timeout_s=1800"])
+    assert "\n" not in str(refused.value)
+    with pytest.raises(ConfigError, match="must be below engine.timeout_s"):
+        load_config(None, ["train.hang_timeout_s=100", "engine.timeout_s=60"])
+    assert load_config(None, ["train.hang_timeout_s=1800", "engine.timeout_s=3600"]).train.hang_timeout_s == 1800.0
 
 
 def test_the_heartbeat_measures_steps_not_start_up_or_checkpoints(tmp_path):
     clock = FakeClock()
-    dog = HangWatchdog(tmp_path, rank=0, configured_s=None, clock=clock)
+    dog = HangWatchdog(tmp_path, rank=0, configured_s=None, collective_timeout_s=NO_COLLECTIVE, clock=clock)
     assert dog.limit() == LONG_PHASE_S  # nothing done yet: start-up (compile, workers, data)
     clock.now += 1000.0  # a slow first step is start-up, not a step duration
     dog.step_done(1)
@@ -99,7 +126,7 @@ def test_the_heartbeat_measures_steps_not_start_up_or_checkpoints(tmp_path):
 
 def test_checkpoints_get_their_own_allowance_and_clock(tmp_path):
     clock = FakeClock()
-    dog = HangWatchdog(tmp_path, rank=0, configured_s=5.0, clock=clock)
+    dog = HangWatchdog(tmp_path, rank=0, configured_s=5.0, collective_timeout_s=NO_COLLECTIVE, clock=clock)
     dog.step_done(1)
     assert dog.limit() == 5.0  # train.hang_timeout_s once the first step is done
     with dog.long_phase(CHECKPOINT, 1):
@@ -108,19 +135,44 @@ def test_checkpoints_get_their_own_allowance_and_clock(tmp_path):
     assert not dog.overdue()  # its time is not counted against the next step
     clock.now += 6.0
     assert dog.overdue()
-    dog.restart(1)  # a rollback reloaded the model: start-up again
+    dog.restart(1)  # a new loader (an epoch, a rollback): start-up again
     assert not dog.overdue() and dog.limit() == LONG_PHASE_S
+
+
+def test_every_epoch_start_gets_the_start_up_allowance(tmp_path, monkeypatch):
+    """Each epoch builds a new loader (workers forked, the first batch read): its first batch is waited for
+    under the start-up allowance, not a small train.hang_timeout_s meant for steps."""
+    cfg = tiny_config(tmp_path, "data.num_samples=32", "train.micro_batch=16", "train.max_steps=3",
+                      "train.hang_timeout_s=60")
+    trainer = Trainer(cfg)
+    assert trainer.steps_per_epoch == 2
+    limits = []  # (epoch, the watchdog's limit when the loader gave its first batch)
+    loader = trainer.data.loader
+
+    def watched(spec, epoch, start_batch=0):
+        for number, batch in enumerate(loader(spec, epoch, start_batch)):
+            if number == 0:
+                limits.append((epoch, trainer.watchdog.limit()))
+            yield batch
+
+    monkeypatch.setattr(trainer.data, "loader", watched)
+    trainer.fit()
+    start_up = hang_limit(60.0, [], long=True, collective_timeout_s=cfg.engine.timeout_s)
+    assert start_up > 60.0
+    assert limits == [(0, start_up), (1, start_up)]
 
 
 def test_the_phase_names_a_collective_the_step_is_waiting_in(tmp_path):
     timer = StepTimer(torch.device("cpu"))
-    dog = HangWatchdog(tmp_path, rank=1, configured_s=5.0, timer=timer, clock=FakeClock())
+    dog = HangWatchdog(tmp_path, rank=1, configured_s=5.0, collective_timeout_s=NO_COLLECTIVE, timer=timer,
+                       clock=FakeClock())
     dog.enter(FORWARD_BACKWARD, 7)
-    assert dog.describe_phase() == "forward/backward"
+    # The engines' gradient collectives inside backward have no region of their own: the name says it.
+    assert dog.describe_phase() == "forward/backward (including the gradient all-reduce of DDP / FSDP2 / ZeRO)"
     timer.start("allgather_bwd", object())
     assert dog.describe_phase() == "collective (allgather_bwd)"
     timer.pop()
-    assert dog.describe_phase() == "forward/backward"
+    assert dog.describe_phase() == FORWARD_BACKWARD
 
 
 @pytest.mark.parametrize("override, message", [

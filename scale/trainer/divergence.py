@@ -11,7 +11,8 @@ step, all-reduced), so every rank decides the same even if only one rank's value
   non-finite step through the step that found it. A skipped step advances the step without an
   update, so the step still names the data position (masks, drop path, lr and the data order
   stay those of their step). What is skipped is logged and kept in `<output_dir>/rollbacks.json`,
-  which a later resume reads again, so resuming from an earlier checkpoint skips it too. After
+  which a later resume reads again, so resuming from an earlier checkpoint skips it too (a fresh
+  run refuses a leftover one: its steps belong to another run's model). After
   `train.max_rollbacks` rollbacks the next divergence stops as `stop` does.
 
 Steps here are numbered as the log numbers them: step N is the N-th update, on the batch at data
@@ -81,8 +82,15 @@ class DivergenceGuard:
         self.rollbacks: List[Dict[str, Any]] = []
         self.skipped: FrozenSet[int] = frozenset()
 
-    def load(self) -> List[Dict[str, Any]]:
-        """Read rollbacks.json (at start and on resume): its skipped steps are skipped again."""
+    def load(self, resumed: bool) -> List[Dict[str, Any]]:
+        """On resume, read rollbacks.json: its skipped steps are skipped again. A fresh run (nothing resumed:
+        the output dir holds no checkpoint) refuses a leftover one, whose skips would silently apply to it."""
+        if not resumed:
+            if self.path.exists():
+                raise UserError(f"{self.path} records the rollbacks of an earlier run, but this run starts afresh "
+                                "(no checkpoint resumed) and would skip their steps; remove the file (or move it "
+                                "away) to train on every batch, or resume the run it belongs to")
+            return []
         self.rollbacks = read_rollbacks(self.path)
         self.skipped = frozenset(step for record in self.rollbacks
                                  for step in range(record["skipped"][0], record["skipped"][1] + 1))
@@ -119,15 +127,16 @@ class DivergenceGuard:
     def decide(self, bad: NonFinite, last_checkpoint: Optional[Path]) -> Dict[str, Any]:
         """The rollback to make for `bad` (recorded in rollbacks.json), or Diverged with its one line."""
         where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint written yet"
+        main = self.engine.is_main  # every rank raises it; the main rank's says it
         if self.policy == "stop":
             raise Diverged(f"diverged: {bad.describe()}; {where}; train.on_nonfinite=rollback would reload it "
-                           "and skip the diverged batches")
+                           "and skip the diverged batches", main)
         if last_checkpoint is None:
             raise Diverged(f"diverged: {bad.describe()}; no checkpoint to roll back to (train.ckpt_every sets "
-                           "when the first is written)")
+                           "when the first is written)", main)
         if len(self.rollbacks) >= self.max_rollbacks:
             raise Diverged(f"diverged: {bad.describe()} after {len(self.rollbacks)} rollback(s), "
-                           f"train.max_rollbacks={self.max_rollbacks}; {where}; see {self.path}")
+                           f"train.max_rollbacks={self.max_rollbacks}; {where}; see {self.path}", main)
         record = {"found_at": bad.found_at, "value": bad.value, "number": str(bad.number),
                   "checkpoint": str(last_checkpoint),
                   "skipped": [bad.step, bad.found_at]}

@@ -11,10 +11,12 @@ last checkpoint). The main thread is stuck, so the exit is `os._exit` after flus
 
 The loop marks its phase by assigning a string (no host sync, no allocation per step).
 Limits: `train.hang_timeout_s` if set, else STEP_FACTOR x the slowest of the recent steps,
-at least FLOOR_S. What legitimately runs long (the first step of the process or after a
-rollback: compile, workers and data starting; checkpoints; monitors) gets at least
+at least FLOOR_S. What legitimately runs long (the first step of every new loader: compile, an
+epoch's start, its workers and first batch, a rollback; checkpoints; monitors) gets at least
 LONG_PHASE_S, and the clock restarts when it begins and ends, so its time is never counted
-against a step.
+against a step. Every limit stays below COLLECTIVE_MARGIN x `engine.timeout_s`: the peers of a
+hung rank wait for it in a collective, and if that collective's own timeout came first they
+would fail with no stacks and an exit status the launcher does not requeue.
 """
 from __future__ import annotations
 
@@ -32,7 +34,9 @@ from ..errors import HANG_EXIT, UserError
 
 # Phases the training loop marks; the one line and the stack file name the phase a hang was in.
 DATA_WAIT = "data wait"
-FORWARD_BACKWARD = "forward/backward"
+# DDP's gradient all-reduce, FSDP2's reduce-scatter and ZeRO's collectives run inside backward, launched by the
+# engines with no region the loop could mark without a host sync or a per-step cost: the name says so.
+FORWARD_BACKWARD = "forward/backward (including the gradient all-reduce of DDP / FSDP2 / ZeRO)"
 COLLECTIVE = "collective"
 CHECKPOINT = "checkpoint"
 MONITORS = "monitors"
@@ -41,21 +45,27 @@ LONG_PHASES = frozenset({CHECKPOINT, MONITORS})
 FLOOR_S = 300.0  # the default limit never goes below this (a slow epoch start, a slow shard)
 STEP_FACTOR = 10.0  # the default limit: this many times the slowest of the recent steps
 RECENT_STEPS = 50  # steps the default limit looks back over
-LONG_PHASE_S = 1800.0  # at least this for the first step, CHECKPOINT and MONITORS
+LONG_PHASE_S = 1800.0  # at least this for a new loader's first step, CHECKPOINT and MONITORS
+COLLECTIVE_MARGIN = 0.9  # every limit is at most this x engine.timeout_s, so the watchdog fires first
 
 HANG_ENV = "SCALE_TEST_HANG_AT"  # test only: "RANK:STEP[,RANK:STEP...]" sleeps forever there
 
 
-def hang_limit(configured: Optional[float], recent_steps: Sequence[float], long: bool) -> float:
+def hang_limit(configured: Optional[float], recent_steps: Sequence[float], long: bool,
+               collective_timeout_s: float) -> float:
     """Seconds without a completed step before the watchdog fires.
 
     `configured` is train.hang_timeout_s (None: sized from `recent_steps`, the durations of the
-    last steps); `long`: the first step or a long phase (checkpoint, monitors) is under way."""
+    last steps); `long`: a new loader's first step or a long phase (checkpoint, monitors) is under
+    way; `collective_timeout_s` is engine.timeout_s, which every limit stays below."""
     if configured is not None:
         limit = configured
     else:
         limit = max(FLOOR_S, STEP_FACTOR * max(recent_steps, default=0.0))
-    return max(limit, LONG_PHASE_S) if long else limit
+    if long:
+        limit = max(limit, LONG_PHASE_S)
+    # A peer waiting for this rank in a collective fails at engine.timeout_s (no stacks, no requeue): fire first.
+    return min(limit, COLLECTIVE_MARGIN * collective_timeout_s)
 
 
 def injected_steps(env_name: str, rank: int) -> FrozenSet[int]:
@@ -83,12 +93,13 @@ class HangWatchdog:
     `enter(phase, step)` and `step_done(step)` are called from the loop on every step: they only
     assign attributes and fill a fixed ring of step durations."""
 
-    def __init__(self, output_dir: Path, rank: int, configured_s: Optional[float],
+    def __init__(self, output_dir: Path, rank: int, configured_s: Optional[float], collective_timeout_s: float,
                  timer: Optional[StepTimer] = None, clock: Callable[[], float] = time.monotonic):
         self.folder = Path(output_dir) / "hang"
         self.rank, self.configured_s, self.timer, self.clock = rank, configured_s, timer, clock
+        self.collective_timeout_s = collective_timeout_s
         self.phase, self.step = DATA_WAIT, 0
-        self._starting = True  # no step done yet since start or a rollback: compile, workers, data start
+        self._starting = True  # no step done yet since the last new loader: compile, workers, first batch
         self._durations = [0.0] * RECENT_STEPS  # ring of the last step durations (seconds)
         self._measured = 0  # how many of them are real (up to RECENT_STEPS)
         self._next = 0
@@ -125,7 +136,8 @@ class HangWatchdog:
             self.phase = DATA_WAIT  # what follows a long phase in the loop
 
     def restart(self, step: int) -> None:
-        """The model was reloaded (a rollback): its next step starts up again (a new loader)."""
+        """A new loader is about to start (an epoch, a rollback): its workers, its first batch and the step
+        on it get the start-up allowance, and that step is no measure of the others."""
         self._last = self.clock()
         self._starting = True
         self.phase, self.step = DATA_WAIT, step
@@ -133,7 +145,8 @@ class HangWatchdog:
     # ------------------------------------------------------------- the watching thread
     def limit(self) -> float:
         measured = self._durations[:self._measured]
-        return hang_limit(self.configured_s, measured, self._starting or self.phase in LONG_PHASES)
+        return hang_limit(self.configured_s, measured, self._starting or self.phase in LONG_PHASES,
+                          self.collective_timeout_s)
 
     def overdue(self) -> bool:
         return self.clock() - self._last > self.limit()
