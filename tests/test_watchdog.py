@@ -24,6 +24,7 @@ from scale.trainer.watchdog import (CHECKPOINT, COLLECTIVE_MARGIN, DATA_WAIT, FL
 
 from conftest import REPO, TINY_OVERRIDES, tiny_config
 from test_distributed import clean_env, free_port
+from test_mae import MAE_TINY
 
 # A short run: 4 steps of 16 images; checkpoints at 2 and 4.
 RUN = [*TINY_OVERRIDES, "train.micro_batch=16", "train.max_steps=4", "train.log_every=2", "train.ckpt_every=2"]
@@ -203,16 +204,23 @@ def test_a_hung_step_writes_the_stacks_logs_one_line_and_exits_4(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_rank_hung_on_two_ranks_ends_the_job_with_4_and_its_stacks(tmp_path):
+@pytest.mark.parametrize("objective, waiting_phase", [
+    ((), "collective (allgather_fwd)"),  # OCL all-gathers the embeddings in forward: rank 0 waits there
+    (MAE_TINY, FORWARD_BACKWARD),  # MAE's first collective is DDP's gradient all-reduce, inside backward
+], ids=["ocl", "mae"])
+def test_a_rank_hung_on_two_ranks_ends_the_job_with_4_and_its_stacks(tmp_path, objective, waiting_phase):
     """Rank 1 stops at step 3; rank 0 waits for it in a collective. Both watchdogs fire (the
     collective's own timeout, engine.timeout_s, is 30 minutes) and the hung rank's stacks name the stop."""
     out = tmp_path / "run"
-    results = launch(out, [*RUN, "train.micro_batch=8", "train.global_batch=16", "train.hang_timeout_s=4"],
+    results = launch(out, [*RUN, *objective, "train.micro_batch=8", "train.global_batch=16", "train.hang_timeout_s=4"],
                      {"SCALE_TEST_HANG_AT": "1:3"}, ranks=2, timeout=240)
     assert [status for status, _, _ in results] == [HANG_EXIT, HANG_EXIT], [r[2][-2000:] for r in results]
+    lines = []
     for rank, (_status, _stdout, stderr) in enumerate(results):
         [line] = lines_with(stderr, "hang:")
         assert f"rank {rank} " in line and "step 3" in line, line
+        lines.append(line)
+    assert f"in phase {waiting_phase} for" in lines[0], lines[0]  # the phase rank 0 waits for rank 1 in
     hung = (out / "hang" / "rank_1_step_3.txt").read_text()
     assert "hang_injected_for_test" in hung
     waiting = (out / "hang" / "rank_0_step_3.txt").read_text()
