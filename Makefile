@@ -2,7 +2,8 @@
 #   make demo   installs into .venv and pre-trains OCL on the CPU for a few minutes
 #   make test   installs into .venv and runs the test suite
 # For the inner loop (CONTRIBUTING.md, not a set-up command):
-#   make check  the fast tier: no slow, distributed, slurm, bench or gpu tests (under 2 minutes)
+#   make check      the fast tier: no slow, distributed, slurm, bench or gpu tests (under 2 minutes)
+#   make test-long  the opt-in `long` tests make test leaves out (minutes each)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +11,7 @@ STAMP  := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DATA_DIR ?= data/fashion-mnist-wds
 
-.PHONY: demo test check install clean
+.PHONY: demo test test-long check install clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +28,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not long" tests
+
+test-long: $(STAMP)
+	$(PY) -m pytest -q -m long tests
 
 check: $(STAMP)
 	$(VENV)/bin/ruff check .

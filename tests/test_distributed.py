@@ -237,6 +237,7 @@ def test_method_dispatch_keeps_state_dict_keys(tmp_path):
     torch.testing.assert_close(emb, module.encoder(images, None), rtol=0, atol=0)
 
 
+@pytest.mark.long
 def test_grad_cache_memory_stays_flat(tmp_path):
     """Peak RSS rise of one step: 4x the contrastive batch at a fixed chunk costs (almost)
     nothing more, while the same batch in one pass costs several times as much."""
@@ -258,6 +259,7 @@ def test_grad_cache_memory_stays_flat(tmp_path):
 
 # ----------------------------------------------------------------------------- global negatives, 2 ranks
 
+@pytest.mark.long
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_global_negatives_match_one_process_on_the_concatenated_batch(engine, ddp_results, fsdp_results):
     results = {"ddp": ddp_results, "fsdp": fsdp_results}[engine][("grads", 0)]
@@ -276,6 +278,7 @@ def test_global_negatives_match_one_process_on_the_concatenated_batch(engine, dd
 
 # ----------------------------------------------------------------------------- engines: curves, resume, export
 
+@pytest.mark.long
 def test_engines_train_like_ddp_resume_exactly_and_export(ddp_results, fsdp_results, deepspeed_results):
     ddp = ddp_results[("train", 0)]["ddp"]
     assert ddp["world_size"] == 2 and len(ddp["losses"]) == 4
@@ -294,6 +297,7 @@ def test_engines_train_like_ddp_resume_exactly_and_export(ddp_results, fsdp_resu
     assert runs["deepspeed_zero2"]["last_metrics"]["micro_batches"] == 3  # 16 per rank in chunks of 6
 
 
+@pytest.mark.long
 def test_step_metrics_report_batch_world_and_timings(ddp_results):
     m = ddp_results[("train", 0)]["ddp"]["last_metrics"]
     assert m["global_batch"] == 32 and m["world_size"] == 2 and m["micro_batches"] == 1
@@ -304,6 +308,7 @@ def test_step_metrics_report_batch_world_and_timings(ddp_results):
 
 # ----------------------------------------------------------------------------- launchers
 
+@pytest.mark.long
 def test_accelerate_launch_matches_torchrun(ddp_results, tmp_path):
     out = tmp_path / "accelerate"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/ddp.yaml"),
@@ -315,6 +320,7 @@ def test_accelerate_launch_matches_torchrun(ddp_results, tmp_path):
     assert jsonl_losses(out) == pytest.approx(ddp_results[("train", 0)]["ddp"]["losses"], abs=LOSS_TOL)
 
 
+@pytest.mark.long
 def test_slurm_environment_launch(ddp_results, tmp_path):
     """Two tasks as srun starts them: SLURM_PROCID/NTASKS/LOCALID only; the master address
     comes from SLURM_JOB_NODELIST and the port from SLURM_JOB_ID."""

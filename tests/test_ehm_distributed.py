@@ -23,6 +23,7 @@ def test_two_ranks_with_ehm_equal_one_process(tmp_path, engine):
     assert result["ema_moved"] > 1e-6 and result["ema_max_diff"] < 1e-5 * max(result["ema_moved"], 1.0), result
 
 
+@pytest.mark.long
 def test_zero3_gathers_for_the_signal_and_the_ema_and_resumes(tmp_path):
     """ZeRO-3 partitions every parameter: the attention signal and the EMA update must gather them."""
     from conftest import TINY_OVERRIDES

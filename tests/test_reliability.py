@@ -372,6 +372,7 @@ def test_traceback_only_with_scale_debug(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_checkpoint_errors_of_export_and_eval(trained_run, tmp_path):
     ckpt = trained_run[0] / "checkpoints/step_00000004"
     # an export target that is a directory
