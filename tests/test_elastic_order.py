@@ -62,6 +62,36 @@ def test_a_resume_at_batch_k_on_another_world_size_yields_the_rest_of_the_epoch(
     assert sorted(used.tolist()) == list(range(96))  # every sample of the epoch once
 
 
+def test_a_rank_takes_its_slices_of_the_epoch_as_one_tensor_in_the_list_built_order():
+    """rank_samples slices the epoch's order as tensors (a rank holds its share, not Python lists of the
+    epoch; the seeds are computed per sample in the worker) and gives what the list-built loader did,
+    the remainder of a run without drop_last and a resume included."""
+    data = build_dataset(DataConfig(num_samples=101, num_classes=4, mean=(0.5,), std=(0.25,)), 28, 1)
+
+    def listed(spec, start):  # the loader's former list-built order, as reference
+        perm = epoch_permutation(101, spec.seed, 2).tolist()
+        usable, step = 101 // spec.world_size * spec.world_size, spec.batch_size * spec.world_size
+        batches = []
+        for first in range(0, data.batches_per_epoch(spec) * step, step):
+            batch = perm[first:min(first + step, usable)]
+            share = len(batch) // spec.world_size
+            batches.append(batch[spec.rank * share:(spec.rank + 1) * share])
+        return batches[start:]
+
+    for world_size, drop_last in ((1, True), (4, True), (4, False), (3, False)):
+        spec_batches = data.batches_per_epoch(LoaderSpec(batch_size=GLOBAL_BATCH // world_size, seed=7,
+                                                         world_size=world_size, drop_last=drop_last))
+        for rank in range(world_size):
+            spec = LoaderSpec(batch_size=GLOBAL_BATCH // world_size, seed=7, rank=rank, world_size=world_size,
+                              drop_last=drop_last)
+            for start in (0, 3, spec_batches - 1, spec_batches):
+                samples, sizes = data.rank_samples(spec, 2, start)
+                assert isinstance(samples, torch.Tensor) and samples.dtype == torch.int64
+                expected = listed(spec, start)
+                assert sizes == [len(batch) for batch in expected], (world_size, drop_last, rank, start)
+                assert samples.tolist() == [i for batch in expected for i in batch], (world_size, rank, start)
+
+
 def fake_attention(images: torch.Tensor) -> torch.Tensor:
     """A deterministic per-image (B, 1 + N, 1 + N) attention for EHM, from per-image scores."""
     return images.softmax(dim=-1)

@@ -45,6 +45,7 @@ import os
 import tarfile
 from bisect import bisect_right
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -52,8 +53,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import ConfigError
-from ..shards.shard_index import ShardIndex, index_path, load_index, split_member_name
 from .base import epoch_permutation, sample_seed
+from ..shards.shard_index import index_path, load_index, split_member_name
 from .device_input import DeviceInput, HostBatch
 from .image_folder import REPLACEMENT_TRIES, stand_ins
 from .map_style import UNREADABLE, MapStyleData, Sample
@@ -66,8 +67,18 @@ OPEN_SHARDS = 16  # file descriptors a reader keeps open (reads stay within a wi
 REBUILD = "rebuild it with scale-verify-shards --index (python -m data_prep.verify_shards --index) on the shard folder"
 
 
-def shard_indexes(shards: ShardSet) -> Tuple[Optional[List[ShardIndex]], str]:
-    """The index of every shard of `shards`, or (None, why the split is streamed instead).
+@dataclass(frozen=True)
+class ShardSpans:
+    """What reading needs of one shard's index: each sample's byte span, as int64 tensors. The keys are
+    checked with the rest of the index and then dropped: samples are named by their int index (what
+    data.record_samples writes), and a rank keeping every key of the shard set would hold gigabytes."""
+
+    offsets: torch.Tensor
+    sizes: torch.Tensor
+
+
+def shard_indexes(shards: ShardSet) -> Tuple[Optional[List[ShardSpans]], str]:
+    """The spans of every shard of `shards` from its index, or (None, why the split is streamed instead).
 
     UserError for an index that is there but does not fit its shard, or a count the manifest
     does not have: reading it would give the wrong bytes.
@@ -79,7 +90,7 @@ def shard_indexes(shards: ShardSet) -> Tuple[Optional[List[ShardIndex]], str]:
     if missing:
         return None, (f"{len(missing)} of {len(paths)} shards have no index (first: {index_path(missing[0])}); "
                       f"scale-verify-shards --index {missing[0].parent} writes them")
-    indexes = []
+    spans = []
     for position, path in enumerate(paths):
         index, problem = load_index(path)
         if index is None:
@@ -87,25 +98,25 @@ def shard_indexes(shards: ShardSet) -> Tuple[Optional[List[ShardIndex]], str]:
         if shards.counts is not None and len(index.keys) != shards.counts[position]:
             raise ConfigError(f"{shards.setting} {shards.root!r}: index {index_path(path)} lists {len(index.keys)} "
                               f"samples, manifest {shards.manifest} says {shards.counts[position]}; {REBUILD}")
-        indexes.append(index)
-    return indexes, ""
+        spans.append(ShardSpans(torch.tensor(index.offsets, dtype=torch.int64),
+                                torch.tensor(index.sizes, dtype=torch.int64)))
+    return spans, ""
 
 
 class IndexedShards(Dataset):
     """Item i: sample i of the shard set as webdataset gives it ({extension: bytes, "__key__", "__url__"})."""
 
-    def __init__(self, paths: Sequence[Path], indexes: Sequence[ShardIndex]):
+    def __init__(self, paths: Sequence[Path], spans: Sequence[ShardSpans]):
         self._files: "OrderedDict[int, int]" = OrderedDict()  # shard -> descriptor, in this process
         self._pid = os.getpid()
         self.paths = [str(path) for path in paths]
-        counts = [len(index.keys) for index in indexes]
         self.starts = [0]
-        for count in counts:
-            self.starts.append(self.starts[-1] + count)
+        for shard in spans:
+            self.starts.append(self.starts[-1] + len(shard.offsets))
         # Offsets and sizes of every sample in two tensors: one object each, however many samples,
         # so forked workers share them instead of copying a list's pages on every refcount change.
-        self.offsets = torch.tensor([o for index in indexes for o in index.offsets], dtype=torch.int64)
-        self.sizes = torch.tensor([s for index in indexes for s in index.sizes], dtype=torch.int64)
+        self.offsets = torch.cat([shard.offsets for shard in spans]) if spans else torch.zeros(0, dtype=torch.int64)
+        self.sizes = torch.cat([shard.sizes for shard in spans]) if spans else torch.zeros(0, dtype=torch.int64)
 
     def __len__(self) -> int:
         return self.starts[-1]

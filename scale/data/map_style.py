@@ -20,7 +20,7 @@ import itertools
 from typing import Any, Iterator, List, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ..errors import UserError
 from .base import Batch, LoaderSpec, PretrainData, epoch_permutation, sample_seed
@@ -33,16 +33,33 @@ UNREADABLE = -1  # the label of a sample that neither it nor any stand-in could 
 
 
 class _SeededView(Dataset):
-    """Item i is sample `indices[i]` under augmentation seed `seeds[i]`, resolved in the worker."""
+    """Item i is sample `indices[i]` under its own augmentation seed, both resolved in the worker: the
+    seed is computed from (seed, epoch, index) there rather than kept per sample, so a rank holds one
+    int64 tensor of its samples, not Python lists of the epoch."""
 
-    def __init__(self, data: "MapStyleData", indices: Sequence[int], seeds: Sequence[int]):
-        self.data, self.indices, self.seeds = data, indices, seeds
+    def __init__(self, data: "MapStyleData", indices: torch.Tensor, seed: int, epoch: int):
+        self.data, self.indices, self.seed, self.epoch = data, indices, seed, epoch
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> Sample:
-        return self.data.load_sample(self.indices[i], self.seeds[i])
+        index = int(self.indices[i])
+        return self.data.load_sample(index, sample_seed(self.seed, self.epoch, index))
+
+
+class _Batches(Sampler):
+    """Batch b is positions [offsets[b], offsets[b + 1]) of the view, listed only when it is drawn."""
+
+    def __init__(self, offsets: Sequence[int]):
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for start, end in zip(self.offsets, self.offsets[1:]):
+            yield list(range(start, end))
 
 
 class MapStyleData(PretrainData):
@@ -72,52 +89,57 @@ class MapStyleData(PretrainData):
         (indexed shards override it with one that keeps reads local, scale/data/indexed_shards.py)."""
         return epoch_permutation(self.num_samples, seed, epoch)
 
-    def rank_batches(self, spec: LoaderSpec, epoch: int) -> List[List[int]]:
-        """The samples of each batch of `epoch` on `spec.rank`: its slice of each global batch. Every
-        rank gets an equal share (the last num_samples % world_size samples sit out); without
-        drop_last the last global batch is the remainder, split evenly too."""
-        perm = self.epoch_order(spec.seed, epoch).tolist()
-        usable = self.num_samples // spec.world_size * spec.world_size
-        global_batch = spec.batch_size * spec.world_size
-        batches = []
-        for start in range(0, self.batches_per_epoch(spec) * global_batch, global_batch):
-            batch = perm[start:min(start + global_batch, usable)]
-            share = len(batch) // spec.world_size
-            batches.append(batch[spec.rank * share:(spec.rank + 1) * share])
-        return batches
+    def rank_samples(self, spec: LoaderSpec, epoch: int, start_batch: int = 0) -> Tuple[torch.Tensor, List[int]]:
+        """The samples of `epoch` on `spec.rank` from its batch `start_batch` on, in the order its batches
+        hold them (int64), and each of those batches' size: its slice of each global batch. Every rank gets
+        an equal share (the last num_samples % world_size samples sit out); without drop_last the last
+        global batch is the remainder, split evenly too. Tensor slices of the epoch's order, so a rank
+        holds its share of the epoch, not lists of all of it."""
+        batches = self.batches_per_epoch(spec)
+        if not 0 <= start_batch <= batches:
+            raise ValueError(f"start_batch {start_batch} outside epoch of {batches} batches")
+        order = self.epoch_order(spec.seed, epoch)
+        world, per_rank = spec.world_size, spec.batch_size
+        global_batch = world * per_rank
+        usable = self.num_samples // world * world
+        whole = min(batches, usable // global_batch)  # global batches of global_batch samples
+        first = min(start_batch, whole)
+        parts = [order[first * global_batch:whole * global_batch].view(-1, world, per_rank)[:, spec.rank].reshape(-1)]
+        sizes = [per_rank] * (whole - first)
+        if batches > whole and start_batch <= whole:  # the remainder (no drop_last), split evenly
+            rest = order[whole * global_batch:usable]
+            share = len(rest) // world
+            parts.append(rest[spec.rank * share:(spec.rank + 1) * share])
+            sizes.append(share)
+        return torch.cat(parts), sizes
 
     def rank_indices(self, spec: LoaderSpec, epoch: int) -> List[int]:
         """The samples of `epoch` on `spec.rank`, in the order its batches hold them."""
-        return [index for batch in self.rank_batches(spec, epoch) for index in batch]
+        return self.rank_samples(spec, epoch)[0].tolist()
 
     def loader(self, spec: LoaderSpec, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        batches = self.rank_batches(spec, epoch)
-        if not 0 <= start_batch <= len(batches):
-            raise ValueError(f"start_batch {start_batch} outside epoch of {len(batches)} batches")
-        batches = batches[start_batch:]
-        indices = [index for batch in batches for index in batch]
-        seeds = [sample_seed(spec.seed, epoch, i) for i in indices]
+        indices, sizes = self.rank_samples(spec, epoch, start_batch)
         # Batch b of the loader is positions [offsets[b], offsets[b + 1]) of `indices`.
         offsets = [0]
-        for batch in batches:
-            offsets.append(offsets[-1] + len(batch))
-        positions = [list(range(a, b)) for a, b in zip(offsets, offsets[1:])]
-        loaded = start_workers(DataLoader(_SeededView(self, indices, seeds), batch_sampler=positions,
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        loaded = start_workers(DataLoader(_SeededView(self, indices, spec.seed, epoch), batch_sampler=_Batches(offsets),
                                           collate_fn=self.collate, num_workers=spec.num_workers,
                                           pin_memory=spec.pin_memory,
                                           persistent_workers=False, worker_init_fn=ignore_stop_signals,
                                           generator=loader_generator(sample_seed(spec.seed, epoch, -2 - spec.rank))))
-        return self._count_skips(loaded, batches, epoch, start_batch)
+        return self._count_skips(loaded, indices, offsets, epoch, start_batch)
 
-    def _count_skips(self, loaded: Iterator[Any], batches: List[List[int]], epoch: int,
+    def _count_skips(self, loaded: Iterator[Any], indices: torch.Tensor, offsets: List[int], epoch: int,
                      start_batch: int) -> Iterator[Batch]:
-        for batch, (images, labels, replaced), indices in zip(itertools.count(start_batch), loaded, batches):
+        for batch, (images, labels, replaced), start, end in zip(itertools.count(start_batch), loaded, offsets,
+                                                                 offsets[1:]):
             if bool((labels == UNREADABLE).all()):
                 raise UserError(f"data.root: every sample of batch {batch} of epoch {epoch} ({len(labels)} samples) is "
                                 "unreadable, and so is every stand-in tried for each; expected decodable images (the "
                                 "warnings above name the files)")
             self._skipped += int(replaced.sum())
-            yield images, labels, torch.tensor(indices, dtype=torch.int64)
+            yield images, labels, indices[start:end].clone()  # a copy: a batch does not keep the rank's share alive
 
     def skipped_samples(self) -> int:
         return self._skipped
