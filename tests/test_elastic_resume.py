@@ -5,7 +5,10 @@ A checkpoint written on W ranks continues on W' ranks with train.global_batch un
 AdamW moments and steps, learning rate, step and temperature as saved. The resume check
 accepts the change where the data order does not depend on the world size (map-style
 sources) and refuses it, in one line, for streaming shards and for a null
-train.global_batch (naming the value that keeps the checkpoint's). Every engine resumes on
+train.global_batch (naming the value that keeps the checkpoint's). The order a checkpoint's
+epoch was drawn in (meta.json's data_order) is continued mid-epoch: another one (shards
+indexed or unindexed since, a multi-rank checkpoint from before data_order was recorded) is
+refused unless the checkpoint sits at an epoch's end. Every engine resumes on
 another world size: DeepSpeed's ZeRO 1/2/3 partitions are gathered whole from every old
 rank's files and partitioned anew (scale/checkpoint_io/deepspeed.py).
 """
@@ -21,6 +24,7 @@ import torch
 
 from scale.checkpoint_io.directory import CheckpointError
 from scale.config import to_dict
+from scale.data.base import GLOBAL_BATCH_SLICES, INDEXED_SHARD_WINDOWS, STREAM
 
 from conftest import REPO, python_env, tiny_config
 
@@ -33,8 +37,9 @@ CHAIN = (4, 2, 1, 2, 3)  # 4 -> 2, 2 -> 1, 1 -> 2, 2 -> 3: one step each
 LOSS_RTOL = 1e-5
 
 
-def _meta(cfg, world_size: int, fmt: str = "torch") -> dict:
-    return {"engine": cfg.engine.name, "checkpoint_format": fmt, "world_size": world_size}
+def _meta(cfg, world_size: int, fmt: str = "torch", order: str = GLOBAL_BATCH_SLICES, step: int = 5) -> dict:
+    return {"engine": cfg.engine.name, "checkpoint_format": fmt, "world_size": world_size, "data_order": order,
+            "step": step}
 
 
 # ----------------------------------------------------------------------------- the resume check
@@ -60,10 +65,78 @@ def test_streaming_shards_refuse_another_world_size_or_worker_count(tmp_path):
 
     saved = tiny_config(tmp_path, "train.global_batch=12", "data.num_workers=1")
     with pytest.raises(CheckpointError, match=r"world_size: 4 -> 2 \(changes the data order: .*indexed shards"):
-        check_resume_config(to_dict(saved), saved, _meta(saved, 4), "torch", 2, "ckpt", elastic_data=False)
+        check_resume_config(to_dict(saved), saved, _meta(saved, 4, order=STREAM), "torch", 2, "ckpt", STREAM, 8)
     with pytest.raises(CheckpointError, match=r"data\.num_workers: 1 -> 2"):
         check_resume_config(to_dict(saved), tiny_config(tmp_path, "train.global_batch=12", "data.num_workers=2"),
-                            _meta(saved, 4), "torch", 4, "ckpt", elastic_data=False)
+                            _meta(saved, 4, order=STREAM), "torch", 4, "ckpt", STREAM, 8)
+
+
+def test_another_data_order_is_refused_mid_epoch_and_accepted_at_an_epochs_end(tmp_path):
+    """Shards indexed (or their indexes lost) between two allocations: the checkpoint's epoch is continued
+    in its own order, so the switch waits for an epoch's end (8 steps an epoch here)."""
+    from scale.trainer.resume_check import check_resume_config
+
+    cfg = tiny_config(tmp_path, "train.global_batch=12")
+    for old, new, how in ((STREAM, INDEXED_SHARD_WINDOWS, "move the shards' NAME.tar.idx.json indexes aside"),
+                          (INDEXED_SHARD_WINDOWS, STREAM, "rebuild the shards' indexes")):
+        with pytest.raises(CheckpointError) as err:
+            check_resume_config(to_dict(cfg), cfg, _meta(cfg, 1, order=old, step=13), "torch", 1, "ckpt", new, 8)
+        message = str(err.value)
+        assert "\n" not in message and f"data_order: {old!r} -> {new!r}" in message, message
+        assert "resume_allow_changes" not in message  # no config key: the way out is the epoch's end or the index
+        assert "step 13 is in the middle of epoch 1" in message and "(step 8 or 16)" in message and how in message
+        assert check_resume_config(to_dict(cfg), cfg, _meta(cfg, 1, order=old, step=16), "torch", 1, "ckpt", new,
+                                   8) == []
+
+
+def test_a_stream_checkpoint_does_not_resume_on_another_world_size_once_the_shards_are_indexed(tmp_path):
+    """The world size is judged by the order the rest of the epoch is drawn in: the checkpoint's mid-epoch
+    (an indexed reader now does not make the stream's epoch elastic), this run's at an epoch's end."""
+    from scale.trainer.resume_check import check_resume_config
+
+    cfg = tiny_config(tmp_path, "train.global_batch=12")
+    with pytest.raises(CheckpointError, match=r"world_size: 8 -> 4 \(changes the data order: the epoch is drawn in "
+                                              r"order 'stream'.*data_order: 'stream' -> 'indexed-shard windows'"):
+        check_resume_config(to_dict(cfg), cfg, _meta(cfg, 8, order=STREAM, step=13), "torch", 4, "ckpt",
+                            INDEXED_SHARD_WINDOWS, 8)
+    warnings = check_resume_config(to_dict(cfg), cfg, _meta(cfg, 8, order=STREAM, step=16), "torch", 4, "ckpt",
+                                   INDEXED_SHARD_WINDOWS, 8)
+    assert any("on 4 ranks (written on 8)" in w for w in warnings), warnings
+    # An indexed checkpoint whose shards are streamed now: the next epoch is a stream, dealt to this world size.
+    with pytest.raises(CheckpointError, match=r"world_size: 4 -> 2 \(changes the data order: .*'stream'"):
+        check_resume_config(to_dict(cfg), cfg, _meta(cfg, 4, order=INDEXED_SHARD_WINDOWS, step=16), "torch", 2,
+                            "ckpt", STREAM, 8)
+
+
+def test_a_multi_rank_checkpoint_from_before_data_order_resumes_only_at_an_epochs_end(tmp_path):
+    """Written before issue 27 (no data_order): on several ranks each rank strode through the permutation with
+    its own masks, an order no source draws today; on one rank it is today's order."""
+    from scale.trainer.resume_check import check_resume_config
+
+    cfg = tiny_config(tmp_path, "train.global_batch=12")
+    old = {"engine": cfg.engine.name, "checkpoint_format": "torch", "world_size": 2, "step": 13}
+    with pytest.raises(CheckpointError) as err:
+        check_resume_config(to_dict(cfg), cfg, old, "torch", 2, "ckpt", GLOBAL_BATCH_SLICES, 8)
+    message = str(err.value)
+    assert "\n" not in message and "data_order: 'per-rank strides" in message, message
+    assert "(step 8 or 16)" in message and "world_size" not in message  # the same world size: only the order
+    assert check_resume_config(to_dict(cfg), cfg, {**old, "step": 16}, "torch", 2, "ckpt", GLOBAL_BATCH_SLICES, 8) == []
+    assert check_resume_config(to_dict(cfg), cfg, {**old, "world_size": 1}, "torch", 1, "ckpt", GLOBAL_BATCH_SLICES,
+                               8) == []
+    # A one-rank webdataset checkpoint from then was a stream: indexed shards now continue it only at an epoch's end.
+    shards = dict(to_dict(cfg), data={**to_dict(cfg)["data"], "name": "webdataset"})
+    with pytest.raises(CheckpointError, match=r"data_order: 'stream' -> 'indexed-shard windows'"):
+        check_resume_config(shards, cfg, {**old, "world_size": 1}, "torch", 1, "ckpt", INDEXED_SHARD_WINDOWS, 8)
+
+
+def test_read_meta_refuses_a_data_order_that_is_not_a_string(tmp_path):
+    from scale.checkpoint_io.directory import META, read_meta
+
+    (tmp_path / META).write_text(json.dumps({"step": 1, "files": {}, "data_order": 3}))
+    with pytest.raises(CheckpointError, match=r"'data_order' must be a string \(the data order\) \(found: int 3\)"):
+        read_meta(tmp_path)
+    (tmp_path / META).write_text(json.dumps({"step": 1, "files": {}, "data_order": STREAM}))
+    assert read_meta(tmp_path)["data_order"] == STREAM
 
 
 def test_a_null_global_batch_is_refused_with_the_value_that_keeps_it(tmp_path):
@@ -98,8 +171,9 @@ def test_deepspeed_checkpoints_may_change_world_size_too(tmp_path):
 
 @pytest.mark.slow
 def test_the_trainer_asks_its_data_whether_the_order_survives_another_world_size(tmp_path):
-    """A checkpoint recorded as written on 2 ranks, resumed in one process: accepted for a source whose order
-    does not depend on the world size, refused for one whose does (PretrainData.elastic, e.g. a shard stream)."""
+    """The trainer records its data's order in meta.json; a checkpoint recorded as written on 2 ranks, resumed in
+    one process: accepted for a source in the same order, refused for one in another (PretrainData.order, e.g. a
+    shard stream) mid-epoch, and for a checkpoint whose recorded order is a stream."""
     from scale.checkpoint_io.directory import META
     from scale.data import build_dataset
     from scale.trainer import Trainer
@@ -107,12 +181,19 @@ def test_the_trainer_asks_its_data_whether_the_order_survives_another_world_size
     overrides = ("train.global_batch=4", "train.ckpt_every=1")
     Trainer(tiny_config(tmp_path, *overrides, "train.max_steps=1")).fit()
     meta_file = next((tmp_path / "run" / "checkpoints").glob(f"step_*/{META}"))
-    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "world_size": 2}))
+    meta = json.loads(meta_file.read_text())
+    assert meta["data_order"] == GLOBAL_BATCH_SLICES
+    meta_file.write_text(json.dumps({**meta, "world_size": 2}))
     cfg = tiny_config(tmp_path, *overrides, "train.max_steps=2", "train.resume=auto")
     streaming = build_dataset(cfg.data, 28, 1)
-    streaming.elastic = False
-    with pytest.raises(CheckpointError, match=r"world_size: 2 -> 1 \(changes the data order"):
+    streaming.order = STREAM
+    with pytest.raises(CheckpointError, match=r"data_order: 'global-batch slices' -> 'stream' \(changes the order of "
+                                              r"the rest of the epoch.*step 1 is in the middle of epoch 0"):
         Trainer(cfg, data=streaming).maybe_resume()
+    meta_file.write_text(json.dumps({**meta, "world_size": 2, "data_order": STREAM}))
+    with pytest.raises(CheckpointError, match=r"world_size: 2 -> 1 \(changes the data order: .*'stream'"):
+        Trainer(cfg).maybe_resume()
+    meta_file.write_text(json.dumps({**meta, "world_size": 2}))
     trainer = Trainer(cfg)
     assert trainer.maybe_resume() is not None and trainer.step == 1
 

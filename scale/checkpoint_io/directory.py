@@ -39,6 +39,7 @@ _COMPLETE = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
 FILES_KEY = "files"  # meta.json: {relative path: {"bytes": n, "sha256": hex}}
 CONFIG_KEY = "config"  # meta.json: the run config (to_dict form) a resume is checked against
+DATA_ORDER_KEY = "data_order"  # meta.json: the data order of the run that wrote it (PretrainData.order)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Directories rotation and re-saving leave behind while they work (cleared by later saves).
 _LEFTOVER_SUFFIXES = (".tmp", ".deleting", ".replaced")
@@ -259,6 +260,8 @@ _META_SCHEMA: Tuple[Tuple[str, bool, str, Callable[[object], bool]], ...] = (
     ("engine", False, "a string", lambda name: isinstance(name, str)),
     ("checkpoint_format", False, "a string", lambda name: isinstance(name, str)),
     ("model", False, "a string", lambda name: isinstance(name, str)),
+    # PretrainData.order of the run that wrote it; checkpoints written before it was recorded lack it.
+    (DATA_ORDER_KEY, False, "a string (the data order)", lambda name: isinstance(name, str)),
 )
 
 

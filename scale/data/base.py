@@ -11,7 +11,9 @@ order is a pure function of (seed, epoch, rank, world_size), so resuming mid-epo
 have yielded after its first k. Map-style sources go further: global batch k (all ranks
 together) depends on (seed, epoch, global batch) alone, not on the world size or the
 workers (scale/data/map_style.py), so a run resumes on another allocation with every
-sample of the epoch used once. Labels are only used for monitoring (kNN, probes);
+sample of the epoch used once. Each source names its order (`order`), which every checkpoint
+records: a resume mid-epoch continues that order, so another one (shards indexed or unindexed
+since) waits for an epoch's end (scale/trainer/resume_check.py). Labels are only used for monitoring (kNN, probes);
 pre-training ignores them.
 
 A new source registers its builder (`@DATASETS.register("name")`, called with the data
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Callable, Iterator, Tuple
+from typing import Callable, FrozenSet, Iterator, Tuple
 
 import torch
 
@@ -34,6 +36,14 @@ from .device_input import DeviceImages, DeviceInput, HostBatch
 
 # (images for `PretrainData.prepare`, labels, int64 index of each sample in the source or -1)
 Batch = Tuple[HostBatch, torch.Tensor, torch.Tensor]
+
+# The orders an epoch is drawn in (`PretrainData.order`; a checkpoint records its order as meta.json's
+# data_order, and a resume mid-epoch must continue it: scale/trainer/resume_check.py).
+GLOBAL_BATCH_SLICES = "global-batch slices"  # map-style: a permutation cut into global batches (map_style.py)
+INDEXED_SHARD_WINDOWS = "indexed-shard windows"  # indexed shards: shards permuted, windows shuffled (indexed_shards.py)
+STREAM = "stream"  # shards dealt to world_size x num_workers streaming readers (wds_stream.py)
+# Orders whose global batch k is the same on any world size and number of DataLoader workers.
+ELASTIC_ORDERS: FrozenSet[str] = frozenset({GLOBAL_BATCH_SLICES, INDEXED_SHARD_WINDOWS})
 
 
 @dataclass(frozen=True)
@@ -54,9 +64,9 @@ class PretrainData(abc.ABC):
 
     # Whether the loader's indices name the samples (a streaming reader yields -1): data.record_samples needs it.
     names_samples: bool = True
-    # Whether global batch k is the same on any world size and number of DataLoader workers, so that a
-    # run may resume on another allocation (the resume check reads it); a shard stream's order is not.
-    elastic: bool = True
+    # The order an epoch is drawn in (one of the names above): the trainer records it in each checkpoint,
+    # since a resume mid-epoch in another order (shards indexed or unindexed since) would skip and repeat samples.
+    order: str = GLOBAL_BATCH_SLICES
 
     def __init__(self, device_input: DeviceInput):
         self.device_input = device_input
@@ -70,6 +80,12 @@ class PretrainData(abc.ABC):
         """Like `prepare`, but the batch stays uint8 on `device` and is normalised a slice at a
         time (`DeviceImages[i:j]`, `.all()`): a step in micro-batches holds one in float."""
         return self.device_input.images(images, device)
+
+    @property
+    def elastic(self) -> bool:
+        """Whether global batch k is the same on any world size and number of DataLoader workers, so that a
+        run may resume on another allocation; a shard stream's order is not."""
+        return self.order in ELASTIC_ORDERS
 
     @property
     @abc.abstractmethod

@@ -53,8 +53,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import ConfigError
-from .base import epoch_permutation, sample_seed
 from ..shards.shard_index import index_path, load_index, split_member_name
+from .base import INDEXED_SHARD_WINDOWS, epoch_permutation, sample_seed
 from .device_input import DeviceInput, HostBatch
 from .image_folder import REPLACEMENT_TRIES, stand_ins
 from .map_style import UNREADABLE, MapStyleData, Sample
@@ -173,6 +173,7 @@ class IndexedShardData(MapStyleData):
     item and batches them, as in the stream's workers."""
 
     source: IndexedShards
+    order = INDEXED_SHARD_WINDOWS  # elastic; data.shuffle_buffer, which also sets it, is checked on resume as config
 
     def __init__(self, source: IndexedShards, items: SampleItems, device_input: DeviceInput, *,
                  shuffle_buffer: int, shards: ShardSet):

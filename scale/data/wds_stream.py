@@ -90,7 +90,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from ..config import ConfigError, DataConfig
 from ..errors import UserError
 from ..shards.manifest import MANIFEST_FORMAT, MANIFEST_NAME, load_manifest
-from .base import DATASETS, Batch, LoaderSpec, PretrainData, sample_seed
+from .base import DATASETS, STREAM, Batch, LoaderSpec, PretrainData, sample_seed
 from .device_input import DeviceInput
 from .gpu_decode import DeviceJpegItems
 from .loader_workers import ignore_stop_signals, loader_generator, start_workers
@@ -380,7 +380,7 @@ def _read_error_text(exn: Exception) -> str:
 
 class WebDatasetData(PretrainData):
     names_samples = False  # a shard stream cannot say which sample it read: its indices are -1
-    elastic = False  # its order depends on world_size x num_workers (the slots shards are dealt to)
+    order = STREAM  # its order depends on world_size x num_workers (the slots shards are dealt to): not elastic
 
     def __init__(self, shards: ShardSet, items: SampleItems, device_input: DeviceInput, *,
                  resampled: bool = False, epoch_samples: Optional[int] = None, shuffle_buffer: int = 1000):

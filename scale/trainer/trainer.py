@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint_io import encoder_state_dict
-from ..checkpoint_io.directory import CONFIG_KEY, CheckpointError, CheckpointManager, read_meta
+from ..checkpoint_io.directory import CONFIG_KEY, DATA_ORDER_KEY, CheckpointError, CheckpointManager, read_meta
 from ..checkpoint_io.safe_load import describe_load_error
 from ..config import AUTO_MICRO_BATCH, ConfigError, RunConfig, to_dict, to_yaml
 from ..errors import UserError
@@ -162,7 +162,8 @@ class Trainer:
             self.step, lambda d: self.engine.save(d, extra),
             meta={"step": self.step, "epoch": self.step // self.steps_per_epoch, "engine": self.engine.name,
                   "checkpoint_format": self.engine.checkpoint_format,
-                  "world_size": self.engine.world_size, "model": self.cfg.model.name, CONFIG_KEY: to_dict(self.cfg)},
+                  "world_size": self.engine.world_size, "model": self.cfg.model.name, CONFIG_KEY: to_dict(self.cfg),
+                  DATA_ORDER_KEY: self.data.order},  # a resume mid-epoch must continue this order (resume_check.py)
             is_writer=self.engine.is_main, barrier=self.engine.barrier)
 
     def _resume_path(self) -> Optional[Path]:
@@ -210,7 +211,7 @@ class Trainer:
             return None
         meta = resume_meta(read_meta(path), str(path))
         for warning in check_resume_config(meta[CONFIG_KEY], self.cfg, meta, self.engine.checkpoint_format,
-                                           self.engine.world_size, str(path), self.data.elastic):
+                                           self.engine.world_size, str(path), self.data.order, self.steps_per_epoch):
             self._warn(warning)
         self._load_state(path)
         return path
