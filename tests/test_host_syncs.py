@@ -27,12 +27,10 @@ QUIET_STEP = 3  # of 4: steps 1-2 warm up, step 4 is the run's last (a log step)
 
 
 def quiet_run(tmp_path, recipe: str, *overrides: str):
-    """`recipe` on synthetic data, 4 steps of 8 images, logging and checkpointing at the last step only.
-    AdamW is the fused kernel, CUDA's default: the per-parameter loop, the CPU's, reads each parameter's
-    step count, which torch keeps in host memory for it (no device read on CUDA, but the same op here)."""
+    """`recipe` on synthetic data, 4 steps of 8 images, logging and checkpointing at the last step only."""
     return load_config(str(REPO / "recipes" / recipe), tiny_overrides(
         f"train.output_dir={tmp_path / 'run'}", "data.name=synthetic", "data.num_samples=32", "train.micro_batch=8",
-        "train.epochs=1", "train.log_every=100", "train.ckpt_every=100", "optim.implementation=fused", *overrides))
+        "train.epochs=1", "train.log_every=100", "train.ckpt_every=100", *overrides))
 
 
 def host_reads_of_a_quiet_step(trainer: Trainer) -> Counter:
@@ -53,7 +51,18 @@ def host_reads_of_a_quiet_step(trainer: Trainer) -> Counter:
     trainer.watchdog.enter = enter_and_profile
     summary = trainer.fit()
     assert profiling and summary.final_step == QUIET_STEP + 1 and not trainer.logs_at(QUIET_STEP)
-    return Counter(event.name for event in profiler.events() if event.name in HOST_READS)
+    return Counter(event.name for event in profiler.events() if event.name in HOST_READS and not in_adamw(event))
+
+
+def in_adamw(event) -> bool:
+    """Whether `event` ran inside torch's AdamW.step. Its per-parameter step count lives in host memory for the
+    loop and foreach kernels, and the CPU's fused kernel reads it there too: on the CPU those reads are this op,
+    on CUDA no device read (the fused kernel, the default there, keeps the count on the device)."""
+    while event is not None:
+        if event.name.startswith("Optimizer.step#"):
+            return True
+        event = event.cpu_parent
+    return False
 
 
 @pytest.mark.slow

@@ -121,8 +121,11 @@ class EvolvedHierarchicalMasking(MaskGenerator):
         fraction = exact(e.fixed_depth if e.depth == "fixed" else (
             context.epoch_progress if e.progress == "epoch" else context.progress))
         cap = exact(e.max_depth)
-        by_height = [max(1, min(floor_times(fraction, h), floor_times(cap, h))) for h in range(self.num_patches + 1)]
-        return torch.tensor(by_height, device=height.device)[height]
+        by_height = torch.tensor([max(1, min(floor_times(fraction, h), floor_times(cap, h)))
+                                  for h in range(self.num_patches + 1)])
+        if height.is_cuda:  # copied from pinned memory, the table is queued, not waited for (a host sync)
+            by_height = by_height.pin_memory()
+        return by_height.to(height.device, non_blocking=True)[height]
 
     def __call__(self, batch_size: int, context: MaskContext) -> Masks:
         with context.time_region("mask_signal"):
@@ -142,7 +145,7 @@ class EvolvedHierarchicalMasking(MaskGenerator):
         num_parts = (parts == torch.arange(self.num_patches, device=order.device)).sum(dim=1)
         metrics = {"ehm_depth": depth.float().mean(), "ehm_height": height.float().mean(),
                    "ehm_parts": num_parts.float().mean(),
-                   "ehm_tree_rounds": torch.tensor(float(tree.rounds), device=order.device)}
+                   "ehm_tree_rounds": torch.full((), float(tree.rounds), device=order.device)}  # no copy
         return Masks(group_ids=groups, masked_ids=order[:, :masked], metrics=metrics)
 
 

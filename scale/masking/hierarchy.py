@@ -24,10 +24,14 @@ holding the smaller leaves). This is canonical: equal trees have equal encodings
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Deque, Dict, Optional, Tuple
 
 import torch
+
+# CUDA: merging rounds the host may queue past the last "anything left to merge?" flag it has read.
+ROUNDS_AHEAD = 4
 
 
 def quantization_bits(num_patches: int) -> int:
@@ -50,19 +54,26 @@ class PatchTree:
     parent: torch.Tensor  # (B, N) long: the slot each slot was absorbed into; -1 for slot 0 (the root's)
     merge_level: torch.Tensor  # (B, N) long: level of the node created by that merge; 0 for slot 0
     left_size: torch.Tensor  # (B, N) long: size of the cluster it joined
-    rounds: int  # merging rounds the builder took
+    rounds: int  # merging rounds the builder ran (on CUDA a few past the last merge: see _MergesLeft)
 
     @property
     def height(self) -> torch.Tensor:
         """(B,) level of each image's root."""
         return self.merge_level.max(dim=1).values
 
+    @property
+    def level_bound(self) -> int:
+        """No level is above it: a round merges each cluster once at most, raising its level by one, and leaves
+        are level 1. The loops over levels run to it, known on the host: reading `height` from the device would
+        stall the step (a level above the height includes no merge, so its pass changes nothing)."""
+        return self.rounds + 1
+
     def cut(self, depth: torch.Tensor) -> torch.Tensor:
         """(B,) levels -> (B, N) part of each patch: its highest ancestor of level <= depth, named
         by that node's smallest leaf. depth 1: every patch its own part; depth >= height: one part."""
         labels = torch.arange(self.parent.shape[1], device=self.parent.device).expand_as(self.parent).clone()
         parent = self.parent.clamp(min=0)
-        for _ in range(int(self.height.max())):  # each pass climbs one included merge
+        for _ in range(self.level_bound):  # each pass climbs one included merge
             level = self.merge_level.gather(1, labels)
             climb = (level > 0) & (level <= depth[:, None])
             labels = torch.where(climb, parent.gather(1, labels), labels)
@@ -72,7 +83,7 @@ class PatchTree:
         """(B, N) leaves in the cluster each slot held when it was absorbed (slot 0: all N)."""
         size = torch.ones_like(self.parent)
         parent = self.parent.clamp(min=0)
-        for level in range(2, int(self.height.max()) + 1):  # children before parents
+        for level in range(2, self.level_bound + 1):  # children before parents
             absorbed = self.merge_level == level
             size = size.scatter_add(1, parent, torch.where(absorbed, size, 0))
         return size
@@ -91,7 +102,7 @@ class PatchTree:
         # How far a slot's own sub-cluster sits from its cluster's start, from the swapped merges placed so far:
         # merges go top-down, so at level L it holds the shifts of the merges above L.
         shift = torch.zeros_like(self.parent)
-        for level in range(int(self.height.max()), 1, -1):  # parents before children
+        for level in range(self.level_bound, 1, -1):  # parents before children
             absorbed = self.merge_level == level
             node_start = (start + shift).gather(1, parent)  # where the node this merge creates starts
             start = torch.where(absorbed, node_start + after_left, start)
@@ -149,13 +160,53 @@ def greedy_average_linkage(similarity: torch.Tensor) -> PatchTree:
     return PatchTree(st.parent, st.merge_level, st.left_size, rounds=n - 1)
 
 
+class _MergesLeft:
+    """Whether any image still has clusters to merge, read without stalling the device.
+
+    The number of rounds depends on the similarity, but reading the answer at every round would wait
+    for the device each time. Each round's flag is copied to host memory instead (pinned, non-blocking,
+    an event marking its arrival) and the host reads the flags that have arrived: it queues a few
+    rounds past the last merge, which merge nothing and change nothing. Once ROUNDS_AHEAD flags are
+    outstanding it waits for the oldest, so the device always has rounds queued and never idles. On
+    the CPU the device is the host: a flag is there once copied."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.flags: Deque[Tuple[torch.Tensor, Optional[torch.cuda.Event]]] = deque()  # (host flag, arrival)
+
+    def record(self, active: torch.Tensor) -> None:
+        """After a round: whether some image of `active` (B, N) still holds more than one cluster."""
+        host = torch.empty((), dtype=torch.bool, pin_memory=self.cuda)
+        host.copy_((active.sum(dim=1) > 1).any(), non_blocking=True)
+        arrival = torch.cuda.Event() if self.cuda else None
+        if arrival is not None:
+            arrival.record()
+        self.flags.append((host, arrival))
+
+    def none(self) -> bool:
+        """True once a flag that has arrived says nothing is left to merge."""
+        while self.flags:
+            host, arrival = self.flags[0]
+            if arrival is not None and not arrival.query():
+                if len(self.flags) < ROUNDS_AHEAD:
+                    return False
+                arrival.synchronize()  # the rounds queued after it keep the device busy meanwhile
+            self.flags.popleft()
+            if not host.tolist():  # host memory: no device read
+                return True
+        return False
+
+
 def reciprocal_nn_average_linkage(similarity: torch.Tensor) -> PatchTree:
-    """The same tree: each round merges every pair of clusters that are each other's nearest neighbour."""
+    """The same tree: each round merges every pair of clusters that are each other's nearest neighbour.
+    At most N - 1 rounds: while clusters are left, the most similar pair are each other's nearest."""
     st = _MergeState.leaves(similarity)
     batch, n = st.sizes.shape
     slots = torch.arange(n, device=st.sums.device).expand(batch, n)
     rounds = 0
-    while bool((st.active.sum(dim=1) > 1).any()):
+    merges_left = _MergesLeft(st.sums.device)
+    merges_left.record(st.active)
+    while rounds < n - 1 and not merges_left.none():
         rounds += 1
         nearest = _mean_similarity(st.sums, st.sizes, st.active).argmax(dim=2)  # ties: the smallest slot
         merging = st.active & (nearest.gather(1, nearest) == slots) & (slots < nearest)  # a of each pair (a, b)
@@ -173,6 +224,7 @@ def reciprocal_nn_average_linkage(similarity: torch.Tensor) -> PatchTree:
         st.sums = torch.zeros_like(sums).scatter_add_(2, target[:, None, :].expand(-1, n, -1), sums)
         st.sizes = torch.zeros_like(st.sizes).scatter_add_(1, target, st.sizes).clamp(min=1)
         st.active &= ~absorbed
+        merges_left.record(st.active)
     return PatchTree(st.parent, st.merge_level, st.left_size, rounds=rounds)
 
 
