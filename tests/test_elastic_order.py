@@ -213,18 +213,18 @@ def test_four_and_two_ranks_train_on_the_same_global_batches_to_the_same_losses(
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_an_epoch_resumed_on_2_then_1_then_3_ranks_uses_every_sample_exactly_once(tmp_path):
+def test_an_epoch_resumed_on_4_then_2_then_3_ranks_uses_every_sample_exactly_once(tmp_path):
     out = tmp_path / "run"
     common = ("data.num_samples=96", "train.epochs=1", "train.global_batch=12")  # 8 global batches
-    launch(2, out, *common, "train.max_steps=3")
-    launch(1, out, *common, "train.max_steps=5", "train.resume=auto")
+    launch(4, out, *common, "train.max_steps=3")
+    launch(2, out, *common, "train.max_steps=5", "train.resume=auto")
     # A step recorded after the last checkpoint (what a kill between the two leaves): the resume forgets it.
     (out / "samples" / "rank_0.jsonl").open("a").write(json.dumps({"step": 6, "epoch": 0, "batch": 5,
                                                                     "samples": [0]}) + "\n")
     launch(3, out, *common, "train.resume=auto")
     steps = recorded_steps(out)
     assert sorted(steps) == list(range(1, 9))
-    assert [len(steps[s]) for s in range(1, 9)] == [2, 2, 2, 1, 1, 3, 3, 3]  # each step split over its run's ranks
+    assert [len(steps[s]) for s in range(1, 9)] == [4, 4, 4, 2, 2, 3, 3, 3]  # each step split over its run's ranks
     assert [line["batch"] for s in range(1, 9) for line in steps[s][:1]] == list(range(8))
     used = [i for s in range(1, 9) for i in global_batch_of(steps[s])]
     assert sorted(used) == list(range(96))  # every sample of the epoch, none twice
