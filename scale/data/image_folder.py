@@ -8,14 +8,14 @@ duplicate samples); what is left out, and files without an image extension, are 
 once. A missing root, or one without class folders or images, is a UserError naming
 data.root.
 
-Order: MapStyleData's, a pure function of (seed, epoch, rank, world_size), with a seeded
-augmentation per sample.
+Order: MapStyleData's: global batch k a pure function of (seed, epoch, global batch), each rank
+its rows of it, with a seeded augmentation per sample.
 
 Bad files (unreadable, truncated, not an image despite the extension) are replaced, not
 dropped: sample i that cannot be decoded takes the image and label of the first decodable
 file of a fixed pseudo-random sequence of other indices drawn from i alone, transformed
 under i's own augmentation seed. So every batch keeps its size and its positions, which
-samples a batch holds stays a pure function of (seed, epoch, rank), and neither the worker
+samples a global batch holds stays a pure function of (seed, epoch, global batch), and neither the worker
 count nor a resume nor a skip changes any other sample. Replaced samples are counted where
 they are decoded and the count travels with the batch (a DataLoader worker is another
 process); the main process sums the counts for `skipped_samples()`. The workers warn for

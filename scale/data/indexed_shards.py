@@ -89,7 +89,8 @@ def shard_indexes(shards: ShardSet) -> Tuple[Optional[List[ShardSpans]], str]:
     missing = [path for path in paths if not index_path(path).is_file()]
     if missing:
         return None, (f"{len(missing)} of {len(paths)} shards have no index (first: {index_path(missing[0])}); "
-                      f"scale-verify-shards --index {missing[0].parent} writes them")
+                      f"scale-verify-shards --index {missing[0].parent} writes them (before a run or at an "
+                      "epoch's end: a checkpoint's epoch goes on in the order it began)")
     spans = []
     for position, path in enumerate(paths):
         index, problem = load_index(path)

@@ -118,8 +118,10 @@ def load_index(shard: Path) -> Tuple[Optional[ShardIndex], Optional[str]]:
     try:
         shard_bytes = shard.stat().st_size
         content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        return None, f"unreadable index {path}: {getattr(err, 'strerror', None) or err}"
+    except OSError as err:  # its strerror, without the path the message names already
+        return None, f"unreadable index {path}: {err.strerror or err}"
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return None, f"unreadable index {path}: {err}"
     problem = index_problem(content, shard_bytes)
     if problem:
         return None, f"index {path}: {problem}"
