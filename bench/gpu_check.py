@@ -44,6 +44,14 @@ the others still run; rows stream into the table and the JSON as they finish):
               per worker core, nvJPEG vs CPU pixels (mean and max levels of 255), and the cores per GPU
               OCL / MAE need at ViT-B and ViT-L from this run's flop_ratio rows. Needs the webdataset wheel.
 
+`--tune` (instead of the checks, at most 480 s) measures and chooses: OCL ViT-B/16, OCL ViT-L/16 and MAE
+ViT-B/16 each as its recipe, then with one factor changed (compile; micro-batches up to train.micro_batch:
+auto's largest; SDPA's flash / memory-efficient / cuDNN kernel and xFormers; fused vs foreach AdamW;
+activation checkpointing), each case bench/train_step.py's child with its own time limit; it prints the
+table of train-step FLOP/s over the bf16 GEMM of each case's process and the overrides that win.
+`--profile` writes per recipe the top 15 CUDA kernels by time and the host syncs per step
+(docs/throughput.md, "GPU tuning").
+
 `--device cpu --smoke` proves the code paths: vit_tiny_patch7_28 (28x28) for every model, micro-batch 4,
 a 64-d MAE decoder, 3 parity steps, EHM cost at batch 4 over 1 warm-up + 2 steps, gloo instead of nccl,
 memory as peak RSS, fp32 where the recipe's `precision: auto` resolves to it on CPU (parity still compares
@@ -78,6 +86,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -85,20 +94,29 @@ import torch
 import torch.nn as nn
 
 from bench.common import GIB, JPEG_SIZES, REPO, fmt_bytes, smooth_noise_image, sync, write_json
-from bench.train_step import ocl_tokens_per_image, run_child
+from bench.train_step import SDPA_KERNELS, ocl_tokens_per_image, run_child
 from scale.config import load_config, to_dict
 from scale.data import LoaderSpec, build_dataset
 from scale.device import autocast_dtype
 from scale.engine import plan_batch
-from scale.engine.memory_plan import activation_bytes_per_image, param_count
+from scale.engine.memory_plan import (MARGIN, activation_bytes_per_image, largest_micro_batch, param_count,
+                                     pretrain_step_memory)
 from scale.masking import MaskContext, build_mask_generator
 from scale.models import MODELS
 from scale.models.attention import BackendAttention, xformers_available, xformers_problem
+from scale.pretraining import build_pretrain_module
 from scale.trainer import Trainer
 
 CHECKS = ("attention", "parity", "flop_ratio", "fsdp", "memory", "ehm", "decode")
-# Seconds of the budget each check may use (plus whatever earlier checks left unused); they sum to 540.
-SHARES = {"attention": 45, "parity": 80, "flop_ratio": 100, "fsdp": 75, "memory": 100, "ehm": 85, "decode": 55}
+# --tune and --profile: measure the candidate settings and choose; the step's kernels and host syncs.
+MODES = ("tune", "profile")
+# Seconds of the budget each check may use (plus whatever earlier checks left unused); the checks' sum to 540,
+# the modes' to 480 (--tune --profile: at most 8 minutes).
+SHARES = {"attention": 45, "parity": 80, "flop_ratio": 100, "fsdp": 75, "memory": 100, "ehm": 85, "decode": 55,
+          "tune": 400, "profile": 80}
+TUNE_BUDGET_S = 480.0
+# A tuned setting wins when its train-step ratio beats the recipe's own by more than this (relative): less is noise.
+TUNE_MARGIN = 0.02
 ATTN_RECIPES = ("ocl_vitb16", "ocl_vitl16", "mae_vitb16", "mae_vitl16")
 RATIO_RECIPES = ("ocl_vitb16", "ocl_vitl16", "mae_vitb16")
 MEMORY_RECIPES = ("ocl_vitb16", "ocl_vitl16", "ocl_vith16", "mae_vitb16", "mae_vitl16")
@@ -468,6 +486,206 @@ def check_memory(ctx: Context) -> None:
         ctx.guarded(f"{name}: peak memory", run)
 
 
+# ----------------------------------------------------------------------------- --tune: measure the candidates, choose
+
+@dataclass(frozen=True)
+class TuneVariant:
+    """One factor changed from a recipe's own settings, as bench/train_step.py's case keys."""
+    factor: str
+    setting: str
+    override: str  # the config override that selects it; an SDPA kernel has none (restrict_sdpa in the case)
+    case: Dict[str, Any] = field(default_factory=dict)
+
+
+RECIPE_SETTINGS = TuneVariant("recipe", "as the recipe", "")
+
+
+def auto_largest(ctx: Context, cfg) -> Dict[str, Any]:
+    """train.micro_batch: auto's largest micro-batch for the recipe on this device (scale/engine/memory_plan.py
+    on the GPU's free memory now). A CPU has no device memory to size against: in smoke mode the free memory
+    is a stand-in that holds 4 micro-batches, so the same estimate and search run."""
+    module = build_pretrain_module(cfg)
+    memory = pretrain_step_memory(module, cfg.mask.ratio, ctx.amp(cfg) == "bf16",
+                                  cfg.train.activation_checkpointing.strip() == "full")
+    del module
+    if ctx.device.type == "cuda":
+        free = torch.cuda.mem_get_info(ctx.device)[0]
+    else:
+        free = (memory.at(4 * micro_batch(cfg)) + memory.bytes_per_image / 2) / MARGIN
+    largest = largest_micro_batch(memory, free)
+    return {"largest": largest, "free_bytes": free, "estimate_bytes": memory.at(largest),
+            "state_bytes": memory.state_bytes, "bytes_per_image": memory.bytes_per_image,
+            "summary": f"auto's largest micro-batch {largest}: estimate {fmt_bytes(memory.at(largest))} "
+                       f"({fmt_bytes(memory.state_bytes)} state + {memory.bytes_per_image / 2 ** 20:.1f} MiB/image) "
+                       f"in {MARGIN:.0%} of {fmt_bytes(free)} free" + (" (a stand-in: no device memory)" if ctx.smoke else "")}
+
+
+def tune_variants(ctx: Context, cfg, largest: int) -> List[Tuple[TuneVariant, str]]:
+    """(variant, why it is skipped or ""), in the order they run: compile, micro-batch sizes up to auto's
+    largest, SDPA kernels and xFormers, AdamW's kernel, activation checkpointing."""
+    micro = micro_batch(cfg)
+    cuda = ctx.device.type == "cuda"
+    out = [(TuneVariant("compile", "on", "train.compile=true", {"compile": True, "warmup": 3}), "")]
+    for n in sorted({min(2 * micro, largest), largest} - {micro}):
+        out.append((TuneVariant("micro-batch", str(n), f"train.micro_batch={n}", {"batch": n}), ""))
+    for kernel in SDPA_KERNELS:
+        why = "" if cuda or kernel == "flash" else f"SDPA's {kernel} kernel has no CPU implementation"
+        out.append((TuneVariant("attention", f"sdpa {kernel}", f"model.attn_backend=sdpa (SDPA kernel {kernel})",
+                                {"attn": "sdpa", "sdpa_kernel": kernel}), why))
+    why = ("xFormers has no CPU kernels" if not cuda else "xformers does not import" if not xformers_available()
+           else xformers_problem(ctx.device) or "")
+    out.append((TuneVariant("attention", "xformers", "model.attn_backend=xformers", {"attn": "xformers"}), why))
+    for impl in ("fused", "foreach"):
+        same = cuda and impl == "fused" and cfg.optim.implementation in ("auto", "fused")
+        out.append((TuneVariant("AdamW", impl, f"optim.implementation={impl}", {"adamw": impl}),
+                    "the recipe's own AdamW kernel on CUDA" if same else ""))
+    out.append((TuneVariant("activation checkpointing", "full", "train.activation_checkpointing=full",
+                            {"ac": "full"}), ""))
+    return out
+
+
+def tune_row(ctx: Context, name: str, cfg, variant: TuneVariant, recipe_ratio: Optional[float]) -> Dict[str, Any]:
+    """The recipe with `variant` through bench/train_step.py's child (its own process and time limit)."""
+    steps, warmup = (2, 1) if ctx.smoke else (6, 2)
+    case = train_step_case(ctx, name, cfg, micro_batch(cfg), [], steps, warmup)
+    case.update(variant.case, label=f"{name}: {variant.factor} {variant.setting}")
+    # Compiling takes minutes on a shared CPU; on a GPU it is the first warm-up steps' tens of seconds.
+    r = run_case(ctx, case, (300 if case["compile"] else 120) if ctx.smoke else (150 if case["compile"] else 90))
+    vs = r["ratio"] / recipe_ratio if recipe_ratio else None
+    return {"recipe": name, "model": cfg.model.name, "factor": variant.factor, "setting": variant.setting,
+            "override": variant.override, "precision": ctx.amp(cfg), "batch": r["batch"], "ratio": r["ratio"],
+            "ratio_median": r["ratio_median"], "vs_recipe": vs, "img_per_s": r["img_per_s"],
+            "flops_per_s_best": r["flops_per_s_best"], "matmul_flops_per_s": r["matmul_flops_per_s"],
+            "step_s_median": r["step_s_median"], "warmup_s": r["warmup_s"], "peak_mem_bytes": r["peak_mem_bytes"],
+            "summary": f"ratio {r['ratio']:.3f}" + (f" ({vs:.2f}x the recipe's)" if vs else "")
+                       + f", b{r['batch']} {ctx.amp(cfg)}, {r['img_per_s']:.0f} img/s, peak {fmt_bytes(r['peak_mem_bytes'])}"}
+
+
+def check_tune(ctx: Context) -> None:
+    """Each recipe as it is, then one factor at a time (every recipe before the next factor, so a budget
+    that runs out costs the last factors); in smoke mode the factors on the first recipe only."""
+    recipes = {name: ctx.recipe(name) for name in RATIO_RECIPES}
+    ratios: Dict[str, Optional[float]] = {}
+    largest: Dict[str, int] = {}
+    for name, cfg in recipes.items():
+        ctx.guarded(f"{name}: as the recipe", lambda name=name, cfg=cfg: tune_row(ctx, name, cfg, RECIPE_SETTINGS, None))
+        last = ctx.result["rows"][-1]
+        ratios[name] = last.get("ratio") if last.get("status") == "ok" else None
+
+        def auto(name=name, cfg=cfg) -> Dict[str, Any]:
+            chosen = auto_largest(ctx, cfg)
+            largest[name] = chosen["largest"]
+            return {"recipe": name, "factor": "auto micro-batch", **chosen}
+
+        ctx.guarded(f"{name}: train.micro_batch=auto", auto)
+    tuned = list(recipes)[:1] if ctx.smoke else list(recipes)
+    plans = {name: tune_variants(ctx, recipes[name], largest.get(name, micro_batch(recipes[name]))) for name in tuned}
+    for i in range(max(len(p) for p in plans.values())):
+        for name in tuned:
+            if i >= len(plans[name]):
+                continue
+            variant, skip = plans[name][i]
+            label = f"{name}: {variant.factor} {variant.setting}"
+            if skip:
+                ctx.emit({"case": label, "status": "skipped", "recipe": name, "factor": variant.factor,
+                          "setting": variant.setting, "override": variant.override, "summary": skip, "seconds": 0.0})
+                continue
+
+            def measure(name=name, variant=variant) -> Dict[str, Any]:
+                try:
+                    return tune_row(ctx, name, recipes[name], variant, ratios[name])
+                except (RuntimeError, TimeoutError) as err:  # a setting that cannot run here is a result, not a bug
+                    return {"status": "unusable", "recipe": name, "factor": variant.factor,
+                            "setting": variant.setting, "override": variant.override, "summary": one_line(err)}
+
+            ctx.guarded(label, measure)
+
+
+def tune_table(rows: Sequence[Dict[str, Any]]) -> Tuple[List[str], Dict[str, List[str]]]:
+    """The table of every measured case, and per recipe the overrides that beat its own settings' ratio by
+    more than TUNE_MARGIN (each factor measured alone: their combination is not)."""
+    lines = ["| recipe | factor | setting | train-step FLOP/s / GEMM | vs recipe | img/s | batch | peak mem | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    winners: Dict[str, List[str]] = {}
+    measured = [r for r in rows if "setting" in r]
+    for r in measured:
+        ok = r.get("status") == "ok"
+        lines.append(f"| {r['recipe']} | {r['factor']} | {r['setting']} | "
+                     + (f"{r['ratio']:.3f} | {r['vs_recipe'] or 1.0:.2f}x | {r['img_per_s']:.0f} | {r['batch']} | "
+                        f"{fmt_bytes(r['peak_mem_bytes'])} | ok |" if ok else
+                        f" | | | | | {r.get('status')}: {r.get('reason') or r.get('summary', '')} |"))
+    for name in dict.fromkeys(r["recipe"] for r in measured):
+        best: Dict[str, Dict[str, Any]] = {}
+        for r in measured:
+            if r["recipe"] == name and r.get("status") == "ok" and r["factor"] != "recipe" and (
+                    r["factor"] not in best or r["ratio"] > best[r["factor"]]["ratio"]):
+                best[r["factor"]] = r
+        winners[name] = [r["override"] for r in best.values() if (r["vs_recipe"] or 0) > 1 + TUNE_MARGIN]
+    return lines, winners
+
+
+# ----------------------------------------------------------------------------- --profile: where a step's time goes
+
+# Events that make the host wait for the device: a tensor read back (.item(), .tolist(), a data-dependent
+# shape: aten::_local_scalar_dense, which on CUDA waits in a cudaStreamSynchronize) and explicit stream/event
+# waits. Counted per step: on CUDA the runtime's waits (so one .item() counts once), on a CPU the read-backs.
+# The profile's own closing torch.cuda.synchronize (a cudaDeviceSynchronize) is not counted.
+HOST_SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaEventSynchronize")
+HOST_WAITS = {"cuda": ("cudaStreamSynchronize", "cudaEventSynchronize"), "cpu": ("aten::_local_scalar_dense",)}
+PROFILE_TOP = 15
+
+
+def profile_recipe(ctx: Context, name: str) -> Dict[str, Any]:
+    """Steps of `name` at its micro-batch (steps that do not log) under torch.profiler: the top kernels by
+    device time (on a CPU: the top operators by their own CPU time) and the host syncs per step."""
+    steps, warmup = (2, 1) if ctx.smoke else (3, 3)
+    base = ctx.recipe(name)
+    micro = micro_batch(base)
+    cfg = ctx.recipe(name, *ctx.synthetic(base, micro, micro), "engine.name=single", "optim.warmup_epochs=0",
+                     f"train.log_every={10 ** 6}")
+    trainer = Trainer(cfg)
+    spec = trainer.spec
+    images = torch.randn(micro, spec.in_chans, spec.img_size, spec.img_size, device=trainer.device)
+    for _ in range(warmup):
+        trainer.train_step(images)
+        trainer.step += 1
+    sync(ctx.device)
+    cuda = ctx.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.train_step(images)
+            trainer.step += 1
+        sync(ctx.device)
+    events = prof.key_averages()
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    timed = [e for e in events if e.device_type == kind and (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
+    total_us = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in timed) or 1.0
+    top = sorted(timed, key=lambda e: e.self_device_time_total if cuda else e.self_cpu_time_total, reverse=True)
+    kernels = [{"name": e.key[:160], "ms_per_step": (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps,
+                "share": (e.self_device_time_total if cuda else e.self_cpu_time_total) / total_us,
+                "calls_per_step": e.count / steps} for e in top[:PROFILE_TOP]]
+    syncs = {e.key: e.count / steps for e in events if e.key in HOST_SYNC_EVENTS}
+    if ctx.report:  # the profiler's own table beside the JSON, for reading
+        table = events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=40)
+        Path(ctx.report).with_name(f"{Path(ctx.report).stem}_profile_{name}.txt").write_text(table)
+    del trainer
+    if cuda:
+        torch.cuda.empty_cache()
+    per_step = sum(syncs.get(key, 0.0) for key in HOST_WAITS[ctx.device.type])
+    return {"recipe": name, "model": cfg.model.name, "batch": micro, "precision": ctx.amp(cfg), "steps": steps,
+            "top_kernels": kernels, "host_syncs_per_step": per_step, "host_sync_events_per_step": syncs,
+            "kernel_ms_per_step": total_us / 1e3 / steps,
+            "summary": f"b{micro} {ctx.amp(cfg)}: {total_us / 1e3 / steps:.1f} ms of "
+                       f"{'kernels' if cuda else 'CPU operators'} per step, host syncs per step {per_step:g}; top: "
+                       + ", ".join(f"{k['name'][:40]} {k['share']:.0%}" for k in kernels[:3])}
+
+
+def check_profile(ctx: Context) -> None:
+    for name in RATIO_RECIPES:
+        ctx.guarded(f"{name}: profile", lambda name=name: profile_recipe(ctx, name))
+
+
 # ----------------------------------------------------------------------------- check: fsdp
 
 def check_fsdp(ctx: Context) -> None:
@@ -629,7 +847,7 @@ def check_decode(ctx: Context) -> None:
 
 CHECK_FUNCTIONS: Dict[str, Callable[[Context], None]] = {
     "attention": check_attention, "parity": check_parity, "flop_ratio": check_flop_ratio, "fsdp": check_fsdp,
-    "memory": check_memory, "ehm": check_ehm, "decode": check_decode,
+    "memory": check_memory, "ehm": check_ehm, "decode": check_decode, "tune": check_tune, "profile": check_profile,
 }
 
 
@@ -769,10 +987,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes (with --device cpu: prove the code paths)")
-    p.add_argument("--budget-s", type=float, default=float(sum(SHARES.values())),
-                   help="seconds for all checks together (default %(default)s)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="seconds for all checks together (default: their shares, 540; --tune/--profile 480)")
     p.add_argument("--json", type=Path, default=None, help="default: $OUT/gpu_check.json, else ./gpu_check.json")
-    p.add_argument("--only", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
+    p.add_argument("--only", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS + MODES)}")
+    p.add_argument("--tune", action="store_true", help="instead of the checks: OCL ViT-B/L and MAE ViT-B each as the "
+                   "recipe and with one factor changed (compile, micro-batch up to auto's, SDPA kernels / xFormers, "
+                   "AdamW kernel, activation checkpointing); the ratio table and the overrides that win")
+    p.add_argument("--profile", action="store_true", help="per recipe: the top 15 kernels by device time and the "
+                   "host syncs per step (with --tune: after it)")
     p.add_argument("--_check", help=argparse.SUPPRESS)
     p.add_argument("--_result", help=argparse.SUPPRESS)
     p.add_argument("--_deadline", type=float, help=argparse.SUPPRESS)
@@ -784,11 +1007,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args._check:
         return child_main(args)
-    only = [c.strip() for c in args.only.split(",") if c.strip()]
-    unknown = [c for c in only if c not in CHECKS]
+    modes = [m for m in MODES if getattr(args, m)]
+    only = modes or [c.strip() for c in args.only.split(",") if c.strip()]
+    unknown = [c for c in only if c not in CHECKS + MODES]
     if unknown:
-        print(f"gpu_check: unknown check(s) {', '.join(unknown)}; choose from {', '.join(CHECKS)}", file=sys.stderr)
+        print(f"gpu_check: unknown check(s) {', '.join(unknown)}; choose from {', '.join(CHECKS + MODES)}",
+              file=sys.stderr)
         return 2
+    if args.budget_s is None:
+        args.budget_s = TUNE_BUDGET_S if modes else float(sum(SHARES[c] for c in only))
     if args.device == "cpu":  # for the children, which compute: docs/throughput.md, on a shared CPU
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads made steps ~100x slower
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -811,7 +1038,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "tolerances": {"attention_rel": ATTN_RTOL, "parity_rel": PARITY_RTOL},
         "started": datetime.datetime.now().isoformat(timespec="seconds"), "complete": False,
         "checks": {name: {"status": "pending" if name in only else "not run", "reason": "", "seconds": 0.0, "rows": []}
-                   for name in CHECKS},
+                   for name in CHECKS + tuple(m for m in MODES if m in only)},
     }
 
     def save() -> None:
@@ -847,6 +1074,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 report["checks"][name].update(status="FAILED", reason=f"gpu_check itself: {one_line(err)}")
                 print(table_line(name, "== check", "FAILED", report["checks"][name]["reason"]), flush=True)
                 save()
+    if "tune" in only:
+        lines, winners = tune_table(report["checks"]["tune"]["rows"])
+        report["tune"] = {"table": lines, "winners": winners, "margin": TUNE_MARGIN}
+        print("\n# --tune: train-step FLOP/s over the FLOP/s of a " + ("bf16 4096^3" if args.device == "cuda" else
+              "fp32 256^3") + " GEMM measured in each case's process; one factor changed at a time", flush=True)
+        print("\n".join(lines), flush=True)
+        for name, overrides in winners.items():
+            print(f"# overrides that win for {name} (> {TUNE_MARGIN:.0%} over the recipe's ratio, each alone): "
+                  f"{' '.join(overrides) or 'none: keep the recipe'}", flush=True)
     report["complete"] = True
     report["seconds"] = round(time.time() - started, 1)
     ran = [report["checks"][c] for c in only]

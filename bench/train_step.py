@@ -155,9 +155,26 @@ class FullTokenClassifier(nn.Module):
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
 
 
+SDPA_KERNELS = ("flash", "efficient", "cudnn")
+
+
+def restrict_sdpa(kernel: str) -> None:
+    """Let scaled_dot_product_attention run only `kernel` in this process (a case's `sdpa_kernel`, set by
+    bench/gpu_check.py --tune): shapes it cannot run fail the case instead of falling back to another kernel.
+    No config key chooses SDPA's kernel; model.attn_backend=sdpa leaves it to torch."""
+    if kernel not in SDPA_KERNELS:
+        raise ValueError(f"sdpa_kernel must be one of {', '.join(SDPA_KERNELS)}, got {kernel!r}")
+    torch.backends.cuda.enable_flash_sdp(kernel == "flash")
+    torch.backends.cuda.enable_mem_efficient_sdp(kernel == "efficient")
+    torch.backends.cuda.enable_cudnn_sdp(kernel == "cudnn")
+    torch.backends.cuda.enable_math_sdp(False)
+
+
 def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
     """Build the trainer for `case`, time its steps, measure memory and the reference GEMM."""
     torch.set_num_threads(case["threads"])
+    if case.get("sdpa_kernel"):
+        restrict_sdpa(case["sdpa_kernel"])
     device = torch.device(case["device"])
     gemm = (case["gemm_size"] or (4096 if device.type == "cuda" else 2048),
             torch.bfloat16 if device.type == "cuda" else torch.float32, case["gemm_repeats"])

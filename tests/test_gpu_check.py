@@ -109,3 +109,62 @@ def test_a_check_that_runs_out_of_time_is_failed_and_reported(tmp_path):
     assert fsdp["reason"].startswith(("timed out after", "skipped: the budget ran out")), fsdp
     assert report["checks"]["attention"]["status"] == "not run" and report["complete"] and not report["ok"]
     assert any(line.startswith("fsdp") and "FAILED" in line for line in done.stdout.splitlines())
+
+
+def test_tune_and_profile_smoke_on_cpu(tmp_path):
+    """--tune --profile (issue 28, point 4) on the tiny model: each recipe as it is and auto's largest
+    micro-batch; every factor changed alone on the first recipe (compile, micro-batches up to auto's, SDPA's
+    kernels and xFormers, AdamW's kernels, activation checkpointing), each in its own child; the ratio table,
+    the overrides that win; per recipe the top operators and host syncs of a step that does not log."""
+    out = tmp_path / "tune.json"
+    done = _run("--tune", "--profile", "--device", "cpu", "--smoke", "--json", str(out),
+                env=python_env({"CUDA_VISIBLE_DEVICES": ""}), timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["ok"] and report["args"]["budget_s"] == 480
+    assert all(report["checks"][name]["status"] == "not run" for name in CHECKS)
+    tune, profile = report["checks"]["tune"]["rows"], report["checks"]["profile"]["rows"]
+    recipes = ["ocl_vitb16", "ocl_vitl16", "mae_vitb16"]
+    as_recipe = [r for r in tune if r["factor"] == "recipe"]
+    assert [r["recipe"] for r in as_recipe] == recipes and all(r["ratio"] > 0 and r["batch"] == 4 for r in as_recipe)
+    auto = [r for r in tune if r["factor"] == "auto micro-batch"]
+    assert [r["recipe"] for r in auto] == recipes and all(r["largest"] == 16 for r in auto)  # the stand-in memory
+    varied = {(r["factor"], r["setting"]): r for r in tune if r["factor"] not in ("recipe", "auto micro-batch")}
+    assert {r["recipe"] for r in varied.values()} == {"ocl_vitb16"}
+    assert set(varied) == {("compile", "on"), ("micro-batch", "8"), ("micro-batch", "16"), ("attention", "sdpa flash"),
+                           ("attention", "sdpa efficient"), ("attention", "sdpa cudnn"), ("attention", "xformers"),
+                           ("AdamW", "fused"), ("AdamW", "foreach"), ("activation checkpointing", "full")}
+    skipped = {key for key, r in varied.items() if r["status"] == "skipped"}
+    assert skipped == {("attention", "sdpa efficient"), ("attention", "sdpa cudnn"), ("attention", "xformers")}
+    for key, r in varied.items():
+        if key not in skipped:
+            assert r["status"] == "ok" and r["ratio"] > 0 and r["vs_recipe"] > 0, r
+    assert varied[("micro-batch", "16")]["batch"] == 16 and varied[("micro-batch", "16")]["override"] == "train.micro_batch=16"
+    assert set(report["tune"]["winners"]) == set(recipes)
+    assert report["tune"]["table"][0].startswith("| recipe | factor | setting | train-step FLOP/s / GEMM")
+    assert "# --tune: train-step FLOP/s over the FLOP/s of a fp32 256^3 GEMM" in done.stdout
+    assert all(f"# overrides that win for {name}" in done.stdout for name in recipes)
+
+    assert [r["recipe"] for r in profile] == recipes
+    for r in profile:
+        assert 0 < len(r["top_kernels"]) <= 15 and all(0 < k["share"] <= 1 for k in r["top_kernels"])
+        assert r["host_syncs_per_step"] >= 0 and r["steps"] == 2
+        assert (tmp_path / f"tune_profile_{r['recipe']}.txt").is_file()
+    assert report["seconds"] <= 480
+
+
+def test_tune_table_names_the_overrides_that_beat_the_recipe():
+    from bench.gpu_check import tune_table
+
+    def row(factor, setting, ratio, override=""):
+        return {"recipe": "r", "factor": factor, "setting": setting, "override": override, "status": "ok",
+                "ratio": ratio, "vs_recipe": ratio / 0.30, "img_per_s": 1.0, "batch": 4, "peak_mem_bytes": 1}
+
+    rows = [row("recipe", "as the recipe", 0.30), row("compile", "on", 0.36, "train.compile=true"),
+            row("micro-batch", "8", 0.33, "train.micro_batch=8"), row("micro-batch", "16", 0.40, "train.micro_batch=16"),
+            row("AdamW", "foreach", 0.303, "optim.implementation=foreach"),  # within the 2% margin: noise
+            {"recipe": "r", "factor": "attention", "setting": "xformers", "override": "model.attn_backend=xformers",
+             "status": "skipped", "summary": "no kernels"}]
+    lines, winners = tune_table(rows)
+    assert winners == {"r": ["train.compile=true", "train.micro_batch=16"]}
+    assert len(lines) == 2 + len(rows) and "skipped: no kernels" in lines[-1]
