@@ -12,7 +12,7 @@ stay fp32. `scale/engine/parallelize.py` applies it, per engine, from outside.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,6 +36,8 @@ class ParallelPlan:
     encoder_blocks: List[nn.Module]  # shard units; activation checkpointing and compile apply here
     objective_blocks: List[nn.Module] = field(default_factory=list)  # e.g. MAE's decoder blocks: the same
     fp32_modules: List[nn.Module] = field(default_factory=list)  # parameters kept and computed in fp32
+    # (objective, method name): the loss after any gather, compiled in place by train.compile (Objective.loss_methods)
+    loss_methods: List[Tuple[nn.Module, str]] = field(default_factory=list)
 
 
 class PretrainModule(nn.Module):
@@ -89,7 +91,8 @@ class PretrainModule(nn.Module):
 
     def parallel_plan(self) -> ParallelPlan:
         return ParallelPlan(encoder_blocks=list(self.encoder.blocks), objective_blocks=self.objective.blocks(),
-                            fp32_modules=self.objective.fp32_modules())
+                            fp32_modules=self.objective.fp32_modules(),
+                            loss_methods=[(self.objective, name) for name in self.objective.loss_methods()])
 
     def no_weight_decay(self) -> set:
         return ({f"encoder.{name}" for name in self.encoder.no_weight_decay()}

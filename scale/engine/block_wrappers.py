@@ -24,7 +24,7 @@ as they were.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -134,5 +134,18 @@ def apply_compile(encoder: nn.Module, **compile_kwargs: Any) -> int:
         # Bound to this block; an instance attribute shadows the class's forward only.
         block.forward = torch.compile(block.forward, **compile_kwargs)
         block._scale_compiled = True
+        count += 1
+    return count
+
+
+def compile_methods(methods: Sequence[Tuple[nn.Module, str]], **compile_kwargs: Any) -> int:
+    """torch.compile each declared (module, method name) in place, as an instance attribute that shadows
+    the class's method (an objective's loss: `Objective.loss_methods`); returns how many were compiled.
+    Like a block's forward, the module keeps its class, parameters and names; applying it twice is a no-op."""
+    count = 0
+    for module, name in methods:
+        if name in vars(module):  # already shadowed by its compiled form
+            continue
+        setattr(module, name, torch.compile(getattr(module, name), **compile_kwargs))
         count += 1
     return count

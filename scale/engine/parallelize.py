@@ -7,7 +7,9 @@ compile -> sharding. Model and objective code know nothing of it.
 
 - `apply_block_wrappers`: per-block activation checkpointing and torch.compile
   (train.activation_checkpointing, train.compile) on encoder and objective blocks alike;
-  block indices in train.activation_checkpointing name encoder blocks.
+  block indices in train.activation_checkpointing name encoder blocks. train.compile also
+  compiles the objective's loss (`Objective.loss_methods`: tensors in, after any gather), so
+  collectives and the engines' hooks stay outside every compiled region.
 - `shard_fsdp2`: every declared block its own FSDP2 unit under the main (bf16 on CUDA)
   policy, each fp32 module its own unit under an fp32 policy, the root last.
 """
@@ -19,7 +21,7 @@ from typing import Any, Dict
 import torch.nn as nn
 
 from ..config import TrainConfig
-from .block_wrappers import apply_activation_checkpointing, apply_compile
+from .block_wrappers import apply_activation_checkpointing, apply_compile, compile_methods
 
 
 def apply_block_wrappers(module: nn.Module, train_cfg: TrainConfig) -> Dict[str, Any]:
@@ -35,7 +37,10 @@ def apply_block_wrappers(module: nn.Module, train_cfg: TrainConfig) -> Dict[str,
         for group in groups[1:]:  # the objective's blocks: `full` and `every_<k>` apply to them too
             if mode == "full" or mode.startswith("every_"):
                 apply_activation_checkpointing(group, mode)
-    compiled = sum(apply_compile(group) for group in groups) if train_cfg.compile else 0
+    compiled = 0
+    if train_cfg.compile:
+        compiled = sum(apply_compile(group) for group in groups)
+        compile_methods(plan.loss_methods)  # each objective's loss, after its gather
     return {"checkpointed_blocks": checkpointed, "compiled_blocks": compiled}
 
 

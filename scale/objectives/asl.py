@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Dict, List, Literal
+from typing import Callable, Dict, List, Literal, Tuple
 
 import torch
 import torch.nn as nn
@@ -143,12 +143,18 @@ class ASLObjective(Objective):
         return list(decode(both[:, 0], both[:, 1:], torch.cat([ids, ids], dim=0)).chunk(2, dim=0))
 
     def forward(self, batch: ObjectiveBatch, gather: FeatureGather = local_gather) -> ObjectiveOutput:
-        cfg = self.cfg
         ori, aug = self.branches(batch)
+        return ObjectiveOutput(*self.branch_loss(ori, aug, batch.images, batch.masks.masked_ids))
+
+    def branch_loss(self, ori: torch.Tensor, aug: torch.Tensor, images: torch.Tensor,
+                    masked_ids: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Eq. 11's loss and its metrics from the two branches' decoder outputs (B, 1 + N, p*p*C), in fp32:
+        tensors only (train.compile compiles it)."""
+        cfg = self.cfg
         with fp32_region(ori.device):
             ori, aug = ori.float(), aug.float()
-            target = pixel_targets(batch.images, self.spec.patch_size, self.norm_pix_loss)
-            mask = mask_of(batch.masks.masked_ids, self.spec.num_patches)
+            target = pixel_targets(images, self.spec.patch_size, self.norm_pix_loss)
+            mask = mask_of(masked_ids, self.spec.num_patches)
             mse_ori = masked_mse(ori[:, 1:], target, mask)
             loss_mae = mse_ori if cfg.mae_branches == "original" else (mse_ori + masked_mse(aug[:, 1:], target, mask)) / 2
             per_patch = symmetric_alignment(ori[:, 1:], aug[:, 1:], self.distance)
@@ -159,12 +165,14 @@ class ASLObjective(Objective):
             if cfg.align_weight:  # weight 0 adds nothing at all (ASL then equals MAE exactly: tests)
                 loss = loss + cfg.align_weight * loss_sem
             gap = ((ori[:, 1:] - aug[:, 1:]).abs().mean(dim=-1) * mask).sum() / mask.sum()
-        return ObjectiveOutput(loss, {"loss_mae": loss_mae.detach(), "loss_sem": loss_sem.detach(),
-                                      "pred_gap": gap.detach()})
+        return loss, {"loss_mae": loss_mae.detach(), "loss_sem": loss_sem.detach(), "pred_gap": gap.detach()}
 
     def blocks(self) -> List[nn.Module]:
         """Shard units: the decoder's blocks and the AEE block (each its own bf16 FSDP2 unit)."""
         return list(self.decoder.decoder_blocks) + ([self.aug_block] if self.aug_block is not None else [])
+
+    def loss_methods(self) -> List[str]:
+        return ["branch_loss"]
 
     def forward_flops(self, spec: ViTSpec, num_images: int, visible_per_group: int) -> int:
         """Two decoder passes, plus AEE's block over [CLS] + the visible tokens (DLE's second encoder

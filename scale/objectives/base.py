@@ -118,6 +118,13 @@ class Objective(nn.Module, abc.ABC):
         """Submodules whose parameters stay fp32 and compute in fp32 under every engine."""
         return []
 
+    def loss_methods(self) -> List[str]:
+        """Names of this objective's methods that compute its loss from tensors alone, after any
+        gather: no collective, no host read, shapes fixed by the batch. train.compile compiles each
+        in place (scale/engine/parallelize.py), as it does the blocks; the gather and the engines'
+        hooks stay eager around them."""
+        return []
+
     def forward_flops(self, spec: ViTSpec, num_images: int, visible_per_group: int) -> int:
         """Forward matmul FLOPs of the objective's own layers (a decoder) for `num_images` images."""
         return 0

@@ -172,9 +172,13 @@ class MAEObjective(Objective):
 
     def loss_of(self, pred: torch.Tensor, batch: ObjectiveBatch) -> torch.Tensor:
         """Norm-pix MSE on the masked patches, in fp32."""
+        return self.pixel_loss(pred, batch.images, batch.masks.masked_ids)
+
+    def pixel_loss(self, pred: torch.Tensor, images: torch.Tensor, masked_ids: torch.Tensor) -> torch.Tensor:
+        """`loss_of` on tensors alone (train.compile compiles it)."""
         with fp32_region(pred.device):
-            target = pixel_targets(batch.images, self.spec.patch_size, self.norm_pix_loss)
-            return masked_mse(pred.float(), target, mask_of(batch.masks.masked_ids, self.spec.num_patches))
+            target = pixel_targets(images, self.spec.patch_size, self.norm_pix_loss)
+            return masked_mse(pred.float(), target, mask_of(masked_ids, self.spec.num_patches))
 
     def forward(self, batch: ObjectiveBatch, gather: FeatureGather = local_gather) -> ObjectiveOutput:
         if batch.cls.shape[1] != 1:
@@ -183,6 +187,9 @@ class MAEObjective(Objective):
 
     def blocks(self) -> List[nn.Module]:
         return list(self.decoder.decoder_blocks)
+
+    def loss_methods(self) -> List[str]:
+        return ["pixel_loss"]
 
     def forward_flops(self, spec: ViTSpec, num_images: int, visible_per_group: int) -> int:
         return self.decoder.forward_flops(num_images, visible_per_group)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Literal, Tuple
+from typing import Dict, List, Literal, Tuple
 
 import torch
 import torch.nn as nn
@@ -100,18 +100,24 @@ class OCLObjective(Objective):
         a, b = z[:, 0], z[:, 1]
         a_all, offset = gather(a)
         b_all, _ = gather(b)
+        return ObjectiveOutput(*self.contrastive_loss(a, b, a_all, b_all, offset))
+
+    def contrastive_loss(self, a: torch.Tensor, b: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor,
+                         offset: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The loss and metrics of local unit embeddings a, b (B, d) against the gathered a_all, b_all,
+        where this rank's rows start at `offset`: tensors only, the gather done (train.compile compiles it)."""
+        B = a.shape[0]
         cos_ab = a @ b_all.T  # local groups A vs every group B
         cos_ba = b @ a_all.T  # local groups B vs every group A
         inv_t = 1.0 / self.temperature
-        labels = torch.arange(B, device=z.device) + offset
+        labels = torch.arange(B, device=a.device) + offset
         loss = 0.5 * (F.cross_entropy(tsp_similarity(cos_ab, self.kappa) * inv_t, labels)
                       + F.cross_entropy(tsp_similarity(cos_ba, self.kappa) * inv_t, labels))
         with torch.no_grad():
             positive = cos_ab.gather(1, labels[:, None]).mean()
             negative_sum = cos_ab.sum() - positive * B
             negative = negative_sum / max(B * (cos_ab.shape[1] - 1), 1)
-        return ObjectiveOutput(loss, {"pos_cos": positive, "neg_cos": negative,
-                                      "temperature": self.temperature.detach()})
+        return loss, {"pos_cos": positive, "neg_cos": negative, "temperature": self.temperature.detach()}
 
     def parameter_bounds(self) -> Dict[str, Tuple[float, float]]:
         """log τ stays in [log min_temperature, log max_temperature] (the engine clamps it after each step)."""
@@ -120,6 +126,9 @@ class OCLObjective(Objective):
 
     def fp32_modules(self):
         return [self]  # the temperature and the optional head
+
+    def loss_methods(self) -> List[str]:
+        return ["contrastive_loss"]  # after the gather (a collective, with the engine's timing)
 
 
 @OBJECTIVES.register("ocl", config=OCLConfig)

@@ -1,0 +1,166 @@
+"""train.compile: the encoder blocks, the objective's blocks and each objective's loss compile whole.
+
+- no graph breaks (`torch._dynamo.explain`) in any compiled region of the OCL, MAE, ASL and EHM recipes;
+- a run compiles during its first steps and then no more than once across 20 steps (masks keep every
+  shape static, EHM's included: its model signal's hook sits outside the compiled block);
+- the compiled step (inductor, the real backend) equals the eager one within fp32 tolerance, with
+  gradient caching.
+
+Dynamo's own tracing is what these tests check, so most run it with backend="eager" (no C++ build on
+2 cores); one test compiles with inductor. FSDP2 and DDP with compile: tests/test_throughput_switches.py.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from scale.config import load_config
+from scale.engine.parallelize import apply_block_wrappers
+from scale.masking import MaskContext, build_mask_generator, step_generator
+from scale.pretraining import build_pretrain_module
+from conftest import REPO, tiny_overrides
+from test_throughput_switches import run_steps
+
+BATCH = 8  # run_steps' batch
+# Each recipe on synthetic 28x28 images; the patch-7 grid (16 patches) keeps EHM's trees small.
+RECIPES = {
+    "ocl": ("ocl_cpu_tiny.yaml", ()),
+    "mae": ("mae_fashion_mnist_cpu.yaml", ("model.name=vit_tiny_patch7_28",)),
+    "asl": ("asl_fashion_mnist_cpu.yaml", ("model.name=vit_tiny_patch7_28",)),
+    "ehm": ("ehm_fashion_mnist_cpu.yaml", ("model.name=vit_tiny_patch7_28",)),
+}
+
+
+def recipe_cfg(tmp_path, method, *overrides):
+    recipe, extra = RECIPES[method]
+    return load_config(REPO / "recipes" / recipe, tiny_overrides(
+        "data.name=synthetic", f"train.micro_batch={BATCH}", "data.num_samples=64",
+        f"train.output_dir={tmp_path / 'run'}", *extra, *overrides))
+
+
+@pytest.fixture
+def eager_backend(monkeypatch):
+    """torch.compile with dynamo's tracing, guards and recompilation, minus inductor's code generation."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    yield
+    torch._dynamo.reset()
+
+
+def one_batch(cfg, module):
+    images = torch.randn(BATCH, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    cpu = torch.device("cpu")
+    context = MaskContext(step_generator(0, 0, 0, cpu), cpu, images=images,
+                          model_signal=lambda x: module.model_signal(x, generator.needs.model_signal))
+    generator = build_mask_generator(cfg.mask, module.encoder.spec.grid_size)
+    return images, generator(BATCH, context)
+
+
+def recorded_calls(module, images, masks):
+    """(function, args, grad enabled) of every call one eager forward makes to a compiled region: each block's
+    forward and each declared loss method, as the step calls them."""
+    plan = module.parallel_plan()
+    regions = [(block, "forward") for block in [*plan.encoder_blocks, *plan.objective_blocks]] + plan.loss_methods
+    calls = []
+
+    def recorder(fn):
+        def record(*args, **kwargs):
+            calls.append((fn, args, kwargs, torch.is_grad_enabled()))
+            return fn(*args, **kwargs)
+        return record
+
+    for owner, name in regions:
+        setattr(owner, name, recorder(getattr(owner, name)))
+    try:
+        module(images, masks)
+    finally:
+        for owner, name in regions:
+            delattr(owner, name)
+    return calls
+
+
+@pytest.mark.parametrize("method", list(RECIPES))
+def test_objective_declares_its_loss_and_compile_wraps_it(tmp_path, method, eager_backend):
+    """train.compile compiles the declared loss in place, besides every block; names stay timm's."""
+    cfg = recipe_cfg(tmp_path, method, "train.compile=true")
+    module = build_pretrain_module(cfg)
+    names = list(module.state_dict())
+    losses = module.objective.loss_methods()
+    assert losses, f"{method}'s objective declares no loss to compile"
+    report = apply_block_wrappers(module, cfg.train)
+    plan = module.parallel_plan()
+    assert report["compiled_blocks"] == len(plan.encoder_blocks) + len(plan.objective_blocks)
+    assert all(name in vars(module.objective) for name in losses)  # shadowed by its compiled form
+    assert list(module.state_dict()) == names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(RECIPES))
+def test_no_graph_breaks(tmp_path, method, eager_backend):
+    """Every block (encoder and objective, with and without grad, with activation checkpointing) and the
+    objective's loss trace into one graph each."""
+    cfg = recipe_cfg(tmp_path, method)
+    torch.manual_seed(0)
+    module = build_pretrain_module(cfg)
+    images, masks = one_batch(cfg, module)
+    calls = recorded_calls(module, images, masks)
+    assert len(calls) >= len(module.parallel_plan().encoder_blocks) + 1
+    with torch.no_grad():
+        calls += recorded_calls(module, images, masks)[:1]  # gradient caching's first pass
+    explained_once = set()
+    for fn, args, kwargs, grad in calls:
+        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+        if (fn.__qualname__, shapes, grad) in explained_once:  # the same code on the same shapes: one graph
+            continue
+        explained_once.add((fn.__qualname__, shapes, grad))
+        with torch.set_grad_enabled(grad):
+            explained = torch._dynamo.explain(fn)(*args, **kwargs)
+        assert explained.graph_break_count == 0, (fn, explained.break_reasons)
+        assert explained.graph_count == 1, fn
+    checkpointed_cfg = recipe_cfg(tmp_path, method, "train.activation_checkpointing=full")
+    checkpointed = build_pretrain_module(checkpointed_cfg)
+    apply_block_wrappers(checkpointed, checkpointed_cfg.train)  # compile off: the checkpointed forward as it is
+    block_call = recorded_calls(checkpointed, images, masks)[0]
+    explained = torch._dynamo.explain(block_call[0])(*block_call[1], **block_call[2])
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+WARM_UP_STEPS = 2
+STEPS = 20
+MAX_WARM_UP_GRAPHS = 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(RECIPES))
+def test_at_most_one_recompilation_after_warm_up(tmp_path, method, eager_backend):
+    """Across 20 steps, graphs are compiled in the first steps, a few per run, and at most once after (a
+    region recompiled at every call would reach dynamo's recompile limit and silently run eagerly); the
+    losses are the eager run's."""
+    def frames_compiled(steps):
+        torch._dynamo.reset()
+        before = counters["frames"]["total"]
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            losses, _, _ = run_steps(recipe_cfg(tmp_path / f"compiled_{steps}", method, "train.compile=true"), steps)
+        return counters["frames"]["total"] - before, losses
+
+    warm, _ = frames_compiled(WARM_UP_STEPS)
+    # One graph per variant, not one per block or per call: the encoder block with grad and without (EHM's
+    # signal in eval mode, gradient caching's first pass), the objective's blocks, the loss.
+    assert 0 < warm <= MAX_WARM_UP_GRAPHS, warm
+    frames, losses = frames_compiled(STEPS)
+    assert frames - warm <= 1, (warm, frames)
+    reference, _, _ = run_steps(recipe_cfg(tmp_path / "eager", method), STEPS)
+    assert losses == pytest.approx(reference, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_inductor_step_equals_eager_with_gradient_caching(tmp_path):
+    """The real backend: OCL's compiled blocks and loss, gradient caching 8 images in chunks of 4."""
+    torch._dynamo.reset()
+    common = ("train.global_batch=8", "train.micro_batch=4", "model.drop_path_rate=0.1")
+    reference, _, _ = run_steps(recipe_cfg(tmp_path / "eager", "ocl", *common), 3)
+    losses, _, _ = run_steps(recipe_cfg(tmp_path / "inductor", "ocl", *common, "train.compile=true"), 3)
+    assert losses == pytest.approx(reference, rel=1e-4, abs=1e-5)
