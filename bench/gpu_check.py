@@ -23,7 +23,8 @@ the others still run; rows stream into the table and the JSON as they finish):
               is reported as 'not installed'.
   parity      bf16 vs fp32 loss over 50 steps of the trainer's own `Trainer.train_step` (single engine),
               OCL and MAE, ViT-S/16 at 224, the same seed and the same 50 batches (drawn once from the
-              synthetic data pipeline); max relative loss difference against PARITY_RTOL.
+              synthetic data pipeline); max relative loss difference against PARITY_RTOL. The steps after
+              the first that do not log run under torch.cuda.set_sync_debug_mode("error"): a host sync fails it.
   flop_ratio  bench/train_step.py's measurement (`run_child`): train-step model FLOP/s over a bf16
               4096^3 GEMM's FLOP/s, for OCL ViT-B/16, OCL ViT-L/16 and MAE ViT-B/16 at their recipes'
               micro-batches, 3 warm-up + 10 timed steps, each in a fresh process.
@@ -72,6 +73,7 @@ braceexpand==0.1.7`, both pure-Python, ~70 kB), pass carry=[".whl"] and prefix t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import io
@@ -88,7 +90,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -368,6 +370,21 @@ def check_attention(ctx: Context) -> None:
 
 # ----------------------------------------------------------------------------- check: parity
 
+@contextlib.contextmanager
+def no_host_sync(device: torch.device, enabled: bool = True) -> Iterator[None]:
+    """On CUDA a host sync inside raises (torch.cuda.set_sync_debug_mode("error")): the trainer reads the
+    device at log steps only (issue 28, point 2), so its other steps run under this."""
+    if device.type != "cuda" or not enabled:
+        yield
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
 def check_parity(ctx: Context) -> None:
     steps, batch = (3, 8) if ctx.smoke else (50, 64)
     model = () if ctx.smoke else ("model.name=vit_small_patch16",)
@@ -392,8 +409,9 @@ def check_parity(ctx: Context) -> None:
                             break
                 trainer = Trainer(cfg)
                 out = []
-                for images in batches:
-                    out.append(trainer.train_step(images)["loss"].detach().float())
+                for images in batches:  # after the first, a step that does not log must not sync (no_host_sync)
+                    with no_host_sync(ctx.device, enabled=trainer.step > 0 and not trainer.logs_at(trainer.step + 1)):
+                        out.append(trainer.train_step(images)["loss"].detach().float())
                     trainer.step += 1
                 losses[precision] = [float(v) for v in out]
                 del trainer

@@ -99,3 +99,19 @@ def test_the_trainer_measures_the_steps_it_logs(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer.timer, "begin_step", lambda measured: (flags.append(measured), begin_step(measured)))
     trainer.fit()
     assert flags == [False, True, False, True]
+
+
+def test_gpu_check_runs_the_steps_that_do_not_log_with_cuda_syncs_as_errors(monkeypatch):
+    """bench/gpu_check.py's no_host_sync: set_sync_debug_mode("error") on CUDA for the step, restored after;
+    nothing on the CPU."""
+    import bench.gpu_check as gpu_check
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    with gpu_check.no_host_sync(torch.device("cuda")):
+        assert modes == ["error"]
+    assert modes == ["error", 0]
+    with gpu_check.no_host_sync(torch.device("cuda"), enabled=False), gpu_check.no_host_sync(torch.device("cpu")):
+        pass
+    assert modes == ["error", 0]
