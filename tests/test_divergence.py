@@ -186,7 +186,23 @@ def test_a_rollback_logs_each_step_once(tmp_path, monkeypatch):
     monkeypatch.setenv("SCALE_TEST_NONFINITE_AT", "0:4")
     cfg = tiny_config(tmp_path, "data.num_samples=64", "train.micro_batch=16", "train.log_every=1",
                       "train.ckpt_every=2", "train.max_steps=6", "train.on_nonfinite=rollback")
-    summary = Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    events = []  # loaders started and closed, in order: the old one's workers end before the new one forks
+    loader = trainer.data.loader
+
+    def closing(batches, start_batch):
+        try:
+            yield from batches
+        finally:
+            events.append(("closed", start_batch))
+
+    def watched(spec, epoch, start_batch=0):  # as the loaders do, forks its workers when called
+        events.append(("start", start_batch))
+        return closing(loader(spec, epoch, start_batch), start_batch)
+
+    monkeypatch.setattr(trainer.data, "loader", watched)
+    summary = trainer.fit()
+    assert events[:3] == [("start", 0), ("closed", 0), ("start", 2)]
     # Steps 1-3 logged, step 4 went NaN and its check found it: back to step 2, step 3 trained again, 4 skipped.
     assert summary.final_step == 6
     run = Path(cfg.train.output_dir)
