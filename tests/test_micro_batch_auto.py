@@ -95,6 +95,29 @@ def test_auto_on_cpu_is_one_pass_with_a_note(tmp_path, capsys):
     assert "train.micro_batch=auto: on cpu" in err and "one pass of the per-rank batch (16 images)" in err
 
 
+def test_the_trainer_plans_its_passes_with_autos_choice(tmp_path, monkeypatch, capsys):
+    """What the trainer does with a GPU's answer (no GPU here: the choice is stood in): gradient caching in
+    passes of the chosen size, and the choice's line on stderr."""
+    import scale.trainer.trainer as trainer_module
+    from scale.engine import GradCache
+    from scale.engine.memory_plan import MicroBatchChoice
+
+    asked = []
+
+    def choose(per_rank, device, memory, free_bytes=None):
+        asked.append((per_rank, memory.state_bytes > 0 and memory.bytes_per_image > 0))
+        return MicroBatchChoice(4, "train.micro_batch=auto: 4 of 16 images per pass (stand-in)")
+
+    monkeypatch.setattr(trainer_module, "choose_micro_batch", choose)
+    cfg = load_config(REPO / "recipes/ocl_cpu_tiny.yaml", [
+        "train.global_batch=16", "train.micro_batch=auto", "train.device=cpu", "data.name=synthetic",
+        "data.num_samples=32", "data.num_workers=0", f"train.output_dir={tmp_path}"])
+    trainer = Trainer(cfg)
+    assert asked == [(16, True)]
+    assert trainer.batch_plan.chunk == 4 and trainer.batch_plan.mode == GRAD_CACHE and isinstance(trainer.passes, GradCache)
+    assert "4 of 16 images per pass (stand-in)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("overrides,says", [
     (["train.micro_batch=lots"], "train.micro_batch: expected an integer, auto or null; got 'lots'"),
     (["train.micro_batch=auto", "train.global_batch=null"], "train.micro_batch=auto needs train.global_batch"),

@@ -9,7 +9,8 @@ checkpointing it overestimates by ~20% (conservative).
 `train.micro_batch: auto` uses it once, when the trainer makes its batch plan: the largest micro-batch
 whose estimate fits MARGIN of the device's free memory, split so the per-rank batch passes in equal
 micro-batches where it can; gradient caching or accumulation then runs only when the per-rank batch
-does not fit. On a CPU there is no device memory to size against: auto means one pass.
+does not fit. On a CPU there is no device memory to size against: auto means one pass. Under FSDP2 or
+ZeRO the model state is sharded over the ranks; the estimate counts it whole on every rank (conservative).
 """
 from __future__ import annotations
 
