@@ -9,12 +9,20 @@ checkpoint steps. On the CPU the profiler records such a read as `aten::_local_s
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, tiny_overrides
+if __name__ == "__main__":  # torchrun runs this file as the DDP test's worker
+    sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+from conftest import REPO, python_env, tiny_overrides
 from scale.config import load_config
 from scale.engine import StepTimer
 from scale.trainer import Trainer
@@ -115,3 +123,25 @@ def test_gpu_check_runs_the_steps_that_do_not_log_with_cuda_syncs_as_errors(monk
     with gpu_check.no_host_sync(torch.device("cuda"), enabled=False), gpu_check.no_host_sync(torch.device("cpu")):
         pass
     assert modes == ["error", 0]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_ddp_step_that_logs_nothing_reads_nothing_from_the_device(tmp_path):
+    """Two gloo ranks (this file as the torchrun worker): DDP's gradient all-reduce and the mean of the
+    step's metrics over the ranks are collectives, not host reads."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
+               str(tmp_path)]
+    env = python_env({"OMP_NUM_THREADS": "1", "SCALE_TEST_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"host_reads_rank{rank}.json").read_text()) == {}
+
+
+if __name__ == "__main__":  # the DDP test's worker, one process per rank under torchrun
+    out = Path(sys.argv[1])
+    rank = int(os.environ["RANK"])
+    trainer = Trainer(quiet_run(out, "ocl_cpu_tiny.yaml", "engine.name=ddp", "train.global_batch=16",
+                                "data.num_samples=64"))
+    (out / f"host_reads_rank{rank}.json").write_text(json.dumps(host_reads_of_a_quiet_step(trainer)))
