@@ -230,6 +230,7 @@ TWO_RANKS = [*RUN, *SHORT, "train.micro_batch=8", "train.global_batch=16"]
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.long
 def test_two_ranks_stop_together_with_one_line(tmp_path):
     out = tmp_path / "run"
     results = launch(out, TWO_RANKS, {"SCALE_TEST_NONFINITE_AT": "1:3"}, ranks=2)

@@ -192,7 +192,7 @@ def global_batch_of(lines: List[dict]) -> List[int]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("method", [(), MAE_TINY], ids=["ocl", "mae"])
+@pytest.mark.parametrize("method", [(), pytest.param(MAE_TINY, marks=pytest.mark.long)], ids=["ocl", "mae"])
 def test_four_and_two_ranks_train_on_the_same_global_batches_to_the_same_losses(tmp_path, method):
     runs = {}
     for world_size in (4, 2):

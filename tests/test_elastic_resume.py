@@ -225,6 +225,7 @@ def _assert_same_state(saved: dict, loaded: dict, label: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.long
 @pytest.mark.parametrize("engine", ["auto", "fsdp"])  # auto: single on 1 rank, ddp on more (both torch files)
 def test_a_run_continues_on_4_2_1_2_3_ranks_like_one_uninterrupted_run(engine, tmp_path):
     from scale.trainer import Trainer
@@ -329,6 +330,7 @@ def test_zero_partitions_written_on_two_ranks_are_gathered_whole(stage):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.long
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_zero_continues_on_2_1_3_ranks_like_one_uninterrupted_run(stage, tmp_path):
     """A ZeRO checkpoint written on 2 ranks resumes on 1, and that one's on 3: after each load the fp32

@@ -206,7 +206,8 @@ def test_a_hung_step_writes_the_stacks_logs_one_line_and_exits_4(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.parametrize("objective, waiting_phase", [
     ((), "collective (allgather_fwd)"),  # OCL all-gathers the embeddings in forward: rank 0 waits there
-    (MAE_TINY, FORWARD_BACKWARD),  # MAE's first collective is DDP's gradient all-reduce, inside backward
+    # MAE's first collective is DDP's gradient all-reduce, inside backward
+    pytest.param(MAE_TINY, FORWARD_BACKWARD, marks=pytest.mark.long),
 ], ids=["ocl", "mae"])
 def test_a_rank_hung_on_two_ranks_ends_the_job_with_4_and_its_stacks(tmp_path, objective, waiting_phase):
     """Rank 1 stops at step 3; rank 0 waits for it in a collective. Both watchdogs fire (the
