@@ -24,6 +24,7 @@ slack). No tracemalloc: it sees Python objects, not torch's allocations.
 
     python -m bench.train_step                       # the CPU recipe's model and batch
     python -m bench.train_step --compare --out bench_train_step.json
+    python -m bench.train_step --methods --eager-and-compiled   # each case eager and compiled, side by side
     python -m bench.train_step --memory-sweep        # largest micro-batch per small preset (CPU)
     python -m bench.train_step --estimate            # activation-memory estimate, ViT-B/L/H on 80 GB
     python -m bench.train_step --device cuda --model vit_large_patch16 --batch 64 --precision bf16
@@ -324,6 +325,38 @@ def print_table(results: List[Dict[str, Any]]) -> List[str]:
     return lines
 
 
+def eager_and_compiled(cases: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Each eager case twice, eager then with train.compile (at least 3 warm-up steps: compilation is
+    not timed), for the side-by-side comparison; skipped and already compiled cases stay as they are."""
+    out = []
+    for case in cases:
+        if "skip" in case or case["compile"]:
+            out.append(case)
+            continue
+        label = case_label(case)
+        out += [dict(case, label=f"{label}, eager", compiled_twin=label),
+                dict(case, compile=True, warmup=max(case["warmup"], 3), label=f"{label}, compiled",
+                     compiled_twin=label)]
+    return out
+
+
+def compile_lines(results: List[Dict[str, Any]]) -> List[str]:
+    """compiled / eager of each pair `eager_and_compiled` made: step time and ratio, side by side."""
+    eager = {r["compiled_twin"]: r for r in results if "compiled_twin" in r and not r["compile"]}
+    lines = []
+    for r in results:
+        twin = eager.get(r.get("compiled_twin")) if r["compile"] else None
+        if twin is None:
+            continue
+        if "error" in r or "error" in twin:
+            lines.append(f"{r['compiled_twin']}: compiled vs eager not measured ({r.get('error') or twin['error']})")
+            continue
+        lines.append(f"{r['compiled_twin']}: compiled step {r['step_s_median']:.3f} s vs eager "
+                     f"{twin['step_s_median']:.3f} s ({twin['step_s_median'] / r['step_s_median']:.2f}x), "
+                     f"ratio {r['ratio']:.3f} vs {twin['ratio']:.3f}")
+    return lines
+
+
 # ----------------------------------------------------------------------------- modes
 
 def method_cases(base: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -425,6 +458,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "math", "xformers"))
     p.add_argument("--ac", default="none", help="activation checkpointing: none | full | every_<k> | 0,2,5")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--eager-and-compiled", action="store_true",
+                   help="run every case eager and with train.compile, side by side")
     p.add_argument("--adamw", default="auto", choices=("auto", "fused", "foreach", "for_loop"),
                    help="optim.implementation: the AdamW kernel")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
@@ -497,6 +532,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     cases = compare_cases(base) if args.compare else method_cases(base) if args.methods else [base]
+    if args.eager_and_compiled:
+        cases = eager_and_compiled(cases)
     per_case: List[List[Dict[str, Any]]] = [[] for _ in cases]
     for round_ in range(args.rounds):  # interleaved: every case sees the same mix of quiet and busy moments
         for case, runs in zip(cases, per_case):
@@ -511,7 +548,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     results = [merge_rounds(runs) for runs in per_case]
     env["loadavg_end"] = os.getloadavg()
     lines = print_table(results)
-    print("\n".join(lines))
+    print("\n".join(lines + compile_lines(results)))
     first = next((r for r in results if "error" not in r), None)
     if args.methods and first is not None:
         for r in results[1:]:

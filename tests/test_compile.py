@@ -164,3 +164,41 @@ def test_inductor_step_equals_eager_with_gradient_caching(tmp_path):
     reference, _, _ = run_steps(recipe_cfg(tmp_path / "eager", "ocl", *common), 3)
     losses, _, _ = run_steps(recipe_cfg(tmp_path / "inductor", "ocl", *common, "train.compile=true"), 3)
     assert losses == pytest.approx(reference, rel=1e-4, abs=1e-5)
+
+
+def test_train_step_bench_pairs_each_case_eager_and_compiled():
+    """bench/train_step.py --eager-and-compiled: every eager case followed by its compiled twin (compilation
+    in the warm-up, not timed), and one line per pair with both step times and ratios."""
+    from bench.train_step import compile_lines, eager_and_compiled
+
+    base = {"kind": "ocl", "attn": "math", "ac": "none", "compile": False, "warmup": 1}
+    cases = eager_and_compiled([base, dict(base, kind="mae"), dict(base, compile=True, label="already compiled"),
+                                dict(base, skip="no xformers")])
+    assert [(c.get("label"), c["compile"], c["warmup"]) for c in cases] == [
+        ("OCL 2 groups, math, eager", False, 1), ("OCL 2 groups, math, compiled", True, 3),
+        ("MAE, math, eager", False, 1), ("MAE, math, compiled", True, 3),
+        ("already compiled", True, 1), (None, False, 1)]
+    timed = [dict(c, step_s_median=s, ratio=r) for c, s, r in zip(cases[:2], (0.5, 0.25), (0.3, 0.6))]
+    failed = [cases[2], dict(cases[3], error="exit 1: no C++ compiler")]
+    assert compile_lines(timed + failed + cases[4:]) == [
+        "OCL 2 groups, math: compiled step 0.250 s vs eager 0.500 s (2.00x), ratio 0.600 vs 0.300",
+        "MAE, math: compiled vs eager not measured (exit 1: no C++ compiler)"]
+
+
+def test_attention_signal_hooks_the_block_outside_its_compiled_forward(tmp_path):
+    """EHM's signal reads each block's attention from a hook on the block (which runs outside a compiled
+    forward), the same probabilities as the attention's own input gives: softmax(q k^T) of norm1(x)."""
+    module = build_pretrain_module(recipe_cfg(tmp_path, "ehm"))
+    encoder = module.encoder
+    images = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    x = torch.cat([(encoder.cls_token + encoder.pos_embed[:, :1]).expand(3, -1, -1), encoder.embed_patches(images)],
+                  dim=1)
+    expected = []
+    with torch.no_grad():
+        encoder.eval()
+        for block in encoder.blocks[:2]:
+            expected.append(block.attn.attention_probs(block.norm1(x)).mean(dim=1))
+            x = block(x)
+        encoder.train()
+        assert torch.equal(encoder.attention_maps(images, 2), torch.stack(expected).mean(dim=0))
+    assert all(not block.attn._forward_pre_hooks and not block._forward_pre_hooks for block in encoder.blocks)

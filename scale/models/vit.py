@@ -220,11 +220,13 @@ class VisibleTokenViT(nn.Module):
         x = torch.cat([cls, tokens], dim=1)
         probs = []
 
-        def capture(attn: nn.Module, args) -> None:  # the attention's input, inside the block's own forward
-            probs.append(attn.attention_probs(args[0]).mean(dim=1))
+        def capture(block: nn.Module, args) -> None:  # the attention's input: the block's input, normed
+            probs.append(block.attn.attention_probs(block.norm1(args[0])).mean(dim=1))
 
-        # Each block runs its own forward (so FSDP2 unshards it, ZeRO-3 gathers it), in eval mode.
-        handles = [block.attn.register_forward_pre_hook(capture) for block in blocks]
+        # Each block runs its own forward (so FSDP2 unshards it, ZeRO-3 gathers it), in eval mode. The hook
+        # is the block's, not its attention's: module hooks run outside a compiled forward (train.compile),
+        # where a fresh hook inside it would be traced and recompile the blocks at every call.
+        handles = [block.register_forward_pre_hook(capture) for block in blocks]
         was_training = self.training
         self.eval()
         try:
