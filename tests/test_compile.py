@@ -158,9 +158,10 @@ def test_at_most_one_recompilation_after_warm_up(tmp_path, method, eager_backend
 
 @pytest.mark.slow
 def test_inductor_step_equals_eager_with_gradient_caching(tmp_path):
-    """The real backend: OCL's compiled blocks and loss, gradient caching 8 images in chunks of 4."""
+    """The real backend: OCL's compiled blocks and loss, gradient caching 8 images in chunks of 4, within
+    fp32 tolerance of eager. Without drop path: compiled random ops draw other numbers than eager's."""
     torch._dynamo.reset()
-    common = ("train.global_batch=8", "train.micro_batch=4", "model.drop_path_rate=0.1")
+    common = ("train.global_batch=8", "train.micro_batch=4", "model.drop_path_rate=0.0")
     reference, _, _ = run_steps(recipe_cfg(tmp_path / "eager", "ocl", *common), 3)
     losses, _, _ = run_steps(recipe_cfg(tmp_path / "inductor", "ocl", *common, "train.compile=true"), 3)
     assert losses == pytest.approx(reference, rel=1e-4, abs=1e-5)
