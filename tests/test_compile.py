@@ -18,11 +18,12 @@ import torch
 from torch._dynamo.utils import counters
 
 from scale.config import load_config
+from scale.engine.block_wrappers import apply_compile
 from scale.engine.parallelize import apply_block_wrappers
 from scale.masking import MaskContext, build_mask_generator, step_generator
 from scale.pretraining import build_pretrain_module
 from conftest import REPO, tiny_overrides
-from test_throughput_switches import run_steps
+from test_throughput_switches import batch_and_masks, build, micro_cfg, run_steps
 
 BATCH = 8  # run_steps' batch
 # Each recipe on synthetic 28x28 images; the patch-7 grid (16 patches) keeps EHM's trees small.
@@ -165,6 +166,23 @@ def test_inductor_step_equals_eager_with_gradient_caching(tmp_path):
     reference, _, _ = run_steps(recipe_cfg(tmp_path / "eager", "ocl", *common), 3)
     losses, _, _ = run_steps(recipe_cfg(tmp_path / "inductor", "ocl", *common, "train.compile=true"), 3)
     assert losses == pytest.approx(reference, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_inductor_blocks_replay_drop_path_for_gradient_caching(tmp_path):
+    """Gradient caching re-embeds each chunk with grad after restoring the RNG state of its no-grad pass: the
+    compiled blocks (two graphs, with and without grad) must draw the same drop-path masks in both."""
+    torch._dynamo.reset()
+    cfg = micro_cfg(tmp_path, "model.drop_path_rate=0.3")
+    module = build(cfg)
+    apply_compile(module.encoder)
+    images, masks = batch_and_masks(cfg)
+    for _ in range(2):  # compiling, then the cached graphs
+        state = torch.get_rng_state()
+        with torch.no_grad():
+            first = module.encode(images, masks).cls
+        torch.set_rng_state(state)
+        assert torch.equal(module.encode(images, masks).cls, first)
 
 
 def test_train_step_bench_pairs_each_case_eager_and_compiled():
