@@ -16,7 +16,8 @@ is modified in place:
   only the block's input is kept; its activations are recomputed in backward;
 - compile replaces the block's `forward` (an instance attribute, not `__call__`) with
   `torch.compile(forward)`: module hooks, FSDP2's unshard/reshard ones included, still
-  run eagerly around the compiled region, as with torchtitan's per-block compile.
+  run eagerly around the compiled region, as with torchtitan's per-block compile. An
+  objective's loss methods (`compile_methods`) are compiled the same way, in place.
 
 Both therefore leave `state_dict()`, `named_parameters()` and exported timm names exactly
 as they were.
