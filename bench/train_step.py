@@ -197,7 +197,9 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
         cfg = load_config(case["recipe"], overrides)
         trainer = Trainer(cfg)
         spec = trainer.spec
-        batch = cfg.train.micro_batch
+        # The images of one step on this rank: the micro-batch, or with a global_batch above it (gpu_check's
+        # memory check) all of them, which the step passes in micro-batches (its masks are drawn for all).
+        batch = trainer.batch_plan.per_rank_batch
         images = torch.randn(batch, spec.in_chans, spec.img_size, spec.img_size, device=trainer.device)
         if case["kind"] in ("ocl", "mae", "asl"):
             # The library's plan of this run: the encoder over the masks' groups (ASL's DLE: twice), the
