@@ -168,7 +168,7 @@ class _MergesLeft:
     an event marking its arrival) and the host reads the flags that have arrived: it queues a few
     rounds past the last merge, which merge nothing and change nothing. Once ROUNDS_AHEAD flags are
     outstanding it waits for the oldest, so the device always has rounds queued and never idles. On
-    the CPU the device is the host: a flag is there once copied."""
+    the CPU the device is the host: a flag is there once copied (other devices copy it blocking)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -177,10 +177,10 @@ class _MergesLeft:
     def record(self, active: torch.Tensor) -> None:
         """After a round: whether some image of `active` (B, N) still holds more than one cluster."""
         host = torch.empty((), dtype=torch.bool, pin_memory=self.cuda)
-        host.copy_((active.sum(dim=1) > 1).any(), non_blocking=True)
+        host.copy_((active.sum(dim=1) > 1).any(), non_blocking=self.cuda)  # elsewhere: there when copy_ returns
         arrival = torch.cuda.Event() if self.cuda else None
         if arrival is not None:
-            arrival.record()
+            arrival.record(torch.cuda.current_stream(active.device))
         self.flags.append((host, arrival))
 
     def none(self) -> bool:
