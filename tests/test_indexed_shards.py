@@ -7,6 +7,7 @@ import itertools
 import json
 import tarfile
 from pathlib import Path
+from unittest import mock
 from typing import Callable, Dict, List, Tuple
 
 import pytest
@@ -21,7 +22,7 @@ from scale.data.indexed_shards import IndexedShardData
 from scale.data.wds_stream import WebDatasetData
 from scale.errors import UserError, one_line
 from scale.shards import verify
-from scale.shards.shard_index import index_path, load_index
+from scale.shards.shard_index import index_path, load_index, span_members
 from test_data_prep import convert, make_class_tree
 from test_webdataset_loader import jpeg_bytes, write_shards
 
@@ -331,3 +332,48 @@ def test_decode_gpu_indexed_shards_replace_and_count_corrupt_samples_in_the_work
         assert data.prepare(images, CPU).shape == (8, 3, IMG, IMG)
         assert (labels[indices != 5] == indices[indices != 5]).all()  # a stand-in's label only where the worker replaced
     assert data.device_input.replaced == 1 and data.skipped_samples() == 2
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT],
+                         ids=["ustar", "gnu", "pax"])
+def test_a_samples_members_are_read_as_tarfile_reads_them(tar_format):
+    """span_members reads plain headers itself and leaves the rest to tarfile: the same members either way."""
+    names = ["000001.jpg", "000001.cls", "folder/000002.json", "d" * 90 + "/" + "e" * 80 + ".txt", "empty.txt",
+             "caf\u00e9.txt"]
+    if tar_format != tarfile.USTAR_FORMAT:  # ustar cannot hold a 120-character name without a folder
+        names.append("f" * 120 + ".png")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tar_format) as tar:
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for number, name in enumerate(names):
+            data = bytes([number]) * (0 if name == "empty.txt" else 700 * number + 3)
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1_700_000_000
+            tar.addfile(info, io.BytesIO(data))
+    span = buffer.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(span), mode="r:") as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+    assert span_members(span) == expected and len(expected) == len(names)
+    if tar_format != tarfile.GNU_FORMAT:  # GNU's long names (a 'L' member) are tarfile's to read
+        with mock.patch.object(tarfile, "open", side_effect=AssertionError("read by tarfile")):
+            assert span_members(span) == expected  # plain and pax headers are read without tarfile
+
+    # A header whose checksum does not add up goes to tarfile, which decides: the first header damaged is
+    # no tar; a later one ends the members there (what tarfile.open per sample gave before).
+    first, later = bytearray(span), bytearray(span)
+    first[40] ^= 0xFF
+    later[600] ^= 0xFF  # the name of the first file's header
+    with pytest.raises(tarfile.TarError):
+        span_members(bytes(first))
+    assert span_members(bytes(later)) == []
+
+
+def test_webdatasets_own_shards_are_read_without_tarfile():
+    """TarWriter puts a pax header before every member: the indexed reader's fast path reads it."""
+    buffer = io.BytesIO()
+    with wds.TarWriter(buffer) as writer:
+        writer.write({"__key__": "sample7", "jpg": bytes(range(256)) * 40, "cls": b"3"})
+    with mock.patch.object(tarfile, "open", side_effect=AssertionError("read by tarfile")):
+        assert span_members(buffer.getvalue()) == [("sample7.cls", b"3"), ("sample7.jpg", bytes(range(256)) * 40)]

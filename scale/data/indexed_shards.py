@@ -39,7 +39,6 @@ not have) is a UserError naming the file and how to rebuild it.
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 import tarfile
@@ -53,7 +52,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import ConfigError
-from ..shards.shard_index import index_path, load_index, split_member_name
+from ..shards.shard_index import index_path, load_index, span_members, split_member_name
 from .base import INDEXED_SHARD_WINDOWS, epoch_permutation, sample_seed
 from .device_input import DeviceInput, HostBatch
 from .image_folder import REPLACEMENT_TRIES, stand_ins
@@ -135,17 +134,17 @@ class IndexedShards(Dataset):
             raise CorruptSample(f"the shard ends {size - len(span)} bytes into the sample (truncated since indexing?)")
         sample: Dict[str, Any] = {"__url__": self.paths[shard]}
         try:
-            with tarfile.open(fileobj=io.BytesIO(span), mode="r:") as tar:
-                for member in tar:
-                    if not member.isreg() or Path(member.name).name.startswith("__"):
-                        continue
-                    key, extension = split_member_name(member.name)
-                    if sample.setdefault("__key__", key) != key:
-                        raise CorruptSample(f"its indexed bytes hold two samples ({sample['__key__']}, {key}): "
-                                            f"a stale index? {REBUILD}")
-                    sample[extension.lower()] = tar.extractfile(member).read()
+            members = span_members(span)
         except (tarfile.TarError, EOFError) as err:
             raise CorruptSample(f"no tar members at byte {offset} ({type(err).__name__}: {err})") from None
+        for name, data in members:
+            if Path(name).name.startswith("__"):
+                continue
+            key, extension = split_member_name(name)
+            if sample.setdefault("__key__", key) != key:
+                raise CorruptSample(f"its indexed bytes hold two samples ({sample['__key__']}, {key}): "
+                                    f"a stale index? {REBUILD}")
+            sample[extension.lower()] = data
         return sample
 
     def _descriptor(self, shard: int) -> int:
