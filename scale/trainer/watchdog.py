@@ -48,6 +48,7 @@ RECENT_STEPS = 50  # steps the default limit looks back over
 LONG_PHASE_S = 1800.0  # at least this for a new loader's first step, CHECKPOINT and MONITORS
 COLLECTIVE_MARGIN = 0.9  # every limit is at most this x engine.timeout_s, so the watchdog fires first
 
+PEER_GRACE_S = 3.0  # after its line, a firing watchdog waits this long before the exit (see _fire)
 HANG_ENV = "SCALE_TEST_HANG_AT"  # test only: "RANK:STEP[,RANK:STEP...]" sleeps forever there
 
 
@@ -194,4 +195,7 @@ class HangWatchdog:
         print(f"scale: hang: rank {self.rank} made no progress at step {step} in phase {phase} for {waited:.0f} s "
               f"(limit {self.limit():.0f} s, train.hang_timeout_s); {evidence}; exiting {HANG_EXIT}",
               file=sys.stderr, flush=True)
+        # The peers waiting for this rank hung at the same moment and their watchdogs fire within a poll or
+        # two: leaving at once would fail their collective first (exit 1, no stacks). Give them that time.
+        time.sleep(PEER_GRACE_S)
         os._exit(HANG_EXIT)
