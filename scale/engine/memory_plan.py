@@ -1,6 +1,6 @@
 """How many images one device can pass at once: the step's memory estimate and `train.micro_batch: auto`.
 
-The estimate (moved here from bench/train_step.py, which imports it) counts what autograd keeps for
+The estimate (once in bench/train_step.py, which now imports it from here) counts what autograd keeps for
 backward per token per transformer block, plus 18 bytes per parameter of model state. It matched the
 H200's measured peak within 2% for OCL ViT-B/L/H (docs/throughput.md, "Micro-batch limits") and the
 CPU's large-batch slope within 2% (fp32, no activation checkpointing); with full activation
