@@ -18,7 +18,7 @@ pytestmark = pytest.mark.distributed
 WORKER = REPO / "tests/dist_scripts/asl_worker.py"
 
 
-@pytest.mark.parametrize("branch", ["aee", "dle"])
+@pytest.mark.parametrize("branch", ["aee", pytest.param("dle", marks=pytest.mark.long)])
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_two_ranks_equal_one_process_with_one_sync_per_step(tmp_path, engine, branch):
     # DLE: each rank draws its own dropout from the global RNG (seeded by step and rank), so the worker
@@ -43,11 +43,11 @@ def test_two_ranks_equal_one_process_with_one_sync_per_step(tmp_path, engine, br
 
 
 @pytest.mark.parametrize("engine,extra", [
-    pytest.param("fsdp", ["objective.asl.branch=aee"], id="fsdp-aee"),
+    pytest.param("fsdp", ["objective.asl.branch=aee"], id="fsdp-aee", marks=pytest.mark.long),
     pytest.param("fsdp", ["objective.asl.branch=dle"], id="fsdp-dle", marks=pytest.mark.long),  # DLE: each rank draws its own dropout
     pytest.param("deepspeed", ["engine.zero_stage=1", "objective.asl.branch=aee"], id="zero1-aee", marks=pytest.mark.long),
     pytest.param("deepspeed", ["engine.zero_stage=2", "objective.asl.branch=dle"], id="zero2-dle", marks=pytest.mark.long),
-    pytest.param("deepspeed", ["engine.zero_stage=3", "objective.asl.branch=dle"], id="zero3-dle"),
+    pytest.param("deepspeed", ["engine.zero_stage=3", "objective.asl.branch=dle"], id="zero3-dle", marks=pytest.mark.long),
 ])
 def test_sharded_runs_train_and_export_the_encoder_only(tmp_path, engine, extra):
     out = tmp_path / "run"

@@ -135,7 +135,8 @@ MAX_WARM_UP_GRAPHS = 4
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list(RECIPES))
+# EHM in make test (its signal hooks once made the blocks recompile per block); the rest in the long tier.
+@pytest.mark.parametrize("method", [m if m == "ehm" else pytest.param(m, marks=pytest.mark.long) for m in RECIPES])
 def test_at_most_one_recompilation_after_warm_up(tmp_path, method, eager_backend):
     """Across 20 steps, graphs are compiled in the first steps, a few per run, and at most once after (a
     region recompiled at every call would reach dynamo's recompile limit and silently run eagerly); the
@@ -225,6 +226,7 @@ def test_attention_signal_hooks_the_block_outside_its_compiled_forward(tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.long
 def test_fsdp2_on_two_ranks_with_compile_and_gradient_caching_trains_like_eager(tmp_path):
     """FSDP2 on 2 ranks (gloo): every block its own unit with its hooks outside the compiled forward, OCL's
     compiled loss after the autograd all-gather, 16 images per rank in gradient-cached chunks of 8: the

@@ -39,7 +39,8 @@ def wait_for_line(proc: subprocess.Popen, pattern: str, timeout: float) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, marks=pytest.mark.long), signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, marks=pytest.mark.long),
+                                 pytest.param(signal.SIGTERM, marks=pytest.mark.long)], ids=["ctrl-c", "sigterm"])
 def test_a_signal_to_the_demo_checkpoints_stops_in_seconds_and_the_same_command_continues(tmp_path, sig):
     out = tmp_path / "demo"
     # A terminal's Ctrl-C (and SLURM's SIGTERM) reach the whole process group: loader workers too.

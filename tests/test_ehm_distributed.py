@@ -11,7 +11,7 @@ pytestmark = pytest.mark.distributed
 WORKER = REPO / "tests/dist_scripts/ehm_worker.py"
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+@pytest.mark.parametrize("engine", ["ddp", pytest.param("fsdp", marks=pytest.mark.long)])
 def test_two_ranks_with_ehm_equal_one_process(tmp_path, engine):
     _torchrun(str(WORKER), "--engine", engine, "--out", str(tmp_path))
     result = json.loads((tmp_path / f"ehm_{engine}_rank0.json").read_text())

@@ -18,7 +18,7 @@ def metrics(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [MAE_EHM, OCL_EHM_EMA], ids=["mae_ehm", "ocl_ehm_drop_ema"])
+@pytest.mark.parametrize("overrides", [pytest.param(MAE_EHM, marks=pytest.mark.long), OCL_EHM_EMA], ids=["mae_ehm", "ocl_ehm_drop_ema"])
 def test_resume_with_ehm_is_bit_exact(tmp_path, overrides):
     # 2 epochs of 8 steps: d = 1 in epoch 0, floor(H / 2) in epoch 1; stop at 6, resume across the boundary.
     full_trainer = Trainer(tiny_config(tmp_path / "a", *overrides))

@@ -10,7 +10,8 @@ RECORDED = json.loads(GOLDEN.read_text())["losses"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.long) if n in ("fsdp_2", "ddp_2_grad_cache", "single_grad_cache")
+                                  else n for n in sorted(CONFIGS)])
 def test_ocl_losses_equal_the_golden_file(name, tmp_path):
     losses = run(name, tmp_path)
     assert len(losses) == len(RECORDED[name]) == 6

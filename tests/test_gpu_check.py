@@ -32,6 +32,7 @@ def _without_webdataset(tmp_path):
     return env
 
 
+@pytest.mark.long
 def test_smoke_runs_every_check_on_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
     done = _run("--device", "cpu", "--smoke", "--json", str(out), env=_without_webdataset(tmp_path))

@@ -127,6 +127,7 @@ def test_gpu_check_runs_the_steps_that_do_not_log_with_cuda_syncs_as_errors(monk
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.long
 def test_a_ddp_step_that_logs_nothing_reads_nothing_from_the_device(tmp_path):
     """Two gloo ranks (this file as the torchrun worker): DDP's gradient all-reduce and the mean of the
     step's metrics over the ranks are collectives, not host reads."""

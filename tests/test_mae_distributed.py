@@ -46,7 +46,8 @@ def test_two_ranks_equal_one_process_with_one_sync_per_step(tmp_path, engine):
         assert result["syncs"]["accumulate"] == result["syncs"]["one_pass"] > 0, result["syncs"]
 
 
-@pytest.mark.parametrize("engine,extra", [("fsdp", []), pytest.param("deepspeed", ["engine.zero_stage=3"], marks=pytest.mark.long)])
+@pytest.mark.long
+@pytest.mark.parametrize("engine,extra", [("fsdp", []), ("deepspeed", ["engine.zero_stage=3"])])
 def test_fsdp_and_deepspeed_runs_train_and_export(tmp_path, engine, extra):
     out = tmp_path / "run"
     _torchrun("-m", "scale.train", *TINY_OVERRIDES, *MAE_TINY, f"engine.name={engine}", *extra,

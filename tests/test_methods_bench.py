@@ -84,6 +84,7 @@ def forbid(monkeypatch, bench, *names: str) -> None:
             monkeypatch.setattr(bench, name, fail)
 
 
+@pytest.mark.long
 def test_tiny_study_writes_json_figure_tables_and_resumes_without_redoing(bench, tmp_path, data, capsys,
                                                                             monkeypatch):
     argv = tiny_argv(tmp_path, data, *TWO)

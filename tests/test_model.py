@@ -31,6 +31,7 @@ def test_parameter_names_match_timm(name):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_vit_huge_matches_timm_with_patch16():
     ours = build_encoder("vit_huge_patch16")
     with torch.device("meta"):

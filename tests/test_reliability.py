@@ -143,7 +143,7 @@ def test_signal_to_process_group_with_workers_checkpoints_and_exits_3(tmp_path, 
 # ----------------------------------------------------------------------------- 3. exact resume
 
 @pytest.mark.slow
-@pytest.mark.parametrize("grad_cache", [False, True], ids=["one_pass", "grad_cache"])
+@pytest.mark.parametrize("grad_cache", [False, pytest.param(True, marks=pytest.mark.long)], ids=["one_pass", "grad_cache"])
 def test_resume_mid_epoch_is_exact_with_drop_path_and_workers(tmp_path, grad_cache):
     common = ["model.drop_path_rate=0.2", "data.num_workers=2", "train.epochs=2", "train.ckpt_every=5"]
     if grad_cache:

@@ -225,6 +225,7 @@ def test_failed_check_stops_the_job_before_srun(cluster, tmp_path):
     assert not (run / "metrics.jsonl").exists()
 
 
+@pytest.mark.long
 def test_global_batch_beats_the_recipe_global_batch(cluster, tmp_path):
     """A recipe with train.global_batch (as recipes/ocl_vitb16.yaml) plus GLOBAL_BATCH: the run
     scores GLOBAL_BATCH images per step, and the launch log says so."""
@@ -271,6 +272,7 @@ def test_time_limit_inside_the_warning_margin_is_refused_before_launch(cluster, 
     assert not (run / "metrics.jsonl").exists()
 
 
+@pytest.mark.long
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(cluster, reference_run, tmp_path):
     assert reference_run["state"] == "COMPLETED", reference_run["info"]
     run = tmp_path / "run"
@@ -320,6 +322,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(cluster, referen
     assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
 
 
+@pytest.mark.long
 def test_scancel_is_not_undone_by_a_requeue(cluster, tmp_path):
     """`scontrol requeue` would bring back even a cancelled job: SIGTERM must disarm it."""
     run = tmp_path / "run"
@@ -349,6 +352,7 @@ def hang_on_first_start_python(tmp_path: Path) -> Path:
     return script
 
 
+@pytest.mark.long
 def test_a_hang_ends_the_job_with_stacks_and_requeues_it(cluster, reference_run, tmp_path):
     """The last rank stops making progress in step 6 (the others wait for it in a collective):
     the watchdogs (train.hang_timeout_s=5) write their stacks and exit 4, the launcher requeues
@@ -373,6 +377,7 @@ def test_a_hang_ends_the_job_with_stacks_and_requeues_it(cluster, reference_run,
     assert resumed == reference
 
 
+@pytest.mark.long
 def test_a_divergence_ends_the_job_once_without_a_requeue(cluster, tmp_path):
     """The last rank trains step 6 on NaN pixels (SCALE_TEST_NONFINITE_AT), train.on_nonfinite=stop:
     the trainer exits 5 with its one line, and the launcher does not requeue (it would diverge
