@@ -112,6 +112,7 @@ def test_a_check_that_runs_out_of_time_is_failed_and_reported(tmp_path):
     assert any(line.startswith("fsdp") and "FAILED" in line for line in done.stdout.splitlines())
 
 
+@pytest.mark.long
 def test_tune_and_profile_smoke_on_cpu(tmp_path):
     """--tune --profile (issue 28, point 4) on the tiny model: each recipe as it is and auto's largest
     micro-batch; every factor changed alone on the first recipe (compile, micro-batches up to auto's, SDPA's
