@@ -109,9 +109,9 @@ def save(ds_engine: Any, directory: Path, extra: Dict[str, Any]) -> None:
 def load(ds_engine: Any, directory: Path) -> Dict[str, Any]:
     """Collective: load the checkpoint in `directory` into `ds_engine`; return the trainer state."""
     tag = directory / TAG
-    written_on = len(optim_files(tag)) if tag.is_dir() else 0  # 0: no ZeRO partitions (stage 0)
-    if written_on and written_on != ds_engine.dp_world_size:
-        return _load_resharded(ds_engine, tag)
+    partitions = optim_files(tag) if tag.is_dir() else []  # none: no ZeRO partitions (stage 0)
+    if partitions and len(partitions) != ds_engine.dp_world_size:
+        return _load_resharded(ds_engine, tag, partitions)
     # DeepSpeed reads every checkpoint file through its checkpoint engine: a plain-data one
     # while loading (weights_only=True); saving keeps the configured engine.
     configured = ds_engine.checkpoint_engine
@@ -288,9 +288,10 @@ def _same_scalar(a: Any, b: Any) -> bool:
     return bool(torch.equal(a, b)) if torch.is_tensor(a) and torch.is_tensor(b) else a == b
 
 
-def _load_resharded(ds_engine: Any, tag: Path) -> Dict[str, Any]:
+def _load_resharded(ds_engine: Any, tag: Path, partitions: List[Path]) -> Dict[str, Any]:
     """Collective: load the ZeRO checkpoint in the tag directory `tag`, written on another number of
-    ranks, into `ds_engine`; return the trainer state. Every rank reads every file (plain data)."""
+    ranks (its optimizer `partitions`, by rank), into `ds_engine`; return the trainer state. Every rank
+    reads every file (plain data)."""
     stage = int(ds_engine.zero_optimization_stage())
     for offload in (ds_engine.zero_offload_optimizer(), ds_engine.zero_offload_param()):
         if offload is not None and str(offload.device).endswith("nvme"):
@@ -299,7 +300,7 @@ def _load_resharded(ds_engine: Any, tag: Path) -> Dict[str, Any]:
     model_files = [tag / MODULE_STATES_FILE] if stage < 3 else _by_rank(tag.glob(ZERO3_MODULE_STATES))
     model_states = [load_deepspeed_file(f) for f in model_files]
     try:
-        saved = gather_zero_state(model_states, [load_deepspeed_file(f) for f in optim_files(tag)])
+        saved = gather_zero_state(model_states, [load_deepspeed_file(f) for f in partitions])
     except CheckpointError as err:
         raise CheckpointError(f"checkpoint {str(tag.parent)!r}: {err}") from None
     if saved.zero_stage != stage:

@@ -39,6 +39,7 @@ not have) is a UserError naming the file and how to rebuild it.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tarfile
@@ -110,9 +111,7 @@ class IndexedShards(Dataset):
         self._files: "OrderedDict[int, int]" = OrderedDict()  # shard -> descriptor, in this process
         self._pid = os.getpid()
         self.paths = [str(path) for path in paths]
-        self.starts = [0]
-        for shard in spans:
-            self.starts.append(self.starts[-1] + len(shard.offsets))
+        self.starts = list(itertools.accumulate((len(shard.offsets) for shard in spans), initial=0))
         # Offsets and sizes of every sample in two tensors: one object each, however many samples,
         # so forked workers share them instead of copying a list's pages on every refcount change.
         self.offsets = torch.cat([shard.offsets for shard in spans]) if spans else torch.zeros(0, dtype=torch.int64)

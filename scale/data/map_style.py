@@ -120,9 +120,7 @@ class MapStyleData(PretrainData):
     def loader(self, spec: LoaderSpec, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         indices, sizes = self.rank_samples(spec, epoch, start_batch)
         # Batch b of the loader is positions [offsets[b], offsets[b + 1]) of `indices`.
-        offsets = [0]
-        for size in sizes:
-            offsets.append(offsets[-1] + size)
+        offsets = list(itertools.accumulate(sizes, initial=0))
         loaded = start_workers(DataLoader(_SeededView(self, indices, spec.seed, epoch), batch_sampler=_Batches(offsets),
                                           collate_fn=self.collate, num_workers=spec.num_workers,
                                           pin_memory=spec.pin_memory,
