@@ -101,8 +101,8 @@ from scale.config import load_config, to_dict
 from scale.data import LoaderSpec, build_dataset
 from scale.device import autocast_dtype
 from scale.engine import plan_batch
-from scale.engine.memory_plan import (MARGIN, activation_bytes_per_image, largest_micro_batch, param_count,
-                                     pretrain_step_memory)
+from scale.engine.memory_plan import (MARGIN, encoder_stack, largest_micro_batch, param_count,
+                                     pretrain_step_memory, step_memory)
 from scale.masking import MaskContext, build_mask_generator
 from scale.models import MODELS
 from scale.models.attention import BackendAttention, xformers_available, xformers_problem
@@ -492,8 +492,8 @@ def check_memory(ctx: Context) -> None:
             if cfg.objective.name == "ocl":  # bench/train_step.py --estimate's formula, at this micro-batch
                 spec = MODELS.build(cfg.model.name)
                 _, tokens = ocl_tokens_per_image(spec, cfg.mask.ratio)
-                estimate = 18 * param_count(spec) + micro * activation_bytes_per_image(
-                    spec, tokens, bf16=ctx.amp(cfg) == "bf16", checkpointed=cfg.train.activation_checkpointing == "full")
+                estimate = step_memory(param_count(spec), [encoder_stack(spec, tokens)], bf16=ctx.amp(cfg) == "bf16",
+                                       checkpointed=cfg.train.activation_checkpointing == "full").at(micro)
                 row["estimate_bytes"] = estimate
                 note = f", estimate {fmt_bytes(estimate)}"
             row["summary"] = (f"peak {fmt_bytes(r['peak_mem_bytes'])} ({r['mem_kind']}), step {fmt_bytes(r['step_mem_bytes'])}"
