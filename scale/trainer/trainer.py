@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 import torch
 import torch.nn as nn
@@ -239,6 +239,16 @@ class Trainer:
             self.sample_record.close()
             self.sample_record.start(self.step, self.engine.is_main, self.engine.barrier)
 
+    def _open_metrics_log(self, rewound: bool) -> Optional[TextIO]:
+        """The main rank's metrics.jsonl, for appending (None elsewhere). After a resume or a rollback
+        (`rewound`) it first forgets the lines of steps after this one: they describe a model that was lost."""
+        if not self.engine.is_main:
+            return None
+        path = self.output_dir / METRICS_FILE
+        if rewound:
+            forget_steps_after(path, self.step, "the metrics log")
+        return open(path, "a")
+
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> Dict[int, Any]:
         """SIGUSR1 (SLURM's preemption warning) and SIGTERM: finish the step, checkpoint, stop."""
@@ -440,9 +450,7 @@ class Trainer:
             reporter.message(f"scale: skipping the steps {self.divergence.path} records: "
                              + ", ".join("{}-{}".format(*r["skipped"]) for r in self.divergence.rollbacks))
         previous_handlers = self._install_signal_handlers()
-        if main and resumed:  # the lines of steps after the checkpoint describe a model that was lost
-            forget_steps_after(self.output_dir / METRICS_FILE, self.step, "the metrics log")
-        metrics_file = open(self.output_dir / METRICS_FILE, "a") if main else None
+        metrics_file = self._open_metrics_log(rewound=resumed is not None)
         losses: List[Tuple[int, torch.Tensor]] = []  # (step, loss) of each step trained in this process
         steps_at_start = self.step
         last_ckpt: Optional[Path] = resumed
@@ -506,8 +514,7 @@ class Trainer:
                     losses = [(step, loss) for step, loss in losses if step <= self.step]
                     if metrics_file:  # the steps after the checkpoint are trained and logged again, as on resume
                         metrics_file.close()
-                        forget_steps_after(self.output_dir / METRICS_FILE, self.step, "the metrics log")
-                        metrics_file = open(self.output_dir / METRICS_FILE, "a")
+                        metrics_file = self._open_metrics_log(rewound=True)
                     # The next throughput line covers the steps after the rollback only.
                     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
                     continue
