@@ -116,6 +116,55 @@ def test_workers_stuck_in_a_read_exit_when_their_parent_is_killed(tmp_path: Path
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("ending", ["iterator_shut_down", "worker_stuck_then_terminated"])
+@pytest.mark.slow
+def test_a_workers_own_children_end_with_it(tmp_path: Path, ending: str) -> None:
+    # A `pipe:` shard's reader (curl, cat) is the worker's child: a worker that ended, or was
+    # terminated by torch after its join timed out, left it running on, reparented.
+    cmd = _script(tmp_path, f"""
+        import os, subprocess, time
+        from torch.utils.data import Dataset
+        from scale.data import LoaderSpec
+        from scale.data.device_input import DeviceInput
+        from scale.data.map_style import MapStyleData
+
+        class SpawnsReaders(Dataset):
+            readers = []
+
+            def __len__(self):
+                return 64
+
+            def __getitem__(self, index):
+                reader = subprocess.Popen(["sh", "-c", "sleep 600; true"])  # sh stays: the sleep is a grandchild
+                self.readers.append(reader)
+                with open("readers.txt", "a") as out:
+                    out.write(f"{{reader.pid}}\\n")
+                if {ending == "worker_stuck_then_terminated"} and index >= 8:
+                    time.sleep(600)
+                return 0
+
+        data = MapStyleData(SpawnsReaders(), None, DeviceInput([0.5], [0.25]))
+        batches = data.loader(LoaderSpec(batch_size=8, seed=0, num_workers=2), 0)
+        time.sleep(1.5)  # the workers have started their readers
+        del batches
+        print("ended", flush=True)
+        """)
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.run(cmd, env=python_env(), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, timeout=120)
+    output = (tmp_path / "out.txt").read_text()
+    readers = [int(pid) for pid in (tmp_path / "readers.txt").read_text().split()]
+    sleeps = [int(pid) for pid in subprocess.run(["pgrep", "-f", "^sleep 600$"], capture_output=True,
+                                                 text=True).stdout.split()]
+    try:
+        assert proc.returncode == 0 and "ended" in output, output[-3000:]
+        assert readers
+        assert not any(_alive(pid) for pid in readers + sleeps)
+    finally:
+        for pid in readers + sleeps:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 # ----------------------------------------------------------------------------- 5. a dead data source is an error
 
 def _train_until_exit(tmp_path: Path, *overrides: str) -> Tuple[int, List[str], float, List[str]]:
@@ -135,7 +184,7 @@ def _train_until_exit(tmp_path: Path, *overrides: str) -> Tuple[int, List[str], 
             proc.wait(timeout=60)
             lines += proc.stderr.read().splitlines()
             seconds = time.monotonic() - (error_at or time.monotonic())
-            left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            left = subprocess.run(["pgrep", "-a", "-g", str(proc.pid)], capture_output=True, text=True).stdout.splitlines()
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
