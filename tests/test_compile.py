@@ -161,6 +161,7 @@ def test_at_most_one_recompilation_after_warm_up(tmp_path, method, eager_backend
 
 
 @pytest.mark.slow
+@pytest.mark.long  # make test keeps test_inductor_blocks_replay_drop_path_for_gradient_caching and the OCL recompile count
 def test_inductor_step_equals_eager_with_gradient_caching(tmp_path):
     """The real backend: OCL's compiled blocks and loss, gradient caching 8 images in chunks of 4, within
     fp32 tolerance of eager. Without drop path: compiled random ops draw other numbers than eager's."""

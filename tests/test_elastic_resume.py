@@ -33,6 +33,9 @@ SEGMENT = REPO / "tests" / "dist_scripts" / "elastic_resume.py"
 # caching (3 and 2 chunks) and 3 or 4 ranks one pass. Drop path draws per rank: off.
 ELASTIC = ["train.global_batch=12", "train.micro_batch=4", "train.ckpt_every=1", "model.drop_path_rate=0",
            "optim.warmup_epochs=0", "optim.blr=0.02"]
+# EHM with its masks cut from an EMA of the encoder (module buffers: resharded with the weights).
+EHM_EMA = ["mask.name=ehm_two_group", "mask.ehm.source=ema", "mask.ehm.ema_decay=0.5", "mask.ehm.depth=fixed",
+           "mask.ehm.fixed_depth=0.5"]
 CHAIN = (4, 2, 1, 2, 3)  # 4 -> 2, 2 -> 1, 1 -> 2, 2 -> 3: one step each
 LOSS_RTOL = 1e-5
 
@@ -226,15 +229,20 @@ def _assert_same_state(saved: dict, loaded: dict, label: str) -> None:
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.long
-@pytest.mark.parametrize("engine", ["auto", "fsdp"])  # auto: single on 1 rank, ddp on more (both torch files)
-def test_a_run_continues_on_4_2_1_2_3_ranks_like_one_uninterrupted_run(engine, tmp_path):
+@pytest.mark.parametrize("engine,method", [
+    ("auto", "ocl"), ("fsdp", "ocl"),  # auto: single on 1 rank, ddp on more (both torch files)
+    ("fsdp", "ehm_ema"),  # EHM's masks from an EMA of the encoder: the EMA (module buffers) is resharded too
+])
+def test_a_run_continues_on_4_2_1_2_3_ranks_like_one_uninterrupted_run(engine, method, tmp_path):
     from scale.trainer import Trainer
 
-    reference = Trainer(tiny_config(tmp_path / "reference", *ELASTIC, f"train.max_steps={len(CHAIN)}")).fit()
+    overrides = EHM_EMA if method == "ehm_ema" else ()
+    reference = Trainer(tiny_config(tmp_path / "reference", *ELASTIC, *overrides,
+                                    f"train.max_steps={len(CHAIN)}")).fit()
     losses, previous = [], None
     for step, world in enumerate(CHAIN):
         label = f"segment{step}_x{world}"
-        result = _segment(tmp_path, label, world, step + 1, engine)
+        result = _segment(tmp_path, label, world, step + 1, engine, *overrides)
         assert result["world_size"] == world and result["started"] == step and result["final_step"] == step + 1
         assert result["per_rank_batch"] == 12 // world and result["chunks"] == -(-(12 // world) // 4)
         if previous is not None:  # what the last segment saved is what this one loaded
@@ -242,6 +250,10 @@ def test_a_run_continues_on_4_2_1_2_3_ranks_like_one_uninterrupted_run(engine, t
                                label)
         losses += result["losses"]
         previous = label
+    if method == "ehm_ema":  # the EMA was compared like the weights at every reload above, and it moved
+        first, last = (torch.load(tmp_path / f"{name}_end.pt")["model"] for name in (f"segment0_x{CHAIN[0]}", previous))
+        ema = [k for k in first if k.startswith("signal_ema.model.")]
+        assert ema and not all(torch.equal(first[k], last[k]) for k in ema)
     assert len(losses) == len(reference.losses) == len(CHAIN)
     assert losses == pytest.approx(reference.losses, rel=LOSS_RTOL)
 

@@ -141,26 +141,26 @@ def test_drop_path_replays_the_same_rng(tmp_path):
 # ----------------------------------------------------------------------------- compile
 
 @pytest.mark.slow
-def test_compile_and_ac_compile_same_loss_and_grads_and_names(tmp_path):
+@pytest.mark.parametrize("ac", [pytest.param("none", marks=pytest.mark.long), "full"])
+def test_compile_and_ac_compile_same_loss_and_grads_and_names(tmp_path, ac):
     cfg = micro_cfg(tmp_path)
     images, masks = batch_and_masks(cfg)
     plain = build(cfg)
     reference = loss_and_grads(plain, images, masks)
     names = [n for n, _ in plain.named_parameters()]
     keys = list(plain.state_dict())
-    for ac in ("none", "full"):
-        module = build(cfg)
-        apply_activation_checkpointing(module.encoder, ac)
-        assert apply_compile(module.encoder) == 2
-        assert apply_compile(module.encoder) == 0  # idempotent
-        with pytest.raises(RuntimeError, match="before apply_compile"):
-            apply_activation_checkpointing(module.encoder, "full")
-        for _ in range(2):  # the second step runs the cached graph
-            result = loss_and_grads(module, images, masks)
-            assert_same(result, reference, rtol=2e-4, atol=1e-5)
-        # Parameter names and state-dict keys are timm's, exactly as without the switches.
-        assert [n for n, _ in module.named_parameters()] == names
-        assert list(module.state_dict()) == keys
+    module = build(cfg)
+    apply_activation_checkpointing(module.encoder, ac)
+    assert apply_compile(module.encoder) == 2
+    assert apply_compile(module.encoder) == 0  # idempotent
+    with pytest.raises(RuntimeError, match="before apply_compile"):
+        apply_activation_checkpointing(module.encoder, "full")
+    for _ in range(2):  # the second step runs the cached graph
+        result = loss_and_grads(module, images, masks)
+        assert_same(result, reference, rtol=2e-4, atol=1e-5)
+    # Parameter names and state-dict keys are timm's, exactly as without the switches.
+    assert [n for n, _ in module.named_parameters()] == names
+    assert list(module.state_dict()) == keys
     # Exports load into timm's VisionTransformer strictly, and plain weights load back.
     theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=28, patch_size=4,
                                in_chans=1, embed_dim=64, depth=2, num_heads=2)
