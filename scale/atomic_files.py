@@ -6,6 +6,10 @@ power loss at any moment leaves the previous file or the new one, never half of 
 
 Shard manifests and checkpoints' meta.json record each file's sha256 (`sha256_of_file`), so a reader
 can tell a truncated or altered file from the one that was written.
+
+Their reader, `read_json` / `parse_json`, turns every way such a file can be damaged or hostile (not
+a file, not UTF-8, not JSON, nested past the parser's depth, an integer past Python's digit limit)
+into one `DamagedJson` whose message is the reason, for the caller's one-line error naming the file.
 """
 from __future__ import annotations
 
@@ -24,6 +28,35 @@ def sha256_of_file(path: Path) -> str:
         for block in iter(lambda: stream.read(_READ_BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class DamagedJson(ValueError):
+    """A JSON file or line that cannot be read or parsed; the message says why, without the path."""
+
+
+def parse_json(text: str) -> Any:
+    """`json.loads`, with every failure a DamagedJson."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DamagedJson(f"not JSON ({err.msg}, line {err.lineno} column {err.colno})") from None
+    except RecursionError:
+        raise DamagedJson("not JSON a reader can take (nested too deeply)") from None
+    except ValueError as err:  # an integer of more digits than int() converts
+        raise DamagedJson(f"not JSON a reader can take ({err})") from None
+
+
+def read_json(path: Path) -> Any:
+    """The parsed content of the JSON file `path`, with every failure a DamagedJson."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise DamagedJson("a folder, not a file") from None
+    except OSError as err:
+        raise DamagedJson(f"unreadable ({err.strerror or type(err).__name__})") from None
+    except UnicodeDecodeError as err:
+        raise DamagedJson(f"not UTF-8 text (byte {err.start})") from None
+    return parse_json(text)
 
 
 def write_json_atomically(path: Path, content: Any, indent: int = 1,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import shutil
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from .atomic_files import write_json_atomically
+from .atomic_files import read_json, write_json_atomically
 from .config import RunConfig, load_config
 from .errors import UserError, run_command
 from .eval.baselines import PixelEncoder, random_init_encoder
@@ -84,7 +83,7 @@ def output_dir_for(wanted: Path, plan: Dict[str, object]) -> Tuple[Path, bool]:
 def read_demo_state(run: Path) -> Optional[Dict[str, object]]:
     """The demo's record of `run`, or None where there is none (or it is not one of ours)."""
     try:
-        state = json.loads((run / DEMO_STATE).read_text())
+        state = read_json(run / DEMO_STATE)
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     return state if isinstance(state, dict) else None

@@ -30,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from ..atomic_files import sha256_of_file
+from ..atomic_files import DamagedJson, read_json, sha256_of_file
 from ..errors import UserError
 from .confined import confined_path, refuse_links_leading_out
 from .errors import CheckpointError
@@ -275,9 +275,9 @@ def read_meta(path: Path) -> dict:
     except UserError as err:
         raise CheckpointError(str(err)) from None
     try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"{meta_file} is unreadable ({type(err).__name__}); not a scale checkpoint?") from None
+        meta = read_json(meta_file)
+    except DamagedJson as err:
+        raise CheckpointError(f"{meta_file} is {err}; not a scale checkpoint?") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_file} is not a JSON object; not a scale checkpoint?")
     for key, required, allowed, fits in _META_SCHEMA:

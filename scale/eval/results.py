@@ -1,13 +1,12 @@
 """Where evaluation results go: JSON next to the checkpoint they evaluate."""
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..atomic_files import write_json_atomically
+from ..atomic_files import read_json, write_json_atomically
 from ..errors import UserError
 
 # A results file is a few kB (its run config included); anything far larger is not one of ours.
@@ -50,8 +49,8 @@ def read_results(checkpoint: Path, kind: str) -> Optional[Dict[str, Any]]:
     try:
         if path.stat().st_size > MAX_RESULTS_BYTES:
             raise ValueError(f"larger than {MAX_RESULTS_BYTES} bytes")
-        results = json.loads(path.read_text())
-    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        results = read_json(path)
+    except (OSError, ValueError) as err:  # read_json's DamagedJson is a ValueError
         raise UserError(f"{path}: not a scale.eval {kind} results file ({err}); remove it or rerun "
                         f"scale.eval {kind}") from None
     top1 = results.get("top1") if isinstance(results, dict) else None

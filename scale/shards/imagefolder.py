@@ -48,6 +48,7 @@ import PIL
 from PIL import Image
 from tqdm import tqdm
 
+from ..atomic_files import read_json
 from ..errors import run_command
 from . import DataPrepError, positive_int
 from .manifest import SPLIT_NAME_PATTERN, build_manifest, write_manifest
@@ -245,7 +246,7 @@ def read_class_mapping(path: Path) -> dict[str, int]:
     """`--classes`: a manifest.json's "classes", or one class name per line in index order."""
     if path.suffix == ".json":
         try:
-            classes = json.loads(path.read_text(encoding="utf-8")).get("classes")
+            classes = read_json(path).get("classes")
         except (OSError, ValueError, AttributeError) as err:
             raise DataPrepError(f"--classes {path}: cannot read a manifest: {err}") from None
         if not isinstance(classes, dict) or not all(isinstance(index, int) for index in classes.values()):

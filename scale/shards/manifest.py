@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..atomic_files import write_json_atomically
+from ..atomic_files import DamagedJson, read_json, write_json_atomically
 from . import DataPrepError
 
 MANIFEST_FORMAT = "scale-wds-v1"
@@ -98,9 +98,9 @@ def manifest_problem(manifest: Any, complete: bool = True) -> str | None:
 def load_manifest(path: Path, complete: bool = True) -> tuple[dict[str, Any] | None, str | None]:
     """(manifest, None), or (None, what is wrong) when `path` cannot be read, parsed or used."""
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        return None, f"unreadable manifest: {getattr(err, 'strerror', None) or err}"
+        manifest = read_json(path)
+    except DamagedJson as err:
+        return None, f"unreadable manifest: {err}"
     problem = manifest_problem(manifest, complete)
     return (None, problem) if problem else (manifest, None)
 

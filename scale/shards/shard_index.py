@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-from ..atomic_files import write_json_atomically
+from ..atomic_files import DamagedJson, read_json, write_json_atomically
 
 INDEX_FORMAT = "scale-wds-index-v1"
 INDEX_SUFFIX = ".idx.json"
@@ -190,10 +190,11 @@ def load_index(shard: Path) -> Tuple[Optional[ShardIndex], Optional[str]]:
     path = index_path(shard)
     try:
         shard_bytes = shard.stat().st_size
-        content = json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:  # its strerror, without the path the message names already
-        return None, f"unreadable index {path}: {err.strerror or err}"
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return None, f"unreadable shard {shard}: {err.strerror or err}"
+    try:
+        content = read_json(path)
+    except DamagedJson as err:
         return None, f"unreadable index {path}: {err}"
     problem = index_problem(content, shard_bytes)
     if problem:

@@ -22,7 +22,6 @@ conversion while a shard is in progress.
 from __future__ import annotations
 
 import io
-import json
 import os
 import tarfile
 import time
@@ -30,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic_files import sha256_of_file, write_json_atomically
+from ..atomic_files import read_json, sha256_of_file, write_json_atomically
 from . import DataPrepError
 from .manifest import (
     MANIFEST_NAME,
@@ -147,7 +146,7 @@ def _remove_previous_output(out_dir: Path, split: str) -> None:
     manifest_path = out_dir / MANIFEST_NAME
     if manifest_path.exists():
         try:
-            previous = json.loads(manifest_path.read_text(encoding="utf-8"))
+            previous = read_json(manifest_path)
             for shard in previous.get("shards", []):
                 name = Path(str(shard.get("name", ""))).name
                 if name:
@@ -168,7 +167,7 @@ def _remove_previous_output(out_dir: Path, split: str) -> None:
 
 def _load_journal(journal: Path, out_dir: Path, options: dict[str, Any]) -> ResumeState:
     try:
-        content = json.loads(journal.read_text(encoding="utf-8"))
+        content = read_json(journal)
         if content.get("format") != JOURNAL_FORMAT:
             raise ValueError(f"format is not {JOURNAL_FORMAT}")
         recorded_options = content["options"]

@@ -20,7 +20,6 @@ position N - 1.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 
-from ..atomic_files import write_json_atomically
+from ..atomic_files import read_json, write_json_atomically
 from ..data.device_input import DeviceImages
 from ..errors import Diverged, UserError
 from ..engine import Engine
@@ -61,7 +60,7 @@ def read_rollbacks(path: Path) -> List[Dict[str, Any]]:
     if not path.exists():
         return []
     try:
-        records = json.loads(path.read_text())["rollbacks"]
+        records = read_json(path)["rollbacks"]
         for record in records:
             first, last = record["skipped"]
             if not (isinstance(first, int) and isinstance(last, int) and 1 <= first <= last):

@@ -23,9 +23,10 @@ import torch
 
 from ..config import ConfigError
 from ..data import PretrainData
-from .step_log import forget_steps_after
+from .step_log import forget_steps_after, open_for_appending
 
 SAMPLES_DIR = "samples"
+WHAT = "the sample record (data.record_samples)"
 
 
 def record_path(output_dir: Path, rank: int) -> Path:
@@ -53,11 +54,10 @@ class SampleRecord:
         """Forget the steps after `step` (main rank, every rank's file), wait for every rank, then
         open this rank's file for appending."""
         if is_main:
-            self.folder.mkdir(parents=True, exist_ok=True)
             for path in sorted(self.folder.glob("rank_*.jsonl")):
-                forget_steps_after(path, step, "the sample record (data.record_samples)")
+                forget_steps_after(path, step, WHAT)
         barrier()
-        self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # line-buffered: a kill loses no step
+        self._file = open_for_appending(self.path, WHAT)
 
     def write(self, step: int, epoch: int, batch: int, samples: torch.Tensor) -> None:
         """Step `step` trained on this rank's rows `samples` of global batch `batch` of `epoch`."""

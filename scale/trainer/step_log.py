@@ -6,11 +6,10 @@ the lines of steps <= s, replaced atomically, and each step appears once in it.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import List
+from typing import List, TextIO
 
-from ..atomic_files import write_text_atomically
+from ..atomic_files import parse_json, write_text_atomically
 from ..errors import UserError
 
 
@@ -18,17 +17,25 @@ def lines_up_to(path: Path, step: int, what: str) -> List[str]:
     """The lines of the step log `path` (`what` names its kind for the error) of steps <= `step`. A
     last line without its newline is a write cut short by a kill (a step after any checkpoint) and is
     dropped; any other line without an integer "step" is a UserError naming the file."""
+    try:
+        content = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read {what} ({err.strerror or type(err).__name__}); it must be a file "
+                        "of JSON lines, or absent") from None
+    lines = content.split(b"\n")  # JSON lines end in "\n" alone: no other separator ends one
+    lines.pop()  # what follows the last "\n": nothing, or a line cut short
     kept = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(keepends=True), 1):
-        if not line.endswith("\n"):
-            break
+    for number, raw in enumerate(lines, 1):
         try:
-            line_step = int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path} line {number} is not a line of {what} (a JSON object with its \"step\"); "
-                            "move the file away to start it afresh") from None
+            line = raw.decode("utf-8")
+            line_step = parse_json(line)["step"]
+            if type(line_step) is not int:
+                raise TypeError
+        except (ValueError, KeyError, TypeError):  # DamagedJson and UnicodeDecodeError are ValueErrors
+            raise UserError(f"{path} line {number} is not a line of {what} (a JSON object with its integer "
+                            "\"step\"); move the file away to start it afresh") from None
         if line_step <= step:
-            kept.append(line)
+            kept.append(line + "\n")
     return kept
 
 
@@ -36,3 +43,14 @@ def forget_steps_after(path: Path, step: int, what: str) -> None:
     """Drop the lines of steps after `step` from the step log `path` (if it exists), atomically."""
     if path.exists():
         write_text_atomically(path, "".join(lines_up_to(path, step, what)))
+
+
+def open_for_appending(path: Path, what: str) -> TextIO:
+    """`path` opened to append lines to (its folder made), line-buffered so that a kill loses no whole
+    line; a path that cannot be one (a folder, a file where the folder should be) is a UserError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a", encoding="utf-8", buffering=1)
+    except OSError as err:
+        raise UserError(f"{path}: cannot append to {what} ({err.strerror or type(err).__name__}); it must be a "
+                        "writable file in a folder, or absent") from None

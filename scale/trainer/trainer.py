@@ -42,7 +42,7 @@ from .divergence import NONFINITE_ENV, DivergenceGuard, poisoned_for_test
 from .monitors import Monitor
 from .resume_check import check_resume_config, resume_meta
 from .sample_record import SampleRecord
-from .step_log import forget_steps_after
+from .step_log import forget_steps_after, open_for_appending
 from .flops import method_step_flops
 from .optim import build_optimizer, build_schedule, learning_rate
 from .plan import run_length
@@ -247,7 +247,7 @@ class Trainer:
         path = self.output_dir / METRICS_FILE
         if rewound:
             forget_steps_after(path, self.step, "the metrics log")
-        return open(path, "a")
+        return open_for_appending(path, "the metrics log")
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> Dict[int, Any]:
