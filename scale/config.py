@@ -219,6 +219,7 @@ class OptimConfig:
 DEFAULT_MICRO_BATCH = 64
 # train.micro_batch: auto: the largest micro-batch the device's free memory holds (scale/engine/memory_plan.py).
 AUTO_MICRO_BATCH = "auto"
+MIN_HANG_TIMEOUT_S = 1.0
 
 
 @dataclass
@@ -249,7 +250,8 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # none | full | every_<k> | block indices, e.g. "0,2,5"
     compile: bool = False  # torch.compile each encoder block (on CPU needs a C++ compiler)
     # A rank on which no step completes for this long writes its threads' stacks to <output_dir>/hang/ and
-    # exits 4 (scale/trainer/watchdog.py). null: sized from the measured step time, at least 5 minutes.
+    # exits 4 (scale/trainer/watchdog.py). null: sized from the measured step time, at least 5 minutes;
+    # set: at least MIN_HANG_TIMEOUT_S.
     hang_timeout_s: Optional[float] = None
     # A non-finite loss or grad norm (checked at log steps and before every checkpoint): stop (exit 5), or
     # rollback: reload the last good checkpoint and skip the diverged batches, at most max_rollbacks times.
@@ -665,7 +667,9 @@ def validate(cfg: RunConfig, user_keys: AbstractSet[str] = frozenset()) -> None:
                 "optimizer step); auto only chooses how many of them pass at once")
     else:
         require_range("train.micro_batch", t.micro_batch, 1, optional=True)
-    require_range("train.hang_timeout_s", t.hang_timeout_s, 0.0, inf, low_open=True, high_open=True, optional=True)
+    # At least a second: a value in milliseconds by mistake would end healthy runs with the hang exit, which
+    # the SLURM launcher requeues (a requeue loop instead of a config error).
+    require_range("train.hang_timeout_s", t.hang_timeout_s, MIN_HANG_TIMEOUT_S, inf, high_open=True, optional=True)
     require_range("train.max_rollbacks", t.max_rollbacks, 0)
     Check("train.", cfg, user_keys, t).unused("max_rollbacks", t.on_nonfinite == "stop",
                                               "train.on_nonfinite is stop (rollback reads it)")

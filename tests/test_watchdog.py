@@ -6,6 +6,7 @@ The fast tests drive the heartbeat with a fake clock; the slow ones inject a han
 """
 from __future__ import annotations
 
+import re
 import math
 import subprocess
 import sys
@@ -177,13 +178,16 @@ def test_the_phase_names_a_collective_the_step_is_waiting_in(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.hang_timeout_s=0", "train.hang_timeout_s must be in (0, inf) or null"),
-    ("train.hang_timeout_s=-3", "train.hang_timeout_s must be in (0, inf) or null"),
+    ("train.hang_timeout_s=0", "train.hang_timeout_s must be in [1, inf) or null"),
+    ("train.hang_timeout_s=-3", "train.hang_timeout_s must be in [1, inf) or null"),
+    ("train.hang_timeout_s=0.001", "train.hang_timeout_s must be in [1, inf) or null"),  # milliseconds by mistake
+    ("train.hang_timeout_s=1e-300", "train.hang_timeout_s must be in [1, inf) or null"),
 ])
 def test_hang_timeout_is_checked(override, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [override])
     assert load_config(None, ["train.hang_timeout_s=90"]).train.hang_timeout_s == 90.0
+    assert load_config(None, ["train.hang_timeout_s=1"]).train.hang_timeout_s == 1.0
 
 
 # ----------------------------------------------------------------------------- an injected hang
