@@ -208,7 +208,23 @@ def test_resume_auto_with_no_usable_checkpoint_names_the_files(trained_run, tmp_
         (ckpt / "state.pt").write_bytes(b"garbage")
     proc = _run(_cli(run, "train.max_steps=6", "--resume", "auto"), tmp_path)
     line = _one_line_error(proc, "no usable checkpoint", "step_00000002", "step_00000004")
-    assert "state.pt" in line
+    assert "state.pt" in line and "falling back" not in proc.stderr  # no fallback promised where there is none
+
+
+def test_resume_auto_warns_about_a_skipped_checkpoint_only_when_it_falls_back_to_one(tmp_path):
+    manager = CheckpointManager(tmp_path / "ckpts")
+    for step in (2, 4):
+        manager.save(step, lambda directory: (directory / "state.bin").write_bytes(b"x" * 10), meta={})
+    (tmp_path / "ckpts/step_00000004/state.bin").write_bytes(b"y")
+    warnings = []
+    assert manager.resolve("auto", warnings.append).name == "step_00000002"
+    assert len(warnings) == 1 and "step_00000004" in warnings[0] and "falling back to step_00000002" in warnings[0]
+    (tmp_path / "ckpts/step_00000002/state.bin").write_bytes(b"y")
+    warnings.clear()
+    with pytest.raises(CheckpointError, match="no usable checkpoint for --resume auto: step_00000004: .*; "
+                                              "step_00000002: "):
+        manager.resolve("auto", warnings.append)
+    assert warnings == []  # the error line alone: no warning promising a previous checkpoint
 
 
 def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):

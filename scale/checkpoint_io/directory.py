@@ -208,18 +208,19 @@ class CheckpointManager:
         return verify_directory(path, meta[FILES_KEY])
 
     def newest_usable(self, warn: Callable[[str], None]) -> Optional[Path]:
-        """The newest complete checkpoint that verifies, warning about each one skipped.
+        """The newest complete checkpoint that verifies, warning about each newer one skipped.
 
-        None when there is none at all; CheckpointError when every one is damaged.
+        None when there is none at all; CheckpointError (the one line, no warnings) when every one is damaged.
         """
         candidates = self.complete()
         problems: List[Tuple[Path, str]] = []
         for path in reversed(candidates):
             problem = self.verify(path)
             if problem is None:
+                for skipped, why in problems:
+                    warn(f"checkpoint {skipped} is not usable: {why}; falling back to {path.name}")
                 return path
             problems.append((path, problem))
-            warn(f"checkpoint {path} is not usable: {problem}; falling back to the previous one")
         if problems:
             raise CheckpointError("no usable checkpoint for --resume auto: "
                                   + "; ".join(f"{p.name}: {why}" for p, why in problems)
