@@ -84,7 +84,16 @@ def test_rollbacks_are_recorded_skipped_and_limited(tmp_path):
         again.decide(NonFinite(11, "loss", NAN, 12), ckpt)
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"rollbacks": [{"skipped": [4, 3]}]}', '{"rollbacks": 3}', "[]"])
+def test_a_hostile_skipped_range_costs_no_memory(tmp_path):
+    # A range of 10^12 steps was once expanded into a set of every step: a MemoryError, not a run.
+    (tmp_path / ROLLBACKS_FILE).write_text('{"rollbacks": [{"skipped": [1, 1000000000000]}]}')
+    g = guard(tmp_path, max_rollbacks=2)
+    assert g.load(resumed=True)[0]["skipped"] == [1, 1000000000000]
+    assert g.skips(5) and g.skips(10 ** 12) and not g.skips(10 ** 12 + 1)
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"rollbacks": [{"skipped": [4, 3]}]}', '{"rollbacks": 3}', "[]",
+                                     '{"rollbacks": [{"skipped": [true, true]}]}', "[" * 100_000])
 def test_a_damaged_rollback_record_is_one_line(tmp_path, content):
     path = tmp_path / ROLLBACKS_FILE
     path.write_text(content)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -63,7 +63,7 @@ def read_rollbacks(path: Path) -> List[Dict[str, Any]]:
         records = read_json(path)["rollbacks"]
         for record in records:
             first, last = record["skipped"]
-            if not (isinstance(first, int) and isinstance(last, int) and 1 <= first <= last):
+            if not (type(first) is int and type(last) is int and 1 <= first <= last):  # bool is an int subclass
                 raise ValueError
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         raise UserError(f"{path}: not a rollback record scale wrote ({{\"rollbacks\": [{{\"skipped\": [first, last], "
@@ -79,7 +79,6 @@ class DivergenceGuard:
         self.path = Path(output_dir) / ROLLBACKS_FILE
         self.pending: List[Tuple[int, torch.Tensor, Optional[torch.Tensor]]] = []
         self.rollbacks: List[Dict[str, Any]] = []
-        self.skipped: FrozenSet[int] = frozenset()
 
     def load(self, resumed: bool) -> List[Dict[str, Any]]:
         """On resume, read rollbacks.json: its skipped steps are skipped again. A fresh run (nothing resumed:
@@ -91,12 +90,11 @@ class DivergenceGuard:
                                 "away) to train on every batch, or resume the run it belongs to")
             return []
         self.rollbacks = read_rollbacks(self.path)
-        self.skipped = frozenset(step for record in self.rollbacks
-                                 for step in range(record["skipped"][0], record["skipped"][1] + 1))
         return self.rollbacks
 
     def skips(self, step: int) -> bool:
-        return step in self.skipped
+        """Whether a rollback skipped `step` (the records hold ranges: a few, at most train.max_rollbacks)."""
+        return any(first <= step <= last for first, last in (record["skipped"] for record in self.rollbacks))
 
     def record(self, step: int, metrics: Dict[str, torch.Tensor]) -> None:
         """Keep step `step`'s loss and grad norm (device tensors: no sync) for the next check."""
@@ -140,7 +138,6 @@ class DivergenceGuard:
                   "checkpoint": str(last_checkpoint),
                   "skipped": [bad.step, bad.found_at]}
         self.rollbacks.append(record)
-        self.skipped = self.skipped | frozenset(range(bad.step, bad.found_at + 1))
         if self.engine.is_main:
             write_json_atomically(self.path, {"rollbacks": self.rollbacks})
         return record
