@@ -58,8 +58,9 @@ How one rank's epoch is built (W = max(1, num_workers) DataLoader workers):
   needs a manifest (data.manifest), resampled mode data.num_samples.
 * Mistakes in the settings are UserErrors (one line, exit 2) naming data.root,
   data.val_root or data.manifest, or the shard: no such root, a directory without
-  shards, a first shard that is no tar, an invalid manifest (not JSON, another format,
-  counts that are not integers >= 0, a shard listed twice), and, when samples are counted
+  shards, a shard that is no regular file (a folder, a device), a first shard that is no
+  tar, an invalid manifest (not JSON, another format, counts that are not integers >= 0, a
+  shard listed twice, a shard name that is no plain file name), and, when samples are counted
   without a manifest, a shard that is unreadable, not a tar or truncated (no
   end-of-archive block).
 * Cost of the bound: the worker with the fewest samples holds back its whole rank.
@@ -180,7 +181,14 @@ def _read_manifest(path: Path, where: str) -> Dict[str, Any]:
 
 
 def _check_exist(urls: Sequence[str], root: str, setting: str) -> None:
-    absent = [u for u in urls if (p := _local_path(u)) is not None and not p.is_file()]
+    local = [(u, p) for u in urls if (p := _local_path(u)) is not None and not p.is_file()]
+    irregular = [(u, p) for u, p in local if p.exists()]  # there, but a folder or a device (or a link to one)
+    if irregular:
+        url, path = irregular[0]
+        what = "a directory" if path.is_dir() else "a device, pipe or socket"
+        raise ConfigError(f"{setting} {root!r}: {len(irregular)} of {len(urls)} shards are not regular files "
+                          f"(first: {url}, {what}); expected every shard to be a tar file")
+    absent = [u for u, _ in local]
     if not absent:
         return
     if len(absent) == len(urls) == 1:

@@ -8,7 +8,9 @@ Schema (the WebDataset loader reads it, so keep it stable)::
      "skipped": [{"path": "...", "reason": "..."}]}
 
 `manifest_problem` is the one check of this schema: the verifier uses all of it, the loader
-(scale/data/wds_stream.py) only what reading the shards needs (format, names, sample counts).
+(scale/data/wds_stream.py) only what reading the shards needs (format, names, sample counts). A shard's
+name is a plain file name in the manifest's folder: one that leads elsewhere ('../x.tar', '/abs/x.tar',
+'sub/x.tar') would have the loader read, and `scale-verify-shards --index` write, outside the folder.
 """
 from __future__ import annotations
 
@@ -67,6 +69,12 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def is_plain_file_name(name: str) -> bool:
+    """Whether `name` names a file directly inside a folder: a manifest's shards must, so that reading
+    or indexing them (NAME.tar.idx.json) never reaches outside the shard folder."""
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
 def manifest_problem(manifest: Any, complete: bool = True) -> str | None:
     """What makes a parsed manifest unusable, or None. `complete=False` checks only what a reader of
     the shards needs (format, and each shard's name and sample count), for hand-written manifests."""
@@ -81,10 +89,13 @@ def manifest_problem(manifest: Any, complete: bool = True) -> str | None:
         return expected
     names: set[str] = set()
     for position, shard in enumerate(shards):
-        if not (isinstance(shard, dict) and isinstance(shard.get("name"), str) and shard["name"]
+        if not (isinstance(shard, dict) and isinstance(shard.get("name"), str)
                 and _is_count(shard.get("num_samples"))
                 and (not complete or isinstance(shard.get("sha256"), str))):
             return f"{expected}; shard {position} is {json.dumps(shard)[:200]}"
+        if not is_plain_file_name(shard["name"]):
+            return (f"shard {position}'s name {json.dumps(shard['name'])[:200]} is not a plain file name; expected "
+                    "the name of a file in the manifest's folder (no '/', '\\' or NUL; not empty, '.' or '..')")
         if shard["name"] in names:
             return f"shard {shard['name']!r} is listed twice"
         names.add(shard["name"])

@@ -10,9 +10,11 @@ a user error: one line on stderr, exit status 2.
     python -m data_prep.verify_shards /data/wds/train --workers 8   # the same, from a checkout
 
 A shard's member-offset index (`NAME.tar.idx.json`, scale/shards/shard_index.py), when there is one, is
-checked too (it must list the samples the tar holds). `--index` writes these indexes instead, from the
-tar headers, for shards written by other tools (webdataset's TarWriter, tar): with them the loader reads
-samples by offset, in an order that does not depend on the number of ranks or workers.
+checked too: it must be the index `--index` builds from the tar (keys, byte spans, shard size). `--index`
+writes these indexes instead, from the tar headers, for shards written by other tools (webdataset's
+TarWriter, tar): with them the loader reads samples by offset, in an order that does not depend on the
+number of ranks or workers. A shard that is not a regular file (a folder, a device, a link to one) is a
+FAIL, and so is a folder whose shards hold no sample at all.
 
     scale-verify-shards --index /data/other-shards     # every .tar in it, or those its manifest lists
 """
@@ -23,6 +25,7 @@ import io
 import json
 import multiprocessing
 import os
+import stat
 import sys
 import tarfile
 import time
@@ -38,11 +41,13 @@ from ..atomic_files import sha256_of_file
 from ..errors import run_command
 from . import DataPrepError
 from .manifest import MANIFEST_NAME, load_manifest, read_manifest
-from .shard_index import index_path, load_index, scan_index, split_member_name, write_index
+from .shard_index import ShardIndex, index_path, load_index, scan_index, split_member_name, write_index
 
 T = TypeVar("T")
 R = TypeVar("R")
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff"}
+FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+              (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket"))
 
 
 @dataclass(frozen=True)
@@ -111,9 +116,55 @@ def sample_problems(key: str, files: dict[str, bytes], num_classes: int) -> list
     return problems
 
 
+def irregular_kind(path: Path) -> str | None:
+    """What `path` is when it is there (symlinks followed) but no regular file ("a directory", "a character
+    device" ...); None for a regular file or nothing at all. Such a shard is never read: /dev/zero reads as
+    an empty tar, a pipe blocks."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in FILE_KINDS if test(mode)), "not a file")
+
+
+def index_mismatch(index: ShardIndex, tar: ShardIndex) -> str | None:
+    """How a shard's index differs from the one its tar's headers give (`scan_index`), or None."""
+    if index.shard_bytes != tar.shard_bytes:
+        return f"was made for a shard of {index.shard_bytes} bytes, the shard has {tar.shard_bytes}"
+    if index.keys != tar.keys:
+        return f"lists other samples than the shard holds ({len(index.keys)} in the index, {len(tar.keys)} in the tar)"
+    for i, (key, offset, size, tar_offset, tar_size) in enumerate(
+            zip(index.keys, index.offsets, index.sizes, tar.offsets, tar.sizes)):
+        if (offset, size) != (tar_offset, tar_size):
+            return (f"has other byte spans than the shard's members: sample {i} ({key}) is bytes "
+                    f"{offset}..{offset + size} in the index, {tar_offset}..{tar_offset + tar_size} in the tar")
+    return None
+
+
+def check_index(path: Path) -> str | None:
+    """What is wrong with the index of the shard `path` (one is there), or None: it must be the index
+    `--index` builds from the tar, keys, spans and size, or the loader reads the wrong bytes."""
+    rebuild = f"rebuild it with scale-verify-shards --index {path.parent}"
+    index, problem = load_index(path)
+    if index is None:
+        return f"{problem}; {rebuild}"
+    try:
+        tar = scan_index(path)
+    except (OSError, tarfile.TarError, EOFError):
+        return None  # the tar itself is reported unreadable
+    mismatch = index_mismatch(index, tar)
+    return f"index {index_path(path).name} {mismatch}; {rebuild}" if mismatch else None
+
+
 def check_shard(check: ShardCheck) -> ShardReport:
     path = Path(check.path)
     report = ShardReport(path.name)
+    kind = irregular_kind(path)
+    if kind is not None:
+        report.problems.append(f"not a regular file ({kind}); expected a tar file")
+        return report
     if not path.is_file():
         report.problems.append("missing")
         return report
@@ -135,12 +186,9 @@ def check_shard(check: ShardCheck) -> ShardReport:
     if report.num_samples != check.expected_samples:
         report.problems.append(f"sample count {report.num_samples}, manifest says {check.expected_samples}")
     if index_path(path).exists():  # a stale or damaged index would make the loader read the wrong bytes
-        index, problem = load_index(path)
-        if index is None:
-            report.problems.append(f"{problem}; rebuild it with --index")
-        elif index.keys != report.keys:
-            report.problems.append(f"index {index_path(path).name} lists other samples than the shard holds; "
-                                   "rebuild it with --index")
+        problem = check_index(path)
+        if problem:
+            report.problems.append(problem)
     return report
 
 
@@ -159,6 +207,9 @@ def run_checks(checks: Sequence[ShardCheck], workers: int) -> Iterator[ShardRepo
 
 def index_shard(path: str) -> tuple[int, str | None]:
     """Write the member-offset index of one shard: (its samples, None), or (0, why it cannot be indexed)."""
+    kind = irregular_kind(Path(path))
+    if kind is not None:
+        return 0, f"shard {Path(path).name}: not a regular file ({kind}); expected a tar file"
     try:
         index = scan_index(Path(path))
         write_index(Path(path), index)
@@ -190,6 +241,8 @@ def build_indexes(shard_dir: Path, workers: int) -> tuple[int, int, list[str]]:
         elif count is not None and samples != count:
             problems.append(f"shard {name}: {samples} samples, manifest says {count}")
         total += samples
+    if total == 0:
+        problems.append(f"DIR {shard_dir}: 0 samples in {len(names)} shard(s); expected tar shards holding samples")
     return len(names), total, problems
 
 
