@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import TINY_OVERRIDES, python_env, tiny_config
-from scale.checkpoint_io.directory import FILES_KEY, META, CheckpointError, CheckpointManager, seal_directory
+from scale.checkpoint_io.directory import (FILES_KEY, META, CheckpointError, CheckpointManager, read_meta,
+                                          seal_directory)
 from scale.trainer import Trainer
 
 
@@ -225,6 +226,30 @@ def test_resume_auto_warns_about_a_skipped_checkpoint_only_when_it_falls_back_to
                                               "step_00000002: "):
         manager.resolve("auto", warnings.append)
     assert warnings == []  # the error line alone: no warning promising a previous checkpoint
+
+
+def test_a_checkpoint_folder_renamed_or_linked_in_under_a_later_step_is_not_taken_for_that_step(tmp_path):
+    # Before: auto took a link step_00000010 -> another run's step 2 as the newest checkpoint, on every
+    # requeue, and redid the steps after 2; a meta.json edited to another step skipped the resume checks.
+    def state(directory):
+        (directory / "state.bin").write_bytes(b"x")
+
+    manager = CheckpointManager(tmp_path / "run/checkpoints")
+    for step in (2, 4):
+        manager.save(step, state, meta={})
+    other = CheckpointManager(tmp_path / "other/checkpoints").save(2, state, meta={})
+    (tmp_path / "run/checkpoints/step_00000010").symlink_to(other, target_is_directory=True)
+    warnings = []
+    assert manager.resolve("auto", warnings.append).name == "step_00000004"
+    assert len(warnings) == 1 and "'step' is 2 but its folder is named step_00000010" in warnings[0]
+    (tmp_path / "run/checkpoints/step_00000010").unlink()
+    os.rename(tmp_path / "run/checkpoints/step_00000004", tmp_path / "run/checkpoints/step_00000009")
+    with pytest.raises(CheckpointError, match=r"'step' is 4 but its folder is named step_00000009; .*step_00000004"):
+        read_meta(tmp_path / "run/checkpoints/step_00000009")
+    assert manager.resolve("auto", warnings.append).name == "step_00000002"
+    renamed_by_user = tmp_path / "best"  # any other name is the user's own: resumable by its path
+    os.rename(tmp_path / "run/checkpoints/step_00000009", renamed_by_user)
+    assert read_meta(renamed_by_user)["step"] == 4
 
 
 def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):

@@ -288,4 +288,11 @@ def read_meta(path: Path) -> dict:
             found = "missing" if key not in meta else f"{type(meta[key]).__name__} {json.dumps(meta[key])[:80]}"
             raise CheckpointError(f"{meta_file}: '{key}' must be {allowed} (found: {found}); damaged or edited, "
                                   "not a checkpoint this code wrote")
+    # `--resume auto` picks the newest checkpoint by its folder's name: a folder renamed, or linked in from
+    # another run, under a later step's name would be taken for that step (and the steps after its own redone).
+    named = _COMPLETE.match(path.name)
+    if named and int(named.group(1)) != meta["step"]:
+        raise CheckpointError(f"{meta_file}: 'step' is {meta['step']} but its folder is named {path.name}; renamed, "
+                              "linked from another run or edited: resume from the folder of its own step "
+                              f"(step_{meta['step']:08d}), by its path")
     return meta
