@@ -73,7 +73,8 @@ def test_the_plan_builds_no_model_and_splits_the_global_batch_over_ranks(tmp_pat
 
 
 def test_too_little_data_for_one_batch_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="data has 16 samples: not one batch of 32"):
+    with pytest.raises(ConfigError, match=r"^train.global_batch 32: the data \(data.root\) has 16 samples, not one "
+                                          "batch of 32 per rank on 1 rank"):
         plan_run(tiny_config(tmp_path, "data.num_samples=16"))
 
 

@@ -74,8 +74,9 @@ def run_length(cfg: TrainConfig, data: PretrainData, loader: LoaderSpec) -> RunL
     """Steps per epoch, in all and until the stop; data without one batch per rank is a ConfigError."""
     per_epoch = data.batches_per_epoch(loader)
     if per_epoch < 1:
-        raise ConfigError(f"data has {data.num_samples} samples: not one batch of "
-                          f"{loader.batch_size} per rank on {loader.world_size} rank(s)")
+        raise ConfigError(f"train.global_batch {loader.batch_size * loader.world_size}: the data (data.root) has "
+                          f"{data.num_samples} samples, not one batch of {loader.batch_size} per rank on "
+                          f"{loader.world_size} rank(s); lower train.global_batch or give the run more samples")
     total = cfg.epochs * per_epoch
     return RunLength(per_epoch, total, min(total, cfg.max_steps or total))
 
