@@ -13,9 +13,11 @@ into one `DamagedJson` whose message is the reason, for the caller's one-line er
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -46,10 +48,20 @@ def parse_json(text: str) -> Any:
         raise DamagedJson(f"not JSON a reader can take ({err})") from None
 
 
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of `path`, which must be a regular file (links followed): a device (/dev/zero) would
+    read without end, a pipe would block. OSError otherwise, its strerror saying why."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO would block in a plain open
+    with open(descriptor, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return stream.read()
+
+
 def read_json(path: Path) -> Any:
     """The parsed content of the JSON file `path`, with every failure a DamagedJson."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_file(path).decode("utf-8")
     except IsADirectoryError:
         raise DamagedJson("a folder, not a file") from None
     except OSError as err:

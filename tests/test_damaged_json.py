@@ -4,6 +4,7 @@ hostile file is one line naming it, never a traceback or data silently dropped."
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,19 @@ def test_lines_are_appended_line_by_line(tmp_path: Path) -> None:
     with open_for_appending(path, "the metrics log") as out:
         out.write(json.dumps({"step": 1}) + "\n")
         assert path.read_text() == '{"step": 1}\n'  # line-buffered: a kill after the line loses nothing
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo"])
+def test_a_device_or_a_pipe_where_a_file_goes_is_refused_without_reading_it(tmp_path: Path, kind: str) -> None:
+    # /dev/zero read without end (a MemoryError traceback); a FIFO would block the resume forever.
+    def make(path: Path) -> Path:
+        path.symlink_to("/dev/zero") if kind == "dev_zero" else os.mkfifo(path)
+        return path
+
+    with pytest.raises(DamagedJson, match="not a regular file"):
+        read_json(make(tmp_path / "file.json"))
+    log = make(tmp_path / "metrics.jsonl")
+    with pytest.raises(UserError, match=f"{log}: cannot read the metrics log \\(not a regular file\\)"):
+        forget_steps_after(log, 3, "the metrics log")
+    with pytest.raises(UserError, match="rollbacks.json: not a rollback record"):
+        read_rollbacks(make(tmp_path / "rollbacks.json"))

@@ -230,7 +230,9 @@ def test_resume_auto_warns_about_a_skipped_checkpoint_only_when_it_falls_back_to
 
 def test_a_checkpoint_folder_renamed_or_linked_in_under_a_later_step_is_not_taken_for_that_step(tmp_path):
     # Before: auto took a link step_00000010 -> another run's step 2 as the newest checkpoint, on every
-    # requeue, and redid the steps after 2; a meta.json edited to another step skipped the resume checks.
+    # requeue, and redid the steps after 2; a link to another run's step 6 under its own name was taken as
+    # this run's progress (steps 5-6 missing from the logs); a meta.json edited to another step skipped
+    # the resume checks.
     def state(directory):
         (directory / "state.bin").write_bytes(b"x")
 
@@ -241,8 +243,15 @@ def test_a_checkpoint_folder_renamed_or_linked_in_under_a_later_step_is_not_take
     (tmp_path / "run/checkpoints/step_00000010").symlink_to(other, target_is_directory=True)
     warnings = []
     assert manager.resolve("auto", warnings.append).name == "step_00000004"
-    assert len(warnings) == 1 and "'step' is 2 but its folder is named step_00000010" in warnings[0]
+    assert len(warnings) == 1 and "step_00000010 is not usable: a link to " in warnings[0]
     (tmp_path / "run/checkpoints/step_00000010").unlink()
+    moved = CheckpointManager(tmp_path / "other/checkpoints").save(6, state, meta={})  # under its own step's name
+    (tmp_path / "run/checkpoints/step_00000006").symlink_to(moved, target_is_directory=True)
+    warnings.clear()
+    assert manager.resolve("auto", warnings.append).name == "step_00000004"
+    assert len(warnings) == 1 and "step_00000006 is not usable: a link to " in warnings[0]
+    assert manager.resolve(str(tmp_path / "run/checkpoints/step_00000006")).resolve() == moved  # by its path: yes
+    (tmp_path / "run/checkpoints/step_00000006").unlink()
     os.rename(tmp_path / "run/checkpoints/step_00000004", tmp_path / "run/checkpoints/step_00000009")
     with pytest.raises(CheckpointError, match=r"'step' is 4 but its folder is named step_00000009; .*step_00000004"):
         read_meta(tmp_path / "run/checkpoints/step_00000009")

@@ -207,6 +207,14 @@ class CheckpointManager:
             return str(err)
         return verify_directory(path, meta[FILES_KEY])
 
+    def _linked_in(self, path: Path) -> Optional[str]:
+        """Why `path` is not this run's own checkpoint when it is a link to a folder elsewhere (another run's
+        checkpoint linked in would be taken for this run's progress), else None."""
+        if path.is_symlink() and path.resolve().parent != self.directory.resolve():
+            return (f"a link to {path.resolve()}, a checkpoint outside this run's {self.directory.name}/; "
+                    "resume from it by its path if that is meant")
+        return None
+
     def newest_usable(self, warn: Callable[[str], None]) -> Optional[Path]:
         """The newest complete checkpoint that verifies, warning about each newer one skipped.
 
@@ -215,7 +223,7 @@ class CheckpointManager:
         candidates = self.complete()
         problems: List[Tuple[Path, str]] = []
         for path in reversed(candidates):
-            problem = self.verify(path)
+            problem = self._linked_in(path) or self.verify(path)
             if problem is None:
                 for skipped, why in problems:
                     warn(f"checkpoint {skipped} is not usable: {why}; falling back to {path.name}")

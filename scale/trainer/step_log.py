@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, TextIO
 
-from ..atomic_files import parse_json, write_text_atomically
+from ..atomic_files import parse_json, read_regular_file, write_text_atomically
 from ..errors import UserError
 
 
@@ -18,7 +18,7 @@ def lines_up_to(path: Path, step: int, what: str) -> List[str]:
     last line without its newline is a write cut short by a kill (a step after any checkpoint) and is
     dropped; any other line without an integer "step" is a UserError naming the file."""
     try:
-        content = path.read_bytes()
+        content = read_regular_file(path)
     except OSError as err:
         raise UserError(f"{path}: cannot read {what} ({err.strerror or type(err).__name__}); it must be a file "
                         "of JSON lines, or absent") from None
