@@ -451,9 +451,9 @@ def test_a_corrupt_meta_json_is_one_line_for_eval_and_resume(tmp_path):
     ckpt.mkdir(parents=True)
     (ckpt / "meta.json").write_text("[1, 2")
     _one_line_error(_run([sys.executable, "-m", "scale.eval", "knn", "--checkpoint", str(ckpt), "--no-progress"],
-                         tmp_path), "meta.json", "unreadable")
+                         tmp_path), "meta.json", "is not JSON")
     _one_line_error(_run(_cli(tmp_path / "run", "train.max_steps=1", "--resume", str(ckpt)), tmp_path),
-                    "meta.json", "unreadable")
+                    "meta.json", "is not JSON")
 
 
 @pytest.mark.slow
