@@ -21,6 +21,8 @@ import stat
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+              (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket"))
 _READ_BLOCK = 1 << 20  # shards and checkpoint files run to gigabytes: hash them a block at a time
 
 
@@ -56,6 +58,19 @@ def read_regular_file(path: Path) -> bytes:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
         return stream.read()
+
+
+def irregular_kind(path: Path) -> Optional[str]:
+    """What `path` is when it is there (symlinks followed) but no regular file ("a directory", "a character
+    device" ...); None for a regular file or nothing at all. Such a file is never read: /dev/zero reads
+    without end (an empty tar to tarfile), a pipe blocks."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in FILE_KINDS if test(mode)), "not a file")
 
 
 def read_json(path: Path) -> Any:

@@ -88,6 +88,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from ..atomic_files import irregular_kind
 from ..config import ConfigError, DataConfig
 from ..errors import UserError
 from ..shards.manifest import MANIFEST_FORMAT, MANIFEST_NAME, load_manifest
@@ -182,12 +183,11 @@ def _read_manifest(path: Path, where: str) -> Dict[str, Any]:
 
 def _check_exist(urls: Sequence[str], root: str, setting: str) -> None:
     local = [(u, p) for u in urls if (p := _local_path(u)) is not None and not p.is_file()]
-    irregular = [(u, p) for u, p in local if p.exists()]  # there, but a folder or a device (or a link to one)
+    irregular = [(u, kind) for u, p in local if (kind := irregular_kind(p))]  # a folder, a device (or a link to one)
     if irregular:
-        url, path = irregular[0]
-        what = "a directory" if path.is_dir() else "a device, pipe or socket"
+        url, kind = irregular[0]
         raise ConfigError(f"{setting} {root!r}: {len(irregular)} of {len(urls)} shards are not regular files "
-                          f"(first: {url}, {what}); expected every shard to be a tar file")
+                          f"(first: {url}, {kind}); expected every shard to be a tar file")
     absent = [u for u, _ in local]
     if not absent:
         return

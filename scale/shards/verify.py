@@ -25,7 +25,6 @@ import io
 import json
 import multiprocessing
 import os
-import stat
 import sys
 import tarfile
 import time
@@ -37,7 +36,7 @@ from typing import TypeVar
 from PIL import Image
 from tqdm import tqdm
 
-from ..atomic_files import sha256_of_file
+from ..atomic_files import irregular_kind, sha256_of_file
 from ..errors import run_command
 from . import DataPrepError
 from .manifest import MANIFEST_NAME, load_manifest, read_manifest
@@ -46,8 +45,7 @@ from .shard_index import ShardIndex, index_path, load_index, scan_index, split_m
 T = TypeVar("T")
 R = TypeVar("R")
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff"}
-FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-              (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket"))
+
 
 
 @dataclass(frozen=True)
@@ -114,19 +112,6 @@ def sample_problems(key: str, files: dict[str, bytes], num_classes: int) -> list
         except Exception as err:  # Pillow raises many types for broken data
             problems.append(f"sample {key}: undecodable .{extension}: {type(err).__name__}: {err}")
     return problems
-
-
-def irregular_kind(path: Path) -> str | None:
-    """What `path` is when it is there (symlinks followed) but no regular file ("a directory", "a character
-    device" ...); None for a regular file or nothing at all. Such a shard is never read: /dev/zero reads as
-    an empty tar, a pipe blocks."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return None
-    if stat.S_ISREG(mode):
-        return None
-    return next((name for test, name in FILE_KINDS if test(mode)), "not a file")
 
 
 def index_mismatch(index: ShardIndex, tar: ShardIndex) -> str | None:
