@@ -20,7 +20,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 from .atomic_files import read_json, write_json_atomically
 from .config import RunConfig, load_config
-from .errors import UserError, run_command
+from .errors import CommandParser, UserError, run_command
 from .eval.baselines import PixelEncoder, random_init_encoder
 from .plot import METRICS_FILE, RunMetrics, plot_runs, read_run
 from .shards.fashion_mnist import main as convert_fashion_mnist
@@ -120,7 +120,7 @@ def stopped_message(run: Path, step: Optional[int], checkpoint: Optional[str]) -
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("--output-dir", default="runs/demo")
     parser.add_argument("--data-dir", default="data/fashion-mnist-wds")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")

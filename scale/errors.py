@@ -13,10 +13,11 @@ non-finite loss or grad norm, scale/trainer/divergence.py: not requeued, the run
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import traceback
-from typing import Callable
+from typing import Callable, NoReturn
 
 USER_ERROR_EXIT = 2
 PREEMPTED_EXIT = 3
@@ -59,6 +60,16 @@ def report_user_error(prog: str, err: BaseException) -> int:
         traceback.print_exception(err)
     print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
     return USER_ERROR_EXIT
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse for scale's commands: a usage mistake (an unknown flag, a bad value) is a user error
+    like any other, ONE line `PROG: error: ...` and exit 2, without argparse's usage block before it
+    (`--help` still prints the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT)
 
 
 def run_command(prog: str, body: Callable[[], int]) -> int:

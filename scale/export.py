@@ -30,7 +30,7 @@ import torch
 
 from .checkpoint_io import (CheckpointFormatError, LoadedCheckpoint, detect_format,  # noqa: F401  (re-exported)
                             encoder_state_dict, load_checkpoint, resolve_checkpoint)
-from .errors import UserError, run_command
+from .errors import CommandParser, UserError, run_command
 from .models.vit import ViTSpec, model_spec
 
 # timm architecture whose defaults match an embedding width, for presets without a timm twin.
@@ -386,7 +386,7 @@ def _export_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scale.export", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m scale.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint dir (step_XXXXXXXX), or a run dir (newest)")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help="output .safetensors file")

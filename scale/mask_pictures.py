@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, RunConfig, load_config
-from .errors import UserError, run_command
+from .errors import CommandParser, UserError, run_command
 from .masking import EHMMaskConfig, MaskContext, MaskGenerator, Masks, build_mask_generator
 from .pretraining import PretrainModule, build_pretrain_module
 
@@ -310,7 +310,7 @@ def _pictures(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="scale-mask-pictures", description=__doc__.split("\n\n")[0],
+    parser = CommandParser(prog="scale-mask-pictures", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--checkpoint", help="checkpoint dir (step_XXXXXXXX), or a run dir (its newest)")
     parser.add_argument("--random-init", action="store_true", help="no checkpoint: the --recipe model at init")

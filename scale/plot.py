@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .errors import UserError, run_command
+from .errors import CommandParser, UserError, run_command
 
 METRICS_FILE = "metrics.jsonl"
 MAX_LINE_BYTES = 1 << 20  # a metrics line is a few hundred bytes; anything larger is not ours
@@ -164,7 +164,7 @@ def _save(figure, path: Path) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="scale-plot", description=__doc__.split("\n\n")[0],
+    parser = CommandParser(prog="scale-plot", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or metrics.jsonl files)")
     parser.add_argument("--out", help="folder for the PNGs (default: the run dir for one run, ./plots for several)")

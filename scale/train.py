@@ -6,11 +6,11 @@ import sys
 from typing import List, Optional
 
 from .config import load_config, to_yaml
-from .errors import PREEMPTED_EXIT, run_command
+from .errors import CommandParser, PREEMPTED_EXIT, run_command
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="scale-train",
         description="Pre-train a ViT with masked-image self-supervised learning (OCL, MAE, ASL; random, grid or EHM masks).",
         epilog="Overrides use dotted keys, e.g. optim.blr=1e-4 model.name=vit_small_patch16 train.max_steps=100")

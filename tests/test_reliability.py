@@ -497,3 +497,17 @@ def test_resume_refuses_another_engine_family(tmp_path):
     with pytest.raises(CheckpointError, match=r"engine: 'fsdp \(dcp checkpoint\)' -> .*torch checkpoint"):
         check_resume_config(to_dict(cfg), cfg, meta, "torch", 1, "ckpt")
     assert check_resume_config(to_dict(cfg), cfg, dict(meta, checkpoint_format="torch"), "torch", 1, "ckpt") == []
+
+
+@pytest.mark.parametrize("module", ["scale.train", "scale.eval.__main__", "scale.export", "scale.demo", "scale.plot",
+                                    "scale.mask_pictures", "scale.shards.verify", "scale.shards.fashion_mnist",
+                                    "scale.shards.imagefolder"])
+def test_a_usage_mistake_is_one_line_and_exit_2_on_every_command(module, capsys):
+    # argparse printed its usage block before the error line: two or more lines for one mistake.
+    import importlib
+
+    with pytest.raises(SystemExit) as exited:
+        importlib.import_module(module).main(["--no-such-flag"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ": error: " in err and "usage:" not in err, err

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..config import ConfigError, RunConfig, load_config, to_dict
-from ..errors import run_command
+from ..errors import CommandParser, run_command
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m scale.eval", description="Evaluate a pre-trained encoder.",
+    parser = CommandParser(prog="python -m scale.eval", description="Evaluate a pre-trained encoder.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("knn", "linprobe", "finetune"):

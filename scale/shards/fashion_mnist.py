@@ -16,7 +16,6 @@ and exit status 2.
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import io
 import json
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..errors import run_command
+from ..errors import CommandParser, run_command
 from . import DataPrepError, positive_int
 from .manifest import MANIFEST_NAME, build_manifest, write_manifest
 from .shard_writing import ResumableShardWriter, prepare_output_dir
@@ -152,7 +151,7 @@ def convert_split(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="fashion_mnist_to_wds", description="Convert Fashion-MNIST IDX files into WebDataset shards."
     )
     parser.add_argument("--src", type=Path, default=DEFAULT_SOURCE, help=f"folder with the IDX files (default: {DEFAULT_SOURCE})")

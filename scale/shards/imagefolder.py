@@ -49,7 +49,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..atomic_files import read_json
-from ..errors import run_command
+from ..errors import CommandParser, run_command
 from . import DataPrepError, positive_int
 from .manifest import SPLIT_NAME_PATTERN, build_manifest, write_manifest
 from .shard_writing import ResumableShardWriter, SkippedItem, prepare_output_dir
@@ -419,7 +419,7 @@ def available_cores() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="imagefolder_to_wds",
         description="Convert an ImageFolder tree (or a labelled flat folder) into WebDataset tar shards.",
     )

@@ -20,7 +20,6 @@ FAIL, and so is a folder whose shards hold no sample at all.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import multiprocessing
@@ -37,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..atomic_files import irregular_kind, sha256_of_file
-from ..errors import run_command
+from ..errors import CommandParser, run_command
 from . import DataPrepError
 from .manifest import MANIFEST_NAME, load_manifest, read_manifest
 from .shard_index import ShardIndex, index_path, load_index, scan_index, split_member_name, write_index
@@ -260,7 +259,7 @@ def verify(shard_dir: Path, workers: int) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="verify_shards", description="Verify WebDataset shards against their manifest.json."
     )
     parser.add_argument("shard_dir", type=Path, metavar="DIR", help="folder holding manifest.json and the shards")
